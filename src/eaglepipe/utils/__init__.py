@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic writes, device choice, stage CLI plumbing."""

@@ -1,0 +1,23 @@
+rule bench:
+    input:
+        target=f"{R}/target",
+        export=f"{R}/export",
+        code=stage_code("stages/bench.py", "bench", "engine"),
+    output:
+        points=directory(f"{R}/bench/points"),
+        sweep=report(f"{R}/bench/sweep.csv", category="Benchmark"),
+        best=f"{R}/bench/best_command.txt",
+        readme=f"{R}/bench/README.md",
+        metrics=f"{R}/bench/metrics.json",
+        plots=report(directory(f"{R}/bench/plots"), patterns=["{name}.png"], category="Benchmark"),
+    params:
+        bench=config["bench"],
+    log:
+        f"{LOGS}/bench.log",
+    conda:
+        "../envs/eaglepipe.yaml"
+    resources:
+        gpu=gpus_for("bench"),
+    shell:
+        "{PY} eaglepipe.stages.bench --params params.yaml --target {input.target} --export {input.export} "
+        "--out {R}/bench > {log} 2>&1"

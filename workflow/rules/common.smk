@@ -1,0 +1,24 @@
+# Helpers shared by all rules. Rules stay thin: inputs, outputs, resources, one shell line.
+from pathlib import Path
+
+PY = "PYTHONPATH=src python -m"
+R = f"results/{config['experiment']}"
+LOGS = f"logs/{config['experiment']}"
+
+
+def stage_code(*packages):
+    """The stage's Python files, so that code edits rerun the rule (Snakemake hashes only shell text)."""
+    files = []
+    for pkg in packages:
+        p = Path("src/eaglepipe") / pkg
+        files += [str(f) for f in sorted(p.rglob("*.py"))] if p.is_dir() else [str(p)]
+    return files
+
+
+def gpus_for(stage):
+    """GPUs a stage asks for: train uses train.nproc_per_node, others one when the config wants CUDA."""
+    if config["device"] == "cpu":
+        return 0
+    if stage == "train":
+        return int(config["train"]["nproc_per_node"])
+    return 1 if config["device"] == "cuda" else 0

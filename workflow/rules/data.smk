@@ -1,0 +1,66 @@
+rule download:
+    input:
+        code=stage_code("stages/download.py", "data"),
+    output:
+        directory(f"{R}/data/raw"),
+    params:
+        sources=config["data"]["sources"],
+        max_samples=config["data"]["max_samples"],
+        seed=config["data"]["seed"],
+    log:
+        f"{LOGS}/download.log",
+    conda:
+        "../envs/eaglepipe.yaml"
+    shell:
+        "{PY} eaglepipe.stages.download --params params.yaml --out {output} > {log} 2>&1"
+
+
+rule normalize:
+    input:
+        raw=f"{R}/data/raw",
+        code=stage_code("stages/normalize.py", "data"),
+    output:
+        directory(f"{R}/data/chat"),
+    params:
+        system_prompt=config["data"]["system_prompt"],
+    log:
+        f"{LOGS}/normalize.log",
+    conda:
+        "../envs/eaglepipe.yaml"
+    shell:
+        "{PY} eaglepipe.stages.normalize --params params.yaml --raw {input.raw} --out {output} > {log} 2>&1"
+
+
+rule tokenize:
+    input:
+        target=f"{R}/target",
+        chat=f"{R}/data/regen",
+        code=stage_code("stages/tokenize.py", "data"),
+    output:
+        directory(f"{R}/data/tokens"),
+    params:
+        seq_length=config["data"]["seq_length"],
+        val_fraction=config["data"]["val_fraction"],
+    log:
+        f"{LOGS}/tokenize.log",
+    conda:
+        "../envs/eaglepipe.yaml"
+    shell:
+        "{PY} eaglepipe.stages.tokenize --params params.yaml --target {input.target} "
+        "--chat {input.chat} --out {output} > {log} 2>&1"
+
+
+rule vocab:
+    input:
+        tokens=f"{R}/data/tokens",
+        code=stage_code("stages/vocab.py", "data"),
+    output:
+        directory(f"{R}/vocab"),
+    params:
+        vocab=config["vocab"],
+    log:
+        f"{LOGS}/vocab.log",
+    conda:
+        "../envs/eaglepipe.yaml"
+    shell:
+        "{PY} eaglepipe.stages.vocab --params params.yaml --tokens {input.tokens} --out {output} > {log} 2>&1"

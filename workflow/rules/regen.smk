@@ -1,0 +1,18 @@
+rule regenerate:
+    input:
+        target=f"{R}/target",
+        chat=f"{R}/data/chat",
+        code=stage_code("stages/regenerate.py", "regen", "engine", "serve.py"),
+    output:
+        directory(f"{R}/data/regen"),
+    params:
+        regen=config["regen"],
+    log:
+        f"{LOGS}/regenerate.log",
+    conda:
+        "../envs/eaglepipe.yaml"
+    resources:
+        gpu=gpus_for("regenerate"),
+    shell:
+        "{PY} eaglepipe.stages.regenerate --params params.yaml --target {input.target} "
+        "--chat {input.chat} --out {output} > {log} 2>&1"

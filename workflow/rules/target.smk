@@ -1,0 +1,13 @@
+rule fetch_target:
+    input:
+        code=stage_code("stages/fetch_target.py", "target"),
+    output:
+        directory(f"{R}/target"),
+    params:
+        target=config["target"],
+    log:
+        f"{LOGS}/fetch_target.log",
+    conda:
+        "../envs/eaglepipe.yaml"
+    shell:
+        "{PY} eaglepipe.stages.fetch_target --params params.yaml --out {output} > {log} 2>&1"

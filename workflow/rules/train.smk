@@ -1,0 +1,48 @@
+rule hidden_states:
+    input:
+        target=f"{R}/target",
+        tokens=f"{R}/data/tokens",
+        vocab=f"{R}/vocab",
+        code=stage_code("stages/hidden_states.py", "train", "models"),
+    output:
+        directory(f"{R}/hidden"),
+    params:
+        mode=config["train"]["mode"],
+        offline_topk=config["train"]["offline_topk"],
+    log:
+        f"{LOGS}/hidden_states.log",
+    conda:
+        "../envs/eaglepipe.yaml"
+    resources:
+        gpu=gpus_for("hidden_states"),
+    shell:
+        "{PY} eaglepipe.stages.hidden_states --params params.yaml --target {input.target} "
+        "--tokens {input.tokens} --vocab {input.vocab} --out {output} > {log} 2>&1"
+
+
+rule train:
+    input:
+        target=f"{R}/target",
+        tokens=f"{R}/data/tokens",
+        vocab=f"{R}/vocab",
+        hidden=f"{R}/hidden",
+        code=stage_code("stages/train.py", "train", "models"),
+    output:
+        checkpoints=directory(f"{R}/train/checkpoints"),
+        latest=f"{R}/train/LATEST",
+        best=f"{R}/train/BEST",
+        summary=f"{R}/train/summary.json",
+        metrics=f"{R}/train/dvclive/metrics.json",
+        plots=directory(f"{R}/train/dvclive/plots"),
+    params:
+        train=config["train"],
+        seed=config["seed"],
+    log:
+        f"{LOGS}/train.log",
+    conda:
+        "../envs/eaglepipe.yaml"
+    resources:
+        gpu=gpus_for("train"),
+    shell:
+        "{PY} eaglepipe.stages.train --params params.yaml --target {input.target} --tokens {input.tokens} "
+        "--vocab {input.vocab} --hidden {input.hidden} --out {R}/train > {log} 2>&1"
