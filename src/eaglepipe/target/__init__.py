@@ -1,0 +1,1 @@
+"""The target model: fetching, conversion, metadata (target.json) and tiny test models."""
