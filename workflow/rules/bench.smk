@@ -11,7 +11,9 @@ rule bench:
         metrics=f"{R}/bench/metrics.json",
         plots=report(directory(f"{R}/bench/plots"), patterns=["{name}.png"], category="Benchmark"),
     params:
+        py=PY,
         bench=config["bench"],
+        out=output_parent("metrics"),
     log:
         f"{LOGS}/bench.log",
     conda:
@@ -19,5 +21,5 @@ rule bench:
     resources:
         gpu=gpus_for("bench"),
     shell:
-        "{PY} eaglepipe.stages.bench --params params.yaml --target {input.target} --export {input.export} "
-        "--out {R}/bench > {log} 2>&1"
+        "{params.py} eaglepipe.stages.bench --params params.yaml --target {input.target} --export {input.export} "
+        "--out {params.out} > {log} 2>&1"

@@ -22,3 +22,13 @@ def gpus_for(stage):
     if stage == "train":
         return int(config["train"]["nproc_per_node"])
     return 1 if config["device"] == "cuda" else 0
+
+
+def output_parent(name):
+    """A params function giving the directory that holds output `name` (for stages writing a whole folder)."""
+    return lambda wildcards, output: str(Path(output[name]).parent)
+
+
+def input_parent(name):
+    """A params function giving the directory that holds input `name`."""
+    return lambda wildcards, input: str(Path(input[name]).parent)

@@ -4,6 +4,7 @@ rule download:
     output:
         directory(f"{R}/data/raw"),
     params:
+        py=PY,
         sources=config["data"]["sources"],
         max_samples=config["data"]["max_samples"],
         seed=config["data"]["seed"],
@@ -12,7 +13,7 @@ rule download:
     conda:
         "../envs/eaglepipe.yaml"
     shell:
-        "{PY} eaglepipe.stages.download --params params.yaml --out {output} > {log} 2>&1"
+        "{params.py} eaglepipe.stages.download --params params.yaml --out {output} > {log} 2>&1"
 
 
 rule normalize:
@@ -22,13 +23,14 @@ rule normalize:
     output:
         directory(f"{R}/data/chat"),
     params:
+        py=PY,
         system_prompt=config["data"]["system_prompt"],
     log:
         f"{LOGS}/normalize.log",
     conda:
         "../envs/eaglepipe.yaml"
     shell:
-        "{PY} eaglepipe.stages.normalize --params params.yaml --raw {input.raw} --out {output} > {log} 2>&1"
+        "{params.py} eaglepipe.stages.normalize --params params.yaml --raw {input.raw} --out {output} > {log} 2>&1"
 
 
 rule tokenize:
@@ -39,6 +41,7 @@ rule tokenize:
     output:
         directory(f"{R}/data/tokens"),
     params:
+        py=PY,
         seq_length=config["data"]["seq_length"],
         val_fraction=config["data"]["val_fraction"],
     log:
@@ -46,7 +49,7 @@ rule tokenize:
     conda:
         "../envs/eaglepipe.yaml"
     shell:
-        "{PY} eaglepipe.stages.tokenize --params params.yaml --target {input.target} "
+        "{params.py} eaglepipe.stages.tokenize --params params.yaml --target {input.target} "
         "--chat {input.chat} --out {output} > {log} 2>&1"
 
 
@@ -57,10 +60,11 @@ rule vocab:
     output:
         directory(f"{R}/vocab"),
     params:
+        py=PY,
         vocab=config["vocab"],
     log:
         f"{LOGS}/vocab.log",
     conda:
         "../envs/eaglepipe.yaml"
     shell:
-        "{PY} eaglepipe.stages.vocab --params params.yaml --tokens {input.tokens} --out {output} > {log} 2>&1"
+        "{params.py} eaglepipe.stages.vocab --params params.yaml --tokens {input.tokens} --out {output} > {log} 2>&1"

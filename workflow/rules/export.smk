@@ -8,11 +8,13 @@ rule export:
     output:
         directory(f"{R}/export"),
     params:
+        py=PY,
         export=config["export"],
+        train_dir=input_parent("latest"),
     log:
         f"{LOGS}/export.log",
     conda:
         "../envs/eaglepipe.yaml"
     shell:
-        "{PY} eaglepipe.stages.export --params params.yaml --target {input.target} --train {R}/train "
+        "{params.py} eaglepipe.stages.export --params params.yaml --target {input.target} --train {params.train_dir} "
         "--out {output} > {log} 2>&1"

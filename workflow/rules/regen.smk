@@ -6,6 +6,7 @@ rule regenerate:
     output:
         directory(f"{R}/data/regen"),
     params:
+        py=PY,
         regen=config["regen"],
     log:
         f"{LOGS}/regenerate.log",
@@ -14,5 +15,5 @@ rule regenerate:
     resources:
         gpu=gpus_for("regenerate"),
     shell:
-        "{PY} eaglepipe.stages.regenerate --params params.yaml --target {input.target} "
+        "{params.py} eaglepipe.stages.regenerate --params params.yaml --target {input.target} "
         "--chat {input.chat} --out {output} > {log} 2>&1"

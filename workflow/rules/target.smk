@@ -4,10 +4,11 @@ rule fetch_target:
     output:
         directory(f"{R}/target"),
     params:
+        py=PY,
         target=config["target"],
     log:
         f"{LOGS}/fetch_target.log",
     conda:
         "../envs/eaglepipe.yaml"
     shell:
-        "{PY} eaglepipe.stages.fetch_target --params params.yaml --out {output} > {log} 2>&1"
+        "{params.py} eaglepipe.stages.fetch_target --params params.yaml --out {output} > {log} 2>&1"

@@ -7,6 +7,7 @@ rule hidden_states:
     output:
         directory(f"{R}/hidden"),
     params:
+        py=PY,
         mode=config["train"]["mode"],
         offline_topk=config["train"]["offline_topk"],
     log:
@@ -16,7 +17,7 @@ rule hidden_states:
     resources:
         gpu=gpus_for("hidden_states"),
     shell:
-        "{PY} eaglepipe.stages.hidden_states --params params.yaml --target {input.target} "
+        "{params.py} eaglepipe.stages.hidden_states --params params.yaml --target {input.target} "
         "--tokens {input.tokens} --vocab {input.vocab} --out {output} > {log} 2>&1"
 
 
@@ -35,8 +36,10 @@ rule train:
         metrics=f"{R}/train/dvclive/metrics.json",
         plots=directory(f"{R}/train/dvclive/plots"),
     params:
+        py=PY,
         train=config["train"],
         seed=config["seed"],
+        out=output_parent("latest"),
     log:
         f"{LOGS}/train.log",
     conda:
@@ -44,5 +47,5 @@ rule train:
     resources:
         gpu=gpus_for("train"),
     shell:
-        "{PY} eaglepipe.stages.train --params params.yaml --target {input.target} --tokens {input.tokens} "
-        "--vocab {input.vocab} --hidden {input.hidden} --out {R}/train > {log} 2>&1"
+        "{params.py} eaglepipe.stages.train --params params.yaml --target {input.target} --tokens {input.tokens} "
+        "--vocab {input.vocab} --hidden {input.hidden} --out {params.out} > {log} 2>&1"

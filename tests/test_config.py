@@ -1,0 +1,88 @@
+"""Config schemas: composition, presets, and rejection of typos and wrong types (also through DVC's Hydra path)."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eaglepipe.compose import compose_dict
+from eaglepipe.config import ConfigError, load_params, params_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def test_committed_params_equal_composed_conf():
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert committed == compose_dict([]), "params.yaml is stale: run `python -m eaglepipe.compose` and commit it"
+
+
+def test_committed_params_load_and_validate():
+    cfg = load_params(REPO / "params.yaml")
+    assert cfg.target.source == "packaged_smollm2"
+    assert cfg.data.sources[0].kind == "packaged_sharegpt"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_composes(preset):
+    data = compose_dict([f"experiment={preset}"])
+    assert data["experiment"] == preset
+    params_from_dict(data)
+
+
+def test_production_presets_carry_the_seed_setups():
+    llama = compose_dict(["experiment=llama31_8b_perfectblend"])
+    assert llama["target"]["name_or_path"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert llama["data"]["sources"][0]["path"] == "frankleeeee/PerfectBlend-Regenerated-Llama-3.1-8B-Instruct"
+    assert llama["data"]["max_samples"] == 200000 and llama["data"]["seq_length"] == 2048
+    assert llama["vocab"]["draft_vocab_size"] == 32000
+    assert compose_dict(["experiment=llama32_1b_mvp"])["data"]["max_samples"] == 1000
+    assert compose_dict(["experiment=qwen3_4b"])["target"]["name_or_path"] == "Qwen/Qwen3-4B"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.typo=1", "typo"),
+    ("train.lr=abc", "lr"),
+    ("data.seq_length=long", "seq_length"),
+    ("train.ttt_steps=0", "ttt_steps"),
+    ("regen.mode=sometimes", "regen.mode"),
+    ("bench.sweep=[{num_steps:3,topk:1,num_draft_tokens:9}]", "num_draft_tokens"),
+])
+def test_compose_rejects_bad_overrides(override, message):
+    with pytest.raises(Exception) as err:
+        compose_dict([override])
+    assert message in str(err.value) or message in repr(err.value.__cause__)
+
+
+def test_loader_rejects_unknown_keys_and_types(tmp_path):
+    good = compose_dict([])
+    bad = dict(good, train=dict(good["train"], lr="fast"))
+    with pytest.raises(ConfigError, match="train.lr: expected a float"):
+        params_from_dict(bad)
+    bad = dict(good, train=dict(good["train"], learning_rate=1e-4))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        params_from_dict(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_compose_cli_reports_errors_cleanly():
+    r = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "eaglepipe.compose", "--print", "train.typo=1"],
+                       cwd=REPO, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "train.typo" in r.stderr
+
+
+def test_dvc_hydra_composition_validates_with_the_schema(tmp_path):
+    """DVC's own compose path (what `dvc exp run -S` calls) sees the registered schema."""
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(REPO / "conf"), None, "config", str(REPO), ["train.lr=2e-4"])
+    assert yaml.safe_load(out.read_text())["train"]["lr"] == 2e-4
+    for bad in (["train.typo=1"], ["train.lr=abc"]):
+        with pytest.raises(Exception):
+            compose_and_dump(tmp_path / "bad.yaml", str(REPO / "conf"), None, "config", str(REPO), bad)
