@@ -42,8 +42,11 @@ def _env(workdir: Path) -> dict[str, str]:
 
 
 def _node_state() -> str:
+    """The node's state as sinfo reports it (one line per partition, all the same)."""
     r = subprocess.run(["sinfo", "-h", "-N", "-n", "localhost", "-o", "%T"], capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else f"unreachable: {r.stderr.strip()[-300:]}"
+    if r.returncode != 0:
+        return f"unreachable: {r.stderr.strip()[-300:]}"
+    return ",".join(sorted(set(r.stdout.split()))) or "no node"
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +75,36 @@ def _repo_copy(dest: Path) -> Path:
     return dest
 
 
-def _snakemake(workdir: Path, *args: str) -> float:
-    """Run Snakemake in `workdir` up to the target rule; return its wall time in seconds."""
-    start = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "snakemake", *args, TARGET_RULE], cwd=workdir, env=_env(workdir),
-                       capture_output=True, text=True, timeout=PIPELINE_TIMEOUT_S)
-    elapsed = time.monotonic() - start
-    if r.returncode != 0:
-        stage_logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(workdir.glob("logs/*/*.log")))
-        pytest.fail(f"snakemake {' '.join(args)} failed in {workdir}:\n{r.stderr[-6000:]}{stage_logs}")
-    return elapsed
+class _SnakemakeRun:
+    """Snakemake running in `workdir` up to the target rule, its output in `workdir/snakemake.out`."""
+
+    def __init__(self, workdir: Path, *args: str):
+        self.workdir, self.args = workdir, args
+        self.log = workdir / "snakemake.out"
+        self.start = time.monotonic()
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args, TARGET_RULE], cwd=workdir,
+                                         env=_env(workdir), stdout=out, stderr=subprocess.STDOUT, text=True)
+
+    def wait(self) -> float:
+        """Wait for Snakemake to finish; fail with its output and the stage logs unless it succeeded."""
+        try:
+            rc = self.proc.wait(timeout=PIPELINE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            rc = "timeout"
+        elapsed = time.monotonic() - self.start
+        if rc != 0:
+            logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.workdir.glob("logs/*/*.log")))
+            pytest.fail(f"snakemake {' '.join(self.args)} in {self.workdir} failed ({rc}):\n"
+                        f"{self.log.read_text()[-6000:]}{logs}")
+        return elapsed
+
+    def stop(self) -> None:
+        """Stop Snakemake if it still runs (it cancels its SLURM jobs on SIGTERM)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
 
 
 def _files(root: Path) -> set[str]:
@@ -116,9 +139,16 @@ def runs(cluster, tmp_path_factory) -> dict[str, Path]:
     """The tiny pipeline run once through SLURM and once locally, each in its own repo copy."""
     slurm_dir = _repo_copy(tmp_path_factory.mktemp("slurm_run"))
     local_dir = _repo_copy(tmp_path_factory.mktemp("local_run"))
-    slurm_s = _snakemake(slurm_dir, "--workflow-profile", "profiles/slurm-local")
-    local_s = _snakemake(local_dir, "--cores", "2")
-    print(f"\n[slurm test] pipeline up to '{TARGET_RULE}': via SLURM {slurm_s:.0f} s, local {local_s:.0f} s")
+    # Both at once: every stage is single-threaded, so on 2 cores they barely slow each other.
+    slurm_run = _SnakemakeRun(slurm_dir, "--workflow-profile", "profiles/slurm-local")
+    local_run = _SnakemakeRun(local_dir, "--cores", "2")
+    try:
+        local_s, slurm_s = local_run.wait(), slurm_run.wait()
+    finally:
+        slurm_run.stop()
+        local_run.stop()
+    print(f"\n[slurm test] pipeline up to '{TARGET_RULE}' (both running at once): via SLURM {slurm_s:.0f} s, "
+          f"local {local_s:.0f} s")
     return {"slurm": slurm_dir, "local": local_dir}
 
 
