@@ -125,9 +125,10 @@ def _assert_same_tensors(a: Path, b: Path) -> None:
 
 
 def _slurm_jobs(workdir: Path) -> dict[str, dict[str, str]]:
-    """Per rule, the SLURM job record (`scontrol show job`) of the job that ran it."""
+    """Per rule, the SLURM job record (`scontrol show job`) of the last job that ran it."""
     jobs = {}
-    for log in sorted((workdir / ".snakemake" / "slurm_logs").glob("rule_*/*.log")):
+    logs = (workdir / ".snakemake" / "slurm_logs").glob("rule_*/*.log")
+    for log in sorted(logs, key=lambda p: int(p.stem)):
         out = subprocess.run(["scontrol", "show", "job", "-o", log.stem], capture_output=True, text=True, check=True)
         fields = dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
         jobs[log.parent.name.removeprefix("rule_")] = fields
