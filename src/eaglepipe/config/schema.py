@@ -127,10 +127,14 @@ class RegenCfg:
     concurrency: int = 8
     timeout_s: float = 600.0
     max_retries: int = 4
+    # first retry delay; doubles per retry (with jitter), capped at 30 s
+    retry_backoff_s: float = 1.0
     shard_size: int = 64
     # native server settings
     max_batch_size: int = 32
     max_model_len: int = 2048
+    # seconds to wait for the native server's /health
+    startup_timeout_s: float = 600.0
     sglang: SglangLaunchCfg = field(default_factory=SglangLaunchCfg)
 
     def check(self) -> None:
@@ -144,6 +148,12 @@ class RegenCfg:
                  "regen.system_prompt_policy must be keep|drop|default")
         _require(self.concurrency > 0 and self.shard_size > 0 and self.max_batch_size > 0,
                  "regen.concurrency, regen.shard_size and regen.max_batch_size must be > 0")
+        _require(self.max_retries >= 0 and self.retry_backoff_s >= 0 and self.timeout_s > 0,
+                 "regen.max_retries and regen.retry_backoff_s must be >= 0 and regen.timeout_s > 0")
+        _require(self.startup_timeout_s > 0 and self.sglang.startup_timeout_s > 0,
+                 "regen.startup_timeout_s and regen.sglang.startup_timeout_s must be > 0")
+        _require(self.sglang.dp_size >= 1 and self.sglang.tp_size >= 1 and 0 < self.sglang.mem_fraction_static < 1,
+                 "regen.sglang.dp_size/tp_size must be >= 1 and mem_fraction_static in (0, 1)")
 
 
 @dataclass
