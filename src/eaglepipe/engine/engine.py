@@ -1,0 +1,273 @@
+"""`Engine`: continuous-batching generation on top of `LlamaRunner`, blocking or from other threads."""
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import logging
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..target.info import load_tokenizer
+from .model import LlamaRunner
+from .request import GenerationResult, Request, RequestTracker, StreamCallback
+from .sampling import SamplingParams, make_generator, sample_rows
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room to generate within max_model_len (a server maps this to HTTP 400)."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting (a server maps this to HTTP 503)."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was closed before the request could finish."""
+
+
+def read_eos_token_ids(model_dir: Path, tokenizer: Any) -> list[int]:
+    """EOS ids as HF generate uses them: generation_config.json, else config.json, else the tokenizer's."""
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else list(eos)
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+
+class Engine:
+    """Generation with continuous batching: waiting requests join free cache slots as others finish.
+
+    `generate()` blocks; `submit()` is thread-safe and returns a Future, with optional streaming callbacks
+    (called on the engine's worker thread). With `draft_dir`, requests are decoded speculatively by
+    `eaglepipe.spec.SpeculativeGenerator` (see the package docstring for that interface).
+    """
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, max_batch_size: int = 32, max_model_len: int = 2048,
+                 cuda_graphs: bool = True, draft_dir: str | Path | None = None, spec: dict | None = None,
+                 max_queue: int = 1024, max_prefill_tokens: int = 4096, decode_chunk: int = 16):
+        self.runner = LlamaRunner(model_dir, device=device, dtype=dtype, max_slots=max_batch_size,
+                                  max_len=max_model_len)
+        self.device = self.runner.device
+        self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
+        self.max_queue, self.max_prefill_tokens, self.decode_chunk = max_queue, max_prefill_tokens, decode_chunk
+        self.tokenizer = load_tokenizer(self.runner.model_dir)
+        self.eos_token_ids = read_eos_token_ids(self.runner.model_dir, self.tokenizer)
+        self.tracker = RequestTracker(self.tokenizer, self.eos_token_ids, max_model_len)
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            from .graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.runner, max_batch_size, ring_size=decode_chunk)
+        self.speculator = None
+        if draft_dir is not None:
+            from ..spec import SpeculativeGenerator  # written alongside the spec-decoding issue
+
+            self.speculator = SpeculativeGenerator(self.runner, draft_dir, spec)
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ submission
+    def _validate(self, prompt_ids: Sequence[int]) -> list[int]:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        vocab = self.runner.spec.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {len(prompt)} tokens; max_model_len is {self.max_model_len} "
+                                     "and at least one token must be generated")
+        return prompt
+
+    def _enqueue(self, prompt_ids: Sequence[int], params: SamplingParams | None, on_delta: StreamCallback | None,
+                 request_id: str | None, bounded: bool) -> Future:
+        params = params or SamplingParams()
+        prompt = self._validate(prompt_ids)
+        fut: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            if bounded and len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
+            rid = request_id or f"req-{next(self._ids)}"
+            self._waiting.append(Request(rid, prompt, params, fut, on_delta, make_generator(params, self.device)))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._worker, name="eaglepipe-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return fut
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               on_delta: StreamCallback | None = None, request_id: str | None = None) -> Future:
+        """Queue one request from any thread; the Future resolves to a GenerationResult.
+
+        Raises PromptTooLongError / ValueError for bad prompts and QueueFullError when `max_queue` requests wait.
+        `on_delta(StreamDelta)` is called on the worker thread as tokens arrive (and once with the result).
+        """
+        return self._enqueue(prompt_ids, params, on_delta, request_id, bounded=True)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 progress: bool = False) -> list[GenerationResult]:
+        """Generate for every prompt (token id lists), in input order; blocks until all are done."""
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        for p in prompts:
+            self._validate(p)
+        futures = [self._enqueue(p, sp, None, None, bounded=False) for p, sp in zip(prompts, per_prompt)]
+        with tqdm(total=len(futures), desc="generate", unit="req", disable=None if progress else True) as bar:
+            for f in futures:
+                f.add_done_callback(lambda _: bar.update(1))
+            return [f.result() for f in futures]
+
+    def close(self) -> None:
+        """Stop the worker; waiting and running requests fail with EngineClosedError."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ worker
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._closed:
+                    self._fail_all(EngineClosedError("the engine was closed"))
+                    return
+                admitted = self._admit()
+            try:
+                if self.speculator is not None:
+                    self._run_speculative(admitted)
+                    continue
+                if admitted:
+                    self._prefill(admitted)
+                if self._active:
+                    self._decode()
+            except Exception as e:  # a failed step fails its requests, never the worker
+                log.exception("engine step failed")
+                for req in admitted + list(self._active.values()):
+                    if not req.future.done():
+                        req.future.set_exception(e)
+                    self._release(req)
+
+    def _fail_all(self, error: Exception) -> None:
+        for req in list(self._waiting) + list(self._active.values()):
+            if not req.future.done():
+                req.future.set_exception(error)
+        self._waiting.clear()
+        self._active.clear()
+
+    def _admit(self) -> list[Request]:
+        """Move waiting requests into free slots (lowest first), within the prefill token budget."""
+        capacity = 1 if self.speculator is not None else self.max_batch_size
+        free = [s for s in range(capacity) if s not in self._active]
+        admitted, budget = [], self.max_prefill_tokens
+        while self._waiting and free and (not admitted or len(self._waiting[0].prompt) <= budget):
+            req = self._waiting.popleft()
+            if not req.future.set_running_or_notify_cancel():
+                continue
+            req.slot = free.pop(0)
+            budget -= len(req.prompt)
+            self._active[req.slot] = req
+            admitted.append(req)
+        return admitted
+
+    def _release(self, req: Request) -> None:
+        if self._active.get(req.slot) is req:
+            del self._active[req.slot]
+            self.runner.release(req.slot)
+
+    def _emit(self, req: Request, finished: bool) -> None:
+        """Stream new tokens; on finish, resolve the future and free the slot."""
+        result = self.tracker.result(req) if finished else None
+        if req.on_delta is not None and (finished or len(req.tokens) > req._sent_tokens):
+            try:
+                req.on_delta(self.tracker.stream_delta(req, result))
+            except Exception:
+                log.exception("streaming callback of %s failed", req.request_id)
+        if finished:
+            self._release(req)
+            if not req.future.done():
+                req.future.set_result(result)
+
+    def _feed(self, req: Request, tokens: list[int]) -> None:
+        self._emit(req, self.tracker.feed(req, tokens))
+
+    def _prefill(self, admitted: list[Request]) -> None:
+        out = self.runner.prefill([r.prompt for r in admitted], [r.slot for r in admitted])
+        first = sample_rows(out.last_logits, [r.params for r in admitted], [r.generator for r in admitted]).tolist()
+        for req, tok in zip(admitted, first):
+            self._feed(req, [tok])
+
+    def _decode(self) -> None:
+        """Decode the running requests for a few steps (one CUDA-graph replay per step on GPU)."""
+        reqs = sorted(self._active.values(), key=lambda r: r.slot)
+        lengths = self.runner.lengths
+        room = min(self.max_model_len - lengths[r.slot] for r in reqs)
+        steps = max(1, min(self.decode_chunk, max(self.tracker.budget(r) for r in reqs), room))
+        if self.graphs is not None and self.graphs.fits(reqs[-1].slot + 1, max(lengths[r.slot] for r in reqs) + steps):
+            new = self._decode_graphs(reqs, steps)
+        else:  # eager (CPU): one step at a time, so finished rows free their slot at once
+            new = self._decode_eager(reqs)
+        for req, toks in zip(reqs, new):
+            self._feed(req, toks)
+
+    def _decode_eager(self, reqs: list[Request]) -> list[list[int]]:
+        logits = self.runner.decode([r.tokens[-1] for r in reqs], [r.slot for r in reqs])
+        new = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+        return [[tok] for tok in new]
+
+    def _decode_graphs(self, reqs: list[Request], steps: int) -> list[list[int]]:
+        rows = reqs[-1].slot + 1
+        tokens, lens = [0] * rows, [0] * rows
+        params = [SamplingParams()] * rows
+        gens: list[torch.Generator | None] = [None] * rows
+        for r in reqs:
+            tokens[r.slot], lens[r.slot] = r.tokens[-1], self.runner.lengths[r.slot]
+            params[r.slot], gens[r.slot] = r.params, r.generator
+        hook = None
+        if not all(p.greedy for p in params):
+            def hook(logits: torch.Tensor, n: int) -> torch.Tensor:
+                return sample_rows(logits, params[:n], gens[:n])
+        ring = self.graphs.run(tokens, lens, steps, hook)
+        for r in reqs:
+            self.runner.lengths[r.slot] += steps
+        return [[ring[j][r.slot] for j in range(steps)] for r in reqs]
+
+    def _run_speculative(self, admitted: list[Request]) -> None:
+        """Hand each admitted request to the speculative generator (one at a time)."""
+        for req in admitted:
+            def on_tokens(tokens: list[int], req: Request = req) -> bool:
+                finished = self.tracker.feed(req, tokens)
+                if not finished:
+                    self._emit(req, False)
+                return finished
+
+            req.spec_verify_ct = self.speculator.generate(req.prompt, req.params, req.slot, on_tokens)
+            if req.finish_reason is None:
+                req.finish_reason = "length"
+            self._emit(req, True)

@@ -1,0 +1,309 @@
+"""`LlamaRunner`: our own Llama-family forward pass over a preallocated KV cache.
+
+The cache has one row ("slot") per concurrent sequence: `k_cache[layer, slot, kv_head, position, head_dim]`.
+`lengths[slot]` counts the committed tokens of that slot. A forward pass appends *pending* tokens after the
+committed ones; `commit` keeps some of them (compacting their K/V to consecutive positions) and drops the rest,
+which is how a verified draft tree is rolled back to its accepted path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..target.info import resolve_model_dir
+from ..utils.device import compute_dtype, pick_device
+from .spec import ModelSpec, read_model_spec, rope_tables
+from .weights import LayerWeights, load_weights
+
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CacheFullError(ValueError):
+    """A sequence would grow past the runner's `max_len`."""
+
+
+@dataclass
+class PrefillOutput:
+    """Result of `LlamaRunner.prefill`: next-token logits per prompt, and optional extras per prompt."""
+
+    last_logits: torch.Tensor  # [num_prompts, vocab]
+    logits: list[torch.Tensor] | None  # per prompt [len, vocab], when all_logits=True
+    aux_hidden: list[torch.Tensor] | None  # per prompt [len, len(capture_layers) * hidden]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32; a fused kernel on GPU, HF's exact op order on CPU."""
+    if x.is_cuda:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on [..., heads, head_dim] with cos/sin broadcast over heads (rotate-half form)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaRunner:
+    """A Llama/Mistral/Qwen2/Qwen3 decoder loaded from HF safetensors, with a static KV cache.
+
+    `max_slots` sequences of up to `max_len` tokens each. bf16 on GPU and fp32 on CPU unless `dtype` is given.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, max_slots: int = 8, max_len: int = 2048):
+        self.model_dir = resolve_model_dir(model_dir)
+        self.spec: ModelSpec = read_model_spec(self.model_dir)
+        self.device = torch.device(device) if device is not None else pick_device("auto")
+        self.dtype = dtype or compute_dtype(self.device)
+        if max_slots < 1 or max_len < 2:
+            raise ValueError(f"max_slots must be >= 1 and max_len >= 2 (got {max_slots}, {max_len})")
+        self.max_slots, self.max_len = max_slots, max_len
+        self.weights = load_weights(self.model_dir, self.spec, self.device, self.dtype)
+        cos, sin = rope_tables(self.spec, max_len, self.device)
+        self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
+        s = self.spec
+        shape = (s.num_layers, max_slots, s.num_kv_heads, max_len, s.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.lengths: list[int] = [0] * max_slots
+        self.scale = s.head_dim ** -0.5
+        self._cols = torch.arange(max_len, device=self.device)
+        self._slot_ids = torch.arange(max_slots, device=self.device)
+
+    # ------------------------------------------------------------------ core
+    def _attention_block(self, i: int, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         write_slots: torch.Tensor, write_pos: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        s = self.spec
+        b, t = x.shape[:2]
+        qkv = F.linear(rms_norm(x, w.input_norm, s.rms_norm_eps), w.qkv, w.qkv_bias)
+        if s.qk_norm:
+            q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+            q = apply_rope(rms_norm(q.view(b, t, s.num_heads, s.head_dim), w.q_norm, s.rms_norm_eps), cos, sin)
+            k = apply_rope(rms_norm(k.view(b, t, s.num_kv_heads, s.head_dim), w.k_norm, s.rms_norm_eps), cos, sin)
+        else:
+            qk = apply_rope(qkv[..., : s.q_size + s.kv_size].view(b, t, s.num_heads + s.num_kv_heads, s.head_dim),
+                            cos, sin)
+            q, k = qk[:, :, : s.num_heads], qk[:, :, s.num_heads:]
+            v = qkv[..., s.q_size + s.kv_size:]
+        v = v.view(b, t, s.num_kv_heads, s.head_dim)
+        self.k_cache[i][write_slots, :, write_pos] = k
+        self.v_cache[i][write_slots, :, write_pos] = v
+        return x + F.linear(attend(i, q, k, v), w.o, w.o_bias)
+
+    def _mlp_block(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(rms_norm(x, w.post_norm, self.spec.rms_norm_eps), w.gate_up, w.gate_up_bias).chunk(2, -1)
+        return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+             write_pos: torch.Tensor, attend: AttendFn, capture: Sequence[int]) -> tuple[torch.Tensor, dict]:
+        """Embed, run every layer (writing K/V to the cache), final norm. Returns (normed hidden, captured h[i])."""
+        x = F.embedding(input_ids, self.weights.embed)
+        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+        captured = {0: x} if 0 in capture else {}
+        for i, w in enumerate(self.weights.layers):
+            x = self._attention_block(i, w, x, cos, sin, write_slots, write_pos, attend)
+            x = self._mlp_block(w, x)
+            if i + 1 in capture:
+                captured[i + 1] = x
+        return rms_norm(x, self.weights.norm, self.spec.rms_norm_eps), captured
+
+    def _cached_attention(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+        """Attention of q [B,S,Hq,D] over cache views [B,KVH,L,D] with an additive mask [B,S,L].
+
+        Query heads are grouped per KV head so the cache is never copied or repeated (GQA).
+        """
+        b, t, hq, d = q.shape
+        kvh, length = k_all.shape[1], k_all.shape[2]
+        g = hq // kvh
+        qg = q.reshape(b, t, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+        scores = torch.matmul(qg, k_all.transpose(-1, -2)) * self.scale
+        scores = scores.view(b, kvh, g, t, length) + mask.view(b, 1, 1, t, length)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs.view(b, kvh, g * t, length), v_all)
+        return out.view(b, kvh, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, hq * d)
+
+    def _check_capture(self, capture_layers: Sequence[int] | None) -> list[int]:
+        layers = list(capture_layers or [])
+        bad = [i for i in layers if not 0 <= i <= self.spec.num_layers]
+        if bad:
+            raise ValueError(f"capture_layers {bad} out of range: h-indices go from 0 to {self.spec.num_layers}")
+        return layers
+
+    @staticmethod
+    def _gather_aux(captured: dict, layers: list[int]) -> torch.Tensor | None:
+        return torch.cat([captured[i] for i in layers], dim=-1) if layers else None
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int],
+                capture_layers: Sequence[int] | None = None, all_logits: bool = False) -> PrefillOutput:
+        """Start fresh sequences: run several prompts packed into one forward (block-diagonal causal mask).
+
+        Every prompt token is committed to its slot (any previous content of the slot is discarded).
+        """
+        if len(prompts) != len(slots) or not prompts:
+            raise ValueError("prefill needs one slot per prompt and at least one prompt")
+        if len(set(slots)) != len(slots) or not all(0 <= s < self.max_slots for s in slots):
+            raise ValueError(f"slots must be distinct and in [0, {self.max_slots}): {list(slots)}")
+        lens = [len(p) for p in prompts]
+        if min(lens) < 1:
+            raise ValueError("cannot prefill an empty prompt")
+        if max(lens) > self.max_len:
+            raise CacheFullError(f"a prompt of {max(lens)} tokens does not fit max_len={self.max_len}")
+        layers = self._check_capture(capture_layers)
+        dev = self.device
+        lens_t = torch.tensor(lens, device=dev)
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)[None]
+        seq = torch.repeat_interleave(torch.arange(len(prompts), device=dev), lens_t)
+        starts = torch.cumsum(lens_t, 0) - lens_t
+        pos = torch.arange(ids.shape[1], device=dev) - starts[seq]
+        write_slots = torch.tensor(list(slots), device=dev)[seq]
+        allowed = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
+        groups = self.spec.num_heads // self.spec.num_kv_heads
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k = k.transpose(1, 2).repeat_interleave(groups, dim=1)
+            v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed[None, None],
+                                                 scale=self.scale)
+            return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+        hidden, captured = self._run(ids, pos[None], write_slots[None], pos[None], attend, layers)
+        for s, n in zip(slots, lens):
+            self.lengths[s] = n
+        last = torch.cumsum(lens_t, 0) - 1
+        last_logits = F.linear(hidden[0, last], self.weights.lm_head)
+        every = list(F.linear(hidden[0], self.weights.lm_head).split(lens)) if all_logits else None
+        aux = self._gather_aux(captured, layers)
+        return PrefillOutput(last_logits, every, list(aux[0].split(lens)) if aux is not None else None)
+
+    def _tree_mask_additive(self, lens_t: torch.Tensor, t: int, ctx: int,
+                            tree_mask: torch.Tensor | None) -> torch.Tensor:
+        """Additive mask [B,S,ctx]: committed prefix visible; among new tokens, `tree_mask` (default causal)."""
+        b = lens_t.shape[0]
+        if tree_mask is None:
+            tree = torch.ones(t, t, dtype=torch.bool, device=self.device).tril().expand(b, t, t)
+        else:
+            tree = tree_mask.to(device=self.device, dtype=torch.bool)
+            if tree.dim() == 2:
+                tree = tree.expand(b, t, t)
+            if tree.shape != (b, t, t):
+                raise ValueError(f"tree_mask must be [{b}, {t}, {t}] or [{t}, {t}], got {list(tree_mask.shape)}")
+            if not bool(tree.diagonal(dim1=-2, dim2=-1).all()):
+                raise ValueError("tree_mask must let every new token attend to itself (its diagonal must be True)")
+        rel = self._cols[:ctx][None, :] - lens_t[:, None]
+        in_new = (rel >= 0) & (rel < t)
+        new_allowed = torch.gather(tree, 2, rel.clamp(0, t - 1)[:, None, :].expand(b, t, ctx)) & in_new[:, None, :]
+        allowed = (rel < 0)[:, None, :] | new_allowed
+        return torch.zeros(b, t, ctx, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor | Sequence[Sequence[int]], slots: Sequence[int],
+                positions: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
+                capture_layers: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append S pending tokens to each of the B sequences in `slots`; nothing is committed.
+
+        input_ids [B,S]; positions [B,S] RoPE positions (default: consecutive after the committed length; a
+        draft tree passes committed length + depth); tree_mask bool [B,S,S] or [S,S]: new token i may attend to
+        new token j (default causal). Every new token also sees its sequence's committed prefix.
+        Returns (logits [B,S,V], aux_hidden [B,S,len(capture_layers)*H] or None).
+        """
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if ids.dim() != 2 or ids.shape[0] != len(slots):
+            raise ValueError(f"input_ids must be [len(slots), S], got {list(ids.shape)} for {len(slots)} slots")
+        b, t = ids.shape
+        if len(set(slots)) != len(slots) or not all(0 <= s < self.max_slots for s in slots):
+            raise ValueError(f"slots must be distinct and in [0, {self.max_slots}): {list(slots)}")
+        lens = [self.lengths[s] for s in slots]
+        if max(lens) + t > self.max_len:
+            raise CacheFullError(f"appending {t} tokens would exceed max_len={self.max_len}")
+        layers = self._check_capture(capture_layers)
+        lens_t = torch.tensor(lens, device=self.device)
+        write_pos = lens_t[:, None] + self._cols[:t][None, :]
+        pos = write_pos if positions is None else torch.as_tensor(positions, device=self.device).long()
+        if pos.shape != (b, t):
+            raise ValueError(f"positions must be [{b}, {t}], got {list(pos.shape)}")
+        ctx = max(lens) + t
+        mask = self._tree_mask_additive(lens_t, t, ctx, tree_mask)
+        slot_list = list(slots)
+        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + b))
+        slots_t = torch.tensor(slot_list, device=self.device)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if contiguous:
+                k_all = self.k_cache[i, slot_list[0]:slot_list[0] + b, :, :ctx]
+                v_all = self.v_cache[i, slot_list[0]:slot_list[0] + b, :, :ctx]
+            else:
+                k_all, v_all = self.k_cache[i, slots_t, :, :ctx], self.v_cache[i, slots_t, :, :ctx]
+            return self._cached_attention(q, k_all, v_all, mask)
+
+        hidden, captured = self._run(ids, pos, slots_t[:, None].expand(b, t), write_pos, attend, layers)
+        return F.linear(hidden, self.weights.lm_head), self._gather_aux(captured, layers)
+
+    def decode_logits(self, tokens: torch.Tensor, lens: torch.Tensor, ctx: int) -> torch.Tensor:
+        """Static-shape decode step for CUDA graphs: row r is slot r, token at position lens[r].
+
+        tokens/lens are device tensors [b]; attention spans the first `ctx` cache positions. Returns logits [b,V].
+        Does not touch `lengths` (the caller keeps them in sync).
+        """
+        b = tokens.shape[0]
+        write_pos = lens[:, None]
+        mask = torch.zeros(b, 1, ctx, dtype=self.dtype, device=self.device).masked_fill_(
+            self._cols[:ctx][None, None, :] > lens[:, None, None], float("-inf"))
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self._cached_attention(q, self.k_cache[i, :b, :, :ctx], self.v_cache[i, :b, :, :ctx], mask)
+
+        hidden, _ = self._run(tokens[:, None], write_pos, self._slot_ids[:b, None], write_pos, attend, [])
+        return F.linear(hidden[:, 0], self.weights.lm_head)
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int] | torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        """One plain decode step for several sequences (each at its own length); commits the token. [B,V]."""
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
+        logits, _ = self.forward(ids, slots)
+        for s in slots:
+            self.lengths[s] += 1
+        return logits[:, 0]
+
+    def commit(self, slot: int, accepted: int | Sequence[int]) -> None:
+        """Keep some pending tokens of the last forward on `slot`: the first `n`, or the given indices (ascending).
+
+        Kept tokens get consecutive cache positions after the committed prefix; the others are discarded.
+        """
+        base = self.lengths[slot]
+        if isinstance(accepted, int):
+            keep = accepted
+        else:
+            idx = list(accepted)
+            if idx != sorted(set(idx)) or (idx and idx[0] < 0):
+                raise ValueError(f"accepted indices must be ascending and distinct: {idx}")
+            keep = len(idx)
+            if base + (idx[-1] + 1 if idx else 0) > self.max_len:
+                raise ValueError(f"accepted indices {idx} point past the cache end")
+            if idx != list(range(keep)):
+                src = torch.tensor(idx, device=self.device) + base
+                dst = self._cols[base:base + keep]
+                for cache in (self.k_cache, self.v_cache):
+                    view = cache[:, slot]
+                    view[:, :, dst] = view[:, :, src]
+        self.lengths[slot] = min(base + keep, self.max_len)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Roll a sequence back to its first `length` committed tokens."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}")
+        self.lengths[slot] = length
+
+    def release(self, slot: int) -> None:
+        """Free a slot (its cache content becomes garbage)."""
+        self.lengths[slot] = 0
