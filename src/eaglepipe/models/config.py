@@ -1,0 +1,102 @@
+"""`DrafterConfig`: the shape and conventions of one drafter, stored as drafter_config.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+EAGLE3_ALGORITHMS = ("eagle3", "eagle3.1")
+EAGLE1_ALGORITHMS = ("eagle1", "eagle2")
+
+
+@dataclass
+class DrafterConfig:
+    """Everything needed to rebuild a drafter; `aux_layers` are HF hidden_states indices (h[i])."""
+
+    algorithm: str = "eagle3"
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 8192
+    vocab_size: int = 49152
+    draft_vocab_size: int = 8192
+    target_hidden_size: int = 576
+    aux_layers: list = field(default_factory=lambda: [2, 15, 27])
+    fc_norm: bool = False
+    norm_output: bool = False
+    hidden_act: str = "silu"
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in EAGLE3_ALGORITHMS + EAGLE1_ALGORITHMS:
+            raise ValueError(f"unknown drafter algorithm {self.algorithm!r}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"only silu MLPs are supported, got hidden_act={self.hidden_act!r}")
+
+    @property
+    def is_eagle3(self) -> bool:
+        """True for EAGLE-3 and EAGLE-3.1 (fc fusion of aux layers, reduced draft vocab)."""
+        return self.algorithm in EAGLE3_ALGORITHMS
+
+    def to_json(self) -> str:
+        """JSON text (sorted keys)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "DrafterConfig":
+        """Parse JSON text, or read it from a path."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"drafter config has unknown keys {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def from_target(cls, info: dict[str, Any], algorithm: str, draft_vocab_size: int,
+                    aux_layers: Optional[list] = None, intermediate_size: Optional[int] = None) -> "DrafterConfig":
+        """A drafter shaped like one layer of the target described by `info` (a target.json dict)."""
+        vocab = int(info["vocab_size"])
+        eagle3 = algorithm in EAGLE3_ALGORITHMS
+        return cls(
+            algorithm=algorithm,
+            hidden_size=int(info["hidden_size"]),
+            intermediate_size=int(intermediate_size or info["intermediate_size"]),
+            num_attention_heads=int(info["num_attention_heads"]),
+            num_key_value_heads=int(info["num_key_value_heads"]),
+            head_dim=int(info["head_dim"]),
+            rms_norm_eps=float(info["rms_norm_eps"]),
+            rope_theta=float(info["rope_theta"]),
+            rope_scaling=info.get("rope_scaling"),
+            max_position_embeddings=int(info["max_position_embeddings"]),
+            vocab_size=vocab,
+            draft_vocab_size=int(draft_vocab_size) if eagle3 else vocab,
+            target_hidden_size=int(info["hidden_size"]),
+            aux_layers=list(aux_layers or info["aux_layers"]) if eagle3 else [int(info["num_layers"])],
+            fc_norm=algorithm == "eagle3.1",
+            norm_output=algorithm == "eagle3.1",
+            hidden_act=info.get("hidden_act", "silu"),
+        )
+
+    def llama_config(self):
+        """An HF LlamaConfig with this drafter's attention/RoPE fields (used for the rotary embedding)."""
+        from transformers import LlamaConfig
+
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+            rope["rope_theta"] = self.rope_theta
+        return LlamaConfig(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                           num_attention_heads=self.num_attention_heads,
+                           num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                           rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
+                           vocab_size=self.vocab_size, num_hidden_layers=1, rope_parameters=rope)

@@ -1,0 +1,64 @@
+"""The EAGLE-1/2 drafter in SGLang's LlamaForCausalLMEagle layout (fc with bias, layers.0 without
+input_layernorm, no final norm, the target's lm_head over the full vocab)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import DrafterConfig
+from .layers import DraftDecoderLayer, Rotary, cached_attention
+
+
+class Eagle1Drafter(nn.Module):
+    """x = fc(cat(embed(tok), h)); one decoder layer without input norm; logits = target lm_head(out).
+
+    `h` is the target's last hidden state *after* its final norm (what its lm_head consumes, and what
+    SGLang hands an EAGLE/EAGLE-2 drafter); the drafter regresses the next one.
+    """
+
+    def __init__(self, cfg: DrafterConfig, target_lm_head: torch.Tensor) -> None:
+        super().__init__()
+        if cfg.is_eagle3:
+            raise ValueError(f"Eagle1Drafter needs algorithm eagle1|eagle2, got {cfg.algorithm}")
+        if tuple(target_lm_head.shape) != (cfg.vocab_size, cfg.target_hidden_size):
+            raise ValueError(f"target lm_head must be [{cfg.vocab_size}, {cfg.target_hidden_size}], "
+                             f"got {tuple(target_lm_head.shape)}")
+        self.config = cfg
+        h = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.layers = nn.ModuleList([DraftDecoderLayer(cfg, h, eagle3=False)])
+        self.rotary = Rotary(cfg)
+        self.register_buffer("lm_head_weight", target_lm_head.detach().clone(), persistent=False)
+
+    def fuse(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """EAGLE-1 takes the target's last hidden state as it is."""
+        return last_hidden
+
+    def layer_input(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """fc(cat(embed(tok), h)), [B, S, H]; it is also the layer's residual."""
+        emb = self.embed_tokens(input_ids).to(hidden.dtype)
+        return self.fc(torch.cat([emb, hidden], dim=-1))
+
+    def output(self, layer_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer output -> (predicted next feature, logits over the full target vocab)."""
+        return layer_out, layer_out @ self.lm_head_weight.to(layer_out.dtype).t()
+
+    def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+             past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+             attn_mask: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One drafting step: (hidden_out [B,S,H], logits [B,S,V], (k, v) incl. past)."""
+        x = self.layer_input(input_ids, hidden)
+        layer = self.layers[0]
+        cos, sin = self.rotary(x, position_ids)
+        q, k, v = layer.project(x, cos, sin)
+        attn, kv = cached_attention(q, k, v, past_kv, attn_mask)
+        return (*self.output(layer.finish(attn, x)), kv)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """EAGLE-1 drafts over the full target vocab: the identity."""
+        return draft_ids

@@ -1,0 +1,86 @@
+"""The frozen target wrapped for drafter training: one forward gives the aux hidden states (captured with
+forward hooks, pre-final-norm, HF hidden_states numbering) and the label logits at the requested positions."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of an HF causal LM (model.model.layers)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers on {type(model).__name__}")
+    return layers
+
+
+class TargetWithAux(nn.Module):
+    """Frozen target; `forward` returns (aux [B,T,n*H] low->high, final post-norm hidden [B,T,H]).
+
+    h[0] is captured from the embedding output, h[i] (i >= 1) from the output of decoder layer i.
+    Nothing else is kept: no `output_hidden_states`, no logits over the whole sequence.
+    """
+
+    def __init__(self, model: nn.Module, aux_layers: list[int]) -> None:
+        super().__init__()
+        n = len(decoder_layers(model))
+        bad = [i for i in aux_layers if not 0 <= i <= n]
+        if bad:
+            raise ValueError(f"aux layers {bad} are outside h[0..{n}] of a {n}-layer target")
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.aux_layers = list(aux_layers)
+        self.num_layers = n
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The target's output embedding [V, H]."""
+        return self.model.get_output_embeddings().weight
+
+    @contextmanager
+    def _capture(self, store: dict[int, torch.Tensor]) -> Iterator[None]:
+        base = getattr(self.model, "model", self.model)
+        handles = []
+        for i in sorted(set(self.aux_layers)):
+            module = base.embed_tokens if i == 0 else decoder_layers(self.model)[i - 1]
+
+            def hook(_m, _inp, out, i=i):
+                store[i] = out[0] if isinstance(out, (tuple, list)) else out
+            handles.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed rows are supported: positions restart per document and HF builds the block-diagonal mask."""
+        store: dict[int, torch.Tensor] = {}
+        base = getattr(self.model, "model", self.model)
+        with self._capture(store):
+            out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                       use_cache=False)
+        aux = torch.cat([store[i] for i in self.aux_layers], dim=-1)
+        return aux, out.last_hidden_state
+
+    @torch.no_grad()
+    def label_logits(self, final_hidden: torch.Tensor, draft_ids: Optional[torch.Tensor],
+                     chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the rows of `final_hidden` [N, H]: (logits over `draft_ids` columns (all columns when
+        None) [N, V_d], argmax over the full target vocab [N]). Chunked so [N, V] never exists at once."""
+        weight = self.lm_head_weight
+        logits, argmax = [], []
+        for start in range(0, final_hidden.shape[0], chunk):
+            full = final_hidden[start:start + chunk].to(weight.dtype) @ weight.t()
+            argmax.append(full.argmax(-1))
+            logits.append(full if draft_ids is None else full.index_select(1, draft_ids))
+        if not logits:
+            cols = weight.shape[0] if draft_ids is None else draft_ids.numel()
+            return final_hidden.new_zeros(0, cols), torch.zeros(0, dtype=torch.long, device=final_hidden.device)
+        return torch.cat(logits), torch.cat(argmax)
