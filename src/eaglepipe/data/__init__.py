@@ -1,0 +1,1 @@
+"""Dataset stages' logic: download, normalisation, tokenisation, draft vocabulary, and their file formats."""
