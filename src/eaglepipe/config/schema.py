@@ -246,11 +246,21 @@ class ExportCfg:
     formats: List[str] = field(default_factory=lambda: ["sglang", "vllm"])
     # how the verifier is named in the vLLM speculators config (null = the target path)
     verifier_name: Optional[str] = None
+    # speculative config (SGLang semantics) written into commands.txt and the vLLM speculators config
+    num_steps: int = 3
+    topk: int = 1
+    num_draft_tokens: int = 4
 
     def check(self) -> None:
         _require(self.dtype in ("bfloat16", "float16", "float32"), "export.dtype must be bfloat16|float16|float32")
         _require(set(self.formats) <= {"sglang", "vllm"} and "sglang" in self.formats,
                  "export.formats must include sglang and may add vllm")
+        _require(self.num_steps >= 1 and self.topk >= 1 and self.num_draft_tokens >= 2,
+                 "export.num_steps and export.topk must be >= 1 and export.num_draft_tokens >= 2")
+        _require(self.topk > 1 or self.num_draft_tokens == self.num_steps + 1,
+                 "export.topk=1 needs export.num_draft_tokens = export.num_steps + 1")
+        _require(self.num_draft_tokens <= self.num_steps * self.topk + 1,
+                 "export.num_draft_tokens must be <= export.num_steps * export.topk + 1")
 
 
 @dataclass
@@ -261,10 +271,18 @@ class PromptsCfg:
     source: str = "mtbench"
     path: str = ""
     split: str = "train"
+    # column holding the prompt: a string, a list of user turns, or a list of chat messages
     field: str = "turns"
     num_prompts: Optional[int] = None
-    # MT-bench: also run the second turn on top of the model's first answer
+    # also run later user turns, each on top of the model's own previous answers
     multi_turn: bool = True
+
+    def check(self) -> None:
+        _require(self.source in ("mtbench", "local", "hub"), "bench.prompts.source must be mtbench|local|hub")
+        _require(self.source == "mtbench" or bool(self.path),
+                 f"bench.prompts.path is required for source={self.source}")
+        _require(bool(self.field), "bench.prompts.field must name the prompt column")
+        _require(self.num_prompts is None or self.num_prompts >= 1, "bench.prompts.num_prompts must be >= 1 or null")
 
 
 @dataclass
@@ -301,13 +319,23 @@ class BenchCfg:
     temperatures: List[float] = field(default_factory=lambda: [0.0])
     max_new_tokens: int = 64
     batch_size: int = 1
+    # prompts run before each point's measurement and left out of every metric
     warmup_prompts: int = 1
+    # native backend: KV-cache length per sequence
+    max_model_len: int = 2048
+    # url backend: a server without speculation to measure the baseline against (null = no speedup)
+    baseline_url: Optional[str] = None
+    timeout_s: float = 600.0
     sglang: SglangLaunchCfg = field(default_factory=SglangLaunchCfg)
 
     def check(self) -> None:
         _require(self.backend in ("native", "sglang", "url"), f"bench.backend must be native|sglang|url, got {self.backend!r}")
-        _require(self.prompts.source in ("mtbench", "local", "hub"), "bench.prompts.source must be mtbench|local|hub")
+        self.prompts.check()
         _require(len(self.sweep) > 0, "bench.sweep must list at least one point")
+        _require(self.backend != "url" or len(self.sweep) == 1,
+                 "bench.backend=url measures one running server: bench.sweep must hold exactly the point it serves")
+        _require(self.warmup_prompts >= 0 and self.max_model_len >= 16 and self.timeout_s > 0,
+                 "bench.warmup_prompts must be >= 0, bench.max_model_len >= 16 and bench.timeout_s > 0")
         for p in self.sweep:
             p.check()
         names = [p.name for p in self.sweep]

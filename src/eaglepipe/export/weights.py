@@ -1,0 +1,55 @@
+"""Turning a drafter state dict into the tensors SGLang and vLLM load (names, dtypes, vocab maps)."""
+from __future__ import annotations
+
+import torch
+
+from ..utils.cli import StageError
+from .layout import Shapes, expected_tensors
+
+# checkpoint tensors that are deliberately left out of an export
+_DROPPABLE = ("embed_tokens.weight", "lm_head.weight")
+
+
+def _vllm_name(name: str) -> str:
+    return "layers.0." + name[len("midlayer."):] if name.startswith("midlayer.") else name
+
+
+def export_state_dict(state: dict[str, torch.Tensor], d2t: torch.Tensor | None, t2d: torch.Tensor | None,
+                      shapes: Shapes, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors for format `sglang` or `vllm`, cast to `dtype` (d2t int64, t2d bool).
+
+    Fails on a checkpoint tensor the format has no place for, instead of dropping it silently.
+    """
+    expected = expected_tensors(shapes, fmt)
+    renamed = {(_vllm_name(k) if fmt == "vllm" else k): v for k, v in state.items()}
+    unknown = sorted(k for k in renamed if k not in expected and k not in _DROPPABLE)
+    if unknown:
+        raise StageError(f"checkpoint tensors {unknown} have no place in the {fmt} {shapes.algorithm} format")
+    out: dict[str, torch.Tensor] = {}
+    for name, (shape, kind) in expected.items():
+        if kind == "float":
+            if name not in renamed:
+                raise StageError(f"checkpoint lacks {name}, which the {fmt} format needs")
+            out[name] = renamed[name].detach().to(dtype).contiguous()
+        elif name == "d2t":
+            if d2t is None:
+                raise StageError("checkpoint has no d2t map (neither in model.safetensors nor vocab.safetensors)")
+            out[name] = d2t.to(torch.int64).contiguous()
+        else:
+            out[name] = (t2d if t2d is not None else _t2d_from_d2t(d2t, shapes.vocab_size)).to(torch.bool).contiguous()
+        if tuple(out[name].shape) != tuple(shape):
+            raise StageError(f"checkpoint tensor {name} has shape {list(out[name].shape)}, expected {list(shape)}")
+    return out
+
+
+def _t2d_from_d2t(d2t: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    if d2t is None:
+        raise StageError("checkpoint has neither t2d nor d2t")
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[torch.arange(d2t.numel()) + d2t.long()] = True
+    return t2d
+
+
+def hot_token_ids(d2t: torch.Tensor) -> torch.Tensor:
+    """Target ids of the draft vocabulary (`i + d2t[i]`), i.e. SGLang's speculative token map for EAGLE-1/2."""
+    return torch.arange(d2t.numel(), dtype=torch.int64) + d2t.to(torch.int64)

@@ -1,0 +1,77 @@
+"""Writing a training checkpoint as SGLang and vLLM drafters, validated, with their launch commands."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..utils.atomic import atomic_write_json, atomic_write_text
+from ..utils.cli import StageError
+from ..validate import validate_export
+from .checkpoint import Checkpoint
+from .commands import sglang_command, vllm_command
+from .configs import sglang_config, vllm_config
+from .layout import (CONFIG_FILE, DTYPES, EAGLE3_ALGOS, TOKEN_MAP_FILE, WEIGHTS_FILE, shapes_from_drafter_config)
+from .weights import export_state_dict, hot_token_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportRequest:
+    """What to export and how: formats, dtype, the verifier's name and the launch config to print."""
+
+    dtype: str = "bfloat16"
+    formats: tuple[str, ...] = ("sglang", "vllm")
+    verifier_name: str = ""
+    verifier_arch: str = "LlamaForCausalLM"
+    num_steps: int = 3
+    topk: int = 1
+    num_draft_tokens: int = 4
+
+
+def _write_format(out: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def export_checkpoint(ckpt: Checkpoint, target_dir: Path, out: Path, req: ExportRequest,
+                      final_out: Path | None = None) -> dict[str, Any]:
+    """Write `out`/sglang (and vllm/ for EAGLE-3), validate them, write validation.json and commands.txt.
+
+    `final_out` is where `out` will live after an atomic rename (used in the printed commands).
+    Raises StageError listing every validator problem. Returns a summary dict.
+    """
+    dc = ckpt.drafter_config
+    algo = dc["algorithm"]
+    dtype = DTYPES[req.dtype]
+    shapes = shapes_from_drafter_config(dc)
+    final_out = final_out or out
+    formats = [f for f in req.formats if f == "sglang" or algo in EAGLE3_ALGOS]
+    if len(formats) < len(req.formats):
+        log.warning("%s drafters have no vLLM speculators export; writing SGLang only", algo)
+    for fmt in formats:
+        tensors = export_state_dict(ckpt.state, ckpt.d2t, ckpt.t2d, shapes, fmt, dtype)
+        cfg = sglang_config(dc, req.dtype) if fmt == "sglang" else vllm_config(
+            dc, req.dtype, req.verifier_name, req.verifier_arch, req.num_steps)
+        _write_format(out / fmt, cfg, tensors)
+    if algo not in EAGLE3_ALGOS and ckpt.d2t is not None and shapes.draft_vocab_size < shapes.vocab_size:
+        torch.save(hot_token_ids(ckpt.d2t).tolist(), out / "sglang" / TOKEN_MAP_FILE)
+    expect_aux = dc.get("aux_layers") if algo in EAGLE3_ALGOS else None
+    report = validate_export(out, target_dir, expect_aux=expect_aux, expect_dtype=req.dtype)
+    atomic_write_json(out / "validation.json", report.to_json())
+    if not report.ok:
+        raise StageError("the exported drafter failed validation:\n  " + "\n  ".join(report.problems))
+    commands = ["# SGLang", sglang_command(req.verifier_name, final_out / "sglang", algo, req.num_steps, req.topk,
+                                           req.num_draft_tokens, req.dtype)]
+    if "vllm" in formats:
+        commands += ["", "# vLLM", vllm_command(req.verifier_name, final_out / "vllm", req.num_steps, req.dtype)]
+    atomic_write_text(out / "commands.txt", "\n".join(commands) + "\n")
+    return {"checkpoint": str(ckpt.path), "algorithm": algo, "formats": formats, "commands": commands,
+            "validation": report.to_json()}
