@@ -1,0 +1,177 @@
+"""Batch-1 greedy decode speed: the native engine vs HF generate (eager) and HF static cache + torch.compile.
+
+    python benchmarks/decode.py --model results/<exp>/target            # on a GPU; appends to RESULTS.md
+    python benchmarks/decode.py --model <tiny HF dir> --smoke           # CPU check with tiny settings
+
+Prints one JSON line. Without --smoke (or with --results PATH) a row is appended to benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
+from eaglepipe.target.info import load_hf_model, resolve_model_dir  # noqa: E402
+from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402
+
+QUESTIONS = [
+    "Explain how a hash table works and when it performs badly.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are the main causes of inflation? Give concrete examples.",
+    "Describe the water cycle to a ten-year-old.",
+    "Compare Python and Rust for writing a command-line tool.",
+    "Give me a three-day itinerary for a first visit to Rome.",
+    "How do vaccines train the immune system?",
+    "Summarise the plot of Romeo and Juliet in a paragraph.",
+]
+RESULTS_HEADER = ("# Benchmark results\n\nRows are appended by the scripts in benchmarks/ (never edited by hand).\n\n"
+                  "| date (UTC) | benchmark | hardware | git commit | command | result | baselines (same run) |\n"
+                  "|---|---|---|---|---|---|---|\n")
+
+
+def append_result_row(path: Path, benchmark: str, hardware: str, command: str, result: str, baselines: str) -> None:
+    """Append one row to a RESULTS.md table, creating the file with its header when missing."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    cells = [dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), benchmark, hardware,
+             commit + ("+dirty" if dirty else ""), f"`{command}`", result, baselines]
+    row = "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(RESULTS_HEADER)
+    with path.open("a") as f:
+        f.write(row)
+
+
+def hardware_name(device: torch.device) -> str:
+    """GPU name (or CPU model) with core count, for the results table."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def bench_engine(model_dir: Path, device: torch.device, prompts: list[list[int]], new_tokens: int,
+                 cuda_graphs: bool) -> tuple[float, list[list[int]]]:
+    """Tokens/s of the engine, one request at a time (batch 1), EOS ignored so every prompt makes new_tokens."""
+    max_len = max(len(p) for p in prompts) + new_tokens + 1
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    with Engine(model_dir, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=cuda_graphs) as eng:
+        eng.generate([prompts[0]], params)  # warm-up
+        seconds, outs = timed(device, lambda: [eng.generate([p], params)[0].token_ids for p in prompts])
+    return len(prompts) * new_tokens / seconds, outs
+
+
+def bench_hf(model, device: torch.device, prompts: list[list[int]], new_tokens: int,
+             **generate_kwargs) -> tuple[float, list[list[int]]]:
+    """Tokens/s of HF generate (greedy, batch 1, exactly new_tokens per prompt)."""
+    def run(p: list[int]) -> list[int]:
+        ids = torch.tensor([p], device=device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, **generate_kwargs)
+        return out[0, len(p):].tolist()
+
+    run(prompts[0])
+    run(prompts[0])  # second warm-up: compiled paths settle after the first call
+    seconds, outs = timed(device, lambda: [run(p) for p in prompts])
+    return len(prompts) * new_tokens / seconds, outs
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model dir or fetch_target output dir")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--prompts", type=int, default=len(QUESTIONS), help="number of prompts (each decoded alone)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--no-hf-compile", action="store_true", help="skip the HF static cache + torch.compile baseline")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="run the engine without CUDA graphs")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run: 2 prompts, 8 tokens, no compile baseline")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="RESULTS.md to append to (default benchmarks/RESULTS.md; --smoke writes only if given)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.device, args.prompts, args.max_new_tokens, args.no_hf_compile = "cpu", 2, 8, True
+    device = pick_device(args.device)
+    dtype = compute_dtype(device)
+    model_dir = resolve_model_dir(args.model)
+    from eaglepipe.target.info import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    questions = (QUESTIONS * (args.prompts // len(QUESTIONS) + 1))[:args.prompts]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for q in questions]
+    cuda_graphs = not args.no_cuda_graphs and device.type == "cuda"
+
+    engine_tps, engine_out = bench_engine(model_dir, device, prompts, args.max_new_tokens, cuda_graphs)
+    hf = load_hf_model(model_dir, device, dtype)
+    hf_tps, hf_out = bench_hf(hf, device, prompts, args.max_new_tokens)
+    record = {
+        "bench": "decode", "model": str(args.model), "device": hardware_name(device), "dtype": str(dtype),
+        "batch_size": 1, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "cuda_graphs": cuda_graphs,
+        "engine_tok_s": round(engine_tps, 1), "hf_eager_tok_s": round(hf_tps, 1),
+        "speedup_vs_hf_eager": round(engine_tps / hf_tps, 2),
+        # tokens agreeing with HF eager greedy before the first difference (bf16 kernels may diverge late)
+        "mean_common_prefix_with_hf": round(sum(common_prefix(a, b) for a, b in zip(engine_out, hf_out))
+                                            / len(prompts), 1),
+    }
+    if not args.no_hf_compile:
+        try:
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+            tps, _ = bench_hf(hf, device, prompts, args.max_new_tokens, cache_implementation="static")
+            record["hf_static_compile_tok_s"] = round(tps, 1)
+            record["speedup_vs_hf_static_compile"] = round(engine_tps / tps, 2)
+        except Exception as e:  # the baseline failing must not hide the engine's figure
+            record["hf_static_compile_error"] = f"{type(e).__name__}: {e}"[:300]
+    print(json.dumps(record), flush=True)
+
+    results = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
+    if results is not None:
+        command = "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        baselines = f"HF generate eager {record['hf_eager_tok_s']} tok/s"
+        if "hf_static_compile_tok_s" in record:
+            baselines += f"; HF static cache + torch.compile {record['hf_static_compile_tok_s']} tok/s"
+        elif "hf_static_compile_error" in record:
+            baselines += f"; HF static+compile failed ({record['hf_static_compile_error'][:80]})"
+        result = (f"engine {record['engine_tok_s']} tok/s, batch 1 greedy, {dtype}, {len(prompts)} prompts x "
+                  f"{args.max_new_tokens} tokens, CUDA graphs {'on' if cuda_graphs else 'off'}; "
+                  f"{record['speedup_vs_hf_eager']}x HF eager")
+        append_result_row(results, "decode (batch 1)", record["device"], command, result, baselines)
+    return record
+
+
+if __name__ == "__main__":
+    main()
