@@ -179,7 +179,8 @@ class _DirCheck:
         ok = True
         if not _is_int(dv) or not 1 <= dv <= layer["vocab_size"]:
             self.bad(f"draft_vocab_size must be present and in 1..vocab_size (SGLang fails without it), got {dv!r}")
-            ok = False
+            dv = self._lm_head_rows()  # keep checking the other tensors against the shipped lm_head
+            ok = dv is not None
         if not _is_int(th):
             self.bad(f"target_hidden_size must be present, got {th!r}")
             ok = False
@@ -193,6 +194,13 @@ class _DirCheck:
                       num_kv_heads=layer["num_key_value_heads"], head_dim=layer["head_dim"],
                       vocab_size=layer["vocab_size"], draft_vocab_size=dv, target_hidden_size=th, num_aux=len(aux),
                       fc_norm=bool(cfg.get("fc_norm")))
+
+    def _lm_head_rows(self) -> int | None:
+        try:
+            with safe_open(str(self.path / WEIGHTS_FILE), framework="pt") as f:
+                return int(f.get_slice("lm_head.weight").get_shape()[0]) if "lm_head.weight" in f.keys() else None
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by _check_weights
+            return None
 
     def _eagle1_shapes(self, layer: dict[str, Any]) -> Shapes:
         h = layer["hidden_size"]
