@@ -1,0 +1,1 @@
+"""Regeneration of assistant turns by the target: client, backends, resumable shard store."""

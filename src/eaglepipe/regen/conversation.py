@@ -1,0 +1,85 @@
+"""Which assistant turns of a conversation are regenerated, and on top of which history."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from .client import ChatClient, RequestFailed, Sampling
+
+
+class ConversationRejected(Exception):
+    """The conversation cannot be regenerated; `reason` goes to rejects.jsonl."""
+
+    def __init__(self, reason: str, *, transport: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.transport = transport
+
+
+@dataclass(frozen=True)
+class TurnPolicy:
+    """Mode (`last` | `all`) and system-prompt policy (`keep` | `drop` | `default`)."""
+
+    mode: str = "last"
+    system_prompt_policy: str = "keep"
+    default_system_prompt: str = ""
+
+
+def apply_system_policy(messages: list[dict[str, str]], policy: TurnPolicy) -> list[dict[str, str]]:
+    """Keep, drop, or (when none is present) insert the default system prompt."""
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if policy.system_prompt_policy == "drop":
+        return [m for m in msgs if m["role"] != "system"]
+    if policy.system_prompt_policy == "default" and policy.default_system_prompt \
+            and not any(m["role"] == "system" for m in msgs):
+        return [{"role": "system", "content": policy.default_system_prompt}] + msgs
+    return msgs
+
+
+def plan_turns(messages: list[dict[str, str]], policy: TurnPolicy) -> tuple[list[dict[str, str]], list[int]]:
+    """The messages to work on and the indices of the assistant turns to regenerate, in order.
+
+    Assistant turns before the first user turn (nothing to answer) and every turn after the last
+    assistant turn (no answer to supervise) are dropped. Raises ConversationRejected when no
+    assistant turn answers a user turn.
+    """
+    msgs = apply_system_policy(messages, policy)
+    first_user = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
+    if first_user is None:
+        raise ConversationRejected("no user turn")
+    msgs = [m for i, m in enumerate(msgs) if not (m["role"] == "assistant" and i < first_user)]
+    assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if not assistant:
+        raise ConversationRejected("no assistant turn after a user turn")
+    msgs = msgs[:assistant[-1] + 1]
+    return msgs, (assistant[-1:] if policy.mode == "last" else assistant)
+
+
+def turn_seed(base_seed: int, conv_id: str, turn: int) -> int:
+    """A per-(conversation, turn) seed, so sampled runs are reproducible and resumable."""
+    digest = hashlib.sha256(f"{base_seed}:{conv_id}:{turn}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+async def regenerate_conversation(conv: dict[str, Any], client: ChatClient, policy: TurnPolicy,
+                                  sampling: Sampling, base_seed: int = 0) -> tuple[dict[str, Any], int]:
+    """The conversation with its assistant turns regenerated, and the completion tokens spent.
+
+    In `all` mode each answer is generated on top of the already regenerated history.
+    Raises ConversationRejected for an unusable conversation, a failed request or an empty answer.
+    """
+    msgs, turns = plan_turns(list(conv["messages"]), policy)
+    tokens = 0
+    for turn in turns:
+        seed = turn_seed(base_seed, str(conv["id"]), turn) if sampling.temperature > 0 else None
+        try:
+            answer = await client.chat(msgs[:turn], sampling, seed=seed)
+        except RequestFailed as e:
+            raise ConversationRejected(f"assistant turn {turn}: {e}", transport=e.transport) from e
+        if not answer.text.strip():
+            raise ConversationRejected(f"assistant turn {turn}: empty answer from the model "
+                                       f"(finish_reason={answer.finish_reason})")
+        msgs[turn] = {"role": "assistant", "content": answer.text}
+        tokens += answer.completion_tokens
+    return {"id": conv["id"], "source": conv["source"], "messages": msgs}, tokens

@@ -1,0 +1,64 @@
+"""`python -m eaglepipe.serve --model PATH [--draft PATH]`: OpenAI/SGLang-compatible server on the native engine."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from aiohttp import web
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True, help="HF model dir or fetch_target output dir")
+    p.add_argument("--draft", default=None, help="exported drafter dir (export/sglang) for speculative decoding")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, local only)")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (KV cache slots)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="prompt + generated tokens per request")
+    p.add_argument("--max-queue", type=int, default=4096, help="waiting requests before answering 503")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-cuda-graphs", action="store_true", help="eager decoding on GPU (debugging)")
+    p.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: the --model path)")
+    return p.parse_args(argv)
+
+
+def build_app(args: argparse.Namespace) -> web.Application:
+    """Load the engine and wrap it in the aiohttp application."""
+    from .engine import Engine
+    from .server.app import create_app
+    from .server.bridge import EngineBridge
+    from .target.info import resolve_model_dir
+    from .utils.device import pick_device
+
+    model_dir = resolve_model_dir(args.model)
+    engine = Engine(model_dir, device=pick_device(args.device), max_batch_size=args.max_batch_size,
+                    max_model_len=args.max_model_len, cuda_graphs=not args.no_cuda_graphs,
+                    draft_dir=args.draft, max_queue=args.max_queue)
+    bridge = EngineBridge(engine, model_name=args.served_model_name or str(args.model), model_path=str(model_dir),
+                          has_draft=args.draft is not None)
+    return create_app(bridge)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="[serve] %(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    args = parse_args(argv)
+    log = logging.getLogger("eaglepipe.serve")
+    try:
+        app = build_app(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"[serve] error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    log.info("serving %s on http://%s:%d (max_batch_size=%d, max_model_len=%d)", Path(args.model), args.host,
+             args.port, args.max_batch_size, args.max_model_len)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None,
+                backlog=4096, shutdown_timeout=5.0)
+
+
+if __name__ == "__main__":
+    main()

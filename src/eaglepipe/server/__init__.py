@@ -1,0 +1,1 @@
+"""OpenAI- and SGLang-compatible HTTP server over the native engine (aiohttp)."""
