@@ -53,6 +53,9 @@ class SourceCfg:
     kind: str = "packaged_sharegpt"
     path: str = ""
     split: str = "train"
+    # hub only: dataset revision (branch, tag or commit; null = main) and a folder/config name to read from
+    revision: Optional[str] = None
+    subset: Optional[str] = None
     # relative mixing weight (used when data.max_samples is set and samples is null)
     weight: float = 1.0
     # exact number of rows to take from this source (overrides weight)
@@ -66,6 +69,13 @@ class SourceCfg:
         _require(self.weight > 0, f"data.sources[{self.name}].weight must be > 0")
         _require(self.samples is None or self.samples > 0,
                  f"data.sources[{self.name}].samples must be > 0 or null")
+        if self.kind == "hub":
+            from ..data.split_spec import parse_split
+
+            try:
+                parse_split(self.split)
+            except ValueError as e:
+                raise ConfigError(f"data.sources[{self.name}].split: {e}") from None
 
 
 @dataclass

