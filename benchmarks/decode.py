@@ -79,11 +79,12 @@ def timed(device: torch.device, fn: Callable[[], list[list[int]]]) -> tuple[floa
 
 
 def bench_engine(model_dir: Path, device: torch.device, prompts: list[list[int]], new_tokens: int,
-                 cuda_graphs: bool) -> tuple[float, list[list[int]]]:
+                 cuda_graphs: bool, compile_decode: bool = False) -> tuple[float, list[list[int]]]:
     """Tokens/s of the engine, one request at a time (batch 1), EOS ignored so every prompt makes new_tokens."""
     max_len = max(len(p) for p in prompts) + new_tokens + 1
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    with Engine(model_dir, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=cuda_graphs) as eng:
+    with Engine(model_dir, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=cuda_graphs,
+                compile_decode=compile_decode) as eng:
         eng.generate([prompts[0]], params)  # warm-up
         seconds, outs = timed(device, lambda: [eng.generate([p], params)[0].token_ids for p in prompts])
     return len(prompts) * new_tokens / seconds, outs
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--no-hf-compile", action="store_true", help="skip the HF static cache + torch.compile baseline")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run the engine without CUDA graphs")
+    ap.add_argument("--no-engine-compile", action="store_true",
+                    help="on GPU, skip the extra engine run whose decode step is torch.compile'd before capture")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: 2 prompts, 8 tokens, no compile baseline")
     ap.add_argument("--results", type=Path, default=None,
                     help="RESULTS.md to append to (default benchmarks/RESULTS.md; --smoke writes only if given)")
@@ -148,6 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_common_prefix_with_hf": round(sum(common_prefix(a, b) for a, b in zip(engine_out, hf_out))
                                             / len(prompts), 1),
     }
+    if cuda_graphs and not args.no_engine_compile:
+        try:
+            tps, _ = bench_engine(model_dir, device, prompts, args.max_new_tokens, True, compile_decode=True)
+            record["engine_compiled_tok_s"] = round(tps, 1)
+        except Exception as e:
+            record["engine_compiled_error"] = f"{type(e).__name__}: {e}"[:300]
     if not args.no_hf_compile:
         try:
             hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
@@ -169,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = (f"engine {record['engine_tok_s']} tok/s, batch 1 greedy, {dtype}, {len(prompts)} prompts x "
                   f"{args.max_new_tokens} tokens, CUDA graphs {'on' if cuda_graphs else 'off'}; "
                   f"{record['speedup_vs_hf_eager']}x HF eager")
+        if "engine_compiled_tok_s" in record:
+            result += f"; engine with compile_decode=True {record['engine_compiled_tok_s']} tok/s"
         append_result_row(results, "decode (batch 1)", record["device"], command, result, baselines)
     return record
 

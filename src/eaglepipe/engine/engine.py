@@ -48,14 +48,16 @@ class Engine:
     """Generation with continuous batching: waiting requests join free cache slots as others finish.
 
     `generate()` blocks; `submit()` is thread-safe and returns a Future, with optional streaming callbacks
-    (called on the engine's worker thread). With `draft_dir`, requests are decoded speculatively by
-    `eaglepipe.spec.SpeculativeGenerator` (see the package docstring for that interface).
+    (called on the engine's worker thread). On GPU the decode step is replayed from CUDA graphs (`cuda_graphs`),
+    optionally torch.compile'd first (`compile_decode`, slower start). With `draft_dir`, requests are decoded
+    speculatively by `eaglepipe.spec.SpeculativeGenerator` (see the package docstring for that interface).
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, max_batch_size: int = 32, max_model_len: int = 2048,
                  cuda_graphs: bool = True, draft_dir: str | Path | None = None, spec: dict | None = None,
-                 max_queue: int = 1024, max_prefill_tokens: int = 4096, decode_chunk: int = 16):
+                 max_queue: int = 1024, max_prefill_tokens: int = 4096, decode_chunk: int = 16,
+                 compile_decode: bool = False):
         self.runner = LlamaRunner(model_dir, device=device, dtype=dtype, max_slots=max_batch_size,
                                   max_len=max_model_len)
         self.device = self.runner.device
@@ -68,7 +70,7 @@ class Engine:
         if cuda_graphs and self.device.type == "cuda":
             from .graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self.runner, max_batch_size, ring_size=decode_chunk)
+            self.graphs = DecodeGraphs(self.runner, max_batch_size, ring_size=decode_chunk, compile_step=compile_decode)
         self.speculator = None
         if draft_dir is not None:
             from ..spec import SpeculativeGenerator  # written alongside the spec-decoding issue
