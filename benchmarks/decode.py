@@ -62,7 +62,8 @@ def hardware_name(device: torch.device) -> str:
     """GPU name (or CPU model) with core count, for the results table."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def sync(device: torch.device) -> None:

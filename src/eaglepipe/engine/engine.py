@@ -123,8 +123,8 @@ class Engine:
         """
         return self._enqueue(prompt_ids, params, on_delta, request_id, bounded=True)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 progress: bool = False) -> list[GenerationResult]:
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, progress: bool = False) -> list[GenerationResult]:
         """Generate for every prompt (token id lists), in input order; blocks until all are done."""
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
@@ -251,11 +251,10 @@ class Engine:
         for r in reqs:
             tokens[r.slot], lens[r.slot] = r.tokens[-1], self.runner.lengths[r.slot]
             params[r.slot], gens[r.slot] = r.params, r.generator
-        hook = None
-        if not all(p.greedy for p in params):
-            def hook(logits: torch.Tensor, n: int) -> torch.Tensor:
-                return sample_rows(logits, params[:n], gens[:n])
-        ring = self.graphs.run(tokens, lens, steps, hook)
+        def sample(logits: torch.Tensor, n: int) -> torch.Tensor:
+            return sample_rows(logits, params[:n], gens[:n])
+
+        ring = self.graphs.run(tokens, lens, steps, None if all(p.greedy for p in params) else sample)
         for r in reqs:
             self.runner.lengths[r.slot] += steps
         return [[ring[j][r.slot] for j in range(steps)] for r in reqs]
