@@ -71,8 +71,12 @@ class ServerProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"$ {format_command(self.cmd)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True, preexec_fn=_die_with_parent)
+            try:
+                self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                             preexec_fn=_die_with_parent)
+            except OSError as e:
+                raise StageError(f"cannot start the server `{format_command(self.cmd)}`: {e}") from None
 
     def alive(self) -> bool:
         """True while the process runs."""
