@@ -1,0 +1,101 @@
+"""Stage `bench`: sweep serving parameters of the exported drafter and report τ, acceptance, speedup and match.
+
+    python -m eaglepipe.stages.bench --params params.yaml --target T --export EXPORT --out BENCH
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from pathlib import Path
+
+from ..bench.backends import Backend, NativeBackend, ServerBackend
+from ..bench.metrics import PointSummary, overall_metrics
+from ..bench.plots import write_plots
+from ..bench.prompts import load_prompts
+from ..bench.report import summary_table, write_outputs
+from ..bench.sglang import SglangLauncher, drafter_algorithm, serve_command, sweep_commands
+from ..bench.sweep import run_sweep
+from ..config import Config
+from ..target.info import load_tokenizer, resolve_model_dir
+from ..utils.atomic import atomic_dir
+from ..utils.cli import StageError, run_stage, stage_parser
+from ..utils.device import pick_device
+from .export import verifier_identity
+
+log = logging.getLogger(__name__)
+
+
+def make_backend(cfg: Config, model_dir: Path, draft_dir: Path, target_name: str, work_dir: Path) -> Backend:
+    """The backend bench.backend names."""
+    b = cfg.bench
+    if b.backend == "native":
+        return NativeBackend(model_dir, draft_dir, b, str(pick_device(cfg.device)), cfg.seed)
+    if b.backend == "url":
+        return ServerBackend(b.url, b, baseline_url=b.baseline_url)
+    return ServerBackend(f"http://127.0.0.1:{b.sglang.port}", b,
+                         launcher=SglangLauncher(target_name, draft_dir, cfg.export.dtype, b, work_dir))
+
+
+def best_command(rows: list[PointSummary], metrics: dict, cfg: Config, target_name: str, draft_dir: Path) -> str | None:
+    """The SGLang launch line of the best config (by speedup, else by τ), None when nothing was measured."""
+    best = metrics.get("best_speedup_config") or metrics.get("best_tau_config")
+    point = next((p for p in cfg.bench.sweep if p.name == best), None)
+    if point is None:
+        return None
+    return shlex.join(serve_command(target_name, draft_dir, point, cfg.export.dtype))
+
+
+def describe_run(cfg: Config, target_name: str, draft_dir: Path, algorithm: str, prompts: list[list[str]]) -> str:
+    """One paragraph for the README: what was measured, where and how."""
+    b = cfg.bench
+    turns = sum(len(p) for p in prompts)
+    where = f"native engine on {pick_device(cfg.device).type}" if b.backend == "native" else \
+        ("SGLang launched per point" if b.backend == "sglang" else f"the server at {b.url}")
+    source = "MT-bench" if b.prompts.source == "mtbench" else f"{b.prompts.source}:{b.prompts.path}"
+    return (f"Target `{target_name}` with the {algorithm.upper()} drafter `{draft_dir}`, measured on the {where}. "
+            f"{len(prompts)} {source} prompts ({turns} turns; later turns build on the same config's own answers), "
+            f"max_new_tokens {b.max_new_tokens}, batch size {b.batch_size}, {b.warmup_prompts} warmup prompt(s) "
+            f"excluded, temperatures {', '.join(f'{t:g}' for t in b.temperatures)}.")
+
+
+def run(cfg: Config, args: argparse.Namespace) -> None:
+    """Run the sweep and publish --out atomically; print the summary table and the best SGLang command."""
+    target_dir, out = Path(args.target), Path(args.out)
+    draft_dir = (Path(args.export) / "sglang").resolve()
+    algorithm = drafter_algorithm(draft_dir)
+    try:
+        model_dir = resolve_model_dir(target_dir)
+    except FileNotFoundError as e:
+        raise StageError(str(e)) from e
+    target_name, _ = verifier_identity(target_dir, cfg.export.verifier_name)
+    if cfg.bench.backend == "sglang" and cfg.bench.sglang.dry_run:
+        print("\n".join(sweep_commands(target_name, draft_dir, cfg.export.dtype, cfg.bench)))
+        return
+    prompts = load_prompts(cfg.bench.prompts)
+    tokenizer = load_tokenizer(model_dir)
+    backend = make_backend(cfg, model_dir, draft_dir, target_name, out.parent / ".work" / "bench")
+    try:
+        rows = run_sweep(backend, tokenizer, prompts, cfg.bench)
+    finally:
+        backend.close()
+    metrics = overall_metrics(rows)
+    metrics["backend"] = cfg.bench.backend
+    command = best_command(rows, metrics, cfg, target_name, draft_dir)
+    with atomic_dir(out) as tmp:
+        write_outputs(tmp, rows, metrics, command, describe_run(cfg, target_name, draft_dir, algorithm, prompts))
+        write_plots(rows, tmp / "plots")
+    print(summary_table(rows))
+    print(f"\nBest SGLang command:\n{command or '(no speculative point was measured)'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = stage_parser("Benchmark the exported drafter over a sweep of serving parameters.")
+    p.add_argument("--target", required=True, help="fetch_target output dir")
+    p.add_argument("--export", required=True, help="export stage output dir (reads export/sglang)")
+    p.add_argument("--out", required=True, help="bench output dir")
+    run_stage("bench", p, run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The bench stage: metrics, reports and plots, prompts, the /generate client against a real server, the sglang
+dry run, and the stage end to end on the native engine."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from eaglepipe.bench.backends import ServerBackend, round_histogram
+from eaglepipe.bench.client import GenerateClient
+from eaglepipe.bench.metrics import (PointResult, Sample, match_fraction, overall_metrics, position_acceptance,
+                                     summarize, tau)
+from eaglepipe.bench.plots import write_plots
+from eaglepipe.bench.prompts import load_prompts, render_chat, turns_of
+from eaglepipe.bench.report import summary_table, sweep_csv, write_outputs
+from eaglepipe.bench.sweep import run_sweep
+from eaglepipe.config import BenchCfg, PromptsCfg, SweepPoint
+from eaglepipe.config.load import params_from_dict
+from eaglepipe.utils.cli import StageError
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------- helpers and fixtures
+def sample(p: int, turn: int, tokens: list[int], rounds: int, decode_s: float, hist: list[int] | None = None,
+           text: str | None = None) -> Sample:
+    return Sample(prompt_index=p, turn=turn, text=text if text is not None else " ".join(map(str, tokens)),
+                  completion_tokens=len(tokens), verify_rounds=rounds, decode_s=decode_s, token_ids=tokens,
+                  accept_hist=hist)
+
+
+def params_file(tmp: Path, bench: dict) -> Path:
+    """The repo's params.yaml with the bench group replaced (validated like a stage would)."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["bench"] = {**data["bench"], **bench}
+    data["device"] = "cpu"
+    params_from_dict(data)
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real EAGLE-3 drafter for the tiny target (random layer weights, the target's embedding), exported by
+    the export stage's writer into <dir>/sglang and <dir>/vllm."""
+    from eaglepipe.export.checkpoint import read_checkpoint
+    from eaglepipe.export.writer import ExportRequest, export_checkpoint
+    from eaglepipe.models.build import new_drafter, save_drafter
+    from eaglepipe.models.config import DrafterConfig
+    from eaglepipe.target.info import describe_model
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    info = describe_model(tiny_llama_dir)
+    draft_vocab = 1024
+    cfg = DrafterConfig.from_target(info, "eagle3", draft_vocab)
+    weights = load_file(str(tiny_llama_dir / "model.safetensors"))
+    embed = weights["model.embed_tokens.weight"]
+    ids = torch.randperm(info["vocab_size"], generator=torch.Generator().manual_seed(0))[:draft_vocab].sort().values
+    d2t = ids - torch.arange(draft_vocab)
+    t2d = torch.zeros(info["vocab_size"], dtype=torch.bool)
+    t2d[ids] = True
+    ckpt = root / "ckpt"
+    save_drafter(new_drafter(cfg, embed, weights.get("lm_head.weight", embed), d2t, t2d, seed=0), ckpt)
+    save_file({"d2t": d2t, "t2d": t2d}, str(ckpt / "vocab.safetensors"))
+    req = ExportRequest(dtype="float32", verifier_name=str(tiny_llama_dir), num_steps=3, topk=1, num_draft_tokens=4)
+    summary = export_checkpoint(read_checkpoint(ckpt), tiny_llama_dir, root / "export", req)
+    assert summary["validation"]["ok"], summary["validation"]["problems"]
+    return root / "export"
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_tau_and_position_acceptance_from_histogram() -> None:
+    # 10 rounds: 2 accepted nothing, 3 accepted one draft, 5 accepted all three
+    hist = [2, 3, 0, 5]
+    rate, reach = position_acceptance(hist, 3)
+    assert reach == pytest.approx([0.8, 0.5, 0.5])
+    assert rate == pytest.approx([0.8, 5 / 8, 1.0])
+    samples = [sample(0, 0, list(range(25)), 10, 1.0, hist)]
+    assert tau(samples) == pytest.approx(2.5)
+    assert tau([sample(0, 0, [1, 2], 0, 1.0)]) is None
+    # a depth no round reached has rate 0, not a division error
+    assert position_acceptance([4, 0, 0], 2) == ([0.0, 0.0], [0.0, 0.0])
+
+
+def test_round_histogram_skips_the_prefill_batch() -> None:
+    # prefill token, then rounds streaming 1 (bonus only), 3 (2 drafts + bonus) and 4 (3 drafts + bonus)
+    assert round_histogram([1, 1, 3, 4], 3, depth=3) == [1, 0, 1, 1]
+    assert round_histogram([2, 4], 2, depth=3) == [0, 1, 0, 1]
+    assert round_histogram([1, 1], 3, depth=3) is None
+    assert round_histogram([1, 1], 0, depth=3) is None
+
+
+def test_summarize_speedup_match_and_temperature() -> None:
+    base = PointResult(None, 0.0, [sample(0, 0, [1, 2, 3, 4, 5], 0, 4.0), sample(0, 1, [6, 7, 8], 0, 2.0)], 7.0)
+    same = PointResult(SweepPoint(3, 1, 4), 0.0,
+                       [sample(0, 0, [1, 2, 3, 4, 5], 2, 1.0, [0, 0, 1, 1]),
+                        sample(0, 1, [6, 7, 8], 1, 1.0, [0, 0, 1, 0])], 2.5)
+    b = summarize(base, base)
+    s = summarize(same, base)
+    assert b.config == "baseline" and b.tau is None and b.speedup is None and b.outputs_match is None
+    assert b.decode_tok_s == pytest.approx(6 / 6.0)
+    assert s.name == "s3_k1_n4_t0.0" and s.tau == pytest.approx(8 / 3)
+    assert s.decode_tok_s == pytest.approx(6 / 2.0) and s.speedup == pytest.approx(3.0)
+    assert s.outputs_match is True and s.match_fraction == 1.0
+    assert s.accept_rate == pytest.approx([1.0, 1.0, 1 / 3]) and s.extra["accept_hist"] == [0, 0, 2, 1]
+    assert s.throughput_tok_s == pytest.approx(8 / 2.5)
+
+    differs = PointResult(SweepPoint(3, 1, 4), 0.0,
+                          [sample(0, 0, [1, 2, 3, 4, 9], 2, 1.0), sample(0, 1, [6, 7, 8], 1, 1.0)], 2.0)
+    d = summarize(differs, base)
+    assert d.outputs_match is False and d.match_fraction == 0.5 and d.accept_rate is None
+    hot = summarize(PointResult(SweepPoint(3, 1, 4), 1.0, differs.samples, 2.0),
+                    PointResult(None, 1.0, base.samples, 7.0))
+    assert hot.outputs_match is None and hot.match_fraction == 0.5 and hot.speedup == pytest.approx(3.0)
+
+
+def test_match_compares_text_when_token_ids_are_missing() -> None:
+    a = [Sample(0, 0, "hello", 2, 0, 1.0), Sample(1, 0, "x", 2, 0, 1.0)]
+    b = [Sample(0, 0, "hello", 2, 1, 1.0), Sample(1, 0, "y", 2, 1, 1.0)]
+    assert match_fraction(b, a) == 0.5
+
+
+def _rows():
+    base0 = PointResult(None, 0.0, [sample(0, 0, list(range(9)), 0, 8.0)], 9.0)
+    chain = PointResult(SweepPoint(3, 1, 4), 0.0, [sample(0, 0, list(range(9)), 3, 2.0, [0, 1, 1, 1])], 3.0)
+    tree = PointResult(SweepPoint(5, 4, 8), 0.0, [sample(0, 0, list(range(9)), 2, 4.0, [0, 0, 0, 1, 1, 0])], 5.0)
+    base1 = PointResult(None, 1.0, [sample(0, 0, list(range(9)), 0, 8.0)], 9.0)
+    chain1 = PointResult(SweepPoint(3, 1, 4), 1.0, [sample(0, 0, list(range(9)), 6, 4.0, [3, 2, 1, 0])], 5.0)
+    tree1 = PointResult(SweepPoint(5, 4, 8), 1.0, [sample(0, 0, list(range(7)), 5, 4.0, [4, 1, 0, 0, 0, 0])], 5.0)
+    return [summarize(base0, base0), summarize(chain, base0), summarize(tree, base0),
+            summarize(base1, base1), summarize(chain1, base1), summarize(tree1, base1)]
+
+
+def test_overall_metrics_pick_the_best_configs_at_the_lowest_temperature() -> None:
+    m = overall_metrics(_rows())
+    assert m["temperature"] == 0.0
+    assert m["best_tau"] == pytest.approx(4.5) and m["best_tau_config"] == "s5_k4_n8"
+    assert m["best_speedup"] == pytest.approx(4.0) and m["best_speedup_config"] == "s3_k1_n4"
+    assert m["baseline_tok_s"] == pytest.approx(1.0) and m["all_outputs_match"] is True
+    assert m["num_points"] == 4
+    assert m["by_temperature"]["1.0"]["best_tau_config"] == "s3_k1_n4"
+    assert m["by_temperature"]["1.0"]["best_speedup"] == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------------- reports and plots
+def test_csv_readme_and_json_outputs(tmp_path: Path) -> None:
+    rows = _rows()
+    parsed = list(csv.DictReader(io.StringIO(sweep_csv(rows))))
+    assert [r["name"] for r in parsed] == ["baseline_t0.0", "s3_k1_n4_t0.0", "s5_k4_n8_t0.0",
+                                           "baseline_t1.0", "s3_k1_n4_t1.0", "s5_k4_n8_t1.0"]
+    assert parsed[0]["tau"] == "" and parsed[0]["outputs_match"] == "n/a"
+    assert float(parsed[1]["tau"]) == pytest.approx(3.0) and parsed[1]["outputs_match"] == "true"
+    assert parsed[4]["outputs_match"] == "n/a"
+    assert "accept_rate_5" in parsed[0] and parsed[1]["accept_rate_5"] == ""
+    assert float(parsed[2]["accept_rate_4"]) == pytest.approx(0.5)
+
+    table = summary_table(rows)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[0] == "| config | T | τ | accept@1..4 | decode tok/s | speedup | match |"
+    assert lines[1] == "|---|---|---|---|---|---|---|"
+    assert lines[2] == "| baseline | 0 | - | - | 1.0 | 1.00x | - |"
+    assert lines[3] == "| s3_k1_n4 | 0 | 3.00 | 1.00 / 0.67 / 0.50 | 4.0 | 4.00x | yes |"
+    assert lines[4] == "| s5_k4_n8 | 0 | 4.50 | 1.00 / 1.00 / 1.00 / 0.50 | 2.0 | 2.00x | yes |"
+    assert lines[6] == "| s3_k1_n4 | 1 | 1.50 | 0.50 / 0.33 / 0.00 | 2.0 | 2.00x | n/a |"
+
+    metrics = overall_metrics(rows)
+    write_outputs(tmp_path, rows, metrics, "python -m sglang.launch_server --x", "context line")
+    assert sorted(p.name for p in (tmp_path / "points").iterdir())[0] == "baseline_t0.0.json"
+    point = json.loads((tmp_path / "points" / "s3_k1_n4_t0.0.json").read_text())
+    assert point["tau"] == pytest.approx(3.0) and point["extra"]["accept_hist"] == [0, 1, 1, 1]
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_speedup_config"] == "s3_k1_n4"
+    readme = (tmp_path / "README.md").read_text()
+    assert "context line" in readme and table in readme and "τ (acceptance length)" in readme
+    assert "python -m sglang.launch_server --x" in readme
+    assert (tmp_path / "best_command.txt").read_text() == "python -m sglang.launch_server --x\n"
+
+
+def test_plots_are_pngs_and_temperature_plot_needs_both_temperatures(tmp_path: Path) -> None:
+    rows = _rows()
+    paths = write_plots(rows, tmp_path / "both")
+    assert sorted(p.name for p in paths) == ["acceptance.png", "speedup.png", "tau.png", "temperature.png"]
+    for p in paths:
+        data = p.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    greedy_only = [r for r in rows if r.temperature == 0.0]
+    assert sorted(p.name for p in write_plots(greedy_only, tmp_path / "greedy")) == \
+        ["acceptance.png", "speedup.png", "tau.png"]
+
+
+# ---------------------------------------------------------------------------- prompts
+def test_mtbench_prompts_have_two_turns() -> None:
+    all_q = load_prompts(PromptsCfg())
+    assert len(all_q) == 80 and all(len(t) == 2 for t in all_q)
+    assert load_prompts(PromptsCfg(num_prompts=3, multi_turn=False)) == [q[:1] for q in all_q[:3]]
+
+
+def test_local_prompt_files_in_every_supported_shape(tmp_path: Path) -> None:
+    rows = [{"q": "Only one turn"},
+            {"q": ["First", "Second"]},
+            {"q": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]},
+            {"q": [{"from": "human", "value": "ShareGPT style"}, {"from": "gpt", "value": "ok"}]}]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    expected = [["Only one turn"], ["First", "Second"], ["Hi", "Bye"], ["ShareGPT style"]]
+    assert load_prompts(PromptsCfg(source="local", path=str(jsonl), field="q")) == expected
+    data_dir = tmp_path / "ds"
+    (data_dir / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"q": ["a", "b", "c"]}), data_dir / "data" / "train-00000.parquet")
+    pq.write_table(pa.table({"q": ["test only"]}), data_dir / "data" / "test-00000.parquet")
+    assert load_prompts(PromptsCfg(source="local", path=str(data_dir), field="q", num_prompts=2)) == [["a"], ["b"]]
+    assert load_prompts(PromptsCfg(source="local", path=str(data_dir), field="q", split="test")) == [["test only"]]
+
+
+def test_bad_prompt_sources_fail_clearly(tmp_path: Path) -> None:
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"q": "fine"}\n{"other": 1}\n')
+    with pytest.raises(StageError, match="record 1 has no field 'q'"):
+        load_prompts(PromptsCfg(source="local", path=str(jsonl), field="q"))
+    with pytest.raises(StageError, match="does not exist"):
+        load_prompts(PromptsCfg(source="local", path=str(tmp_path / "missing.jsonl"), field="q"))
+    jsonl.write_text('{"q": "fine"}\nnot json\n')
+    with pytest.raises(StageError, match=r"p.jsonl:2 is not valid JSON"):
+        load_prompts(PromptsCfg(source="local", path=str(jsonl), field="q"))
+    with pytest.raises(StageError, match="no non-empty user turn"):
+        turns_of([{"role": "assistant", "content": "x"}], "r")
+    with pytest.raises(StageError, match="must be a string"):
+        turns_of(3, "r")
+    with pytest.raises(Exception, match="bench.prompts.path is required"):
+        BenchCfg(prompts=PromptsCfg(source="local")).check()
+
+
+def test_render_chat_ends_with_the_generation_prompt(tiny_llama_dir: Path) -> None:
+    from eaglepipe.target.info import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama_dir)
+    ids = render_chat(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                            {"role": "user", "content": "Bye"}])
+    text = tok.decode(ids)
+    assert text.endswith("<|im_start|>assistant\n") and text.count("<|im_start|>user") == 2 and "Hello" in text
