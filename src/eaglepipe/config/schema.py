@@ -222,6 +222,8 @@ class TrainCfg:
     nproc_per_node: int = 1
     num_workers: int = 0
     compile: bool = False
+    # TTT step-0 attention kernel: auto (flex on CUDA, explicit scores on CPU) | flex | math
+    ttt_attention: str = "auto"
 
     def check(self) -> None:
         _require(self.algorithm in ("eagle3", "eagle3.1", "eagle1", "eagle2"),
@@ -243,6 +245,7 @@ class TrainCfg:
         _require(self.hidden_loss in ("smooth_l1", "mse"), "train.hidden_loss must be smooth_l1|mse")
         _require(self.parallel in ("single", "ddp", "fsdp"), "train.parallel must be single|ddp|fsdp")
         _require(self.nproc_per_node >= 1, "train.nproc_per_node must be >= 1")
+        _require(self.ttt_attention in ("auto", "flex", "math"), "train.ttt_attention must be auto|flex|math")
 
 
 @dataclass

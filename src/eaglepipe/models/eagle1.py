@@ -45,7 +45,15 @@ class Eagle1Drafter(nn.Module):
 
     def output(self, layer_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer output -> (predicted next feature, logits over the full target vocab)."""
-        return layer_out, layer_out @ self.lm_head_weight.to(layer_out.dtype).t()
+        return self.next_state(layer_out), self.logits(layer_out)
+
+    def next_state(self, layer_out: torch.Tensor) -> torch.Tensor:
+        """The predicted next feature is fed on as it is."""
+        return layer_out
+
+    def logits(self, layer_out: torch.Tensor) -> torch.Tensor:
+        """Full-vocab logits through the target's lm_head (no final norm)."""
+        return layer_out @ self.lm_head_weight.to(layer_out.dtype).t()
 
     def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
              past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,

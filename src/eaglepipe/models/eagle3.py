@@ -47,9 +47,15 @@ class Eagle3Drafter(nn.Module):
 
     def output(self, layer_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer output -> (state for the next step, draft logits)."""
-        normed = self.norm(layer_out)
-        nxt = normed if self.config.norm_output else layer_out
-        return nxt, self.lm_head(normed)
+        return self.next_state(layer_out), self.logits(layer_out)
+
+    def next_state(self, layer_out: torch.Tensor) -> torch.Tensor:
+        """What the next drafting step consumes: pre-norm (EAGLE-3) or post-norm (norm_output)."""
+        return self.norm(layer_out) if self.config.norm_output else layer_out
+
+    def logits(self, layer_out: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab logits lm_head(norm(layer_out))."""
+        return self.lm_head(self.norm(layer_out))
 
     def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
              past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,

@@ -1,0 +1,1 @@
+"""Drafter training: batching and packing, the TTT unroll and loss, the loop, checkpoints, offline cache."""

@@ -1,0 +1,126 @@
+"""Training checkpoints `checkpoints/epoch_E_step_S/`, written atomically, with LATEST/BEST pointers."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from ..models.build import Drafter, load_drafter_weights, save_drafter
+from ..utils.atomic import atomic_dir, atomic_write_json, atomic_write_text
+
+NAME = re.compile(r"^epoch_(\d+)_step_(\d+)$")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """Directory name of the checkpoint after optimizer step `step` (in epoch `epoch`)."""
+    return f"epoch_{epoch}_step_{step}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, name: str, drafter: Drafter, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, state: dict[str, Any]) -> Path:
+    """Write one complete checkpoint atomically and point LATEST at it."""
+    final = root / "checkpoints" / name
+    with atomic_dir(final) as tmp:
+        save_drafter(drafter, tmp)
+        vocab = {"d2t": drafter.d2t.cpu(), "t2d": drafter.t2d.cpu()} if drafter.config.is_eagle3 else \
+            {"d2t": torch.zeros(drafter.config.vocab_size, dtype=torch.long),
+             "t2d": torch.ones(drafter.config.vocab_size, dtype=torch.bool)}
+        save_file(vocab, str(tmp / "vocab.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+    atomic_write_text(root / "LATEST", name + "\n")
+    return final
+
+
+def read_pointer(root: Path, pointer: str) -> Optional[str]:
+    """The checkpoint name LATEST/BEST points to (None when absent)."""
+    path = root / pointer
+    return path.read_text().strip() if path.exists() else None
+
+
+def resolve_checkpoint(root: Path, spec: Optional[str]) -> Optional[Path]:
+    """`LATEST`, `BEST` or a checkpoint name -> its directory; None when nothing to resume from."""
+    if spec is None:
+        return None
+    name = read_pointer(root, spec) if spec in ("LATEST", "BEST") else spec
+    if name is None:
+        return None
+    path = root / "checkpoints" / name
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist or is incomplete")
+    return path
+
+
+def load_checkpoint(path: Path, drafter: Drafter, optimizer: torch.optim.Optimizer, scheduler: Any
+                    ) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG states; returns state.json."""
+    load_drafter_weights(drafter, path / "model.safetensors")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "state.json").read_text())
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, never the one BEST points to."""
+    ckpts = sorted((p for p in (root / "checkpoints").iterdir() if NAME.match(p.name)),
+                   key=lambda p: int(NAME.match(p.name).group(2)))
+    protect = {read_pointer(root, "BEST"), read_pointer(root, "LATEST")}
+    for p in ckpts[:-keep] if keep > 0 else ckpts:
+        if p.name not in protect:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def set_best(root: Path, name: str, score: float) -> None:
+    """Point BEST at `name` and remember its validation score."""
+    atomic_write_text(root / "BEST", name + "\n")
+    atomic_write_json(root / "best.json", {"name": name, "sim_tau": score})
+
+
+def publish(work: Path, out: Path) -> None:
+    """Copy the finished run to the declared output dir: checkpoints (hardlinked when possible),
+    LATEST and BEST (BEST = LATEST when no validation ran)."""
+    dest = out / "checkpoints"
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp = out / ".checkpoints.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(work / "checkpoints", tmp, copy_function=_link_or_copy)
+    os.replace(tmp, dest)
+    latest = read_pointer(work, "LATEST")
+    atomic_write_text(out / "LATEST", f"{latest}\n")
+    atomic_write_text(out / "BEST", f"{read_pointer(work, 'BEST') or latest}\n")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,303 @@
+"""The training loop: AdamW + warmup/cosine, grad accumulation and clipping, bf16 autocast on GPU, DDP,
+periodic validation (simulated tau), atomic checkpoints with LATEST/BEST, resume, and publication."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..config import Config, fingerprint, to_dict
+from ..models.target import TargetWithAux
+from ..utils.atomic import atomic_write_json
+from ..utils.device import pick_device
+from .batches import Batch, collate
+from .checkpoint import (checkpoint_name, load_checkpoint, prune_checkpoints, publish, read_pointer,
+                         resolve_checkpoint, save_checkpoint, set_best)
+from .features import online_features
+from .flops import attention_pairs, drafter_flops, measure_matmul_peak, target_flops
+from .module import TTTModule
+from .objective import Objective, summarize
+from .report import History, publish_metrics
+from .schedule import warmup_cosine
+from .schedule_data import DataSchedule
+from .setup import check_config_against_target, initial_drafter, load_target_model, target_info
+from .ttt_attention import document_causal_mask, flex_step0, math_step0
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Paths:
+    """Stage inputs and outputs."""
+
+    target: Path
+    tokens: Path
+    vocab: Path
+    hidden: Path
+    out: Path
+
+
+def work_dir(cfg: Config, paths: Paths) -> Path:
+    """results/<exp>/.work/train/<fingerprint>/ : resumable state that DVC/Snakemake do not delete."""
+    key = {"train": {k: v for k, v in to_dict(cfg.train).items()
+                     if k not in ("resume", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                                  "num_workers")},
+           "seed": cfg.seed, "seq_length": cfg.data.seq_length, "aux": cfg.target.aux_layers,
+           "inputs": [str(p.resolve()) for p in (paths.target, paths.tokens, paths.vocab)],
+           "stamps": [_stamp(p) for p in (paths.tokens, paths.vocab)]}
+    return paths.out.resolve().parent / ".work" / "train" / fingerprint(key)
+
+
+def _stamp(d: Path) -> list:
+    return sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in d.iterdir() if f.is_file())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One training run (one process of a possibly distributed job)."""
+
+    def __init__(self, cfg: Config, paths: Paths, work: Optional[Path] = None) -> None:
+        from ..data.tokens_io import read_tokens
+        from ..data.vocab import load_vocab
+
+        self.cfg, self.paths, tc = cfg, paths, cfg.train
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = pick_device(cfg.device)
+        if self.world > 1:
+            self._init_distributed()
+        self.is_main = self.rank == 0
+        bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        seed_everything(cfg.seed)
+        self.info = target_info(paths.target)
+        d2t, t2d = load_vocab(paths.vocab)
+        check_config_against_target(cfg, self.info, len(d2t))
+        self.train_samples = read_tokens(paths.tokens, "train")
+        self.val_samples = read_tokens(paths.tokens, "val")
+        if not self.train_samples:
+            raise ValueError(f"{paths.tokens} holds no training samples")
+        too_long = [s["id"] for s in self.train_samples if len(s["input_ids"]) > cfg.data.seq_length]
+        if too_long:
+            raise ValueError(f"{len(too_long)} samples are longer than data.seq_length (first: {too_long[0]})")
+        self.mode = tc.mode
+        model = load_target_model(paths.target, self.device, torch.bfloat16 if bf16 else torch.float32,
+                                  tc.attn_impl)
+        self.drafter = initial_drafter(cfg, self.info, model, d2t, t2d, tc.init_from).to(self.device)
+        self.eagle3 = self.drafter.config.is_eagle3
+        self.draft_ids = (torch.arange(len(self.drafter.d2t), device=self.device) + self.drafter.d2t) \
+            if self.eagle3 else None
+        self.target = TargetWithAux(model, self.drafter.config.aux_layers)
+        if tc.parallel == "fsdp" and self.world > 1:
+            from .distributed import shard_target
+            shard_target(self.target.model)
+        self.objective = Objective(tc.ttt_steps, tc.step_weight_decay, tc.out_of_vocab, tc.hidden_loss_weight,
+                                   tc.token_loss_weight, tc.hidden_loss)
+        self.module: torch.nn.Module = TTTModule(self.drafter, self.objective)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.module = DistributedDataParallel(self.module, device_ids=[self.device.index]
+                                                  if self.device.type == "cuda" else None)
+        params = [p for p in self.drafter.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95),
+                                           fused=self.device.type == "cuda")
+        self.data = DataSchedule([len(s["input_ids"]) for s in self.train_samples], cfg.data.seq_length,
+                                 tc.pack, tc.micro_batch_size, tc.grad_accum, self.world, cfg.seed)
+        self.total_steps = self.data.total_steps(tc.epochs, tc.max_steps)
+        self.scheduler = warmup_cosine(self.optimizer, self.total_steps, tc.warmup_ratio, tc.min_lr_ratio)
+        self.work = work or work_dir(cfg, paths)
+        self.step = 0
+        self.best_tau = float("-inf")
+        self._pending_best = False
+        self._resume()
+        self.history = History(self.work / "history.jsonl", self.step)
+        self.peak = measure_matmul_peak(self.device, torch.bfloat16 if bf16 else torch.float32)
+
+    def _init_distributed(self) -> None:
+        if not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+
+    def _resume(self) -> None:
+        path = resolve_checkpoint(self.work, self.cfg.train.resume) if self.cfg.train.resume else None
+        if path is None:
+            return
+        state = load_checkpoint(path, self.drafter, self.optimizer, self.scheduler)
+        self.step = int(state["step"])
+        self.best_tau = float(state.get("best_tau", float("-inf")))
+        log.info("resumed from %s at step %d", path.name, self.step)
+
+    # ---- one micro-batch -------------------------------------------------------------------------------
+    def _step0(self, batch: Batch):
+        use_flex = self.cfg.train.ttt_attention == "flex" or (
+            self.cfg.train.ttt_attention == "auto" and self.device.type == "cuda")
+        if use_flex:
+            return flex_step0(batch.doc_ids, self.drafter.config.num_attention_heads)
+        return math_step0(document_causal_mask(batch.doc_ids))
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def features(self, batch: Batch):
+        """Drafter inputs and labels for one micro-batch (online: the target runs here)."""
+        return online_features(self.target, batch, self.draft_ids, self.eagle3)
+
+    def _micro(self, rows: list[list[int]], samples: list[dict]) -> Batch:
+        return collate([[samples[i] for i in row] for row in rows], self.cfg.train.ttt_steps,
+                       pad_to=self.cfg.data.seq_length if self.cfg.train.pack else None)
+
+    def _forward(self, batch: Batch, denominators: list[float]):
+        feats, labels = self.features(batch)
+        with self._autocast():
+            return self.module(batch, feats, labels, self._step0(batch), denominators)
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def train(self, stop_after: Optional[int] = None) -> dict[str, Any]:
+        """Run to the end (or to optimizer step `stop_after`, for tests of resume); returns the summary."""
+        tc = self.cfg.train
+        end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=None if self.is_main else True)
+        sums: dict[str, torch.Tensor] = {}
+        tokens, flops, grad_norm = 0, 0.0, torch.zeros(())
+        t0 = time.perf_counter()
+        while self.step < end:
+            micro = self.data.step_batches(self.step)
+            batches = [self._micro(rows, self.train_samples) for rows in micro]
+            denominators = [float(sum(c)) for c in zip(*(b.supervised_counts() for b in batches))]
+            mine = batches[self.rank * tc.grad_accum:(self.rank + 1) * tc.grad_accum]
+            for i, cpu_batch in enumerate(mine):
+                batch = cpu_batch.to(self.device)
+                sync = contextlib.nullcontext() if (self.world == 1 or i == len(mine) - 1) else self.module.no_sync()
+                with sync:
+                    loss, s = self._forward(batch, denominators)
+                    (loss * self.world).backward()
+                for k, v in s.items():
+                    sums[k] = sums.get(k, 0) + v
+                tokens += cpu_batch.num_tokens
+                flops += self._flops(cpu_batch)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.drafter.parameters() if p.requires_grad],
+                                                       tc.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+            if self.step % tc.log_every == 0 or self.step == end:
+                row = self._log_train(sums, tokens, flops, grad_norm, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc0=f"{row['acc_0']:.3f}",
+                                tok_s=f"{row['tokens_per_s']:.0f}")
+                sums, tokens, flops, t0 = {}, 0, 0.0, time.perf_counter()
+            evaluated = self.val_samples and (self.step % tc.eval_every == 0 or self.step == self.total_steps)
+            if evaluated:
+                self._evaluate()
+            if self.step % tc.save_every == 0 or self.step == end or evaluated:
+                self._save()
+        bar.close()
+        if self.step >= self.total_steps:
+            return self._finish()
+        return {"step": self.step}
+
+    def _flops(self, b: Batch) -> float:
+        pairs = attention_pairs(b)
+        rows = sum(b.supervised_counts())
+        return target_flops(self.info, b.num_tokens, pairs, int(b.label_pos.numel())) + \
+            drafter_flops(self.drafter.config, b.num_tokens, pairs, rows, self.cfg.train.ttt_steps)
+
+    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keys = sorted(sums)
+        vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys])
+        if self.world > 1:
+            dist.all_reduce(vec)
+        return dict(zip(keys, vec.cpu()))
+
+    def _log_train(self, sums, tokens: int, flops: float, grad_norm: torch.Tensor, seconds: float) -> dict:
+        totals = self._reduce({**sums, "_tokens": torch.tensor(float(tokens)), "_flops": torch.tensor(flops)})
+        row = summarize(totals, self.cfg.train.ttt_steps, self.cfg.train.step_weight_decay)
+        tok = float(totals["_tokens"])
+        row.update(step=self.step, split="train", grad_norm=float(grad_norm), lr=self.scheduler.get_last_lr()[0],
+                   tokens_per_s=tok / max(seconds, 1e-9),
+                   mfu=float(totals["_flops"]) / max(seconds, 1e-9) / (self.peak * self.world))
+        if self.is_main:
+            self.history.add(row)
+        return row
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
+        """Validation metrics over the whole val split (shared across ranks); updates BEST."""
+        tc = self.cfg.train
+        self.module.eval()
+        from .batches import pack_rows
+        rows = pack_rows([len(s["input_ids"]) for s in self.val_samples], range(len(self.val_samples)),
+                         self.cfg.data.seq_length, tc.pack)
+        groups = [rows[i:i + tc.micro_batch_size] for i in range(0, len(rows), tc.micro_batch_size)]
+        sums: dict[str, torch.Tensor] = {}
+        for g in groups[self.rank::self.world]:
+            batch = self._micro(g, self.val_samples)
+            feats, labels = self.features(batch.to(self.device))
+            with self._autocast():
+                _, s = TTTModule.forward(self._plain_module(), batch.to(self.device), feats, labels,
+                                         self._step0(batch.to(self.device)), [1.0] * tc.ttt_steps)
+            for k, v in s.items():
+                sums[k] = sums.get(k, 0) + v
+        self.module.train()
+        row = summarize(self._reduce(sums), tc.ttt_steps, tc.step_weight_decay)
+        row.update(step=self.step, split="val")
+        if self.is_main:
+            self.history.add(row)
+        self._pending_best = row["sim_tau"] > self.best_tau
+        if self._pending_best:
+            self.best_tau = row["sim_tau"]
+        return row
+
+    def _plain_module(self) -> TTTModule:
+        return self.module.module if hasattr(self.module, "module") else self.module
+
+    def _save(self) -> None:
+        if not self.is_main:
+            return
+        epoch, _ = self.data.locate(self.step - 1)
+        name = checkpoint_name(epoch, self.step)
+        state = {"step": self.step, "epoch": epoch, "data_position": self.data.locate(self.step),
+                 "best_tau": self.best_tau, "config_fingerprint": self.work.name}
+        save_checkpoint(self.work, name, self.drafter, self.optimizer, self.scheduler, state)
+        if self._pending_best:
+            set_best(self.work, name, self.best_tau)
+            self._pending_best = False
+        prune_checkpoints(self.work, self.cfg.train.keep_checkpoints)
+
+    def _finish(self) -> dict[str, Any]:
+        summary = {"steps": self.step, "latest": read_pointer(self.work, "LATEST"),
+                   "best": read_pointer(self.work, "BEST") or read_pointer(self.work, "LATEST"),
+                   "best_sim_tau": self.best_tau if self.best_tau > float("-inf") else None,
+                   "algorithm": self.drafter.config.algorithm, "mode": self.mode, "work_dir": str(self.work)}
+        last = {r["split"]: r for r in self.history.rows}
+        summary["final"] = last
+        if self.is_main:
+            self.paths.out.mkdir(parents=True, exist_ok=True)
+            publish(self.work, self.paths.out)
+            publish_metrics(self.history.rows, self.paths.out, self.cfg.train.ttt_steps)
+            atomic_write_json(self.paths.out / "summary.json", summary)
+        if self.world > 1:
+            dist.barrier()
+        return summary

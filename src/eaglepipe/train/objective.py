@@ -1,0 +1,154 @@
+"""The TTT unroll and its loss and metrics.
+
+Step k (0..K-1) feeds the drafter's step-(k-1) state (step 0: the fused target features), tokens shifted
+left by k and RoPE positions t+k; attention is step-0 keys (causal, same document) plus the diagonal keys
+of steps 1..k (see ttt_attention). Loss = sum_k decay^k * sum_{supervised slots} CE_k / denominator_k, where
+CE is the soft cross-entropy against softmax(target logits over the draft vocab) (EAGLE-3) and, for
+EAGLE-1, w_h * hidden regression + w_t * soft CE over the full vocab. `denominator_k` is the number of
+supervised slots of step k in the whole optimizer step (all micro-batches and ranks), so gradient
+accumulation and data parallelism give exactly the gradient of one big batch. Slots whose target argmax is
+outside the draft vocab contribute no loss with out_of_vocab=drop (they still count in the denominator,
+which is known before the target runs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .batches import Batch
+from .ttt_attention import Step0Fn, ttt_attention
+
+
+@dataclass
+class Objective:
+    """Loss settings (from TrainCfg)."""
+
+    ttt_steps: int = 7
+    step_weight_decay: float = 0.8
+    out_of_vocab: str = "drop"
+    hidden_loss_weight: float = 1.0
+    token_loss_weight: float = 0.1
+    hidden_loss: str = "smooth_l1"
+
+
+@dataclass
+class Labels:
+    """Target outputs at `batch.label_pos`: logits over the draft vocab [N, V_d], full-vocab argmax [N],
+    and (EAGLE-1) the target's final post-norm feature [N, H]."""
+
+    logits: torch.Tensor
+    argmax: torch.Tensor
+    features: Optional[torch.Tensor] = None
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """Row-wise -sum softmax(target) * log_softmax(draft); the gradient softmax(draft) - softmax(target)
+    is formed in the forward in chunks and kept in the logits' dtype, so no fp32 [N, V] tensor survives."""
+
+    @staticmethod
+    def forward(ctx, draft: torch.Tensor, target: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        losses, grads = [], []
+        for s in range(0, draft.shape[0], chunk):
+            d = draft[s:s + chunk].float()
+            p = torch.softmax(target[s:s + chunk].float(), dim=-1)
+            logq = torch.log_softmax(d, dim=-1)
+            losses.append(-(p * logq).sum(-1))
+            grads.append((logq.exp() - p).to(draft.dtype))
+        ctx.save_for_backward(torch.cat(grads) if grads else draft.new_zeros(draft.shape))
+        return torch.cat(losses) if losses else draft.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_rows[:, None].to(grad.dtype), None, None
+
+
+def soft_cross_entropy(draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row soft cross-entropy of draft logits against softmax(target logits), fp32 [N]."""
+    return _SoftCrossEntropy.apply(draft, target)
+
+
+def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, labels: Labels,
+             objective: Objective, step0: Step0Fn, denominators: list[float]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Unroll the drafter over `objective.ttt_steps` steps; returns (loss, metric sums as tensors).
+
+    `features`: fused aux features [B, T, H] (EAGLE-3, output of drafter.fuse) or the target's last
+    hidden state (EAGLE-1). Metric sums (no GPU sync): loss_k, count_k, correct_k, prefix_k per step, and
+    `slots` (supervised slots at step 0) for the simulated acceptance length.
+    """
+    cfg = drafter.config
+    eagle3 = cfg.is_eagle3
+    layer = drafter.midlayer if eagle3 else drafter.layers[0]
+    b, t = batch.input_ids.shape
+    dev = features.device
+    if eagle3:
+        in_vocab = drafter.t2d[labels.argmax]
+    else:
+        in_vocab = torch.ones_like(labels.argmax, dtype=torch.bool)
+    keep = in_vocab if objective.out_of_vocab == "drop" else torch.ones_like(in_vocab)
+    hidden = features
+    keys, values = [], []
+    total = features.new_zeros((), dtype=torch.float32)
+    sums: dict[str, torch.Tensor] = {}
+    prefix = torch.ones(b * t, dtype=torch.bool, device=dev)
+    for k in range(objective.ttt_steps):
+        x = drafter.layer_input(batch.step_ids[k], hidden)
+        cos, sin = drafter.rotary(x, batch.position_ids + k)
+        q, kk, v = layer.project(x, cos, sin)
+        keys.append(kk)
+        values.append(v)
+        attn = ttt_attention(q, keys, values, step0)
+        out = layer.finish(attn, hidden if eagle3 else x)
+        slots, rows = batch.step_slots[k], batch.step_rows[k]
+        picked = out.reshape(b * t, -1).index_select(0, slots)
+        logits = drafter.logits(picked)
+        row_keep = keep.index_select(0, rows)
+        ce = soft_cross_entropy(logits, labels.logits.index_select(0, rows))
+        step_loss = (ce * row_keep).sum()
+        if not eagle3:
+            diff = picked.float() - labels.features.index_select(0, rows).float()
+            reg = F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none") \
+                if objective.hidden_loss == "smooth_l1" else diff.pow(2)
+            step_loss = objective.token_loss_weight * step_loss + objective.hidden_loss_weight * reg.mean(-1).sum()
+        if denominators[k] > 0:
+            total = total + (objective.step_weight_decay ** k) * step_loss / denominators[k]
+        with torch.no_grad():
+            correct = (drafter.to_target_ids(logits.argmax(-1)) == labels.argmax.index_select(0, rows)) & row_keep
+            dense = torch.zeros(b * t, dtype=torch.bool, device=dev)
+            dense[slots] = correct & in_vocab.index_select(0, rows)
+            prefix = prefix & dense
+            sums[f"loss_{k}"] = step_loss.detach().float()
+            sums[f"count_{k}"] = row_keep.sum().float()
+            sums[f"correct_{k}"] = correct.sum().float()
+            sums[f"prefix_{k}"] = prefix.sum().float()
+            if k == 0:
+                sums["slots"] = torch.tensor(float(slots.numel()), device=dev)
+        if k + 1 < objective.ttt_steps:
+            hidden = drafter.next_state(out)
+    return total, sums
+
+
+def summarize(sums: dict[str, torch.Tensor], ttt_steps: int, decay: float) -> dict[str, float]:
+    """Turn accumulated metric sums into loss (sum_k decay^k loss_k), loss_k, acc_k, cond_acc_k and the
+    simulated acceptance length tau = 1 + sum_k P(steps 0..k all correct) over step-0 supervised slots."""
+    v = {k: float(x) for k, x in sums.items()}
+    out: dict[str, float] = {}
+    slots = max(v.get("slots", 0.0), 1.0)
+    tau, prev = 1.0, slots
+    weighted = 0.0
+    for k in range(ttt_steps):
+        cnt = max(v.get(f"count_{k}", 0.0), 1.0)
+        out[f"loss_{k}"] = v.get(f"loss_{k}", 0.0) / cnt
+        out[f"acc_{k}"] = v.get(f"correct_{k}", 0.0) / cnt
+        pre = v.get(f"prefix_{k}", 0.0)
+        out[f"cond_acc_{k}"] = pre / prev if prev > 0 else 0.0
+        prev = pre
+        tau += pre / slots
+        weighted += decay ** k * out[f"loss_{k}"]
+    out["loss"] = weighted
+    out["sim_tau"] = tau
+    return out

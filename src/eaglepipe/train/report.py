@@ -1,0 +1,78 @@
+"""Metric history (resumable JSONL in the work dir) and its publication as dvclive metrics/plots and a PNG."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class History:
+    """Append-only metric rows keyed by optimizer step; truncated to the resumed step on resume."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        rows = []
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.rows = [r for r in rows if r["step"] <= resume_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Record one row (`step`, `split` and metrics)."""
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def publish_metrics(rows: list[dict[str, Any]], out_dir: Path, ttt_steps: int) -> None:
+    """Write out/dvclive (metrics.json, plots/metrics/**.tsv via dvclive) and a PNG of the curves."""
+    dv = out_dir / "dvclive"
+    try:
+        from dvclive import Live
+    except ImportError:  # dvclive is optional at runtime: keep a plain metrics.json
+        Live = None
+    if Live is not None:
+        live = Live(str(dv), dvcyaml=None, save_dvc_exp=False)
+        for step in sorted({r["step"] for r in rows}):
+            live.step = step
+            for r in (r for r in rows if r["step"] == step):
+                for k, v in r.items():
+                    if k not in ("step", "split") and isinstance(v, (int, float)):
+                        live.log_metric(f"{r['split']}/{k}", v)
+            live.make_summary()
+        live.end()
+    else:
+        (dv / "plots").mkdir(parents=True, exist_ok=True)
+        last = {}
+        for r in rows:
+            last.setdefault(r["split"], {}).update({k: v for k, v in r.items() if k != "split"})
+        (dv / "metrics.json").write_text(json.dumps(last, indent=2))
+    (dv / "plots").mkdir(parents=True, exist_ok=True)
+    plot_curves(rows, dv / "plots" / "training_curves.png", ttt_steps)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, ttt_steps: int) -> None:
+    """Loss, per-step accuracy and simulated tau against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for split, style in (("train", "-"), ("val", "o--")):
+        sel = [r for r in rows if r["split"] == split]
+        if not sel:
+            continue
+        steps = [r["step"] for r in sel]
+        axes[0].plot(steps, [r["loss"] for r in sel], style, label=split)
+        for k in range(ttt_steps):
+            axes[1].plot(steps, [r[f"acc_{k}"] for r in sel], style, label=f"{split} step {k}")
+        axes[2].plot(steps, [r["sim_tau"] for r in sel], style, label=split)
+    for ax, title in zip(axes, ("loss", "top-1 accuracy per TTT step", "simulated tau")):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

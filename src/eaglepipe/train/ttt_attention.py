@@ -1,0 +1,90 @@
+"""TTT attention without a [T, T*(k+1)] mask.
+
+At TTT step k the query at slot t sees the step-0 keys at slots s <= t of its own document and, of steps
+1..k, only the key at slot t (the diagonal). We attend over the step-0 keys once (causal + document mask,
+giving output o0 and log-sum-exp L0) and merge the k diagonal scores q_t.k_j[t] by log-sum-exp:
+    out = (e^{L0} o0 + sum_j e^{s_j} v_j[t]) / (e^{L0} + sum_j e^{s_j}).
+Two step-0 kernels: FlexAttention (CUDA, block-sparse document mask, compiled) and an explicit-score
+version (CPU / reference speed path); both are differentiable including through L0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+try:  # torch >= 2.9 names the log-sum-exp output through AuxRequest
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    AuxRequest = None
+
+Step0Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, T, T]: key s visible to query t iff s <= t and both lie in the same document."""
+    t = doc_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    return (causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def math_step0(mask: torch.Tensor) -> Step0Fn:
+    """Step-0 attention with explicit [B, h, T, T] scores under `mask` (from `document_causal_mask`)."""
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
+        scores = scores.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse[..., None]).to(v.dtype)
+        return probs @ v, lse
+    return run
+
+
+_compiled_flex: Optional[Callable] = None
+
+
+def flex_step0(doc_ids: torch.Tensor, heads: int) -> Step0Fn:
+    """Step-0 attention with FlexAttention and a block-sparse causal document mask (built once per batch)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False) if doc_ids.is_cuda else flex_attention
+    b, t = doc_ids.shape
+
+    def mask_mod(bi, _h, qi, ki):
+        return (ki <= qi) & (doc_ids[bi, qi] == doc_ids[bi, ki])
+
+    block_mask = create_block_mask(mask_mod, b, None, t, t, device=doc_ids.device)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gqa = k.shape[1] != heads
+        if AuxRequest is not None:
+            out, aux = _compiled_flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True),
+                                      enable_gqa=gqa)
+            return out, aux.lse.float()
+        out, lse = _compiled_flex(q, k, v, block_mask=block_mask, return_lse=True, enable_gqa=gqa)
+        return out, lse.float()
+    return run
+
+
+def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                  step0: Step0Fn) -> torch.Tensor:
+    """Attention of step-k queries q [B, h, T, d] given keys/values of steps 0..k ([B, kv_h, T, d] each)."""
+    o0, lse0 = step0(q, keys[0], values[0])
+    if len(keys) == 1:
+        return o0
+    heads, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
+    diag_k = torch.stack([_expand_kv(k, heads) for k in keys[1:]], dim=0)  # [k, B, h, T, d]
+    diag_v = torch.stack([_expand_kv(v, heads) for v in values[1:]], dim=0)
+    diag_scores = (q[None] * diag_k).sum(-1).float() * scale                # [k, B, h, T]
+    total = torch.logsumexp(torch.cat([lse0[None], diag_scores], dim=0), dim=0)  # [B, h, T]
+    w0 = torch.exp(lse0 - total)[..., None]
+    wd = torch.exp(diag_scores - total[None])[..., None]
+    out = w0 * o0.float() + (wd * diag_v.float()).sum(0)
+    return out.to(q.dtype)
