@@ -252,3 +252,84 @@ def test_render_chat_ends_with_the_generation_prompt(tiny_llama_dir: Path) -> No
                             {"role": "user", "content": "Bye"}])
     text = tok.decode(ids)
     assert text.endswith("<|im_start|>assistant\n") and text.count("<|im_start|>user") == 2 and "Hello" in text
+
+
+# ---------------------------------------------------------------------------- sglang dry run
+def test_sglang_dry_run_prints_one_launch_per_point(tiny_llama_dir: Path, tiny_export: Path, tmp_path: Path) -> None:
+    params = params_file(tmp_path, {"backend": "sglang", "sglang": {"dry_run": True, "port": 31234,
+                                                                    "extra_args": ["--attention-backend", "fa3"]}})
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "eaglepipe.stages.bench", "--params", str(params),
+                           "--target", str(tiny_llama_dir), "--export", str(tiny_export), "--out", str(out)],
+                          cwd=REPO, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and not out.exists()
+    draft = str((tiny_export / "sglang").resolve())
+    for line in lines:
+        assert line.startswith(f"python3 -m sglang.launch_server --model-path {tiny_llama_dir}")
+        assert "--port 31234" in line and line.endswith("--attention-backend fa3") and "--dtype bfloat16" in line
+    assert "--speculative" not in lines[0]
+    assert (f"--speculative-algorithm EAGLE3 --speculative-draft-model-path {draft} --speculative-num-steps 3 "
+            "--speculative-eagle-topk 1 --speculative-num-draft-tokens 4") in lines[1]
+    assert "--speculative-num-steps 5 --speculative-eagle-topk 4 --speculative-num-draft-tokens 8" in lines[2]
+
+
+def test_stage_rejects_an_export_without_a_drafter(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    params = params_file(tmp_path, {})
+    proc = subprocess.run([sys.executable, "-m", "eaglepipe.stages.bench", "--params", str(params),
+                           "--target", str(tiny_llama_dir), "--export", str(tmp_path / "nothing"),
+                           "--out", str(tmp_path / "bench")],
+                          cwd=REPO, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "the output of the export stage?" in proc.stderr
+    assert not (tmp_path / "bench").exists()
+
+
+# ---------------------------------------------------------------------------- /generate client, real servers
+def start_server(model: Path, log: Path, draft: Path | None = None):
+    """`python -m eaglepipe.serve` on a free 127.0.0.1 port (context manager yielding the URL)."""
+    from eaglepipe.regen.launch import ServerProcess, free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "eaglepipe.serve", "--model", str(model), "--port", str(port),
+           "--device", "cpu", "--max-batch-size", "2"]
+    if draft is not None:
+        cmd += ["--draft", str(draft)]
+    return ServerProcess(cmd, f"http://127.0.0.1:{port}", log)
+
+
+def test_generate_client_streams_and_reads_meta_info(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from eaglepipe.target.info import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama_dir)
+    ids = render_chat(tok, [{"role": "user", "content": "Name three colours."}])
+    with start_server(tiny_llama_dir, tmp_path / "plain.log") as server:
+        server.wait_healthy(120)
+
+        async def go():
+            async with GenerateClient(server.base_url) as client:
+                greedy = await client.generate(ids, 0.0, 12, prompt_index=4, turn=1)
+                again = await client.generate(ids, 0.0, 12)
+                with pytest.raises(StageError, match="HTTP 400"):
+                    await client.generate([], 0.0, 12)
+                return greedy, again
+
+        greedy, again = asyncio.run(go())
+    assert (greedy.prompt_index, greedy.turn) == (4, 1)
+    # without a drafter the server counts one verification per token, as SGLang does (τ = 1)
+    assert greedy.completion_tokens == 12 and greedy.verify_rounds == 12 and greedy.decode_s > 0
+    assert greedy.text == again.text and greedy.text.strip()
+    assert greedy.accept_hist is None and greedy.token_ids is None
+
+
+def test_client_reports_a_dead_server_clearly() -> None:
+    from eaglepipe.regen.launch import free_port
+
+    async def go():
+        async with GenerateClient(f"http://127.0.0.1:{free_port()}", timeout_s=10) as client:
+            await client.generate([1, 2, 3], 0.0, 4)
+
+    with pytest.raises(StageError, match="talking to http://127.0.0.1"):
+        asyncio.run(go())
