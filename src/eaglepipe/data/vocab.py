@@ -72,3 +72,25 @@ def load_vocab(directory: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     if int(t2d.sum()) != d2t.numel():
         raise ValueError(f"{path}: t2d marks {int(t2d.sum())} tokens but d2t has {d2t.numel()}")
     return d2t, t2d
+
+
+def count_supervised_tokens(samples: list[dict], vocab_size: int) -> torch.Tensor:
+    """int64 [vocab_size] counts of loss-masked token ids over `samples` (from `read_tokens`)."""
+    import numpy as np
+
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for s in samples:
+        ids = s["input_ids"][s["loss_mask"].astype(bool)]
+        if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
+            raise ValueError(f"sample {s['id']} holds token id {int(ids.max())} outside the target vocab "
+                             f"of {vocab_size}")
+        counts += np.bincount(ids, minlength=vocab_size)
+    return torch.from_numpy(counts)
+
+
+def coverage_curve(token_freq: torch.Tensor, sizes: list[int]) -> dict[int, float]:
+    """Coverage of supervised tokens reached by the top-k draft vocab, for each k in `sizes`."""
+    token_freq = torch.as_tensor(token_freq, dtype=torch.int64)
+    total = int(token_freq.sum())
+    cum = torch.sort(token_freq, descending=True).values.cumsum(0)
+    return {k: (float(cum[min(k, cum.numel()) - 1]) / total if total else 0.0) for k in sizes}
