@@ -52,13 +52,14 @@ class _SoftCrossEntropy(torch.autograd.Function):
     def forward(ctx, draft: torch.Tensor, target: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
         losses, grads = [], []
         for s in range(0, draft.shape[0], chunk):
-            d = draft[s:s + chunk].float()
-            p = torch.softmax(target[s:s + chunk].float(), dim=-1)
+            wide = torch.promote_types(draft.dtype, torch.float32)
+            d = draft[s:s + chunk].to(wide)
+            p = torch.softmax(target[s:s + chunk].to(wide), dim=-1)
             logq = torch.log_softmax(d, dim=-1)
             losses.append(-(p * logq).sum(-1))
             grads.append((logq.exp() - p).to(draft.dtype))
         ctx.save_for_backward(torch.cat(grads) if grads else draft.new_zeros(draft.shape))
-        return torch.cat(losses) if losses else draft.new_zeros(0, dtype=torch.float32)
+        return torch.cat(losses) if losses else draft.new_zeros(0, dtype=torch.promote_types(draft.dtype, torch.float32))
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor):
@@ -92,7 +93,7 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
     keep = in_vocab if objective.out_of_vocab == "drop" else torch.ones_like(in_vocab)
     hidden = features
     keys, values = [], []
-    total = features.new_zeros((), dtype=torch.float32)
+    total = features.new_zeros((), dtype=torch.promote_types(features.dtype, torch.float32))
     sums: dict[str, torch.Tensor] = {}
     prefix = torch.ones(b * t, dtype=torch.bool, device=dev)
     for k in range(objective.ttt_steps):

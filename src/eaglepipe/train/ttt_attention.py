@@ -29,6 +29,11 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (causal[None] & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (fp64 stays fp64) for scores and softmax weights."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
@@ -37,7 +42,7 @@ def math_step0(mask: torch.Tensor) -> Step0Fn:
     """Step-0 attention with explicit [B, h, T, T] scores under `mask` (from `document_causal_mask`)."""
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
-        scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
+        scores = _wide(q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
         scores = scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse[..., None]).to(v.dtype)
@@ -67,9 +72,9 @@ def flex_step0(doc_ids: torch.Tensor, heads: int) -> Step0Fn:
         if AuxRequest is not None:
             out, aux = _compiled_flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True),
                                       enable_gqa=gqa)
-            return out, aux.lse.float()
+            return out, _wide(aux.lse)
         out, lse = _compiled_flex(q, k, v, block_mask=block_mask, return_lse=True, enable_gqa=gqa)
-        return out, lse.float()
+        return out, _wide(lse)
     return run
 
 
@@ -82,9 +87,9 @@ def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.
     heads, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
     diag_k = torch.stack([_expand_kv(k, heads) for k in keys[1:]], dim=0)  # [k, B, h, T, d]
     diag_v = torch.stack([_expand_kv(v, heads) for v in values[1:]], dim=0)
-    diag_scores = (q[None] * diag_k).sum(-1).float() * scale                # [k, B, h, T]
+    diag_scores = _wide((q[None] * diag_k).sum(-1)) * scale                # [k, B, h, T]
     total = torch.logsumexp(torch.cat([lse0[None], diag_scores], dim=0), dim=0)  # [B, h, T]
     w0 = torch.exp(lse0 - total)[..., None]
     wd = torch.exp(diag_scores - total[None])[..., None]
-    out = w0 * o0.float() + (wd * diag_v.float()).sum(0)
+    out = w0 * _wide(o0) + (wd * _wide(diag_v)).sum(0)
     return out.to(q.dtype)
