@@ -99,6 +99,9 @@ class ShardStore:
         metas = [self.read_meta(i) for i in range(num_shards)]
         totals = {k: sum(int(m.get(k, 0)) for m in metas)
                   for k in ("conversations", "regenerated", "rejected", "completion_tokens")}
+        out_dir = Path(out_dir)
+        for stale in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):  # a publish killed half-way
+            shutil.rmtree(stale, ignore_errors=True)
         with atomic_dir(out_dir) as tmp:
             for i, m in enumerate(metas):
                 if m.get("regenerated", 0) > 0:

@@ -81,6 +81,15 @@ async def run_shards(cfg: Config, store: ShardStore, chat_dir: Path, total: int,
         return await runner.run(conversations, total)
 
 
+def check_not_all_rejected(store: ShardStore, num_shards: int) -> None:
+    """StageError when conversations came in but none came out (a broken model or endpoint, not bad data)."""
+    metas = [store.read_meta(i) for i in range(num_shards)]
+    if sum(m["conversations"] for m in metas) and not sum(m["regenerated"] for m in metas):
+        reasons = sorted({r["reason"] for m in metas for r in m["rejects"]})[:3]
+        raise StageError(f"every conversation was rejected (e.g. {reasons}); nothing to publish. Fix the model or "
+                         f"endpoint, then delete {store.dir} (it keeps these rejections) and rerun.")
+
+
 def regenerate(cfg: Config, target: Path, chat_dir: Path, out: Path) -> dict[str, Any]:
     """Run the stage; returns the published stats (or the dry-run command)."""
     r = cfg.regen
@@ -118,6 +127,7 @@ def regenerate(cfg: Config, target: Path, chat_dir: Path, out: Path) -> dict[str
             except ServerGone as e:
                 tail = f"; last lines of its log:\n{endpoint.server.log_tail()}" if endpoint and endpoint.server else ""
                 raise StageError(f"{e}. Committed shards are kept in {store.dir}; rerun to resume{tail}") from e
+    check_not_all_rejected(store, num_shards)
     stats = {"backend": r.backend, "server_command": command, "url": r.url if r.backend == "url" else None,
              **run_stats}
     totals = store.publish(out, num_shards, stats, {"backend_command": command})
