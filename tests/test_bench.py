@@ -333,3 +333,95 @@ def test_client_reports_a_dead_server_clearly() -> None:
 
     with pytest.raises(StageError, match="talking to http://127.0.0.1"):
         asyncio.run(go())
+
+
+def test_url_backend_against_real_servers_with_and_without_a_drafter(tiny_llama_dir: Path, tiny_export: Path,
+                                                                     tmp_path: Path) -> None:
+    from eaglepipe.target.info import load_tokenizer
+
+    prompts = load_prompts(PromptsCfg(num_prompts=2))
+    cfg = BenchCfg(backend="url", sweep=[SweepPoint(3, 1, 4)], max_new_tokens=10, batch_size=2, warmup_prompts=1)
+    with start_server(tiny_llama_dir, tmp_path / "plain.log") as plain, \
+            start_server(tiny_llama_dir, tmp_path / "spec.log", draft=tiny_export / "sglang") as spec:
+        plain.wait_healthy(120)
+        spec.wait_healthy(120)
+        cfg.url, cfg.baseline_url = spec.base_url, plain.base_url
+        rows = run_sweep(ServerBackend(cfg.url, cfg, baseline_url=cfg.baseline_url), load_tokenizer(tiny_llama_dir),
+                         prompts, cfg)
+    base, point = rows
+    assert base.config == "baseline" and point.config == "s3_k1_n4" and point.num_samples == 4
+    # greedy speculative decoding is lossless: the same text for both turns of both prompts
+    assert point.outputs_match is True and point.match_fraction == 1.0
+    assert 0 < point.verify_rounds < point.completion_tokens and point.tau == pytest.approx(
+        point.completion_tokens / point.verify_rounds)
+    assert point.speedup is not None and point.speedup > 0
+
+
+def test_url_backend_without_a_baseline_reports_no_speedup(tiny_llama_dir: Path, tiny_export: Path,
+                                                           tmp_path: Path) -> None:
+    from eaglepipe.target.info import load_tokenizer
+
+    cfg = BenchCfg(backend="url", sweep=[SweepPoint(3, 1, 4)], max_new_tokens=6, warmup_prompts=0,
+                   prompts=PromptsCfg(num_prompts=1, multi_turn=False))
+    with start_server(tiny_llama_dir, tmp_path / "spec.log", draft=tiny_export / "sglang") as spec:
+        spec.wait_healthy(120)
+        rows = run_sweep(ServerBackend(spec.base_url, cfg), load_tokenizer(tiny_llama_dir),
+                         load_prompts(cfg.prompts), cfg)
+    (point,) = rows
+    assert point.tau is not None and point.speedup is None and point.outputs_match is None
+    assert overall_metrics(rows)["best_speedup"] is None
+
+
+# ---------------------------------------------------------------------------- the stage end to end
+def run_bench_stage(params: Path, target: Path, export: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "eaglepipe.stages.bench", "--params", str(params),
+                           "--target", str(target), "--export", str(export), "--out", str(out)],
+                          cwd=REPO, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=1200)
+
+
+def check_bench_outputs(out: Path, names: list[str]) -> dict:
+    """The declared outputs exist and agree with each other; returns metrics.json."""
+    assert sorted(p.stem for p in (out / "points").iterdir()) == sorted(names)
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert sorted(r["name"] for r in rows) == sorted(names)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for r in rows:
+        point = json.loads((out / "points" / f"{r['name']}.json").read_text())
+        assert point["completion_tokens"] == int(r["completion_tokens"]) > 0
+        if point["config"] != "baseline":
+            assert len(point["accept_rate"]) == point["num_steps"]
+            assert float(r["tau"]) == pytest.approx(point["completion_tokens"] / point["verify_rounds"], rel=1e-6)
+            assert 1.0 <= point["tau"] <= point["num_steps"] + 1 + 1e-9
+    assert {p.name for p in (out / "plots").iterdir()} >= {"tau.png", "speedup.png", "acceptance.png"}
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in (out / "plots").iterdir())
+    best = (out / "best_command.txt").read_text()
+    assert best.startswith("python -m sglang.launch_server --model-path ")
+    assert "--speculative-algorithm EAGLE3 --speculative-draft-model-path " in best
+    steps, topk, ndt = (int(x[1:]) for x in (metrics["best_speedup_config"] or metrics["best_tau_config"]).split("_"))
+    assert (f"--speculative-num-steps {steps} --speculative-eagle-topk {topk} "
+            f"--speculative-num-draft-tokens {ndt}") in best
+    readme = (out / "README.md").read_text()
+    assert "| config | T | τ |" in readme and best.strip() in readme
+    return metrics
+
+
+def test_bench_stage_end_to_end_native_tiny(tiny_llama_dir: Path, tiny_export: Path, tmp_path: Path) -> None:
+    params = params_file(tmp_path, {"prompts": {"source": "mtbench", "num_prompts": 2, "multi_turn": True},
+                                    "sweep": [{"num_steps": 3, "topk": 1, "num_draft_tokens": 4},
+                                              {"num_steps": 2, "topk": 2, "num_draft_tokens": 4}],
+                                    "temperatures": [0.0, 1.0], "max_new_tokens": 10})
+    out = tmp_path / "results" / "bench"
+    proc = run_bench_stage(params, tiny_llama_dir, tiny_export, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = [f"{c}_t{t}" for t in ("0.0", "1.0") for c in ("baseline", "s3_k1_n4", "s2_k2_n4")]
+    metrics = check_bench_outputs(out, names)
+    assert metrics["all_outputs_match"] is True and metrics["temperature"] == 0.0
+    assert metrics["best_tau_config"] in ("s3_k1_n4", "s2_k2_n4") and metrics["baseline_tok_s"] > 0
+    assert (out / "plots" / "temperature.png").exists()
+    rows = {r["name"]: r for r in csv.DictReader((out / "sweep.csv").open())}
+    assert rows["s3_k1_n4_t1.0"]["outputs_match"] == "n/a" and rows["s3_k1_n4_t0.0"]["outputs_match"] == "true"
+    assert "Best SGLang command:" in proc.stdout and "| s3_k1_n4 | 0 |" in proc.stdout
+    # each point saw 2 prompts x 2 turns; turn 2 was rendered on top of the point's own first answer
+    point = json.loads((out / "points" / "s2_k2_n4_t0.0.json").read_text())
+    assert sorted((s["prompt"], s["turn"]) for s in point["extra"]["samples"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
