@@ -1,0 +1,155 @@
+"""Drafter modules, config, weights I/O and the target wrapper's aux capture."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from eaglepipe.models.build import load_drafter_weights, new_drafter, save_drafter
+from eaglepipe.models.config import DrafterConfig
+from eaglepipe.models.target import TargetWithAux
+from eaglepipe.target.info import load_hf_model
+
+V, VD, H = 500, 64, 32
+
+
+def _cfg(algorithm="eagle3", **kw):
+    return DrafterConfig(algorithm=algorithm, hidden_size=H, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, vocab_size=V,
+                         draft_vocab_size=VD if algorithm.startswith("eagle3") else V, target_hidden_size=H,
+                         aux_layers=[1, 2, 3], fc_norm=algorithm == "eagle3.1", norm_output=algorithm == "eagle3.1",
+                         max_position_embeddings=256, **kw)
+
+
+def _build(algorithm="eagle3"):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(VD) * 7
+    d2t, t2d = ids - torch.arange(VD), torch.zeros(V, dtype=torch.bool)
+    t2d[ids] = True
+    return new_drafter(_cfg(algorithm), torch.randn(V, H, generator=g), torch.randn(V, H, generator=g), d2t, t2d)
+
+
+def test_eagle3_parameter_names_are_the_sglang_names():
+    names = set(_build("eagle3.1").state_dict())
+    mid = {f"midlayer.self_attn.{p}_proj.weight" for p in "qkvo"} | {f"midlayer.mlp.{p}_proj.weight" for p in
+                                                                    ("gate", "up", "down")}
+    mid |= {f"midlayer.{n}.weight" for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm")}
+    expected = mid | {"embed_tokens.weight", "fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"} | \
+        {f"fc_norm.{i}.weight" for i in range(3)}
+    assert names == expected
+    d = _build("eagle3")
+    assert d.midlayer.self_attn.q_proj.weight.shape == (4 * 8, 2 * H)
+    assert d.fc.weight.shape == (H, 3 * H) and d.fc.bias is None
+    assert not d.embed_tokens.weight.requires_grad
+
+
+def test_eagle1_layout_and_lm_head():
+    d = _build("eagle1")
+    names = set(d.state_dict())
+    assert {"fc.weight", "fc.bias", "layers.0.self_attn.q_proj.weight", "layers.0.post_attention_layernorm.weight"} <= names
+    assert not any("input_layernorm" in n or n.startswith("norm") or "lm_head" in n for n in names)
+    x = torch.randn(1, 3, H)
+    torch.testing.assert_close(d.logits(x), x @ d.lm_head_weight.t())
+
+
+def test_lm_head_initialised_from_target_rows_at_draft_ids():
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(V, H, generator=g)
+    ids = torch.tensor([3, 10, 11, 400])
+    d2t, t2d = ids - torch.arange(4), torch.zeros(V, dtype=torch.bool)
+    t2d[ids] = True
+    cfg = _cfg()
+    cfg.draft_vocab_size = 4
+    d = new_drafter(cfg, torch.randn(V, H, generator=g), head, d2t, t2d)
+    torch.testing.assert_close(d.lm_head.weight.data, head[ids])
+    assert d.to_target_ids(torch.tensor([0, 3])).tolist() == [3, 400]
+    r = new_drafter(cfg, torch.randn(V, H, generator=g), head, d2t, t2d, lm_head_init="random")
+    assert not torch.allclose(r.lm_head.weight, head[ids])
+
+
+@pytest.mark.parametrize("algorithm", ["eagle3", "eagle3.1", "eagle1"])
+def test_step_with_cache_equals_one_full_step(algorithm):
+    d = _build(algorithm).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (2, 7), generator=g)
+    hidden = torch.randn(2, 7, H, generator=g)
+    pos = torch.arange(7).expand(2, 7)
+    full_h, full_logits, _ = d.step(ids, hidden, pos)
+    h1, l1, kv = d.step(ids[:, :4], hidden[:, :4], pos[:, :4])
+    h2, l2, kv2 = d.step(ids[:, 4:], hidden[:, 4:], pos[:, 4:], past_kv=kv)
+    torch.testing.assert_close(torch.cat([l1, l2], 1), full_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([h1, h2], 1), full_h, rtol=1e-5, atol=1e-5)
+    assert kv2[0].shape == (2, 2, 7, 8)
+    with pytest.raises(ValueError, match="attn_mask"):
+        d.step(ids, hidden, pos, attn_mask=torch.ones(2, 1, 7, 3, dtype=torch.bool))
+
+
+def test_norm_output_feeds_the_post_norm_state():
+    d3, d31 = _build("eagle3"), _build("eagle3.1")
+    x = torch.randn(1, 2, H) * 5
+    torch.testing.assert_close(d3.next_state(x), x)
+    torch.testing.assert_close(d31.next_state(x), d31.norm(x))
+    aux = torch.randn(1, 2, 3 * H)
+    chunks = aux.split(H, -1)
+    expected = d31.fc(torch.cat([n(c) for n, c in zip(d31.fc_norm, chunks)], -1))
+    torch.testing.assert_close(d31.fuse(aux), expected)
+
+
+def test_config_json_roundtrip_and_unknown_keys(tmp_path):
+    cfg = _cfg("eagle3.1", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+    assert DrafterConfig.from_json(cfg.to_json()) == cfg
+    (tmp_path / "c.json").write_text(cfg.to_json())
+    assert DrafterConfig.from_json(tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="unknown keys"):
+        DrafterConfig.from_json('{"algorithm": "eagle3", "bogus": 1}')
+    with pytest.raises(ValueError, match="algorithm"):
+        DrafterConfig(algorithm="medusa")
+
+
+def test_weights_roundtrip_and_sglang_layers0_names(tmp_path):
+    d = _build("eagle3")
+    save_drafter(d, tmp_path / "ours")
+    e = _build("eagle3")
+    with torch.no_grad():
+        for p in e.parameters():
+            p.zero_()
+    load_drafter_weights(e, tmp_path / "ours" / "model.safetensors")
+    for k, v in d.state_dict().items():
+        torch.testing.assert_close(e.state_dict()[k], v)
+    # an SGLang-style export: layers.0.* names, no embed_tokens
+    state = {k.replace("midlayer.", "layers.0."): v for k, v in d.state_dict().items() if k != "embed_tokens.weight"}
+    save_file(state, str(tmp_path / "sg.safetensors"))
+    f = _build("eagle3")
+    load_drafter_weights(f, tmp_path / "sg.safetensors")
+    torch.testing.assert_close(f.midlayer.self_attn.q_proj.weight, d.midlayer.self_attn.q_proj.weight)
+    bad = dict(load_file(str(tmp_path / "ours" / "model.safetensors")))
+    bad["fc.weight"] = torch.zeros(3, 3)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="fc.weight has shape"):
+        load_drafter_weights(f, tmp_path / "bad.safetensors")
+
+
+def test_aux_capture_equals_hf_hidden_states(tiny_llama_dir):
+    model = load_hf_model(tiny_llama_dir)
+    n = model.config.num_hidden_layers
+    layers = [0, 2, n // 2, n - 3, n]
+    target = TargetWithAux(model, layers)
+    ids = torch.randint(0, 2000, (2, 11), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(11).expand(2, 11)
+    aux, final = target(ids, pos)
+    ref = model(ids, output_hidden_states=True)
+    hs, h = ref.hidden_states, model.config.hidden_size
+    for j, i in enumerate(layers[:-1]):
+        torch.testing.assert_close(aux[..., j * h:(j + 1) * h], hs[i], rtol=0, atol=0)
+    # h[N] is captured before the final norm; HF's hidden_states[-1] is after it
+    pre = aux[..., -h:]
+    torch.testing.assert_close(model.model.norm(pre), hs[n])
+    assert not torch.allclose(pre, hs[n])
+    torch.testing.assert_close(final, hs[n])
+    draft_ids = torch.tensor([5, 17, 900])
+    logits, argmax = target.label_logits(final.reshape(-1, h), draft_ids, chunk=7)
+    torch.testing.assert_close(logits, ref.logits.reshape(-1, ref.logits.shape[-1])[:, draft_ids], rtol=1e-5, atol=1e-5)
+    assert argmax.tolist() == ref.logits.reshape(-1, ref.logits.shape[-1]).argmax(-1).tolist()
+    with pytest.raises(ValueError, match="outside"):
+        TargetWithAux(model, [n + 1])
