@@ -97,11 +97,11 @@ def parse_turns(record: Any, stats: NormalizeStats) -> list[dict[str, str]]:
     return out
 
 
-def repair_and_validate(turns: list[dict[str, str]], drop_system: bool, stats: NormalizeStats) -> list[dict[str, str]]:
-    """Apply the documented repairs, then check: optional leading system, user/assistant alternating from a user
-    turn, ending on an assistant turn."""
+def repair_and_validate(turns: list[dict[str, str]], drop_system: bool, repairs: Counter) -> list[dict[str, str]]:
+    """Apply the documented repairs (counted in `repairs`), then check: optional leading system, user/assistant
+    alternating from a user turn, ending on an assistant turn."""
     if drop_system and any(t["role"] == "system" for t in turns):
-        stats.repairs["dropped_system_turns"] += sum(t["role"] == "system" for t in turns)
+        repairs["dropped_system_turns"] += sum(t["role"] == "system" for t in turns)
         turns = [t for t in turns if t["role"] != "system"]
     if any(t["role"] == "system" for t in turns[1:]):
         pos = next(i for i, t in enumerate(turns) if i > 0 and t["role"] == "system")
@@ -111,15 +111,15 @@ def repair_and_validate(turns: list[dict[str, str]], drop_system: bool, stats: N
     for t in body:
         if merged and merged[-1]["role"] == t["role"]:
             merged[-1] = {"role": t["role"], "content": merged[-1]["content"] + "\n\n" + t["content"]}
-            stats.repairs["merged_consecutive_turns"] += 1
+            repairs["merged_consecutive_turns"] += 1
         else:
             merged.append(dict(t))
     if merged and merged[0]["role"] == "assistant":
         merged = merged[1:]
-        stats.repairs["dropped_leading_assistant_turns"] += 1
+        repairs["dropped_leading_assistant_turns"] += 1
     if merged and merged[-1]["role"] == "user":
         merged = merged[:-1]
-        stats.repairs["dropped_trailing_user_turns"] += 1
+        repairs["dropped_trailing_user_turns"] += 1
     if not any(t["role"] == "assistant" for t in merged):
         raise Rejected("no assistant turn", "no assistant turn answers a user turn")
     return head + merged
@@ -138,12 +138,14 @@ def normalize_rows(rows: Iterable[tuple[str, int, str]], drop_system: bool, stat
                 record = json.loads(text)
             except json.JSONDecodeError as e:
                 raise Rejected("malformed JSON", f"malformed JSON: {e.msg} at character {e.pos}") from None
-            messages = repair_and_validate(parse_turns(record, stats), drop_system, stats)
+            repairs: Counter = Counter()
+            messages = repair_and_validate(parse_turns(record, stats), drop_system, repairs)
         except Rejected as r:
             stats.rejected[r.reason] += 1
             rejects.append({"id": rid, "source": source, "row": row, "reason": r.reason, "detail": r.detail})
             continue
         stats.rows_out += 1
+        stats.repairs.update(repairs)
         per_source["rows_out"] += 1
         stats.turns_out += len(messages)
         stats.assistant_turns_out += sum(m["role"] == "assistant" for m in messages)
