@@ -3,7 +3,9 @@
 For every assistant turn i the template renders `messages[:i]` with the generation prompt; that text must be a
 prefix of the whole conversation's rendering, and the assistant's reply starts right where it ends. The reply
 runs to the template's end-of-turn token (found once by rendering a probe conversation), which is supervised
-too because the drafter must learn to predict it. Role headers, the generation prompt, system and user turns
+too because the drafter must learn to predict it. A token that straddles a span boundary (a template whose
+generation prompt ends in a space that BPE merges into the reply's first word) is supervised and counted.
+Role headers, the generation prompt, system and user turns
 and whatever the template puts after the end-of-turn token (e.g. ChatML's newline) stay unsupervised. No
 per-model patterns: ChatML, Llama-3 and other templates work the same way.
 """
@@ -110,7 +112,7 @@ class ChatMasker:
         misaligned = 0
         starts, ends = offsets[:, 0], offsets[:, 1]
         for a, b in self.supervised_spans(messages, text, char_limit):
-            mask[(starts >= a) & (starts < b)] = 1
+            mask[(starts < b) & (ends > a)] = 1
             misaligned += int(((starts < a) & (ends > a)).sum() + ((starts < b) & (ends > b)).sum())
         return MaskedSample(ids, mask, truncated, misaligned)
 

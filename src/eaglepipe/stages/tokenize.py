@@ -50,6 +50,9 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
     res = tokenize_conversations(masker, read_conversations(chat_dir), cfg.data.seq_length, total)
     for reason, err in res.first_errors.items():
         log.warning("%d conversations dropped (%s), first: %s", res.dropped[reason], reason, err)
+    if res.misaligned_tokens:
+        log.warning("%d supervised tokens straddle the start or end of an assistant span (the template's generation "
+                    "prompt merges with the reply in tokenization); they are kept in the loss", res.misaligned_tokens)
     if not res.samples:
         raise StageError(f"no conversation of {res.conversations_in} produced a supervised token "
                          f"(dropped: {dict(res.dropped)}); check the chat template and data.seq_length")
