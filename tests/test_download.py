@@ -167,4 +167,6 @@ def test_split_files_picks_the_split():
     single = ["ShareGPT_V3_unfiltered_cleaned_split.json", "sg_90k_part1.json"]
     assert split_files(single, "train") == sorted(single)
     assert split_files(single, "test") == []
-    assert split_files(["a/train.jsonl", "b/train.jsonl"], "train", subset="b") == ["b/train.jsonl"]
+    assert split_files(["a/train.jsonl", "b/train.jsonl"], "train", data_files="b/*") == ["b/train.jsonl"]
+    assert split_files(single + ["ShareGPT_V4.3_unfiltered_cleaned_split.json"], "train",
+                       data_files="ShareGPT_V4.3_*.json") == ["ShareGPT_V4.3_unfiltered_cleaned_split.json"]

@@ -53,9 +53,10 @@ class SourceCfg:
     kind: str = "packaged_sharegpt"
     path: str = ""
     split: str = "train"
-    # hub only: dataset revision (branch, tag or commit; null = main) and a folder/config name to read from
+    # hub only: dataset revision (branch, tag or commit; null = main) and a glob over the repo's file paths
+    # choosing the data files (e.g. "ShareGPT_V4.3_*.json" or "en/*.parquet"; null = the split's files)
     revision: Optional[str] = None
-    subset: Optional[str] = None
+    data_files: Optional[str] = None
     # relative mixing weight (used when data.max_samples is set and samples is null)
     weight: float = 1.0
     # exact number of rows to take from this source (overrides weight)

@@ -26,7 +26,7 @@ def read_source(src: SourceCfg) -> SourceRecords:
     if src.kind == "hub":
         from .hub_dataset import read_hub_dataset
 
-        return read_hub_dataset(src.name, src.path, src.split, src.revision, src.subset)
+        return read_hub_dataset(src.name, src.path, src.split, src.revision, src.data_files)
     raise ValueError(f"unknown source kind {src.kind!r}")
 
 

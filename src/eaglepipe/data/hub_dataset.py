@@ -1,6 +1,7 @@
 """A hub dataset source: pick the repo's files for a split, download them with huggingface_hub, and slice."""
 from __future__ import annotations
 
+import fnmatch
 import logging
 import re
 from pathlib import Path, PurePosixPath
@@ -14,17 +15,18 @@ log = logging.getLogger("eaglepipe.data")
 PARQUET_BRANCH = "refs/convert/parquet"
 
 
-def split_files(repo_files: list[str], split: str, subset: Optional[str] = None) -> list[str]:
+def split_files(repo_files: list[str], split: str, data_files: Optional[str] = None) -> list[str]:
     """The data files of `split` among a dataset repo's files (sorted).
 
-    A file belongs to the split when a folder in its path is named like the split or its name starts with
-    the split followed by '-', '.' or nothing (so `train` does not take `train_sft-*`). A repo without
-    split-named files is a single split, served only as `train`. Parquet wins when a split has both.
+    `data_files` (a glob over repo paths) picks the files directly, whatever the split. Otherwise a file
+    belongs to the split when a folder in its path is named like the split or its name starts with the split
+    followed by '-', '.' or nothing (so `train` does not take `train_sft-*`). A repo without split-named files
+    is a single split, served only as `train`. Parquet wins when a split has both.
     """
     files = [f for f in repo_files if PurePosixPath(f).suffix.lower() in DATA_SUFFIXES
              and not any(p.startswith(".") for p in PurePosixPath(f).parts)]
-    if subset:
-        files = [f for f in files if subset in PurePosixPath(f).parts[:-1]]
+    if data_files:
+        return sorted(f for f in files if fnmatch.fnmatch(f, data_files))
     stem_re = re.compile(rf"^{re.escape(split)}(?:[-.].*)?$")
     chosen = [f for f in files if split in PurePosixPath(f).parts[:-1]
               or stem_re.match(PurePosixPath(f).name.split(".")[0])]
@@ -37,7 +39,7 @@ def split_files(repo_files: list[str], split: str, subset: Optional[str] = None)
 
 
 def read_hub_dataset(name: str, repo_id: str, split: str, revision: Optional[str] = None,
-                     subset: Optional[str] = None) -> SourceRecords:
+                     data_files: Optional[str] = None) -> SourceRecords:
     """Download the files of `split` (with `[a:b]` slicing) from a hub dataset repo and read their records.
 
     Authentication and the cache location follow huggingface_hub (HF_TOKEN, HF_HOME, HF_HUB_OFFLINE).
@@ -49,14 +51,14 @@ def read_hub_dataset(name: str, repo_id: str, split: str, revision: Optional[str
     api = HfApi()
     info = api.dataset_info(repo_id, revision=revision)
     sha = info.sha
-    files = split_files(api.list_repo_files(repo_id, repo_type="dataset", revision=sha), spec.name, subset)
+    files = split_files(api.list_repo_files(repo_id, repo_type="dataset", revision=sha), spec.name, data_files)
     if not files:
         log.info("%s has no raw files for split %s; trying its parquet conversion", repo_id, spec.name)
         sha = PARQUET_BRANCH
-        files = split_files(api.list_repo_files(repo_id, repo_type="dataset", revision=sha), spec.name, subset)
+        files = split_files(api.list_repo_files(repo_id, repo_type="dataset", revision=sha), spec.name, data_files)
     if not files:
         raise FileNotFoundError(f"dataset {repo_id} has no .parquet/.jsonl/.json files for split {spec.name!r}"
-                                + (f" under {subset!r}" if subset else ""))
+                                + (f" matching {data_files!r}" if data_files else ""))
     limit = None if spec.needs_total else spec.bounds(10**18)[1]
     out = SourceRecords(name)
     for filename in files:
