@@ -42,6 +42,8 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    # generate exactly max_new_tokens (an SGLang/vLLM extension; benchmarks use it for equal work)
+    ignore_eos: bool = False
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float = 30.0) -> float:
@@ -109,6 +111,8 @@ class ChatClient:
                                 "top_p": sampling.top_p, "n": 1, "stream": False}
         if seed is not None:
             body["seed"] = seed
+        if sampling.ignore_eos:
+            body["ignore_eos"] = True
         data = await self._request_json("POST", "/v1/chat/completions", body)
         try:
             choice = data["choices"][0]

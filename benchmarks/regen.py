@@ -1,0 +1,210 @@
+"""Regeneration throughput (output tok/s): the regen client through `eaglepipe.serve` vs HF batched generate.
+
+    python benchmarks/regen.py --model results/<exp>/target            # on a GPU; appends to RESULTS.md
+    python benchmarks/regen.py --model <tiny HF dir> --smoke           # quick CPU check
+
+The same ShareGPT first-turn prompts (chat template applied, prompts over --max-prompt-tokens skipped) go
+through three paths, each producing exactly --max-new-tokens greedy tokens per prompt (EOS ignored, so the
+work is equal):
+  server   the regenerate stage's async client -> HTTP -> our server subprocess -> engine (what regen runs)
+  engine   Engine.generate in-process (the same engine without HTTP: shows what the server path costs)
+  hf       HF `generate`, left-padded batches of --hf-batch-size sorted by length
+Prints one JSON line; appends a row to benchmarks/RESULTS.md unless --smoke (or with --results PATH).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from decode import append_result_row, hardware_name, sync  # noqa: E402  (shared RESULTS.md table writer)
+from eaglepipe.data.json_stream import StreamReport, iter_json_array  # noqa: E402
+from eaglepipe.data.sources import packaged_sharegpt_path  # noqa: E402
+from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
+from eaglepipe.regen.client import ChatClient, Sampling  # noqa: E402
+from eaglepipe.regen.launch import ServerProcess, format_command, free_port, native_command  # noqa: E402
+from eaglepipe.target.info import load_hf_model, load_tokenizer, resolve_model_dir  # noqa: E402
+from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402
+
+
+def sharegpt_prompts(path: Path, n: int, tokenizer: Any, max_prompt_tokens: int
+                     ) -> tuple[list[list[dict[str, str]]], list[list[int]]]:
+    """The first `n` ShareGPT conversations' opening human turns, as messages and as chat-template token ids."""
+    messages, ids = [], []
+    for record, _ in iter_json_array(path, StreamReport()):
+        turns = record.get("conversations") or [] if isinstance(record, dict) else []
+        first = turns[0] if turns and isinstance(turns[0], dict) else {}
+        text = first.get("value")
+        if first.get("from") not in ("human", "user") or not isinstance(text, str) or not text.strip():
+            continue
+        msgs = [{"role": "user", "content": text}]
+        prompt = tokenizer(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+        if len(prompt) > max_prompt_tokens:
+            continue
+        messages.append(msgs)
+        ids.append(prompt)
+        if len(ids) == n:
+            break
+    if len(ids) < n:
+        raise SystemExit(f"only {len(ids)} usable prompts in {path} (asked for {n})")
+    return messages, ids
+
+
+async def client_run(url: str, messages: list[list[dict[str, str]]], sampling: Sampling, concurrency: int
+                     ) -> tuple[float, int]:
+    """(seconds, completion tokens) for all requests through the regen ChatClient with bounded concurrency."""
+    sem = asyncio.Semaphore(concurrency)
+    async with ChatClient(url, concurrency=concurrency, timeout_s=3600, max_retries=2, backoff_s=0.5) as client:
+        await client.served_model()
+        bar = tqdm(total=len(messages), desc="server", unit="req", disable=None)
+
+        async def one(msgs: list[dict[str, str]]) -> int:
+            async with sem:
+                answer = await client.chat(msgs, sampling)
+            bar.update(1)
+            return answer.completion_tokens
+
+        start = time.perf_counter()
+        tokens = await asyncio.gather(*(one(m) for m in messages))
+        seconds = time.perf_counter() - start
+        bar.close()
+    return seconds, sum(tokens)
+
+
+def bench_server(model_dir: Path, args: argparse.Namespace, messages: list[list[dict[str, str]]],
+                 log_dir: Path) -> dict[str, Any]:
+    """Start `eaglepipe.serve`, warm it up, and time the regen client over every prompt."""
+    port = free_port()
+    cmd = native_command(model_dir, port, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                         device=args.device)
+    server = ServerProcess(cmd, f"http://127.0.0.1:{port}", log_dir / "regen-bench-server.log")
+    with server:
+        server.wait_healthy(900)
+        sampling = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens, ignore_eos=True)
+        warm = messages[:min(len(messages), args.max_batch_size)]
+        asyncio.run(client_run(server.base_url, warm, Sampling(0.0, 1.0, 8, True), args.concurrency))
+        seconds, tokens = asyncio.run(client_run(server.base_url, messages, sampling, args.concurrency))
+    return {"server_tok_s": round(tokens / seconds, 1), "server_seconds": round(seconds, 2),
+            "server_completion_tokens": tokens, "server_command": format_command(cmd)}
+
+
+def bench_engine(model_dir: Path, device: torch.device, args: argparse.Namespace, prompts: list[list[int]]
+                 ) -> dict[str, Any]:
+    """Engine.generate over every prompt in-process (no HTTP)."""
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    with Engine(model_dir, device=device, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                cuda_graphs=device.type == "cuda") as engine:
+        engine.generate(prompts[:args.max_batch_size], SamplingParams(max_new_tokens=8, ignore_eos=True))
+        sync(device)
+        start = time.perf_counter()
+        results = engine.generate(prompts, params, progress=True)
+        sync(device)
+        seconds = time.perf_counter() - start
+    tokens = sum(r.completion_tokens for r in results)
+    return {"engine_tok_s": round(tokens / seconds, 1), "engine_seconds": round(seconds, 2)}
+
+
+def bench_hf(model_dir: Path, device: torch.device, args: argparse.Namespace, prompts: list[list[int]],
+             pad_id: int) -> dict[str, Any]:
+    """HF generate in left-padded batches (sorted by length to limit padding), exactly max_new_tokens each."""
+    model = load_hf_model(model_dir, device, compute_dtype(device))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[i:i + args.hf_batch_size] for i in range(0, len(order), args.hf_batch_size)]
+
+    def run(batch: list[int], new_tokens: int) -> int:
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
+        return (out.shape[1] - width) * len(batch)
+
+    run(batches[0][:8], 8)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    tokens = sum(run(b, args.max_new_tokens) for b in tqdm(batches, desc="hf", unit="batch", disable=None))
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"hf_tok_s": round(tokens / seconds, 1), "hf_seconds": round(seconds, 2)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model dir or fetch_target output dir")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--prompts", type=int, default=2000)
+    ap.add_argument("--sharegpt", type=Path, default=None, help="ShareGPT JSON (default: the packaged one)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=1024, help="skip longer prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-batch-size", type=int, default=256, help="engine KV slots")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--concurrency", type=int, default=1024, help="requests in flight from the client")
+    ap.add_argument("--hf-batch-size", type=int, default=256)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["server", "engine", "hf"], help="paths to leave out")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run: 12 prompts, 8 tokens, batch 4")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="RESULTS.md to append to (default benchmarks/RESULTS.md; --smoke writes only if given)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.device, args.prompts, args.max_new_tokens = "cpu", 12, 8
+        args.max_batch_size, args.concurrency, args.hf_batch_size, args.max_model_len = 4, 8, 4, 1024
+        args.max_prompt_tokens = 256
+    if args.max_prompt_tokens + args.max_new_tokens > args.max_model_len:
+        raise SystemExit("--max-prompt-tokens + --max-new-tokens must fit in --max-model-len")
+    device = pick_device(args.device)
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = load_tokenizer(model_dir)
+    messages, prompts = sharegpt_prompts(args.sharegpt or packaged_sharegpt_path(), args.prompts, tokenizer,
+                                         args.max_prompt_tokens)
+    record: dict[str, Any] = {
+        "bench": "regen", "model": str(args.model), "device": hardware_name(device),
+        "dtype": str(compute_dtype(device)), "prompts": len(prompts),
+        "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1), "max_new_tokens": args.max_new_tokens,
+        "max_batch_size": args.max_batch_size, "concurrency": args.concurrency, "hf_batch_size": args.hf_batch_size}
+    if "server" not in args.skip:
+        with tempfile.TemporaryDirectory(prefix="regen-bench-") as log_dir:
+            record.update(bench_server(model_dir, args, messages, Path(log_dir)))
+    if "engine" not in args.skip:
+        record.update(bench_engine(model_dir, device, args, prompts))
+    if "hf" not in args.skip:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        record.update(bench_hf(model_dir, device, args, prompts, pad))
+    if "server_tok_s" in record and "hf_tok_s" in record:
+        record["server_speedup_vs_hf"] = round(record["server_tok_s"] / record["hf_tok_s"], 2)
+    if "server_tok_s" in record and "engine_tok_s" in record:
+        record["server_fraction_of_engine"] = round(record["server_tok_s"] / record["engine_tok_s"], 3)
+    print(json.dumps(record), flush=True)
+
+    results = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
+    if results is not None and "server_tok_s" in record:
+        command = "python benchmarks/regen.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        result = (f"regen client -> server -> engine {record['server_tok_s']} output tok/s, {len(prompts)} ShareGPT "
+                  f"prompts x {args.max_new_tokens} tokens greedy, {record['dtype']}, batch {args.max_batch_size}, "
+                  f"concurrency {args.concurrency}")
+        baselines = "; ".join(part for part in (
+            f"engine in-process {record['engine_tok_s']} tok/s" if "engine_tok_s" in record else "",
+            f"HF batched generate (batch {args.hf_batch_size}) {record['hf_tok_s']} tok/s"
+            if "hf_tok_s" in record else "") if part)
+        append_result_row(results, "regen throughput", record["device"], command, result, baselines or "none")
+    return record
+
+
+if __name__ == "__main__":
+    main()
