@@ -15,8 +15,10 @@ from safetensors.torch import load_file, save_file
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_checkpoint(target_dir: Path, out: Path, algorithm: str, draft_vocab: int = 512, seed: int = 0) -> Path:
-    """A real drafter checkpoint (random layer weights, the target's embedding) in train/checkpoints/ layout."""
+def make_checkpoint(target_dir: Path, out: Path, algorithm: str, draft_vocab: int = 512, seed: int = 0,
+                    include_ids: list[int] | None = None) -> Path:
+    """A real drafter checkpoint (random layer weights, the target's embedding) in train/checkpoints/ layout.
+    The draft vocabulary holds `include_ids` and random other ids."""
     from eaglepipe.models.build import new_drafter, save_drafter
     from eaglepipe.models.config import DrafterConfig
     from eaglepipe.target.info import describe_model
@@ -27,7 +29,11 @@ def make_checkpoint(target_dir: Path, out: Path, algorithm: str, draft_vocab: in
     embed = weights["model.embed_tokens.weight"]
     lm_head = weights.get("lm_head.weight", embed)
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randperm(info["vocab_size"], generator=gen)[:draft_vocab].sort().values
+    chosen = torch.zeros(info["vocab_size"], dtype=torch.bool)
+    chosen[torch.tensor(include_ids or [], dtype=torch.long)] = True
+    others = torch.randperm(info["vocab_size"], generator=gen)
+    others = others[~chosen[others]][:draft_vocab - int(chosen.sum())]
+    ids = torch.cat([chosen.nonzero().flatten(), others]).sort().values
     d2t = ids - torch.arange(draft_vocab)
     t2d = torch.zeros(info["vocab_size"], dtype=torch.bool)
     t2d[ids] = True

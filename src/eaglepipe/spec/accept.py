@@ -1,0 +1,81 @@
+"""Which drafted tokens the target accepts: greedy path matching, and tree speculative sampling.
+
+Drafting is deterministic (the drafter's top-k), so the proposal distribution of each drafted token is a point
+mass. Speculative sampling with a point-mass proposal accepts token x with probability p(x) and otherwise
+continues with the residual norm(max(p - q, 0)) = p with x removed; over several siblings this is recursive
+rejection, and the first token it emits is distributed exactly as p (the target's filtered distribution).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tree import VerifyTree
+
+
+@dataclass
+class Acceptance:
+    """Per row: verify-order indices of the accepted path (root first), the bonus token after it, and the
+    tree's tokens (host copies)."""
+
+    paths: list[list[int]]
+    bonus: list[int]
+    tree_tokens: list[list[int]]
+
+    @property
+    def accepted_lengths(self) -> list[int]:
+        """Accepted draft tokens per row (the root and the bonus token not counted)."""
+        return [len(p) - 1 for p in self.paths]
+
+
+def greedy_accept(tree: VerifyTree, target_logits: torch.Tensor) -> Acceptance:
+    """Longest path whose tokens all equal the target's argmax at their parent; one host sync.
+
+    target_logits [B, S, V] in verify order.
+    """
+    choice = target_logits.argmax(dim=-1)  # [B, S]
+    correct = tree.tokens == choice.gather(1, tree.parents)
+    correct[:, 0] = True
+    ok = ~(tree.ancestors & ~correct[:, None, :]).any(dim=-1)  # every node on the path from the root matches
+    best = (tree.depths * ok).argmax(dim=-1)  # accepted nodes form one path; take its deepest node
+    path_mask = tree.ancestors.gather(1, best[:, None, None].expand(-1, 1, tree.tokens.shape[1]))[:, 0]
+    bonus = choice.gather(1, best[:, None])
+    s = tree.tokens.shape[1]
+    packed = torch.cat([path_mask.long(), bonus, tree.tokens], dim=1).tolist()  # the round's only host sync
+    paths = [[i for i, m in enumerate(row[:s]) if m] for row in packed]
+    return Acceptance(paths, [row[s] for row in packed], [row[s + 1:] for row in packed])
+
+
+def children_lists(parents: list[int]) -> list[list[int]]:
+    """Children of every node in verify order (candidate order = best draft score first among siblings)."""
+    kids: list[list[int]] = [[] for _ in parents]
+    for i, p in enumerate(parents[1:], start=1):
+        kids[p].append(i)
+    return kids
+
+
+def sample_accept_row(tokens: list[int], parents: list[int], probs: torch.Tensor,
+                      generator: torch.Generator | None) -> tuple[list[int], int]:
+    """Tree speculative sampling for one row: (accepted path in verify order, the token emitted after it).
+
+    probs [S, V]: the target's filtered next-token distribution at every node. At each node the children are
+    tried in order; child x is accepted with probability p(x) / (remaining mass), else removed from p.
+    """
+    kids = children_lists(parents)
+    node, path = 0, [0]
+    while True:
+        p = probs[node].clone()
+        accepted = None
+        for child in kids[node]:
+            x = tokens[child]
+            mass = p.sum()
+            u = torch.rand((), generator=generator, device=p.device)
+            if bool(u * mass < p[x]):
+                accepted = child
+                break
+            p[x] = 0.0
+        if accepted is None:
+            return path, int(torch.multinomial(p / p.sum(), 1, generator=generator))
+        path.append(accepted)
+        node = accepted

@@ -1,0 +1,71 @@
+"""The drafter's own KV cache across rounds: committed entries per slot, plus a scratch region for the nodes of
+the current draft tree.
+
+Slot t of a sequence holds token x_{t+1} with the target's hidden state h_t at RoPE position t, so the drafter's
+committed length always equals the target's. Tree nodes are appended after the committed entries and are
+forgotten at the next `extend`, which overwrites them with the accepted tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models.build import Drafter
+
+
+class DraftRunner:
+    """Runs `drafter.step` over a preallocated per-slot KV cache [slots, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, drafter: Drafter, max_slots: int, capacity: int, device: torch.device, dtype: torch.dtype):
+        cfg = drafter.config
+        self.drafter = drafter
+        shape = (max_slots, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.device = device
+
+    def _run(self, slots: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+             past_len: int, allowed: torch.Tensor, write_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One drafter step of S tokens per row over cache columns [0, past_len); stores the new K/V at
+        `write_pos` [B, S]. allowed bool [B, S, past_len + S]. Returns (hidden_out, logits)."""
+        past = (self.k[slots, :, :past_len], self.v[slots, :, :past_len]) if past_len else None
+        out, logits, (k, v) = self.drafter.step(ids, hidden, positions, past, allowed[:, None])
+        b, s = ids.shape
+        rows = slots[:, None].expand(b, s)
+        self.k[rows, :, write_pos] = k[:, :, past_len:].transpose(1, 2)
+        self.v[rows, :, write_pos] = v[:, :, past_len:].transpose(1, 2)
+        return out, logits
+
+    @torch.inference_mode()
+    def extend(self, slots: torch.Tensor, lengths: torch.Tensor, max_length: int, ids: torch.Tensor,
+               hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Commit new tokens after each row's `lengths` (causal; `max_length` = lengths.max() known on the host).
+        Rows may be right-padded: padded queries are ignored by the caller and padded keys lie beyond the
+        committed length, so no real query ever sees them. Returns (hidden_out, logits) [B, S, ...]."""
+        b, s = ids.shape
+        cols = torch.arange(s, device=self.device)
+        key = torch.arange(max_length + s, device=self.device)
+        new = key - max_length
+        allowed = (key[None, None, :] < lengths[:, None, None]) | (
+            (new[None, None, :] >= 0) & (new[None, None, :] <= cols[None, :, None]))
+        positions = lengths[:, None] + cols[None, :]
+        return self._run(slots, ids, hidden, positions, max_length, allowed, positions)
+
+    @torch.inference_mode()
+    def tree_step(self, slots: torch.Tensor, lengths: torch.Tensor, max_length: int, ids: torch.Tensor,
+                  hidden: torch.Tensor, depth: int, node_start: int,
+                  ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft the children of F frontier nodes at tree `depth` (>= 1), stored as scratch nodes
+        node_start..node_start+F-1. ancestors bool [B, F, node_start + F]: the scratch nodes (self included)
+        each frontier node sees. Returns (hidden_out, logits) [B, F, ...]."""
+        b, f = ids.shape
+        past_len = max_length + node_start
+        rel = torch.arange(past_len, device=self.device)[None, :] - lengths[:, None]  # [B, past_len]
+        allowed_past = (rel < 0)[:, None, :].expand(b, f, past_len)
+        if node_start:
+            seen = ancestors[:, :, :node_start].gather(2, rel.clamp(0, node_start - 1)[:, None, :].expand(b, f, -1))
+            allowed_past = allowed_past | (seen & ((rel >= 0) & (rel < node_start))[:, None, :])
+        allowed = torch.cat([allowed_past, ancestors[:, :, node_start:]], dim=2)
+        positions = (lengths + depth - 1)[:, None].expand(b, f)
+        write = lengths[:, None] + node_start + torch.arange(f, device=self.device)[None, :]
+        return self._run(slots, ids, hidden, positions, past_len, allowed, write)

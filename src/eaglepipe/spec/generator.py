@@ -1,0 +1,252 @@
+"""`SpeculativeGenerator`: EAGLE chain/tree speculative decoding on the native engine's LlamaRunner.
+
+Each round: the drafter proposes a tree (num_steps deep, topk wide, EAGLE-2 expansion), the best
+num_draft_tokens-1 nodes plus the root are verified in ONE target forward with a tree mask, the longest
+accepted path is committed to the target's KV cache (the rest rolled back), and the drafter's cache is
+extended with the accepted tokens, fed the target's hidden states from that same verify forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.model import LlamaRunner, rms_norm
+from ..engine.sampling import SamplingParams, filtered_probs, make_generator, sample_rows
+from .accept import greedy_accept, sample_accept_row
+from .config import SpecConfig
+from .draft_runner import DraftRunner
+from .drafter_loader import LoadedDrafter, load_exported_drafter
+from .tree import Candidates, VerifyTree, best_frontier, expand, select_tree
+
+OnTokens = Callable[[list[int]], bool]
+
+
+@dataclass
+class SpecStats:
+    """Counters since the last reset: verification rounds, tokens emitted by them, and how many rounds
+    accepted a draft token at each depth (position 1 = the first drafted token)."""
+
+    rounds: int = 0
+    tokens: int = 0
+    accepted_at: list[int] = field(default_factory=list)
+
+    @property
+    def tau(self) -> float:
+        """Tokens per verification round, the bonus token included."""
+        return self.tokens / self.rounds if self.rounds else 0.0
+
+    def acceptance_rates(self) -> list[float]:
+        """P(draft position k accepted) per round, k = 1..num_steps."""
+        return [a / self.rounds if self.rounds else 0.0 for a in self.accepted_at]
+
+
+@dataclass
+class _Rows:
+    """Device state of the rows decoded together."""
+
+    slots: list[int]
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    on_tokens: list[OnTokens]
+    roots: list[int]
+    verify_ct: dict[int, int]  # slot -> verification rounds so far (shared by all row subsets of one batch)
+    draft_hidden: torch.Tensor  # [B, H] drafter state after the root
+    draft_logits: torch.Tensor  # [B, V_d] drafter logits after the root
+
+
+class SpeculativeGenerator:
+    """Speculative decoding with an exported SGLang-format drafter over the engine's LlamaRunner.
+
+    `spec`: SpecConfig or dict(num_steps, topk, num_draft_tokens) in SGLang semantics (default 3, 1, 4).
+    """
+
+    def __init__(self, runner: LlamaRunner, draft_dir: str | Path, spec: SpecConfig | dict | None = None,
+                 drafter: LoadedDrafter | None = None):
+        self.runner = runner
+        self.spec = SpecConfig.from_any(spec)
+        self.loaded = drafter or load_exported_drafter(draft_dir, runner.model_dir, runner.device, runner.dtype,
+                                                       target_embed=runner.weights.embed,
+                                                       target_lm_head=runner.weights.lm_head)
+        cfg = self.loaded.config
+        if cfg.vocab_size != runner.spec.vocab_size:
+            raise ValueError(f"the drafter's vocab ({cfg.vocab_size}) differs from the target's "
+                             f"({runner.spec.vocab_size})")
+        self.drafter = self.loaded.model
+        self.eagle3 = cfg.is_eagle3
+        self.capture = list(cfg.aux_layers) if self.eagle3 else [runner.spec.num_layers]
+        capacity = runner.max_len + self.spec.num_steps * self.spec.topk + self.spec.num_steps + 2
+        self.draft = DraftRunner(self.drafter, runner.max_slots, capacity, runner.device, runner.dtype)
+        self.stats = SpecStats(accepted_at=[0] * self.spec.num_steps)
+
+    def reset_stats(self) -> None:
+        """Zero the round/acceptance counters."""
+        self.stats = SpecStats(accepted_at=[0] * self.spec.num_steps)
+
+    # ------------------------------------------------------------------ engine hook
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, slot: int, on_tokens: OnTokens) -> int:
+        """Decode one request in `slot`; `on_tokens(new)` returns True to stop. Returns spec_verify_ct."""
+        return self.generate_batch([prompt_ids], [params], [slot], [on_tokens])[0]
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                       slots: Sequence[int], on_tokens: Sequence[OnTokens],
+                       generators: Sequence[torch.Generator | None] | None = None) -> list[int]:
+        """Decode several requests in lockstep (one verify forward per round for all). Returns spec_verify_ct
+        per request: the number of verification rounds it took part in."""
+        if not (len(prompts) == len(params) == len(slots) == len(on_tokens)) or not prompts:
+            raise ValueError("generate_batch needs one params, slot and callback per prompt")
+        gens = list(generators) if generators is not None else [make_generator(p, self.runner.device) for p in params]
+        verify_ct = {s: 0 for s in slots}
+        rows = self._prefill(prompts, list(params), list(slots), gens, list(on_tokens), verify_ct)
+        while rows is not None:
+            rows = self._round(rows)
+        return [verify_ct[s] for s in slots]
+
+    # ------------------------------------------------------------------ pieces
+    def _draft_hidden(self, aux: torch.Tensor) -> torch.Tensor:
+        """What the drafter is fed from the target: fused aux layers (EAGLE-3) or the final post-norm hidden
+        state (EAGLE-1/2, as the target's lm_head consumes it and as SGLang hands it over)."""
+        if self.eagle3:
+            return self.drafter.fuse(aux)
+        return rms_norm(aux, self.runner.weights.norm, self.runner.spec.rms_norm_eps)
+
+    def _drafter_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.loaded.hot_ids is not None:
+            logits = logits[..., self.loaded.hot_ids]
+        return F.log_softmax(logits, dim=-1)
+
+    def _to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        if self.loaded.hot_ids is not None:
+            return self.loaded.hot_ids[draft_ids]
+        return self.drafter.to_target_ids(draft_ids)
+
+    def _prefill(self, prompts: Sequence[Sequence[int]], params: list[SamplingParams], slots: list[int],
+                 gens: list[torch.Generator | None], on_tokens: list[OnTokens],
+                 verify_ct: dict[int, int]) -> _Rows | None:
+        """Prefill the target (capturing the drafter's inputs), emit the first token, prefill the drafter."""
+        out = self.runner.prefill(prompts, slots, capture_layers=self.capture)
+        first = sample_rows(out.last_logits, params, gens).tolist()
+        dev = self.runner.device
+        hidden, logits, keep = [], [], []
+        for i, (prompt, slot, tok) in enumerate(zip(prompts, slots, first)):
+            ids = torch.tensor([list(prompt[1:]) + [tok]], dtype=torch.long, device=dev)
+            fused = self._draft_hidden(out.aux_hidden[i][None])
+            h, lg = self.draft.extend(torch.tensor([slot], device=dev), torch.zeros(1, dtype=torch.long, device=dev),
+                                      0, ids, fused)
+            if not on_tokens[i]([tok]):
+                keep.append(i)
+                hidden.append(h[0, -1])
+                logits.append(lg[0, -1])
+        if not keep:
+            return None
+        return _Rows([slots[i] for i in keep], [params[i] for i in keep], [gens[i] for i in keep],
+                     [on_tokens[i] for i in keep], [first[i] for i in keep], verify_ct,
+                     torch.stack(hidden), torch.stack(logits))
+
+    def _draft_tree(self, rows: _Rows, lengths: torch.Tensor, max_length: int, keep: int) -> VerifyTree:
+        """Propose candidates for every row and keep the best `keep` of them (EAGLE-2)."""
+        k, steps, dev = self.spec.topk, self.spec.num_steps, self.runner.device
+        b = len(rows.slots)
+        slots_t = torch.tensor(rows.slots, device=dev)
+        ids, scores = expand(torch.zeros(b, 1, device=dev), self._drafter_logprobs(rows.draft_logits)[:, None], k)
+        tokens = [self._to_target_ids(ids)]
+        all_scores = [scores]
+        parents = [torch.full((b, k), -1, dtype=torch.long, device=dev)]
+        depths = [torch.ones(b, k, dtype=torch.long, device=dev)]
+        frontier_cand = torch.arange(k, device=dev).expand(b, k)  # candidate ids of the frontier
+        frontier_hidden = rows.draft_hidden[:, None].expand(b, k, -1)
+        frontier_tokens, frontier_scores = tokens[0], scores
+        scratch = (steps - 1) * k
+        frontier_anc = torch.zeros(b, k, max(scratch, 1), dtype=torch.bool, device=dev)
+        n_cand = k
+        for depth in range(1, steps):
+            start = (depth - 1) * k
+            frontier_anc[:, :, start:start + k] |= torch.eye(k, dtype=torch.bool, device=dev)
+            h, lg = self.draft.tree_step(slots_t, lengths, max_length, frontier_tokens, frontier_hidden, depth, start,
+                                         frontier_anc[:, :, :start + k])
+            ids, scores = expand(frontier_scores, self._drafter_logprobs(lg), k)  # [B, k*k]
+            tokens.append(self._to_target_ids(ids))
+            all_scores.append(scores)
+            parent_slot = torch.arange(k, device=dev).repeat_interleave(k).expand(b, -1)  # frontier index
+            parents.append(frontier_cand.gather(1, parent_slot))
+            depths.append(torch.full((b, k * k), depth + 1, dtype=torch.long, device=dev))
+            if depth == steps - 1:
+                break
+            best = best_frontier(scores, k)  # [B, k] among the new k*k
+            src = best // k  # which frontier node each new frontier node descends from
+            frontier_cand = n_cand + best
+            frontier_tokens, frontier_scores = tokens[-1].gather(1, best), scores.gather(1, best)
+            frontier_hidden = h.gather(1, src[..., None].expand(-1, -1, h.shape[-1]))
+            frontier_anc = frontier_anc.gather(1, src[..., None].expand(-1, -1, frontier_anc.shape[-1])).clone()
+            n_cand += k * k
+        cands = Candidates(torch.cat(tokens, 1), torch.cat(all_scores, 1), torch.cat(parents, 1), torch.cat(depths, 1))
+        root = torch.tensor(rows.roots, dtype=torch.long, device=dev)
+        return select_tree(cands, root, keep, steps)
+
+    def _round(self, rows: _Rows) -> _Rows | None:
+        """One draft-verify-commit round for all rows; returns the rows still decoding (None when all stopped)."""
+        runner, dev = self.runner, self.runner.device
+        lengths_h = [runner.lengths[s] for s in rows.slots]
+        room = min(runner.max_len - n for n in lengths_h)
+        if room < 1:
+            return None
+        keep = min(self.spec.num_draft_tokens - 1, room - 1)
+        lengths = torch.tensor(lengths_h, device=dev)
+        tree = self._draft_tree(rows, lengths, max(lengths_h), keep)
+        logits, aux = runner.forward(tree.tokens, rows.slots, positions=lengths[:, None] + tree.depths,
+                                     tree_mask=tree.ancestors, capture_layers=self.capture)
+        if all(p.greedy for p in rows.params):
+            acc = greedy_accept(tree, logits)
+            paths, bonus, tree_tokens = acc.paths, acc.bonus, acc.tree_tokens
+        else:
+            tree_tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+            paths, bonus = [], []
+            for r, p in enumerate(rows.params):
+                if p.greedy:
+                    one = greedy_accept(tree.row(r), logits[r:r + 1])
+                    paths.append(one.paths[0])
+                    bonus.append(one.bonus[0])
+                else:
+                    path, tok = sample_accept_row(tree_tokens[r], parents[r], filtered_probs(logits[r], p),
+                                                  rows.generators[r])
+                    paths.append(path)
+                    bonus.append(tok)
+        new_tokens = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
+        for r, slot in enumerate(rows.slots):
+            runner.commit(slot, paths[r])
+            rows.verify_ct[slot] += 1
+        self._count(paths)
+        # extend the drafter with the accepted tokens, fed the verify forward's hidden states
+        n_max = max(len(t) for t in new_tokens)
+        idx = torch.tensor([p + [p[-1]] * (n_max - len(p)) for p in paths], device=dev)
+        ids = torch.tensor([t + [t[-1]] * (n_max - len(t)) for t in new_tokens], device=dev)
+        hidden = self._draft_hidden(aux.gather(1, idx[..., None].expand(-1, -1, aux.shape[-1])))
+        h, lg = self.draft.extend(torch.tensor(rows.slots, device=dev), lengths, max(lengths_h), ids, hidden)
+        last = torch.tensor([len(t) - 1 for t in new_tokens], device=dev)
+        rows.draft_hidden = h[torch.arange(len(rows.slots), device=dev), last]
+        rows.draft_logits = lg[torch.arange(len(rows.slots), device=dev), last]
+        rows.roots = [t[-1] for t in new_tokens]
+        alive = [r for r in range(len(rows.slots)) if not rows.on_tokens[r](new_tokens[r])]
+        if not alive:
+            return None
+        if len(alive) < len(rows.slots):
+            rows = _select(rows, alive)
+        return rows
+
+    def _count(self, paths: list[list[int]]) -> None:
+        for path in paths:
+            self.stats.rounds += 1
+            self.stats.tokens += len(path)  # accepted drafts + the bonus token
+            for d in range(len(path) - 1):
+                self.stats.accepted_at[d] += 1
+
+
+def _select(rows: _Rows, keep: list[int]) -> _Rows:
+    idx = torch.tensor(keep, device=rows.draft_hidden.device)
+    pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+    return _Rows(pick(rows.slots), pick(rows.params), pick(rows.generators), pick(rows.on_tokens), pick(rows.roots),
+                 rows.verify_ct, rows.draft_hidden[idx], rows.draft_logits[idx])
