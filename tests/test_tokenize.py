@@ -13,7 +13,7 @@ from transformers import AddedToken, AutoTokenizer
 from eaglepipe.config import Config, to_dict
 from eaglepipe.data.chat_io import write_conversations
 from eaglepipe.data.loss_mask import ChatMasker, mark_supervised
-from eaglepipe.data.tokenize import split_train_val, tokenize_conversations
+from eaglepipe.data.tokenize import pick_workers, split_train_val, tokenize_conversations
 from eaglepipe.data.tokens_io import read_tokens
 from eaglepipe.stages import tokenize as tokenize_stage
 
@@ -193,3 +193,19 @@ def test_tokenize_cli(tiny_llama_dir, llama3_tokenizer_dir, tmp_path, capsys):
         assert stats["vocab_size"] == json.loads((target / "config.json").read_text())["vocab_size"]
         assert f"{eot}]]" in (out / "sample.txt").read_text()
         assert f"{eot}]]" in capsys.readouterr().err
+
+
+def test_worker_processes_give_the_same_result(tiny_llama_dir):
+    masker = ChatMasker(AutoTokenizer.from_pretrained(tiny_llama_dir))
+    convs = [{"id": f"w:{i}", "messages": CONVERSATIONS[i % 3]} for i in range(9)]
+    convs.insert(4, {"id": "w:long", "messages": [{"role": "user", "content": "word " * 400},
+                                                   {"role": "assistant", "content": "ok"}]})
+    one = tokenize_conversations(masker, convs, 64, chunk_size=2)
+    two = tokenize_conversations(masker, convs, 64, workers=2, tokenizer_dir=str(tiny_llama_dir), chunk_size=2)
+    assert [s["id"] for s in two.samples] == [s["id"] for s in one.samples] == [c["id"] for c in convs
+                                                                                 if c["id"] != "w:long"]
+    for a, b in zip(one.samples, two.samples):
+        assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["loss_mask"], b["loss_mask"])
+    assert one.dropped == two.dropped == {"no_supervised_tokens": 1}
+    assert one.truncated == two.truncated > 0 and one.conversations_in == two.conversations_in == 10
+    assert pick_workers(100, cpus=16) == 1 and pick_workers(10**6, cpus=16) == 16 and pick_workers(5000, 16) == 2

@@ -1,10 +1,13 @@
 """The tokenize stage's logic: conversations → (input_ids, loss_mask) samples, split into train/val."""
 from __future__ import annotations
 
+import itertools
 import logging
+import multiprocessing
+import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from jinja2.exceptions import TemplateError
@@ -13,6 +16,9 @@ from tqdm import tqdm
 from .loss_mask import ChatMasker, TemplateMismatch
 
 log = logging.getLogger("eaglepipe.data")
+CHUNK = 256
+# a worker process costs seconds to start (imports, tokenizer): only worth it for this many conversations each
+WORKER_MIN = 2000
 
 
 @dataclass
@@ -26,12 +32,21 @@ class TokenizeResult:
     truncated: int = 0
     misaligned_tokens: int = 0
 
+    def extend(self, other: "TokenizeResult") -> None:
+        """Append the result of the conversations that follow this one's."""
+        self.samples.extend(other.samples)
+        self.conversations_in += other.conversations_in
+        self.dropped.update(other.dropped)
+        for reason, err in other.first_errors.items():
+            self.first_errors.setdefault(reason, err)
+        self.truncated += other.truncated
+        self.misaligned_tokens += other.misaligned_tokens
 
-def tokenize_conversations(masker: ChatMasker, conversations: Iterable[dict[str, Any]], seq_length: int,
-                           total: int | None = None) -> TokenizeResult:
+
+def tokenize_chunk(masker: ChatMasker, conversations: Iterable[dict[str, Any]], seq_length: int) -> TokenizeResult:
     """Render and mask each conversation; drop (and count) those the template rejects or with nothing to learn."""
     res = TokenizeResult()
-    for conv in tqdm(conversations, total=total, desc="tokenize", unit="conv", disable=None):
+    for conv in conversations:
         res.conversations_in += 1
         try:
             s = masker.encode(conv["messages"], seq_length)
@@ -47,6 +62,54 @@ def tokenize_conversations(masker: ChatMasker, conversations: Iterable[dict[str,
         res.misaligned_tokens += s.misaligned_tokens
         res.samples.append({"id": conv["id"], "input_ids": s.input_ids, "loss_mask": s.loss_mask})
     return res
+
+
+def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+_worker_masker: ChatMasker | None = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_masker
+    from transformers import AutoTokenizer
+
+    _worker_masker = ChatMasker(AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+def _work(args: tuple[list[dict[str, Any]], int]) -> TokenizeResult:
+    assert _worker_masker is not None
+    return tokenize_chunk(_worker_masker, *args)
+
+
+def tokenize_conversations(masker: ChatMasker, conversations: Iterable[dict[str, Any]], seq_length: int,
+                           total: int | None = None, workers: int = 1, tokenizer_dir: str | None = None,
+                           chunk_size: int = CHUNK) -> TokenizeResult:
+    """Tokenize every conversation, in order; with `workers` > 1 (and the tokenizer's dir) in worker processes."""
+    res = TokenizeResult()
+    with tqdm(total=total, desc="tokenize", unit="conv", disable=None) as bar:
+        if workers <= 1 or tokenizer_dir is None:
+            for chunk in _chunks(conversations, chunk_size):
+                res.extend(tokenize_chunk(masker, chunk, seq_length))
+                bar.update(len(chunk))
+            return res
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,)) as pool:
+            jobs = ((chunk, seq_length) for chunk in _chunks(conversations, chunk_size))
+            for part in pool.imap(_work, jobs):
+                res.extend(part)
+                bar.update(part.conversations_in)
+    return res
+
+
+def pick_workers(total: int, cpus: int | None = None) -> int:
+    """Worker processes worth starting: one per WORKER_MIN conversations, at most one per CPU."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, total // WORKER_MIN))
 
 
 def split_train_val(num_samples: int, val_fraction: float, seed: int) -> np.ndarray:

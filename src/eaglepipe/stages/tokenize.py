@@ -13,7 +13,7 @@ from typing import Sequence
 from ..config import Config
 from ..data.chat_io import chat_files, read_conversations
 from ..data.loss_mask import ChatMasker, TemplateMismatch, mark_supervised
-from ..data.tokenize import split_stats, split_train_val, tokenize_conversations
+from ..data.tokenize import pick_workers, split_stats, split_train_val, tokenize_conversations
 from ..data.tokens_io import write_token_shards
 from ..target.info import chat_template_sha256, describe_model, load_tokenizer, read_target_info, resolve_model_dir
 from ..utils.atomic import atomic_dir, atomic_write_json, atomic_write_text
@@ -47,7 +47,10 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
         raise StageError(str(e)) from e
     vocab_size = target_vocab_size(target)
     log.info("end-of-turn token: %r", masker.end_of_turn)
-    res = tokenize_conversations(masker, read_conversations(chat_dir), cfg.data.seq_length, total)
+    workers = pick_workers(total)
+    log.info("tokenizing %d conversations with %d process(es)", total, workers)
+    res = tokenize_conversations(masker, read_conversations(chat_dir), cfg.data.seq_length, total, workers=workers,
+                                 tokenizer_dir=str(resolve_model_dir(target)))
     for reason, err in res.first_errors.items():
         log.warning("%d conversations dropped (%s), first: %s", res.dropped[reason], reason, err)
     if res.misaligned_tokens:
