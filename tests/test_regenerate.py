@@ -362,3 +362,21 @@ def test_changed_parameters_never_mix(url_server, tiny_llama_dir, tmp_path):
     (first_work / "manifest.json").write_text(json.dumps(manifest))
     res = run_stage(write_params(tmp_path / "a.yaml", **base), tiny_llama_dir, chat, out)
     assert res.returncode == 2 and "refusing to resume" in res.stderr and "source_hash" in res.stderr
+
+
+def test_context_overflow_truncates_later_turns_and_rejects_first(url_server, tiny_llama_dir, tmp_path):
+    long = "word " * 700  # beyond the test server's max_model_len of 512
+    rows = [{"id": "c:late", "source": "c", "messages": [
+                {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": long}, {"role": "assistant", "content": "ok"}]},
+            {"id": "c:early", "source": "c", "messages": [
+                {"role": "user", "content": long}, {"role": "assistant", "content": "ok"}]}]
+    write_conversations(tmp_path / "chat" / "chat.parquet", rows)
+    out = tmp_path / "exp" / "data" / "regen"
+    res = run_stage(write_params(tmp_path / "p.yaml", backend="url", url=url_server, mode="all", max_new_tokens=4),
+                    tiny_llama_dir, tmp_path / "chat", out)
+    assert res.returncode == 0, res.stderr
+    kept, rejects = published(out)
+    assert [r["id"] for r in kept] == ["c:late"] and [m["role"] for m in kept[0]["messages"]] == ["user", "assistant"]
+    assert kept[0]["messages"][1]["content"] != "hello"
+    assert [r["id"] for r in rejects] == ["c:early"] and "max_model_len" in rejects[0]["reason"]

@@ -66,16 +66,21 @@ async def regenerate_conversation(conv: dict[str, Any], client: ChatClient, poli
                                   sampling: Sampling, base_seed: int = 0) -> tuple[dict[str, Any], int]:
     """The conversation with its assistant turns regenerated, and the completion tokens spent.
 
-    In `all` mode each answer is generated on top of the already regenerated history.
-    Raises ConversationRejected for an unusable conversation, a failed request or an empty answer.
+    In `all` mode each answer is generated on top of the already regenerated history; when a later turn
+    is refused as a bad request (typically: the history outgrew the server's context), the conversation
+    ends after the last regenerated turn. Raises ConversationRejected for an unusable conversation, a
+    failed request or an empty answer.
     """
     msgs, turns = plan_turns(list(conv["messages"]), policy)
     tokens = 0
-    for turn in turns:
+    for k, turn in enumerate(turns):
         seed = turn_seed(base_seed, str(conv["id"]), turn) if sampling.temperature > 0 else None
         try:
             answer = await client.chat(msgs[:turn], sampling, seed=seed)
         except RequestFailed as e:
+            if k > 0 and e.status in (400, 413):
+                msgs = msgs[:turns[k - 1] + 1]
+                break
             raise ConversationRejected(f"assistant turn {turn}: {e}", transport=e.transport) from e
         if not answer.text.strip():
             raise ConversationRejected(f"assistant turn {turn}: empty answer from the model "

@@ -46,6 +46,8 @@ class ShardRunner:
         self.liveness = liveness
         self.tokens = 0
         self.finished = 0
+        self._bar: tqdm | None = None
+        self._start = 0.0
 
     async def run(self, conversations: Iterable[dict[str, Any]], total: int) -> dict[str, Any]:
         """Process all uncommitted shards; returns this run's counts and throughput."""
@@ -106,6 +108,7 @@ class ShardRunner:
         self.finished += 1
         self.tokens += outcome[2]
         elapsed = max(time.monotonic() - self._start, 1e-9)
+        assert self._bar is not None
         self._bar.update(1)
         self._bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
         return outcome

@@ -139,7 +139,8 @@ def _finish_reason(result: Any, bridge: EngineBridge, spec: SamplingSpec) -> dic
     last = result.token_ids[-1] if result.token_ids else None
     if last is not None and (last in bridge.eos_token_ids or last in spec.stop_token_ids):
         return {"type": "stop", "matched": int(last)}
-    matched = next((s for s in spec.stop if s in bridge.tokenizer.decode(result.token_ids[-8:])), None)
+    text = bridge.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    matched = next((s for s in spec.stop if s in text), None)
     return {"type": "stop", "matched": matched}
 
 
