@@ -425,3 +425,50 @@ def test_bench_stage_end_to_end_native_tiny(tiny_llama_dir: Path, tiny_export: P
     # each point saw 2 prompts x 2 turns; turn 2 was rendered on top of the point's own first answer
     point = json.loads((out / "points" / "s2_k2_n4_t0.0.json").read_text())
     assert sorted((s["prompt"], s["turn"]) for s in point["extra"]["samples"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.slow
+def test_bench_stage_end_to_end_on_the_embedded_default(tmp_path: Path) -> None:
+    """The embedded default (packaged SmolLM2, ShareGPT, MT-bench) through every real stage, scaled down so the
+    drafter trains for a few steps, then the bench stage with its two default sweep points."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["device"] = "cpu"
+    data["data"]["max_samples"] = 24
+    data["data"]["seq_length"] = 256
+    data["regen"]["backend"] = "none"
+    data["train"].update({"max_steps": 8, "micro_batch_size": 2, "eval_every": 8, "save_every": 8, "log_every": 4})
+    data["export"]["dtype"] = "float32"
+    data["bench"].update({"prompts": {**data["bench"]["prompts"], "num_prompts": 2}, "max_new_tokens": 24})
+    params_from_dict(data)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = tmp_path / "results"
+    steps = [
+        ("fetch_target", "--out", r / "target"),
+        ("download", "--out", r / "data/raw"),
+        ("normalize", "--raw", r / "data/raw", "--out", r / "data/chat"),
+        ("regenerate", "--target", r / "target", "--chat", r / "data/chat", "--out", r / "data/regen"),
+        ("tokenize", "--target", r / "target", "--chat", r / "data/regen", "--out", r / "data/tokens"),
+        ("vocab", "--tokens", r / "data/tokens", "--out", r / "vocab"),
+        ("hidden_states", "--target", r / "target", "--tokens", r / "data/tokens", "--vocab", r / "vocab",
+         "--out", r / "hidden"),
+        ("train", "--target", r / "target", "--tokens", r / "data/tokens", "--vocab", r / "vocab",
+         "--hidden", r / "hidden", "--out", r / "train"),
+        ("export", "--target", r / "target", "--train", r / "train", "--out", r / "export"),
+    ]
+    for stage, *args in steps:
+        proc = subprocess.run([sys.executable, "-m", f"eaglepipe.stages.{stage}", "--params", str(params),
+                               *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=1800,
+                              env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin",
+                                   "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, f"{stage} failed:\n{proc.stderr[-3000:]}"
+    out = r / "bench"
+    proc = run_bench_stage(params, r / "target", r / "export", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = check_bench_outputs(out, ["baseline_t0.0", "s3_k1_n4_t0.0", "s5_k4_n8_t0.0"])
+    # greedy speculative decoding of the real model is lossless for both configs, over both MT-bench turns
+    assert metrics["all_outputs_match"] is True
+    for name in ("s3_k1_n4_t0.0", "s5_k4_n8_t0.0"):
+        point = json.loads((out / "points" / f"{name}.json").read_text())
+        assert point["num_samples"] == 4 and point["match_fraction"] == 1.0
+    assert "Best SGLang command:" in proc.stdout

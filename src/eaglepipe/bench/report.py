@@ -84,11 +84,15 @@ def sweep_csv(rows: Sequence[PointSummary]) -> str:
 def readme(rows: Sequence[PointSummary], metrics: dict[str, Any], best_command: str | None, context: str) -> str:
     """README.md: what was run, the summary table, the best SGLang command and what every metric means."""
     parts = ["# Benchmark summary", "", context, "", summary_table(rows), ""]
+    best = []
     if metrics.get("best_speedup") is not None:
-        parts.append(f"Best speedup: **{metrics['best_speedup']:.2f}x** ({metrics['best_speedup_config']}); ")
+        best.append(f"best speedup **{metrics['best_speedup']:.2f}x** ({metrics['best_speedup_config']})")
     if metrics.get("best_tau") is not None:
-        parts.append(f"best τ: **{metrics['best_tau']:.2f}** ({metrics['best_tau_config']}); "
-                     f"all greedy outputs match the baseline: {metrics.get('all_outputs_match')}.")
+        best.append(f"best τ **{metrics['best_tau']:.2f}** ({metrics['best_tau_config']})")
+    if metrics.get("all_outputs_match") is not None:
+        best.append(f"all greedy outputs match the baseline: **{'yes' if metrics['all_outputs_match'] else 'NO'}**")
+    if best:
+        parts.append(f"At T={metrics['temperature']:g}: " + "; ".join(best) + ".")
     if best_command:
         parts += ["", "Best config as an SGLang server:", "", "```bash", best_command, "```"]
     parts += ["", "Plots: `plots/`. Per-point detail (every turn's text and counts): `points/<name>.json`.", "",
