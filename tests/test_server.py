@@ -273,3 +273,13 @@ def test_overload_gets_503_and_server_keeps_serving(tiny_llama_dir, tmp_path):
         assert call(srv.base_url + "/health")[0] == 200
         status, ok = call(srv.base_url + "/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 2}})
         assert status == 200 and srv.alive()
+
+
+def test_smollm2_answers_through_the_chat_template(smollm2_dir, tmp_path):
+    with running_server(smollm2_dir, tmp_path, max_batch_size=2) as srv:
+        status, body = call(srv.base_url + "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 16, "temperature": 0})
+    assert status == 200, body
+    assert "Paris" in body["choices"][0]["message"]["content"]
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")

@@ -52,7 +52,8 @@ class ShardRunner:
     async def run(self, conversations: Iterable[dict[str, Any]], total: int) -> dict[str, Any]:
         """Process all uncommitted shards; returns this run's counts and throughput."""
         sem = asyncio.Semaphore(self.concurrency)
-        open_shards = asyncio.Semaphore(2 + self.concurrency // self.shard_size)
+        # enough open shards that one slow conversation holding its shard back does not starve the others
+        open_shards = asyncio.Semaphore(2 + 4 * -(-self.concurrency // self.shard_size))
         start = time.monotonic()
         tasks: list[asyncio.Task] = []
         skipped = 0
