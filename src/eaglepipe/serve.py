@@ -9,6 +9,8 @@ from typing import Sequence
 
 from aiohttp import web
 
+from .server.limits import raise_open_file_limit
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
@@ -49,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
     args = parse_args(argv)
     log = logging.getLogger("eaglepipe.serve")
+    raise_open_file_limit()
     try:
         app = build_app(args)
     except (FileNotFoundError, ValueError) as e:

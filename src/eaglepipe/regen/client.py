@@ -9,6 +9,8 @@ from typing import Any
 
 import aiohttp
 
+from ..server.limits import raise_open_file_limit
+
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -66,6 +68,7 @@ class ChatClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> "ChatClient":
+        raise_open_file_limit()
         connector = aiohttp.TCPConnector(limit=self.concurrency + 4, force_close=False)
         self._session = aiohttp.ClientSession(connector=connector,
                                               timeout=aiohttp.ClientTimeout(total=self.timeout_s))
