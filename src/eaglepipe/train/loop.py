@@ -20,13 +20,14 @@ from ..config import Config, fingerprint, to_dict
 from ..models.target import TargetWithAux
 from ..utils.atomic import atomic_write_json
 from ..utils.device import pick_device
-from .batches import Batch, collate
+from .batches import Batch, collate, pack_rows
 from .checkpoint import (checkpoint_name, load_checkpoint, prune_checkpoints, publish, read_pointer,
                          resolve_checkpoint, save_checkpoint, set_best)
 from .features import online_features
 from .flops import attention_pairs, drafter_flops, measure_matmul_peak, target_flops
 from .module import TTTModule
 from .objective import Objective, summarize
+from .offline import OfflineCache
 from .report import History, publish_metrics
 from .schedule import warmup_cosine
 from .schedule_data import DataSchedule
@@ -88,7 +89,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.info = target_info(paths.target)
         d2t, t2d = load_vocab(paths.vocab)
-        check_config_against_target(cfg, self.info, len(d2t))
+        check_config_against_target(cfg, self.info, len(d2t), len(t2d))
         self.train_samples = read_tokens(paths.tokens, "train")
         self.val_samples = read_tokens(paths.tokens, "val")
         if not self.train_samples:
@@ -97,16 +98,23 @@ class Trainer:
         if too_long:
             raise ValueError(f"{len(too_long)} samples are longer than data.seq_length (first: {too_long[0]})")
         self.mode = tc.mode
-        model = load_target_model(paths.target, self.device, torch.bfloat16 if bf16 else torch.float32,
-                                  tc.attn_impl)
+        offline = tc.mode == "offline"  # offline: the target only lends its embedding and lm_head (on CPU)
+        model = load_target_model(paths.target, torch.device("cpu") if offline else self.device,
+                                  torch.float32 if offline or not bf16 else torch.bfloat16, tc.attn_impl)
         self.drafter = initial_drafter(cfg, self.info, model, d2t, t2d, tc.init_from).to(self.device)
         self.eagle3 = self.drafter.config.is_eagle3
         self.draft_ids = (torch.arange(len(self.drafter.d2t), device=self.device) + self.drafter.d2t) \
             if self.eagle3 else None
-        self.target = TargetWithAux(model, self.drafter.config.aux_layers)
-        if tc.parallel == "fsdp" and self.world > 1:
-            from .distributed import shard_target
-            shard_target(self.target.model)
+        self.cache: Optional[OfflineCache] = None
+        if offline:
+            self.cache = OfflineCache(paths.hidden, {"train": self.train_samples, "val": self.val_samples},
+                                      self.eagle3, self.drafter.config.aux_layers)
+            del model
+        else:
+            self.target = TargetWithAux(model, self.drafter.config.aux_layers)
+            if tc.parallel == "fsdp" and self.world > 1:
+                from .distributed import shard_target
+                shard_target(self.target.model)
         self.objective = Objective(tc.ttt_steps, tc.step_weight_decay, tc.out_of_vocab, tc.hidden_loss_weight,
                                    tc.token_loss_weight, tc.hidden_loss)
         self.module: torch.nn.Module = TTTModule(self.drafter, self.objective)
@@ -159,8 +167,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def features(self, batch: Batch):
-        """Drafter inputs and labels for one micro-batch (online: the target runs here)."""
+    def features(self, batch: Batch, split: str = "train"):
+        """Drafter inputs and labels for one micro-batch (online: the target runs here; offline: the cache)."""
+        if self.cache is not None:
+            return self.cache.features(batch, split, self.device)
         return online_features(self.target, batch, self.draft_ids, self.eagle3)
 
     def _micro(self, rows: list[list[int]], samples: list[dict]) -> Batch:
@@ -247,17 +257,16 @@ class Trainer:
         """Validation metrics over the whole val split (shared across ranks); updates BEST."""
         tc = self.cfg.train
         self.module.eval()
-        from .batches import pack_rows
         rows = pack_rows([len(s["input_ids"]) for s in self.val_samples], range(len(self.val_samples)),
                          self.cfg.data.seq_length, tc.pack)
         groups = [rows[i:i + tc.micro_batch_size] for i in range(0, len(rows), tc.micro_batch_size)]
         sums: dict[str, torch.Tensor] = {}
         for g in groups[self.rank::self.world]:
-            batch = self._micro(g, self.val_samples)
-            feats, labels = self.features(batch.to(self.device))
+            batch = self._micro(g, self.val_samples).to(self.device)
+            feats, labels = self.features(batch, "val")
             with self._autocast():
-                _, s = TTTModule.forward(self._plain_module(), batch.to(self.device), feats, labels,
-                                         self._step0(batch.to(self.device)), [1.0] * tc.ttt_steps)
+                _, s = TTTModule.forward(self._plain_module(), batch, feats, labels, self._step0(batch),
+                                         [1.0] * tc.ttt_steps)
             for k, v in s.items():
                 sums[k] = sums.get(k, 0) + v
         self.module.train()

@@ -22,10 +22,12 @@ def target_info(target: Path) -> dict[str, Any]:
     return describe_model(resolve_model_dir(target))
 
 
-def check_config_against_target(cfg: Config, info: dict[str, Any], draft_vocab: int) -> None:
-    """Reject configs the target cannot support, before any work."""
+def check_config_against_target(cfg: Config, info: dict[str, Any], draft_vocab: int, map_vocab: int) -> None:
+    """Reject configs the target cannot support, before any work (`map_vocab` = len(t2d))."""
     if cfg.train.algorithm in ("eagle3", "eagle3.1") and draft_vocab > int(info["vocab_size"]):
         raise ConfigError(f"the draft vocab ({draft_vocab}) is bigger than the target's vocab ({info['vocab_size']})")
+    if map_vocab != int(info["vocab_size"]):
+        raise ConfigError(f"the vocab map covers {map_vocab} target tokens but the target has {info['vocab_size']}")
     limit = int(info["max_position_embeddings"])
     if cfg.data.seq_length > limit:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds the target's max_position_embeddings={limit}")

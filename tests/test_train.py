@@ -1,0 +1,204 @@
+"""Training runs on the tiny target: overfitting, resume equivalence, bad configs, DDP, the stage CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from eaglepipe.config import ConfigError, params_from_dict, to_dict
+from eaglepipe.config.schema import Config
+from eaglepipe.data.tokens_io import write_token_shards
+from eaglepipe.data.vocab import build_vocab_maps, save_vocab
+from eaglepipe.train.loop import Paths, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = ["the sea", "a red car", "bread", "winter", "music", "a small dog", "the moon", "chess", "rivers",
+          "coffee"]
+
+
+@pytest.fixture(scope="module")
+def sharp_target(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with its lm_head scaled by 8: the same greedy outputs, peaked distributions (a random
+    tiny model is otherwise near-uniform, which makes argmax agreement a slow thing to learn)."""
+    from eaglepipe.target.info import load_hf_model, load_tokenizer
+
+    model = load_hf_model(tiny_llama_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    out = tmp_path_factory.mktemp("sharp")
+    model.save_pretrained(out)
+    load_tokenizer(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def conversations(sharp_target, tmp_path_factory):
+    """Tokens, vocab and online manifest for ten conversations answered greedily by the tiny target."""
+    from eaglepipe.target.info import load_hf_model, load_tokenizer
+
+    tok, model = load_tokenizer(sharp_target), load_hf_model(sharp_target)
+    samples = []
+    for i, topic in enumerate(TOPICS):
+        prompt = tok.apply_chat_template([{"role": "user", "content": f"Tell me about {topic}."}],
+                                         add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)[0]
+        mask = np.zeros(len(out), np.int8)
+        mask[len(prompt):] = 1
+        samples.append({"id": f"c{i}", "input_ids": out.numpy().astype(np.int32), "loss_mask": mask})
+    root = tmp_path_factory.mktemp("conv")
+    write_token_shards(root / "tokens", "train", samples[:8])
+    write_token_shards(root / "tokens", "val", samples[8:])
+    freq = torch.zeros(model.config.vocab_size, dtype=torch.long)
+    for s in samples:
+        freq.index_add_(0, torch.from_numpy(s["input_ids"].astype(np.int64)),
+                        torch.from_numpy(s["loss_mask"].astype(np.int64)))
+    d2t, t2d = build_vocab_maps(freq, 256)
+    save_vocab(root / "vocab", d2t, t2d, freq)
+    (root / "hidden").mkdir()
+    (root / "hidden" / "manifest.json").write_text('{"mode": "online"}')
+    return root
+
+
+def make_cfg(**train):
+    """The default config on CPU with a short sequence length and `train` overrides."""
+    d = to_dict(Config())
+    d["device"] = "cpu"
+    d["data"]["seq_length"] = 128
+    d["train"].update(dict(max_steps=4, micro_batch_size=2, ttt_steps=2, log_every=1, eval_every=2,
+                           save_every=2, lr=1e-3, warmup_ratio=0.0))
+    d["train"].update(train)
+    return params_from_dict(d)
+
+
+def paths(conv: Path, target: Path, out: Path) -> Paths:
+    return Paths(target, conv / "tokens", conv / "vocab", conv / "hidden", out)
+
+
+@pytest.mark.slow
+def test_tiny_drafter_overfits_to_near_perfect_step0_accuracy(conversations, sharp_target, tmp_path):
+    cfg = make_cfg(max_steps=150, micro_batch_size=4, lr=1e-2, eval_every=1000, save_every=1000, log_every=10,
+                   pack=False, min_lr_ratio=1.0, max_grad_norm=10.0)
+    summary = Trainer(cfg, paths(conversations, sharp_target, tmp_path / "train")).train()
+    assert summary["final"]["train"]["acc_0"] >= 0.95
+    assert summary["final"]["train"]["sim_tau"] > 1.9
+
+
+@pytest.mark.parametrize("algorithm", ["eagle3", "eagle3.1", "eagle1"])
+def test_resume_after_a_kill_gives_bit_identical_weights(conversations, sharp_target, tmp_path, algorithm):
+    straight = Trainer(make_cfg(algorithm=algorithm, max_steps=5),
+                       paths(conversations, sharp_target, tmp_path / "a" / "train"))
+    straight.train()
+    first = Trainer(make_cfg(algorithm=algorithm, max_steps=5), paths(conversations, sharp_target,
+                                                                      tmp_path / "b" / "train"))
+    first.train(stop_after=3)
+    assert not (tmp_path / "b" / "train" / "LATEST").exists()  # nothing published before the end
+    resumed = Trainer(make_cfg(algorithm=algorithm, max_steps=5), paths(conversations, sharp_target,
+                                                                        tmp_path / "b" / "train"))
+    assert resumed.step == 3
+    resumed.train()
+    a, b = (p / "train" for p in (tmp_path / "a", tmp_path / "b"))
+    assert (a / "LATEST").read_text() == (b / "LATEST").read_text() == "epoch_1_step_5\n" or \
+        (a / "LATEST").read_text() == (b / "LATEST").read_text()
+    name = (a / "LATEST").read_text().strip()
+    wa, wb = load_file(str(a / "checkpoints" / name / "model.safetensors")), \
+        load_file(str(b / "checkpoints" / name / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert (a / "BEST").exists() and (a / "summary.json").exists()
+    metrics = json.loads((a / "dvclive" / "metrics.json").read_text())
+    assert "acc_0" in metrics["train"] and "sim_tau" in metrics["val"]
+    assert (a / "dvclive" / "plots" / "training_curves.png").stat().st_size > 0
+    files = {p.name for p in (a / "checkpoints" / name).iterdir()}
+    assert files == {"model.safetensors", "drafter_config.json", "vocab.safetensors", "optimizer.pt",
+                     "scheduler.pt", "state.json", "rng.pt"}
+
+
+def test_bad_configs_are_rejected_before_work(conversations, sharp_target, tmp_path):
+    with pytest.raises(ConfigError, match="ttt_steps"):
+        make_cfg(ttt_steps=0)
+    cfg = make_cfg()
+    cfg.data.seq_length = 4096
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        Trainer(cfg, paths(conversations, sharp_target, tmp_path / "x" / "train"))
+    vocab = tmp_path / "bigvocab"
+    vocab.mkdir()
+    v = 49152 + 64
+    t2d = torch.ones(v, dtype=torch.bool)
+    save_file({"d2t": torch.zeros(v, dtype=torch.long), "t2d": t2d, "token_freq": torch.zeros(v, dtype=torch.long)},
+              str(vocab / "vocab.safetensors"))
+    p = paths(conversations, sharp_target, tmp_path / "y" / "train")
+    p.vocab = vocab
+    with pytest.raises(ConfigError, match="draft vocab .* bigger"):
+        Trainer(make_cfg(), p)
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("*.safetensors"))
+
+
+def test_init_from_our_checkpoint_continues_from_its_weights(conversations, sharp_target, tmp_path):
+    Trainer(make_cfg(max_steps=2), paths(conversations, sharp_target, tmp_path / "a" / "train")).train()
+    ckpt = tmp_path / "a" / "train" / "checkpoints" / (tmp_path / "a" / "train" / "LATEST").read_text().strip()
+    t = Trainer(make_cfg(max_steps=2, init_from=str(ckpt)), paths(conversations, sharp_target,
+                                                                 tmp_path / "b" / "train"))
+    torch.testing.assert_close(t.drafter.fc.weight.detach(), load_file(str(ckpt / "model.safetensors"))["fc.weight"])
+
+
+DDP_RUNNER = """
+import sys, json, torch
+sys.path.insert(0, {src!r})
+from pathlib import Path
+from eaglepipe.config import params_from_dict
+from eaglepipe.train.loop import Paths, Trainer
+cfg = params_from_dict(json.loads(Path({cfg!r}).read_text()))
+conv, target, out = (Path(p) for p in sys.argv[1:4])
+Trainer(cfg, Paths(target, conv / "tokens", conv / "vocab", conv / "hidden", out)).train()
+"""
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(conversations, sharp_target, tmp_path):
+    single = make_cfg(max_steps=3, micro_batch_size=4, pack=True)
+    Trainer(single, paths(conversations, sharp_target, tmp_path / "one" / "train")).train()
+    ddp = make_cfg(max_steps=3, micro_batch_size=2, pack=True, parallel="ddp", nproc_per_node=2)
+    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(ddp)))
+    runner = tmp_path / "runner.py"
+    runner.write_text(DDP_RUNNER.format(src=str(REPO / "src"), cfg=str(tmp_path / "cfg.json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    str(runner), str(conversations), str(sharp_target), str(tmp_path / "two" / "train")],
+                   check=True, env=env, timeout=600)
+    name = (tmp_path / "one" / "train" / "LATEST").read_text().strip()
+    assert (tmp_path / "two" / "train" / "LATEST").read_text().strip() == name
+    w1 = load_file(str(tmp_path / "one" / "train" / "checkpoints" / name / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "train" / "checkpoints" / name / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(w1["fc.weight"], Trainer.__init__ and w1["fc.weight"] * 0)
+
+
+def test_train_stage_cli_publishes_declared_outputs(conversations, sharp_target, tmp_path):
+    from eaglepipe.stages.train import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(to_dict(make_cfg(max_steps=2))))
+    out = tmp_path / "results" / "exp" / "train"
+    main(["--params", str(params), "--target", str(sharp_target), "--tokens", str(conversations / "tokens"),
+          "--vocab", str(conversations / "vocab"), "--hidden", str(conversations / "hidden"), "--out", str(out)])
+    for rel in ("LATEST", "BEST", "summary.json", "dvclive/metrics.json", "dvclive/plots"):
+        assert (out / rel).exists(), rel
+    assert (tmp_path / "results" / "exp" / ".work" / "train").is_dir()
+    bad = tmp_path / "hidden_offline"
+    bad.mkdir()
+    (bad / "manifest.json").write_text('{"mode": "offline"}')
+    with pytest.raises(SystemExit) as e:
+        main(["--params", str(params), "--target", str(sharp_target), "--tokens", str(conversations / "tokens"),
+              "--vocab", str(conversations / "vocab"), "--hidden", str(bad), "--out", str(out)])
+    assert e.value.code == 2
