@@ -29,7 +29,7 @@ def greedy_reference(runner, prompt: list[int], n: int) -> list[int]:
     return seq
 
 
-def fit_drafter(ckpt: Path, runner, sequences: list[list[int]], steps: int = 150) -> None:
+def fit_drafter(ckpt: Path, runner, sequences: list[list[int]], steps: int = 60) -> None:
     """Teach the random drafter the target's greedy continuations (step-0 teacher forcing), so that the tests
     see accepted paths of several lengths and not only rejections."""
     from eaglepipe.models.build import load_drafter_weights, save_drafter
@@ -55,7 +55,7 @@ def fit_drafter(ckpt: Path, runner, sequences: list[list[int]], steps: int = 150
             labels = torch.cumsum(model.t2d.long(), 0)[labels] - 1  # target id -> draft id
         batches.append((ids[1:-1][None], hidden[:, :-2], torch.arange(len(seq) - 2)[None], labels))
     params = [p for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=3e-3)
+    opt = torch.optim.Adam(params, lr=1e-2)
     for _ in range(steps):
         loss = 0.0
         for ids, hidden, pos, labels in batches:

@@ -1,0 +1,138 @@
+"""Speculative decoding speed: τ and tok/s per sweep point vs the engine's own decode and HF generate.
+
+    python benchmarks/spec_decode.py --target results/<exp>/target --export results/<exp>/export   # GPU
+    python benchmarks/spec_decode.py --target <HF dir> --smoke                                    # CPU check
+
+MT-bench first turns (chat template applied), batch 1, greedy, exactly --max-new-tokens tokens per prompt
+(EOS ignored, so every path does equal work). For each sweep point (num_steps, topk, num_draft_tokens in
+SGLang semantics) it reports τ = generated tokens / verification rounds, the acceptance rate per draft position,
+decode tok/s, the speedup over the engine's non-speculative decode, and whether every output equals the
+baseline's token for token. Prints one JSON line per point; appends rows to benchmarks/RESULTS.md unless --smoke.
+--smoke without --export builds a random EAGLE-3 drafter (τ near 1: a plumbing check, not a measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from decode import append_result_row, bench_engine, bench_hf, hardware_name, timed  # noqa: E402
+from eaglepipe.bench.prompts import load_prompts, render_chat  # noqa: E402
+from eaglepipe.config import PromptsCfg  # noqa: E402
+from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
+from eaglepipe.spec import SpecConfig, SpeculativeGenerator  # noqa: E402
+from eaglepipe.target.info import load_hf_model, load_tokenizer, resolve_model_dir  # noqa: E402
+from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402
+
+DEFAULT_SWEEP = "3,1,4 5,1,6 7,1,8 4,2,8 5,4,8 6,8,32"
+
+
+def random_export(target: Path, out: Path) -> Path:
+    """A random EAGLE-3 drafter for `target`, written and validated by the exporter (for --smoke)."""
+    from safetensors.torch import load_file
+
+    from eaglepipe.export.checkpoint import read_checkpoint
+    from eaglepipe.export.writer import ExportRequest, export_checkpoint
+    from eaglepipe.models.build import new_drafter, save_drafter
+    from eaglepipe.models.config import DrafterConfig
+    from eaglepipe.target.info import describe_model
+
+    info = describe_model(target)
+    vocab = info["vocab_size"]
+    dv = min(1024, vocab)
+    cfg = DrafterConfig.from_target(info, "eagle3", dv)
+    weights = load_file(str(target / "model.safetensors"))
+    embed = weights["model.embed_tokens.weight"].float()
+    d2t = torch.zeros(dv, dtype=torch.long)
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[:dv] = True
+    save_drafter(new_drafter(cfg, embed, weights.get("lm_head.weight", embed).float(), d2t, t2d), out / "ckpt")
+    req = ExportRequest(dtype="float32", formats=("sglang",), verifier_name=str(target))
+    export_checkpoint(read_checkpoint(out / "ckpt"), target, out / "export", req)
+    return out / "export"
+
+
+def parse_sweep(text: str) -> list[SpecConfig]:
+    """`"3,1,4 5,4,8"` -> SpecConfigs (num_steps, topk, num_draft_tokens)."""
+    return [SpecConfig(*(int(x) for x in item.split(","))) for item in text.split()]
+
+
+def bench_point(engine: Engine, export: Path, point: SpecConfig, prompts: list[list[int]], new_tokens: int,
+                device: torch.device) -> tuple[dict, list[list[int]]]:
+    """Decode every prompt speculatively (batch 1) with one sweep point; returns (metrics, outputs)."""
+    engine.speculator = SpeculativeGenerator(engine.runner, export, point)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    engine.generate([prompts[0]], params)  # warm-up
+    engine.speculator.reset_stats()
+    seconds, results = timed(device, lambda: [engine.generate([p], params)[0] for p in prompts])
+    tokens = sum(r.completion_tokens for r in results)
+    rounds = sum(r.spec_verify_ct for r in results)
+    stats = engine.speculator.stats
+    return {"point": point.name, "num_steps": point.num_steps, "topk": point.topk,
+            "num_draft_tokens": point.num_draft_tokens, "tau": tokens / max(rounds, 1), "tok_s": tokens / seconds,
+            "acceptance_per_position": [round(a, 4) for a in stats.acceptance_rates()]}, [r.token_ids for r in results]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True, type=Path, help="fetch_target output dir or HF model dir")
+    ap.add_argument("--export", type=Path, default=None, help="export dir (or its sglang/ dir) of the drafter")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--prompts", type=int, default=80, help="MT-bench questions (first turns)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--sweep", default=DEFAULT_SWEEP, help=f"points 'steps,topk,draft_tokens ...' ({DEFAULT_SWEEP})")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: 2 prompts, 8 tokens, 2 points")
+    ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.device, args.prompts, args.max_new_tokens, args.sweep = "cpu", 2, 8, "2,1,3 2,2,3"
+    device = pick_device(args.device)
+    target = resolve_model_dir(args.target)
+    tokenizer = load_tokenizer(target)
+    turns = load_prompts(PromptsCfg(num_prompts=args.prompts, multi_turn=False))
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
+    with tempfile.TemporaryDirectory() as tmp:
+        export = (args.export or random_export(target, Path(tmp))) if args.smoke else args.export
+        if export is None:
+            ap.error("--export is required unless --smoke")
+        base_tok_s, base_out = bench_engine(target, device, prompts, args.max_new_tokens,
+                                            cuda_graphs=device.type == "cuda")
+        hf_tok_s = None
+        if not args.no_hf:
+            model = load_hf_model(target, device, compute_dtype(device))
+            hf_tok_s, _ = bench_hf(model, device, prompts, args.max_new_tokens)
+            del model
+        max_len = max(len(p) for p in prompts) + args.max_new_tokens + 64
+        rows = []
+        with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=False) as engine:
+            for point in parse_sweep(args.sweep):
+                metrics, outs = bench_point(engine, export, point, prompts, args.max_new_tokens, device)
+                metrics.update(engine_tok_s=base_tok_s, hf_tok_s=hf_tok_s, speedup=metrics["tok_s"] / base_tok_s,
+                               output_match=sum(o == b for o, b in zip(outs, base_out)) / len(prompts),
+                               prompts=len(prompts), max_new_tokens=args.max_new_tokens, device=str(device))
+                print(json.dumps(metrics), flush=True)
+                rows.append(metrics)
+    results = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
+    if results is not None:
+        best = max(rows, key=lambda r: r["tok_s"])
+        command = "python benchmarks/spec_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        result = (f"best {best['point']}: {best['tok_s']:.1f} tok/s, τ {best['tau']:.2f}, "
+                  f"{best['speedup']:.2f}× engine, match {best['output_match']:.0%}; all: "
+                  + "; ".join(f"{r['point']} τ {r['tau']:.2f} {r['tok_s']:.0f} tok/s" for r in rows))
+        hf = f", HF generate {hf_tok_s:.1f} tok/s" if hf_tok_s else ""
+        append_result_row(results, "spec_decode (MT-bench, batch 1, greedy)", hardware_name(device), command, result,
+                          f"engine non-spec {base_tok_s:.1f} tok/s{hf}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
