@@ -4,6 +4,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -283,3 +286,10 @@ def test_smollm2_answers_through_the_chat_template(smollm2_dir, tmp_path):
     assert status == 200, body
     assert "Paris" in body["choices"][0]["message"]["content"]
     assert body["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_speculative_flags_need_a_drafter_and_all_three_values(tiny_llama_dir):
+    proc = subprocess.run([sys.executable, "-m", "eaglepipe.serve", "--model", str(tiny_llama_dir),
+                           "--speculative-num-steps", "3"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert proc.returncode == 2 and "--draft and all three" in proc.stderr

@@ -17,6 +17,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True, help="HF model dir or fetch_target output dir")
     p.add_argument("--draft", default=None, help="exported drafter dir (export/sglang) for speculative decoding")
+    p.add_argument("--speculative-num-steps", type=int, default=None, help="draft depth (SGLang semantics)")
+    p.add_argument("--speculative-eagle-topk", type=int, default=None, help="branching per draft step")
+    p.add_argument("--speculative-num-draft-tokens", type=int, default=None,
+                   help="tokens verified per round, root included")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, local only)")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (KV cache slots)")
@@ -26,6 +30,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager decoding on GPU (debugging)")
     p.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: the --model path)")
     return p.parse_args(argv)
+
+
+def speculative_config(args: argparse.Namespace) -> dict[str, int] | None:
+    """The engine's spec dict from the SGLang-named flags (None: the engine's default 3/1/4)."""
+    given = {"num_steps": args.speculative_num_steps, "topk": args.speculative_eagle_topk,
+             "num_draft_tokens": args.speculative_num_draft_tokens}
+    if all(v is None for v in given.values()):
+        return None
+    if any(v is None for v in given.values()) or args.draft is None:
+        raise ValueError("give --draft and all three of --speculative-num-steps, --speculative-eagle-topk and "
+                         "--speculative-num-draft-tokens (or none of the three)")
+    return given
 
 
 def build_app(args: argparse.Namespace) -> web.Application:
@@ -39,7 +55,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
     model_dir = resolve_model_dir(args.model)
     engine = Engine(model_dir, device=pick_device(args.device), max_batch_size=args.max_batch_size,
                     max_model_len=args.max_model_len, cuda_graphs=not args.no_cuda_graphs,
-                    draft_dir=args.draft, max_queue=args.max_queue)
+                    draft_dir=args.draft, spec=speculative_config(args), max_queue=args.max_queue)
     bridge = EngineBridge(engine, model_name=args.served_model_name or str(args.model), model_path=str(model_dir),
                           has_draft=args.draft is not None)
     return create_app(bridge)
