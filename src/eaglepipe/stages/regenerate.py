@@ -117,7 +117,9 @@ def regenerate(cfg: Config, target: Path, chat_dir: Path, out: Path) -> dict[str
     done = sum(store.is_done(i) for i in range(num_shards))
     log.info("work dir %s: %d conversations, %d/%d shards already committed", store.dir, total, done, num_shards)
 
-    run_stats: dict[str, Any] = {"run_conversations": 0, "run_completion_tokens": 0}
+    run_stats: dict[str, Any] = {"run_conversations": 0, "run_completion_tokens": 0, "run_seconds": 0.0,
+                                 "resumed_conversations": total, "conversations_per_s": 0.0,
+                                 "output_tokens_per_s": 0.0}
     command = None
     if done < num_shards:
         with open_endpoint(r, model_dir, cfg.device, store.dir) as endpoint:
@@ -133,8 +135,8 @@ def regenerate(cfg: Config, target: Path, chat_dir: Path, out: Path) -> dict[str
     totals = store.publish(out, num_shards, stats, {"backend_command": command})
     log.info("published %s: %d regenerated, %d rejected of %d; this run: %d conversations, %d output tokens, "
              "%.2f conv/s, %.1f output tok/s", out, totals["regenerated"], totals["rejected"], totals["conversations"],
-             run_stats["run_conversations"], run_stats["run_completion_tokens"],
-             run_stats.get("conversations_per_s", 0.0), run_stats.get("output_tokens_per_s", 0.0))
+             run_stats["run_conversations"], run_stats["run_completion_tokens"], run_stats["conversations_per_s"],
+             run_stats["output_tokens_per_s"])
     return {**totals, **stats}
 
 
