@@ -1,0 +1,186 @@
+"""Drafter training throughput: real (non-padding) tokens/s and MFU of online EAGLE-3 training.
+
+    python benchmarks/train.py --model results/<exp>/target/model        # H100: SmolLM2 + 1B/8B-shaped targets
+    python benchmarks/train.py --model <tiny HF dir> --smoke              # CPU check with tiny settings
+
+Setup per target: EAGLE-3, ttt_steps 7, seq 2048, packed rows of synthetic chat-like samples, bf16, the target
+in the loop (online), TTT step-0 attention with FlexAttention. It runs the same pieces as the train stage
+(collate/packing, TargetWithAux, online_features, TTTModule, AdamW) without the checkpoint/eval plumbing.
+MFU = (target forward + drafter forward/backward over all TTT steps) FLOPs / time / measured bf16 matmul peak.
+The Llama-3.2-1B- and Llama-3.1-8B-shaped targets are built on the GPU from configs with random weights.
+Prints one JSON line per target; appends rows to benchmarks/RESULTS.md unless --smoke (or with --results PATH).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from decode import append_result_row, hardware_name, sync  # noqa: E402  (shared RESULTS.md table writer)
+from eaglepipe.models.build import new_drafter  # noqa: E402
+from eaglepipe.models.config import DrafterConfig  # noqa: E402
+from eaglepipe.models.target import TargetWithAux  # noqa: E402
+from eaglepipe.target.info import default_aux_layers, resolve_model_dir  # noqa: E402
+from eaglepipe.train.batches import collate, pack_rows  # noqa: E402
+from eaglepipe.train.features import online_features  # noqa: E402
+from eaglepipe.train.flops import attention_pairs, drafter_flops, measure_matmul_peak, target_flops  # noqa: E402
+from eaglepipe.train.module import TTTModule  # noqa: E402
+from eaglepipe.train.objective import Objective  # noqa: E402
+from eaglepipe.train.ttt_attention import document_causal_mask, flex_step0, math_step0  # noqa: E402
+from eaglepipe.utils.device import pick_device  # noqa: E402
+
+SHAPES = {  # configs of the public models (weights not needed)
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+}
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def random_llama(shape: str, device: torch.device, dtype: torch.dtype):
+    """A randomly initialised Llama of a public model's shape, built directly on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rms_norm_eps=1e-5,
+                      rope_parameters=LLAMA3_ROPE, attn_implementation="sdpa")
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def info_of(model) -> dict:
+    c = model.config
+    return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            "vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings,
+            "rope_theta": float((getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+            "rope_scaling": None, "rms_norm_eps": c.rms_norm_eps, "aux_layers": default_aux_layers(c.num_hidden_layers)}
+
+
+def synthetic_samples(n: int, vocab: int, seq: int, seed: int) -> list[dict]:
+    """Chat-like samples: lengths 64..seq/2 (ShareGPT-ish), the last 60% of each supervised."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(64, seq // 2))
+        mask = np.zeros(length, np.int8)
+        mask[int(length * 0.4):] = 1
+        out.append({"id": str(i), "input_ids": rng.integers(0, vocab, length), "loss_mask": mask})
+    return out
+
+
+def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict:
+    info = info_of(model)
+    draft_vocab = min(args.draft_vocab, info["vocab_size"])
+    cfg = DrafterConfig.from_target(info, "eagle3", draft_vocab)
+    d2t = torch.zeros(draft_vocab, dtype=torch.long)  # draft vocab = the first ids (shape is what matters here)
+    t2d = torch.zeros(info["vocab_size"], dtype=torch.bool)
+    t2d[:draft_vocab] = True
+    emb = model.get_input_embeddings().weight
+    drafter = new_drafter(cfg, emb, model.get_output_embeddings().weight, d2t, t2d).to(device)
+    target = TargetWithAux(model, cfg.aux_layers)
+    module = TTTModule(drafter, Objective(ttt_steps=args.ttt_steps))
+    opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=1e-4,
+                            fused=device.type == "cuda")
+    draft_ids = torch.arange(draft_vocab, device=device)
+    samples = synthetic_samples(args.micro_batch * (args.steps + args.warmup) * 8, info["vocab_size"], args.seq, 0)
+    rows = pack_rows([len(s["input_ids"]) for s in samples], range(len(samples)), args.seq, True)
+    groups = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
+    batches = [collate([[samples[i] for i in r] for r in g], args.ttt_steps, pad_to=args.seq)
+               for g in groups[:args.steps + args.warmup]]
+    use_flex = device.type == "cuda"
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    tokens = flops = 0.0
+    t0 = 0.0
+    for i, cpu_batch in enumerate(batches):
+        if i == args.warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        batch = cpu_batch.to(device)
+        step0 = flex_step0(batch.doc_ids, cfg.num_attention_heads) if use_flex else \
+            math_step0(document_causal_mask(batch.doc_ids))
+        feats, labels = online_features(target, batch, draft_ids, True)
+        with amp:
+            loss, _ = module(batch, feats, labels, step0, [float(c) for c in cpu_batch.supervised_counts()])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in drafter.parameters() if p.requires_grad], 0.5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            pairs = attention_pairs(cpu_batch)
+            tokens += cpu_batch.num_tokens
+            flops += target_flops(info, cpu_batch.num_tokens, pairs, int(cpu_batch.label_pos.numel())) + \
+                drafter_flops(cfg, cpu_batch.num_tokens, pairs, sum(cpu_batch.supervised_counts()), args.ttt_steps)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return {"benchmark": "train", "target": name, "algorithm": "eagle3", "ttt_steps": args.ttt_steps, "seq": args.seq,
+            "micro_batch": args.micro_batch, "draft_vocab": draft_vocab, "steps": args.steps,
+            "real_tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / peak, 4),
+            "peak_tflops": round(peak / 1e12, 1), "max_mem_gib": round(mem, 1), "loss": round(float(loss.detach()), 4)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="SmolLM2 HF dir (or fetch_target dir)")
+    ap.add_argument("--shapes", default="smollm2,llama3.2-1b,llama3.1-8b",
+                    help="comma list of: smollm2 (the --model dir), llama3.2-1b, llama3.1-8b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--ttt-steps", type=int, default=7)
+    ap.add_argument("--micro-batch", type=int, default=16, help="rows of --seq tokens per step (smollm2)")
+    ap.add_argument("--big-micro-batch", type=int, default=4, help="rows per step for the 1B/8B shapes")
+    ap.add_argument("--draft-vocab", type=int, default=32000)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="CPU, seq 256, 2 steps, smollm2 shape only")
+    ap.add_argument("--results", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.seq, args.steps, args.warmup, args.micro_batch, args.shapes, args.draft_vocab = 256, 2, 1, 2, "smollm2", 2048
+    device = pick_device("cpu" if args.smoke else "auto")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = measure_matmul_peak(device, dtype)
+    results = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
+    base_mb = args.micro_batch
+    for shape in args.shapes.split(","):
+        if shape == "smollm2":
+            from transformers import AutoModelForCausalLM
+
+            model_dir = resolve_model_dir(args.model)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+            model.to(device).eval().requires_grad_(False)
+            args.micro_batch = base_mb
+        else:
+            model = random_llama(shape, device, dtype)
+            args.micro_batch = args.big_micro_batch
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        row = bench_one(shape, model, args, device, peak)
+        print(json.dumps(row), flush=True)
+        if results is not None:
+            append_result_row(results, f"train ({shape}, EAGLE-3, online)", hardware_name(device),
+                              "python benchmarks/train.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                              f"{row['real_tokens_per_s']:.0f} real tok/s, MFU {row['mfu']:.1%} "
+                              f"(peak {row['peak_tflops']} TFLOP/s), mb {row['micro_batch']}x{args.seq}, "
+                              f"{row['max_mem_gib']} GiB", "NeMo AutoModel 0.7.0 (SmolLM2, issue 4): 11.3k tok/s mb1, "
+                              "22.6k tok/s mb4")
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
