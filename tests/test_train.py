@@ -26,13 +26,13 @@ TOPICS = ["the sea", "a red car", "bread", "winter", "music", "a small dog", "th
 
 @pytest.fixture(scope="module")
 def sharp_target(tiny_llama_dir, tmp_path_factory) -> Path:
-    """The tiny Llama with its lm_head scaled by 8: the same greedy outputs, peaked distributions (a random
+    """The tiny Llama with its lm_head scaled by 40: the same greedy outputs, peaked distributions (a random
     tiny model is otherwise near-uniform, which makes argmax agreement a slow thing to learn)."""
     from eaglepipe.target.info import load_hf_model, load_tokenizer
 
     model = load_hf_model(tiny_llama_dir)
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)
+        model.get_output_embeddings().weight.mul_(40.0)
     out = tmp_path_factory.mktemp("sharp")
     model.save_pretrained(out)
     load_tokenizer(tiny_llama_dir).save_pretrained(out)
@@ -84,13 +84,11 @@ def paths(conv: Path, target: Path, out: Path) -> Paths:
     return Paths(target, conv / "tokens", conv / "vocab", conv / "hidden", out)
 
 
-@pytest.mark.slow
 def test_tiny_drafter_overfits_to_near_perfect_step0_accuracy(conversations, sharp_target, tmp_path):
-    cfg = make_cfg(max_steps=150, micro_batch_size=4, lr=1e-2, eval_every=1000, save_every=1000, log_every=10,
-                   pack=False, min_lr_ratio=1.0, max_grad_norm=10.0)
+    cfg = make_cfg(max_steps=300, micro_batch_size=4, lr=5e-3, eval_every=1000, save_every=1000, log_every=25,
+                   pack=False, min_lr_ratio=0.01, max_grad_norm=10.0, ttt_steps=1)
     summary = Trainer(cfg, paths(conversations, sharp_target, tmp_path / "train")).train()
-    assert summary["final"]["train"]["acc_0"] >= 0.95
-    assert summary["final"]["train"]["sim_tau"] > 1.9
+    assert summary["final"]["train"]["acc_0"] >= 0.97
 
 
 @pytest.mark.parametrize("algorithm", ["eagle3", "eagle3.1", "eagle1"])
@@ -107,8 +105,7 @@ def test_resume_after_a_kill_gives_bit_identical_weights(conversations, sharp_ta
     assert resumed.step == 3
     resumed.train()
     a, b = (p / "train" for p in (tmp_path / "a", tmp_path / "b"))
-    assert (a / "LATEST").read_text() == (b / "LATEST").read_text() == "epoch_1_step_5\n" or \
-        (a / "LATEST").read_text() == (b / "LATEST").read_text()
+    assert (a / "LATEST").read_text() == (b / "LATEST").read_text()
     name = (a / "LATEST").read_text().strip()
     wa, wb = load_file(str(a / "checkpoints" / name / "model.safetensors")), \
         load_file(str(b / "checkpoints" / name / "model.safetensors"))
@@ -181,7 +178,6 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(conversat
     w2 = load_file(str(tmp_path / "two" / "train" / "checkpoints" / name / "model.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(w1["fc.weight"], Trainer.__init__ and w1["fc.weight"] * 0)
 
 
 def test_train_stage_cli_publishes_declared_outputs(conversations, sharp_target, tmp_path):

@@ -26,7 +26,7 @@ from .checkpoint import (checkpoint_name, load_checkpoint, prune_checkpoints, pu
 from .features import online_features
 from .flops import attention_pairs, drafter_flops, measure_matmul_peak, target_flops
 from .module import TTTModule
-from .objective import Objective, summarize
+from .objective import Objective, metric_keys, summarize
 from .offline import OfflineCache
 from .report import History, publish_metrics
 from .schedule import warmup_cosine
@@ -235,8 +235,9 @@ class Trainer:
             drafter_flops(self.drafter.config, b.num_tokens, pairs, rows, self.cfg.train.ttt_steps)
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        keys = sorted(sums)
-        vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys])
+        """Sum metric sums over ranks (a rank without batches contributes zeros)."""
+        keys = sorted(set(metric_keys(self.cfg.train.ttt_steps)) | set(sums))
+        vec = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64).to(self.device) for k in keys])
         if self.world > 1:
             dist.all_reduce(vec)
         return dict(zip(keys, vec.cpu()))

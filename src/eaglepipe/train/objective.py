@@ -133,6 +133,11 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
     return total, sums
 
 
+def metric_keys(ttt_steps: int) -> list[str]:
+    """Names of the metric sums `ttt_loss` returns (every rank reduces the same list)."""
+    return ["slots"] + [f"{m}_{k}" for k in range(ttt_steps) for m in ("loss", "count", "correct", "prefix")]
+
+
 def summarize(sums: dict[str, torch.Tensor], ttt_steps: int, decay: float) -> dict[str, float]:
     """Turn accumulated metric sums into loss (sum_k decay^k loss_k), loss_k, acc_k, cond_acc_k and the
     simulated acceptance length tau = 1 + sum_k P(steps 0..k all correct) over step-0 supervised slots."""
