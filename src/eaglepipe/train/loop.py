@@ -105,6 +105,10 @@ class Trainer:
         self.eagle3 = self.drafter.config.is_eagle3
         self.draft_ids = (torch.arange(len(self.drafter.d2t), device=self.device) + self.drafter.d2t) \
             if self.eagle3 else None
+        if tc.compile and self.device.type == "cuda":  # fuse the drafter layer's elementwise work (opt-in)
+            layer = self.drafter.midlayer if self.eagle3 else self.drafter.layers[0]
+            layer.project = torch.compile(layer.project, dynamic=False)
+            layer.finish = torch.compile(layer.finish, dynamic=False)
         self.cache: Optional[OfflineCache] = None
         if offline:
             self.cache = OfflineCache(paths.hidden, {"train": self.train_samples, "val": self.val_samples},
