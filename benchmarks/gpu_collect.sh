@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Packs what benchmarks/gpu_run.sh has produced so far into DEST (at most 8 files of < 16 MiB):
+#   results.tgz (RESULTS.md, logs, stats, metrics, plots, sweep tables, export configs) and the exported
+#   SGLang drafter weights in 15 MiB parts (drafter.part-aa, ...; `cat drafter.part-* > model.safetensors`).
+# Usage: bash benchmarks/gpu_collect.sh DEST   (run from the job's repo copy)
+set -u
+DEST=$1
+STORE=${STORE:-/root/store}
+EXP=$(awk '/^experiment:/ {print $2; exit}' params.yaml)
+R=results/$EXP
+mkdir -p "$DEST"
+{
+  echo benchmarks/RESULTS.md
+  echo params.yaml
+  [ -d "$STORE/logs" ] && find "$STORE/logs" -type f
+  [ -d "logs/$EXP" ] && find "logs/$EXP" -type f
+  [ -d "$R" ] && find "$R" -type f \( -name '*.json' -o -name '*.csv' -o -name '*.md' -o -name '*.png' \
+    -o -name '*.txt' -o -name '*.tsv' -o -name '*.jsonl' -o -name 'LATEST' -o -name 'BEST' \) \
+    -not -path '*/data/*/shard*' -not -name 'rejects.jsonl' -size -4M
+} 2>/dev/null | tar czf "$DEST/results.tgz" -T - 2>/dev/null
+weights=$R/export/sglang/model.safetensors
+if [ -f "$weights" ]; then
+  split -b 15M "$weights" "$DEST/drafter.part-"
+fi
+ls -la "$DEST"
