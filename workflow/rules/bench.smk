@@ -5,11 +5,12 @@ rule bench:
         code=stage_code("stages/bench.py", "bench", "engine"),
     output:
         points=directory(f"{R}/bench/points"),
-        sweep=report(f"{R}/bench/sweep.csv", category="Benchmark"),
+        sweep=report(f"{R}/bench/sweep.csv", caption="../report/sweep.rst", category="Benchmark"),
         best=f"{R}/bench/best_command.txt",
         readme=f"{R}/bench/README.md",
         metrics=f"{R}/bench/metrics.json",
-        plots=report(directory(f"{R}/bench/plots"), patterns=["{name}.png"], category="Benchmark"),
+        plots=report(directory(f"{R}/bench/plots"), patterns=["{name}.png"], caption="../report/plots.rst",
+                     category="Benchmark"),
     params:
         py=PY,
         bench=config["bench"],
