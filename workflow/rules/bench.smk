@@ -19,6 +19,7 @@ rule bench:
         f"{LOGS}/bench.log",
     conda:
         "../envs/eaglepipe.yaml"
+    threads: stage_threads()
     resources:
         gpu=gpus_for("bench"),
     shell:

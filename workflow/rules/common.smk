@@ -15,6 +15,13 @@ def stage_code(*packages):
     return files
 
 
+def stage_threads():
+    """Threads for a compute-heavy stage: every core Snakemake may use here (torch reads OMP_NUM_THREADS)."""
+    import os
+
+    return max(1, min(workflow.cores, os.cpu_count() or 1))
+
+
 def gpus_for(stage):
     """GPUs a stage asks for: train uses train.nproc_per_node, others one when the config wants CUDA."""
     if config["device"] == "cpu":

@@ -12,6 +12,7 @@ rule regenerate:
         f"{LOGS}/regenerate.log",
     conda:
         "../envs/eaglepipe.yaml"
+    threads: stage_threads()
     resources:
         gpu=gpus_for("regenerate"),
     shell:

@@ -14,6 +14,7 @@ rule hidden_states:
         f"{LOGS}/hidden_states.log",
     conda:
         "../envs/eaglepipe.yaml"
+    threads: stage_threads()
     resources:
         gpu=gpus_for("hidden_states"),
     shell:
@@ -44,6 +45,7 @@ rule train:
         f"{LOGS}/train.log",
     conda:
         "../envs/eaglepipe.yaml"
+    threads: stage_threads()
     resources:
         gpu=gpus_for("train"),
     shell:
