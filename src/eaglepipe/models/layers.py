@@ -41,11 +41,12 @@ class Rotary(nn.Module):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE to x [B, heads, S, d] with cos/sin [B, S, d]."""
+    """Apply RoPE to x [B, heads, S, d] with cos/sin [B, S, d]; the result keeps x's dtype (under bf16
+    autocast cos/sin are fp32, and FlexAttention's backward rejects q/k/v of mixed dtypes)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 class MLP(nn.Module):

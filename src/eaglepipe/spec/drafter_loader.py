@@ -67,6 +67,18 @@ def _target_tensor(model_dir: Path, names: tuple[str, ...]) -> torch.Tensor:
     raise KeyError(f"{model_dir} has none of {names}")
 
 
+def _cast_keeping_rope_fp32(model: Drafter, device: torch.device, dtype: torch.dtype) -> Drafter:
+    """`model.to(device, dtype)` except the RoPE inverse frequencies, which stay fp32 (as in training, where the
+    drafter is fp32 under autocast, and in HF `from_pretrained`); bf16 ones would skew every rotation angle.
+    Integer buffers (d2t/t2d) keep their dtypes anyway."""
+    freqs = {name: buf for name, buf in model.named_buffers() if name.endswith("inv_freq")}
+    model = model.to(device=device, dtype=dtype)
+    for name, buf in freqs.items():
+        owner, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(owner), attr, buf.to(device=device, dtype=torch.float32))
+    return model
+
+
 def load_exported_drafter(export_sglang_dir: str | Path, target_dir: str | Path, device: str | torch.device,
                           dtype: torch.dtype, target_embed: torch.Tensor | None = None,
                           target_lm_head: torch.Tensor | None = None) -> LoadedDrafter:
@@ -93,7 +105,7 @@ def load_exported_drafter(export_sglang_dir: str | Path, target_dir: str | Path,
     with torch.no_grad():
         model.embed_tokens.weight.copy_(target_embed.to(model.embed_tokens.weight.dtype))
     load_drafter_weights(model, d / WEIGHTS_FILE)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # d2t/t2d keep their dtypes
+    model = _cast_keeping_rope_fp32(model, torch.device(device), dtype).eval().requires_grad_(False)
     hot = None
     if (d / TOKEN_MAP_FILE).exists() and not dc.is_eagle3:
         hot = torch.as_tensor(torch.load(d / TOKEN_MAP_FILE, weights_only=True), dtype=torch.long, device=device)

@@ -87,7 +87,7 @@ def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.
     heads, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
     diag_k = torch.stack([_expand_kv(k, heads) for k in keys[1:]], dim=0)  # [k, B, h, T, d]
     diag_v = torch.stack([_expand_kv(v, heads) for v in values[1:]], dim=0)
-    diag_scores = _wide((q[None] * diag_k).sum(-1)) * scale                # [k, B, h, T]
+    diag_scores = (_wide(q)[None] * diag_k).sum(-1) * scale                # [k, B, h, T], >= fp32
     total = torch.logsumexp(torch.cat([lse0[None], diag_scores], dim=0), dim=0)  # [B, h, T]
     w0 = torch.exp(lse0 - total)[..., None]
     wd = torch.exp(diag_scores - total[None])[..., None]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -22,6 +23,8 @@ def run_stage(name: str, parser: argparse.ArgumentParser, body: Callable[[Config
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     args = parser.parse_args(argv)
+    # SIGTERM (Snakemake/SLURM cancelling a job) unwinds like Ctrl-C, so servers started by the stage are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         cfg = load_params(args.params)
     except ConfigError as e:
