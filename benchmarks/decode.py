@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -44,10 +45,12 @@ RESULTS_HEADER = ("# Benchmark results\n\nRows are appended by the scripts in be
 
 def append_result_row(path: Path, benchmark: str, hardware: str, command: str, result: str, baselines: str) -> None:
     """Append one row to a RESULTS.md table, creating the file with its header when missing."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
+    commit, dirty = os.environ.get("EAGLEPIPE_COMMIT", ""), ""  # set where the tree travels without .git
+    if not commit:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
     cells = [dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), benchmark, hardware,
              commit + ("+dirty" if dirty else ""), f"`{command}`", result, baselines]
     row = "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |\n"

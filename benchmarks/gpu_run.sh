@@ -38,5 +38,5 @@ step pipeline "${PIPELINE_SECONDS:-1080}" snakemake --cores all \
   || step pipeline_retry 600 snakemake --cores all --keep-going
 
 step spec_decode 300 python3 benchmarks/spec_decode.py --target "$T" --export "$R/export" \
-  --prompts "${SPEC_PROMPTS:-20}" --max-new-tokens "${SPEC_TOKENS:-128}"
+  --prompts "${SPEC_PROMPTS:-10}" --max-new-tokens "${SPEC_TOKENS:-128}"
 touch "$STORE/DONE"

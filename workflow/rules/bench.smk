@@ -17,6 +17,8 @@ rule bench:
         out=output_parent("metrics"),
     log:
         f"{LOGS}/bench.log",
+    benchmark:
+        f"{LOGS}/times/bench.tsv"
     conda:
         "../envs/eaglepipe.yaml"
     threads: stage_threads()

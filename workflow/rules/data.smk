@@ -10,6 +10,8 @@ rule download:
         seed=config["data"]["seed"],
     log:
         f"{LOGS}/download.log",
+    benchmark:
+        f"{LOGS}/times/download.tsv"
     conda:
         "../envs/eaglepipe.yaml"
     shell:
@@ -27,6 +29,8 @@ rule normalize:
         system_prompt=config["data"]["system_prompt"],
     log:
         f"{LOGS}/normalize.log",
+    benchmark:
+        f"{LOGS}/times/normalize.tsv"
     conda:
         "../envs/eaglepipe.yaml"
     shell:
@@ -46,6 +50,8 @@ rule tokenize:
         val_fraction=config["data"]["val_fraction"],
     log:
         f"{LOGS}/tokenize.log",
+    benchmark:
+        f"{LOGS}/times/tokenize.tsv"
     conda:
         "../envs/eaglepipe.yaml"
     shell:
@@ -64,6 +70,8 @@ rule vocab:
         vocab=config["vocab"],
     log:
         f"{LOGS}/vocab.log",
+    benchmark:
+        f"{LOGS}/times/vocab.tsv"
     conda:
         "../envs/eaglepipe.yaml"
     shell:

@@ -13,6 +13,8 @@ rule export:
         train_dir=input_parent("latest"),
     log:
         f"{LOGS}/export.log",
+    benchmark:
+        f"{LOGS}/times/export.tsv"
     conda:
         "../envs/eaglepipe.yaml"
     shell:

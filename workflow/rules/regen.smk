@@ -10,6 +10,8 @@ rule regenerate:
         regen=config["regen"],
     log:
         f"{LOGS}/regenerate.log",
+    benchmark:
+        f"{LOGS}/times/regenerate.tsv"
     conda:
         "../envs/eaglepipe.yaml"
     threads: stage_threads()

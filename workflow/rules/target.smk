@@ -8,6 +8,8 @@ rule fetch_target:
         target=config["target"],
     log:
         f"{LOGS}/fetch_target.log",
+    benchmark:
+        f"{LOGS}/times/fetch_target.tsv"
     conda:
         "../envs/eaglepipe.yaml"
     shell:

@@ -12,6 +12,8 @@ rule hidden_states:
         offline_topk=config["train"]["offline_topk"],
     log:
         f"{LOGS}/hidden_states.log",
+    benchmark:
+        f"{LOGS}/times/hidden_states.tsv"
     conda:
         "../envs/eaglepipe.yaml"
     threads: stage_threads()
@@ -43,6 +45,8 @@ rule train:
         out=output_parent("latest"),
     log:
         f"{LOGS}/train.log",
+    benchmark:
+        f"{LOGS}/times/train.tsv"
     conda:
         "../envs/eaglepipe.yaml"
     threads: stage_threads()
