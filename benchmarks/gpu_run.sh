@@ -4,7 +4,7 @@
 #   force, then the speculative-decoding benchmark on the drafter that run exported.
 # Usage (repo root, after `source benchmarks/device_setup.sh`):  setsid nohup bash benchmarks/gpu_run.sh &
 # Each step runs under a time limit and a failure does not stop the next one; a step that fails on its
-# default path is retried once on its conservative path. Progress: $STORE/logs/steps.txt; done: $STORE/DONE.
+# default path is retried once on its conservative path (decode). Progress: $STORE/logs/steps.txt; done: $STORE/DONE.
 set -u
 STORE=${STORE:-/root/store}
 LOGS=$STORE/logs
@@ -28,15 +28,11 @@ step() {  # step NAME SECONDS CMD...  -> returns the command's exit status
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.txt" 2>&1
 step fetch_target 300 snakemake --cores all "$T"
 
-step decode 300 python3 benchmarks/decode.py --model "$T" \
-  || step decode_fallback 240 python3 benchmarks/decode.py --model "$T" --no-engine-compile --no-hf-compile
-step train_bench 420 python3 benchmarks/train.py --model "$T" \
-  || step train_bench_fallback 300 python3 benchmarks/train.py --model "$T" --shapes smollm2
-step regen_bench 360 python3 benchmarks/regen.py --model "$T"
-
-step pipeline "${PIPELINE_SECONDS:-1080}" snakemake --cores all \
-  || step pipeline_retry 600 snakemake --cores all --keep-going
-
-step spec_decode 300 python3 benchmarks/spec_decode.py --target "$T" --export "$R/export" \
-  --prompts "${SPEC_PROMPTS:-10}" --max-new-tokens "${SPEC_TOKENS:-128}"
+step decode 180 python3 benchmarks/decode.py --model "$T" \
+  || step decode_fallback 120 python3 benchmarks/decode.py --model "$T" --no-engine-compile --no-hf-compile
+step train_bench 240 python3 benchmarks/train.py --model "$T"
+step pipeline "${PIPELINE_SECONDS:-720}" snakemake --cores all
+step regen_bench 240 python3 benchmarks/regen.py --model "$T"
+step spec_decode 180 python3 benchmarks/spec_decode.py --target "$T" --export "$R/export" \
+  --prompts "${SPEC_PROMPTS:-8}" --max-new-tokens "${SPEC_TOKENS:-128}"
 touch "$STORE/DONE"
