@@ -127,7 +127,7 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
             sums[f"correct_{k}"] = correct.sum().float()
             sums[f"prefix_{k}"] = prefix.sum().float()
             if k == 0:
-                sums["slots"] = torch.tensor(float(slots.numel()), device=dev)
+                sums["slots"] = torch.full((), float(slots.numel()), device=dev)  # a fill, no host->device copy
         if k + 1 < objective.ttt_steps:
             hidden = drafter.next_state(out)
     return total, sums

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class History:
@@ -53,8 +56,13 @@ def publish_metrics(rows: list[dict[str, Any]], out_dir: Path, ttt_steps: int) -
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, ttt_steps: int) -> None:
-    """Loss, per-step accuracy and simulated tau against the optimizer step."""
-    import matplotlib
+    """Loss, per-step accuracy and simulated tau against the optimizer step (skipped without matplotlib,
+    which GPU images may lack: the metrics themselves are already written)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s", path.name)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
