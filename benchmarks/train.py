@@ -101,7 +101,7 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     groups = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
     batches = [collate([[samples[i] for i in r] for r in g], args.ttt_steps, pad_to=args.seq)
                for g in groups[:args.steps + args.warmup]]
-    use_flex = device.type == "cuda"
+    use_flex = device.type == "cuda" and args.ttt_attention == "flex"
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     tokens = flops = 0.0
     t0 = 0.0
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--micro-batch", type=int, default=16, help="rows of --seq tokens per step (smollm2)")
     ap.add_argument("--big-micro-batch", type=int, default=4, help="rows per step for the 1B/8B shapes")
     ap.add_argument("--draft-vocab", type=int, default=32000)
+    ap.add_argument("--ttt-attention", choices=("flex", "math"), default="flex",
+                    help="TTT step-0 attention on CUDA: FlexAttention (compiled) or explicit [B,h,T,T] scores")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU, seq 256, 2 steps, smollm2 shape only")
