@@ -16,10 +16,11 @@ def stage_code(*packages):
 
 
 def stage_threads():
-    """Threads for a compute-heavy stage: every core Snakemake may use here (torch reads OMP_NUM_THREADS)."""
+    """Threads for a compute-heavy stage: every core Snakemake may use that this process may run on
+    (torch reads OMP_NUM_THREADS; the affinity mask, unlike os.cpu_count, respects a SLURM allocation)."""
     import os
 
-    return max(1, min(workflow.cores, os.cpu_count() or 1))
+    return max(1, min(workflow.cores, len(os.sched_getaffinity(0))))
 
 
 def gpus_for(stage):
