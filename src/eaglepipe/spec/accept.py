@@ -7,7 +7,7 @@ rejection, and the first token it emits is distributed exactly as p (the target'
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,11 +17,16 @@ from .tree import VerifyTree
 @dataclass
 class Acceptance:
     """Per row: verify-order indices of the accepted path (root first), the bonus token after it, and the
-    tree's tokens (host copies)."""
+    tree's tokens (host copies). `greedy_accept` also leaves device copies, so that the caller needs no
+    host->device copy to act on the decision: the path as a mask [B, S], its deepest node [B] and the bonus
+    token [B]."""
 
     paths: list[list[int]]
     bonus: list[int]
     tree_tokens: list[list[int]]
+    path_mask: torch.Tensor | None = field(default=None, repr=False)
+    deepest: torch.Tensor | None = field(default=None, repr=False)
+    bonus_ids: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def accepted_lengths(self) -> list[int]:
@@ -44,7 +49,8 @@ def greedy_accept(tree: VerifyTree, target_logits: torch.Tensor) -> Acceptance:
     s = tree.tokens.shape[1]
     packed = torch.cat([path_mask.long(), bonus, tree.tokens], dim=1).tolist()  # the round's only host sync
     paths = [[i for i, m in enumerate(row[:s]) if m] for row in packed]
-    return Acceptance(paths, [row[s] for row in packed], [row[s + 1:] for row in packed])
+    return Acceptance(paths, [row[s] for row in packed], [row[s + 1:] for row in packed],
+                      path_mask, best, bonus[:, 0])
 
 
 def children_lists(parents: list[int]) -> list[list[int]]:

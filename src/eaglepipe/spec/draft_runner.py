@@ -23,12 +23,20 @@ class DraftRunner:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.device = device
+        self._cols = torch.arange(capacity + 1, device=device)  # sliced, never rebuilt per step
 
     def _run(self, slots: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-             past_len: int, allowed: torch.Tensor, write_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+             past_len: int, allowed: torch.Tensor, write_pos: torch.Tensor,
+             span: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One drafter step of S tokens per row over cache columns [0, past_len); stores the new K/V at
-        `write_pos` [B, S]. allowed bool [B, S, past_len + S]. Returns (hidden_out, logits)."""
-        past = (self.k[slots, :, :past_len], self.v[slots, :, :past_len]) if past_len else None
+        `write_pos` [B, S]. allowed bool [B, S, past_len + S]. `span`: the same slots as a slice when they are
+        consecutive (the past is then read as a view, not gathered). Returns (hidden_out, logits)."""
+        if not past_len:
+            past = None
+        elif span is not None:
+            past = (self.k[span, :, :past_len], self.v[span, :, :past_len])
+        else:
+            past = (self.k[slots, :, :past_len], self.v[slots, :, :past_len])
         out, logits, (k, v) = self.drafter.step(ids, hidden, positions, past, allowed[:, None])
         b, s = ids.shape
         rows = slots[:, None].expand(b, s)
@@ -38,34 +46,48 @@ class DraftRunner:
 
     @torch.inference_mode()
     def extend(self, slots: torch.Tensor, lengths: torch.Tensor, max_length: int, ids: torch.Tensor,
-               hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               hidden: torch.Tensor, span: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Commit new tokens after each row's `lengths` (causal; `max_length` = lengths.max() known on the host).
         Rows may be right-padded: padded queries are ignored by the caller and padded keys lie beyond the
         committed length, so no real query ever sees them. Returns (hidden_out, logits) [B, S, ...]."""
         b, s = ids.shape
-        cols = torch.arange(s, device=self.device)
-        key = torch.arange(max_length + s, device=self.device)
+        cols = self._cols[:s]
+        key = self._cols[:max_length + s]
         new = key - max_length
         allowed = (key[None, None, :] < lengths[:, None, None]) | (
             (new[None, None, :] >= 0) & (new[None, None, :] <= cols[None, :, None]))
         positions = lengths[:, None] + cols[None, :]
-        return self._run(slots, ids, hidden, positions, max_length, allowed, positions)
+        return self._run(slots, ids, hidden, positions, max_length, allowed, positions, span)
+
+    @torch.inference_mode()
+    def chain_step(self, slots: torch.Tensor, lengths: torch.Tensor, max_length: int, ids: torch.Tensor,
+                   hidden: torch.Tensor, depth: int, span: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`tree_step` for a chain (topk = 1): the one frontier node at `depth` (>= 1) sees every committed entry
+        and all depth-1 scratch nodes before it, and is stored as scratch node depth-1. ids [B, 1],
+        hidden [B, 1, H]. Returns (hidden_out, logits) [B, 1, ...]."""
+        node = depth - 1
+        past_len = max_length + node
+        key = self._cols[:past_len + 1]
+        end = lengths + node  # [B]: committed entries + the chain's scratch nodes so far
+        allowed = (key[None, :] < end[:, None]) | (key[None, :] == past_len)
+        positions = end[:, None]
+        return self._run(slots, ids, hidden, positions, past_len, allowed[:, None], positions, span)
 
     @torch.inference_mode()
     def tree_step(self, slots: torch.Tensor, lengths: torch.Tensor, max_length: int, ids: torch.Tensor,
                   hidden: torch.Tensor, depth: int, node_start: int,
-                  ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  ancestors: torch.Tensor, span: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft the children of F frontier nodes at tree `depth` (>= 1), stored as scratch nodes
         node_start..node_start+F-1. ancestors bool [B, F, node_start + F]: the scratch nodes (self included)
         each frontier node sees. Returns (hidden_out, logits) [B, F, ...]."""
         b, f = ids.shape
         past_len = max_length + node_start
-        rel = torch.arange(past_len, device=self.device)[None, :] - lengths[:, None]  # [B, past_len]
+        rel = self._cols[:past_len][None, :] - lengths[:, None]  # [B, past_len]
         allowed_past = (rel < 0)[:, None, :].expand(b, f, past_len)
         if node_start:
             seen = ancestors[:, :, :node_start].gather(2, rel.clamp(0, node_start - 1)[:, None, :].expand(b, f, -1))
             allowed_past = allowed_past | (seen & ((rel >= 0) & (rel < node_start))[:, None, :])
         allowed = torch.cat([allowed_past, ancestors[:, :, node_start:]], dim=2)
         positions = (lengths + depth - 1)[:, None].expand(b, f)
-        write = lengths[:, None] + node_start + torch.arange(f, device=self.device)[None, :]
-        return self._run(slots, ids, hidden, positions, past_len, allowed, write)
+        write = lengths[:, None] + node_start + self._cols[:f][None, :]
+        return self._run(slots, ids, hidden, positions, past_len, allowed, write, span)

@@ -4,6 +4,11 @@ Each round: the drafter proposes a tree (num_steps deep, topk wide, EAGLE-2 expa
 num_draft_tokens-1 nodes plus the root are verified in ONE target forward with a tree mask, the longest
 accepted path is committed to the target's KV cache (the rest rolled back), and the drafter's cache is
 extended with the accepted tokens, fed the target's hidden states from that same verify forward.
+
+Per round and greedy: the drafter runs num_steps times (the first on the newly accepted tokens only, over its own
+KV cache), the target once over the num_draft_tokens tree nodes, and the host waits on the device once (the
+acceptance decision). Lengths, slots, roots and the accepted tokens stay on the device between rounds; chains
+(topk = 1) use a fixed tree layout and argmax drafting instead of the EAGLE-2 scoring and selection.
 """
 from __future__ import annotations
 
@@ -52,10 +57,17 @@ class _Rows:
     params: list[SamplingParams]
     generators: list[torch.Generator | None]
     on_tokens: list[OnTokens]
-    roots: list[int]
     verify_ct: dict[int, int]  # slot -> verification rounds so far (shared by all row subsets of one batch)
     draft_hidden: torch.Tensor  # [B, H] drafter state after the root
     draft_logits: torch.Tensor  # [B, V_d] drafter logits after the root
+    roots: torch.Tensor  # [B] the last committed token (the next tree's root), on the device
+    lengths: torch.Tensor  # [B] committed lengths on the device (the host copy is runner.lengths)
+    slots_t: torch.Tensor  # [B] `slots` on the device
+    span: slice | None = None  # `slots` as a slice when consecutive (cache rows read as views)
+
+
+def _span(slots: list[int]) -> slice | None:
+    return slice(slots[0], slots[0] + len(slots)) if slots == list(range(slots[0], slots[0] + len(slots))) else None
 
 
 class SpeculativeGenerator:
@@ -81,6 +93,13 @@ class SpeculativeGenerator:
         capacity = runner.max_len + self.spec.num_steps * self.spec.topk + self.spec.num_steps + 2
         self.draft = DraftRunner(self.drafter, runner.max_slots, capacity, runner.device, runner.dtype)
         self.stats = SpecStats(accepted_at=[0] * self.spec.num_steps)
+        runner._check_capture(self.capture)  # the verify forward below calls the runner's layers directly
+        dev, n = runner.device, self.spec.num_draft_tokens
+        self.chain = self.spec.topk == 1
+        self._cols = torch.arange(runner.max_len + n + 1, device=dev)
+        # a chain's fixed verify layout: node i is the child of node i-1 at depth i
+        self._chain_parents = (self._cols[:n] - 1).clamp(min=0)
+        self._chain_ancestors = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
 
     def reset_stats(self) -> None:
         """Zero the round/acceptance counters."""
@@ -100,9 +119,10 @@ class SpeculativeGenerator:
             raise ValueError("generate_batch needs one params, slot and callback per prompt")
         gens = list(generators) if generators is not None else [make_generator(p, self.runner.device) for p in params]
         verify_ct = {s: 0 for s in slots}
-        rows = self._prefill(prompts, list(params), list(slots), gens, list(on_tokens), verify_ct)
-        while rows is not None:
-            rows = self._round(rows)
+        with torch.inference_mode():
+            rows = self._prefill(prompts, list(params), list(slots), gens, list(on_tokens), verify_ct)
+            while rows is not None:
+                rows = self._round(rows)
         return [verify_ct[s] for s in slots]
 
     # ------------------------------------------------------------------ pieces
@@ -124,34 +144,59 @@ class SpeculativeGenerator:
             return self.loaded.hot_ids[draft_ids]
         return self.drafter.to_target_ids(draft_ids)
 
+    def _draft_argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The drafter's top-1 proposal as a target id (a chain needs no log-probs: no selection follows)."""
+        if self.loaded.hot_ids is not None:
+            logits = logits[..., self.loaded.hot_ids]
+        return self._to_target_ids(logits.argmax(dim=-1))
+
     def _prefill(self, prompts: Sequence[Sequence[int]], params: list[SamplingParams], slots: list[int],
                  gens: list[torch.Generator | None], on_tokens: list[OnTokens],
                  verify_ct: dict[int, int]) -> _Rows | None:
         """Prefill the target (capturing the drafter's inputs), emit the first token, prefill the drafter."""
         out = self.runner.prefill(prompts, slots, capture_layers=self.capture)
-        first = sample_rows(out.last_logits, params, gens).tolist()
+        first_t = sample_rows(out.last_logits, params, gens)
+        first = first_t.tolist()
         dev = self.runner.device
         hidden, logits, keep = [], [], []
         for i, (prompt, slot, tok) in enumerate(zip(prompts, slots, first)):
             ids = torch.tensor([list(prompt[1:]) + [tok]], dtype=torch.long, device=dev)
             fused = self._draft_hidden(out.aux_hidden[i][None])
             h, lg = self.draft.extend(torch.tensor([slot], device=dev), torch.zeros(1, dtype=torch.long, device=dev),
-                                      0, ids, fused)
+                                      0, ids, fused, slice(slot, slot + 1))
             if not on_tokens[i]([tok]):
                 keep.append(i)
                 hidden.append(h[0, -1])
                 logits.append(lg[0, -1])
         if not keep:
             return None
-        return _Rows([slots[i] for i in keep], [params[i] for i in keep], [gens[i] for i in keep],
-                     [on_tokens[i] for i in keep], [first[i] for i in keep], verify_ct,
-                     torch.stack(hidden), torch.stack(logits))
+        kept = [slots[i] for i in keep]
+        idx = torch.tensor(keep, device=dev)
+        return _Rows(kept, [params[i] for i in keep], [gens[i] for i in keep], [on_tokens[i] for i in keep],
+                     verify_ct, torch.stack(hidden), torch.stack(logits), first_t[idx],
+                     torch.tensor([self.runner.lengths[s] for s in kept], device=dev), torch.tensor(kept, device=dev),
+                     _span(kept))
+
+    def _draft_chain(self, rows: _Rows, max_length: int, keep: int) -> VerifyTree:
+        """A chain of `keep` drafted tokens after the root (topk = 1): keep-1 drafter steps, no host sync."""
+        b = len(rows.slots)
+        drafted = [rows.roots]
+        if keep:
+            drafted.append(self._draft_argmax(rows.draft_logits))
+        hidden = rows.draft_hidden[:, None]
+        for depth in range(1, keep):
+            hidden, lg = self.draft.chain_step(rows.slots_t, rows.lengths, max_length, drafted[-1][:, None], hidden,
+                                               depth, rows.span)
+            drafted.append(self._draft_argmax(lg[:, 0]))
+        s = keep + 1
+        return VerifyTree(torch.stack(drafted, dim=1), self._chain_parents[:s].expand(b, s),
+                          self._cols[:s].expand(b, s), self._chain_ancestors[:s, :s].expand(b, s, s))
 
     def _draft_tree(self, rows: _Rows, lengths: torch.Tensor, max_length: int, keep: int) -> VerifyTree:
         """Propose candidates for every row and keep the best `keep` of them (EAGLE-2)."""
         k, steps, dev = self.spec.topk, self.spec.num_steps, self.runner.device
         b = len(rows.slots)
-        slots_t = torch.tensor(rows.slots, device=dev)
+        slots_t = rows.slots_t
         ids, scores = expand(torch.zeros(b, 1, device=dev), self._drafter_logprobs(rows.draft_logits)[:, None], k)
         tokens = [self._to_target_ids(ids)]
         all_scores = [scores]
@@ -167,7 +212,7 @@ class SpeculativeGenerator:
             start = (depth - 1) * k
             frontier_anc[:, :, start:start + k] |= torch.eye(k, dtype=torch.bool, device=dev)
             h, lg = self.draft.tree_step(slots_t, lengths, max_length, frontier_tokens, frontier_hidden, depth, start,
-                                         frontier_anc[:, :, :start + k])
+                                         frontier_anc[:, :, :start + k], rows.span)
             ids, scores = expand(frontier_scores, self._drafter_logprobs(lg), k)  # [B, k*k]
             tokens.append(self._to_target_ids(ids))
             all_scores.append(scores)
@@ -184,24 +229,77 @@ class SpeculativeGenerator:
             frontier_anc = frontier_anc.gather(1, src[..., None].expand(-1, -1, frontier_anc.shape[-1])).clone()
             n_cand += k * k
         cands = Candidates(torch.cat(tokens, 1), torch.cat(all_scores, 1), torch.cat(parents, 1), torch.cat(depths, 1))
-        root = torch.tensor(rows.roots, dtype=torch.long, device=dev)
-        return select_tree(cands, root, keep, steps)
+        return select_tree(cands, rows.roots, keep, steps)
+
+    def _verify(self, rows: _Rows, tree: VerifyTree, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's forward over the tree nodes (pending after each row's committed prefix, as
+        `LlamaRunner.forward` appends them) from device state only: no host->device copy and no check that
+        needs a sync. Returns (logits [B, S, V], captured aux hidden states [B, S, ...])."""
+        runner = self.runner
+        b, s = tree.tokens.shape
+        ctx = max_length + s
+        rel = self._cols[:ctx][None, :] - rows.lengths[:, None]  # [B, ctx]: key position after the prefix
+        in_new = (rel >= 0) & (rel < s)
+        seen = tree.ancestors.gather(2, rel.clamp(0, s - 1)[:, None, :].expand(b, s, ctx)) & in_new[:, None, :]
+        allowed = (rel < 0)[:, None, :] | seen
+        mask = torch.zeros(b, s, ctx, dtype=runner.dtype, device=runner.device).masked_fill_(~allowed, float("-inf"))
+        write_pos = rows.lengths[:, None] + self._cols[:s][None, :]
+        positions = rows.lengths[:, None] + tree.depths
+        span, slots_t = rows.span, rows.slots_t
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if span is not None:
+                k_all, v_all = runner.k_cache[i, span, :, :ctx], runner.v_cache[i, span, :, :ctx]
+            else:
+                k_all, v_all = runner.k_cache[i, slots_t, :, :ctx], runner.v_cache[i, slots_t, :, :ctx]
+            return runner._cached_attention(q, k_all, v_all, mask)
+
+        hidden, captured = runner._run(tree.tokens, positions, slots_t[:, None].expand(b, s), write_pos, attend,
+                                       self.capture)
+        return F.linear(hidden, runner.weights.lm_head), runner._gather_aux(captured, self.capture)
 
     def _round(self, rows: _Rows) -> _Rows | None:
         """One draft-verify-commit round for all rows; returns the rows still decoding (None when all stopped)."""
         runner, dev = self.runner, self.runner.device
         lengths_h = [runner.lengths[s] for s in rows.slots]
-        room = min(runner.max_len - n for n in lengths_h)
+        max_length = max(lengths_h)
+        room = runner.max_len - max_length
         if room < 1:
             return None
         keep = min(self.spec.num_draft_tokens - 1, room - 1)
-        lengths = torch.tensor(lengths_h, device=dev)
-        tree = self._draft_tree(rows, lengths, max(lengths_h), keep)
-        logits, aux = runner.forward(tree.tokens, rows.slots, positions=lengths[:, None] + tree.depths,
-                                     tree_mask=tree.ancestors, capture_layers=self.capture)
+        if self.chain:
+            tree = self._draft_chain(rows, max_length, keep)
+        else:
+            tree = self._draft_tree(rows, rows.lengths, max_length, keep)
+        logits, aux = self._verify(rows, tree, max_length)
+        b, s = tree.tokens.shape
         if all(p.greedy for p in rows.params):
-            acc = greedy_accept(tree, logits)
+            acc = greedy_accept(tree, logits)  # the round's one host sync
             paths, bonus, tree_tokens = acc.paths, acc.bonus, acc.tree_tokens
+            n_max = max(len(p) for p in paths)
+            n = acc.path_mask.sum(dim=1)  # [B] path lengths (root included) = tokens this round emits
+            cols = self._cols[:n_max][None, :]
+            if self.chain:  # the path is nodes 0..n-1
+                idx = torch.minimum(cols, acc.deepest[:, None])
+            else:  # path nodes in ascending (verify) order, padded with the deepest
+                order = torch.where(acc.path_mask, self._cols[:s], self._cols[:s] + s).sort(dim=1).values
+                idx = torch.minimum(order[:, :n_max], acc.deepest[:, None])
+                if any(p != list(range(len(p))) for p in paths):  # compact the accepted K/V on the device
+                    src = rows.lengths[:, None] + idx
+                    dst = rows.lengths[:, None] + cols
+                    r = rows.slots_t[:, None].expand(b, n_max)
+                    for cache in (runner.k_cache, runner.v_cache):
+                        cache[:, r, :, dst] = cache[:, r, :, src]
+            # emitted token j: the path's node j+1, or the bonus token (column s below) once past the path's end
+            in_path = cols + 1 < n[:, None]
+            if self.chain:
+                nxt = torch.where(in_path, cols + 1, s)
+            else:
+                nxt = torch.where(in_path, idx.gather(1, (cols + 1).clamp(max=n_max - 1).expand(b, -1)), s)
+            ids = torch.cat([tree.tokens, acc.bonus_ids[:, None]], dim=1).gather(1, nxt)
+            roots = acc.bonus_ids
+            for r, slot in enumerate(rows.slots):
+                runner.commit(slot, len(paths[r]))  # K/V already in place: only the host length moves
         else:
             tree_tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
             paths, bonus = [], []
@@ -215,21 +313,26 @@ class SpeculativeGenerator:
                                                   rows.generators[r])
                     paths.append(path)
                     bonus.append(tok)
+            n_max = max(len(p) for p in paths)
+            emitted = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
+            idx = torch.tensor([p + [p[-1]] * (n_max - len(p)) for p in paths], device=dev)
+            ids = torch.tensor([t + [t[-1]] * (n_max - len(t)) for t in emitted], device=dev)
+            n = torch.tensor([len(p) for p in paths], device=dev)
+            roots = torch.tensor(bonus, device=dev)
+            for r, slot in enumerate(rows.slots):
+                runner.commit(slot, paths[r])
         new_tokens = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
-        for r, slot in enumerate(rows.slots):
-            runner.commit(slot, paths[r])
+        for slot in rows.slots:
             rows.verify_ct[slot] += 1
         self._count(paths)
         # extend the drafter with the accepted tokens, fed the verify forward's hidden states
-        n_max = max(len(t) for t in new_tokens)
-        idx = torch.tensor([p + [p[-1]] * (n_max - len(p)) for p in paths], device=dev)
-        ids = torch.tensor([t + [t[-1]] * (n_max - len(t)) for t in new_tokens], device=dev)
         hidden = self._draft_hidden(aux.gather(1, idx[..., None].expand(-1, -1, aux.shape[-1])))
-        h, lg = self.draft.extend(torch.tensor(rows.slots, device=dev), lengths, max(lengths_h), ids, hidden)
-        last = torch.tensor([len(t) - 1 for t in new_tokens], device=dev)
-        rows.draft_hidden = h[torch.arange(len(rows.slots), device=dev), last]
-        rows.draft_logits = lg[torch.arange(len(rows.slots), device=dev), last]
-        rows.roots = [t[-1] for t in new_tokens]
+        h, lg = self.draft.extend(rows.slots_t, rows.lengths, max_length, ids, hidden, rows.span)
+        last = (n - 1)[:, None, None]
+        rows.draft_hidden = h.gather(1, last.expand(-1, 1, h.shape[-1]))[:, 0]
+        rows.draft_logits = lg.gather(1, last.expand(-1, 1, lg.shape[-1]))[:, 0]
+        rows.roots = roots
+        rows.lengths = rows.lengths + n
         alive = [r for r in range(len(rows.slots)) if not rows.on_tokens[r](new_tokens[r])]
         if not alive:
             return None
@@ -248,5 +351,7 @@ class SpeculativeGenerator:
 def _select(rows: _Rows, keep: list[int]) -> _Rows:
     idx = torch.tensor(keep, device=rows.draft_hidden.device)
     pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
-    return _Rows(pick(rows.slots), pick(rows.params), pick(rows.generators), pick(rows.on_tokens), pick(rows.roots),
-                 rows.verify_ct, rows.draft_hidden[idx], rows.draft_logits[idx])
+    slots = pick(rows.slots)
+    return _Rows(slots, pick(rows.params), pick(rows.generators), pick(rows.on_tokens), rows.verify_ct,
+                 rows.draft_hidden[idx], rows.draft_logits[idx], rows.roots[idx], rows.lengths[idx],
+                 rows.slots_t[idx], _span(slots))
