@@ -161,10 +161,13 @@ Trainer(cfg, Paths(target, conv / "tokens", conv / "vocab", conv / "hidden", out
 """
 
 
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(conversations, sharp_target, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(conversations, sharp_target, tmp_path,
+                                                                    parallel):
+    """DDP (target replicated) and FSDP2 (target sharded) on 2 gloo processes reach the 1-process weights."""
     single = make_cfg(max_steps=3, micro_batch_size=4, pack=True)
     Trainer(single, paths(conversations, sharp_target, tmp_path / "one" / "train")).train()
-    ddp = make_cfg(max_steps=3, micro_batch_size=2, pack=True, parallel="ddp", nproc_per_node=2)
+    ddp = make_cfg(max_steps=3, micro_batch_size=2, pack=True, parallel=parallel, nproc_per_node=2)
     (tmp_path / "cfg.json").write_text(json.dumps(to_dict(ddp)))
     runner = tmp_path / "runner.py"
     runner.write_text(DDP_RUNNER.format(src=str(REPO / "src"), cfg=str(tmp_path / "cfg.json")))

@@ -11,13 +11,13 @@ from ..models.target import decoder_layers
 
 
 def shard_target(model: nn.Module) -> None:
-    """FSDP2 (`fully_shard`) each decoder layer and the whole target; parameters are gathered per layer
-    during the (no-grad) forward, so each rank holds 1/world of the frozen weights."""
+    """FSDP2 (`fully_shard`) each decoder layer; its parameters are gathered only for its own (no-grad) forward,
+    so each rank holds 1/world of the layers. Embeddings, final norm and lm_head stay whole on every rank:
+    the training code calls them directly (the lm_head in chunked label logits), outside any FSDP forward."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=True)
-    fully_shard(model, reshard_after_forward=True)
 
 
 def torchrun_argv(nproc: int, module: str, args: Sequence[str]) -> list[str]:

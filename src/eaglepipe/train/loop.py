@@ -266,7 +266,12 @@ class Trainer:
                          self.cfg.data.seq_length, tc.pack)
         groups = [rows[i:i + tc.micro_batch_size] for i in range(0, len(rows), tc.micro_batch_size)]
         sums: dict[str, torch.Tensor] = {}
-        for g in groups[self.rank::self.world]:
+        mine = groups[self.rank::self.world]
+        if tc.parallel == "fsdp" and self.world > 1 and groups:
+            # a sharded target's forward is collective: every rank runs as many as the busiest one
+            for g in groups[:1] * (-(-len(groups) // self.world) - len(mine)):
+                self.features(self._micro(g, self.val_samples).to(self.device), "val")
+        for g in mine:
             batch = self._micro(g, self.val_samples).to(self.device)
             feats, labels = self.features(batch, "val")
             with self._autocast():
