@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
     cuda_graphs = not args.no_cuda_graphs and device.type == "cuda"
 
     engine_tps, engine_out = bench_engine(model_dir, device, prompts, args.max_new_tokens, cuda_graphs)
+    # progress on stderr, so that a run stopped in a slow baseline still shows the engine's figure
+    print(f"[decode] engine: {engine_tps:.1f} tok/s (CUDA graphs {'on' if cuda_graphs else 'off'})",
+          file=sys.stderr, flush=True)
     hf = load_hf_model(model_dir, device, dtype)
     hf_tps, hf_out = bench_hf(hf, device, prompts, args.max_new_tokens)
     record = {
