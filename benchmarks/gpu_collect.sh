@@ -5,7 +5,7 @@
 # Usage: bash benchmarks/gpu_collect.sh DEST   (run from the job's repo copy)
 set -u
 DEST=$1
-STORE=${STORE:-/root/store}
+STORE=${STORE:-logs/gpu_run}
 EXP=$(awk '/^experiment:/ {print $2; exit}' params.yaml)
 R=results/$EXP
 mkdir -p "$DEST"

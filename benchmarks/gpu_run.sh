@@ -2,11 +2,14 @@
 # Every GPU figure of benchmarks/RESULTS.md in one unattended job on a single GPU box:
 #   the decode, train and regen benchmarks, then the pipeline's own stages (snakemake) on the params.yaml in
 #   force, then the speculative-decoding benchmark on the drafter that run exported.
-# Usage (repo root, after `source benchmarks/device_setup.sh`):  setsid nohup bash benchmarks/gpu_run.sh &
+# Usage on your own GPU box (repo root, venv active, params.yaml composed, e.g. with
+#   `python -m eaglepipe.compose experiment=smollm2_h100 device=cuda`):  bash benchmarks/gpu_run.sh
+# On the lent offline box this repo's figures came from: `source benchmarks/device_setup.sh`, then
+#   STORE=/root/store PIPELINE_SECONDS=720 setsid nohup bash benchmarks/gpu_run.sh &
 # Each step runs under a time limit and a failure does not stop the next one; a step that fails on its
 # default path is retried once on its conservative path (decode). Progress: $STORE/logs/steps.txt; done: $STORE/DONE.
 set -u
-STORE=${STORE:-/root/store}
+STORE=${STORE:-logs/gpu_run}
 LOGS=$STORE/logs
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -31,7 +34,7 @@ step fetch_target 300 snakemake --cores all "$T"
 step decode 180 python3 benchmarks/decode.py --model "$T" \
   || step decode_fallback 120 python3 benchmarks/decode.py --model "$T" --no-engine-compile --no-hf-compile
 step train_bench 240 python3 benchmarks/train.py --model "$T"
-step pipeline "${PIPELINE_SECONDS:-720}" snakemake --cores all
+step pipeline "${PIPELINE_SECONDS:-172800}" snakemake --cores all
 step regen_bench 240 python3 benchmarks/regen.py --model "$T"
 step spec_decode 180 python3 benchmarks/spec_decode.py --target "$T" --export "$R/export" \
   --prompts "${SPEC_PROMPTS:-8}" --max-new-tokens "${SPEC_TOKENS:-128}"
