@@ -1,4 +1,5 @@
 # Helpers shared by all rules. Rules stay thin: inputs, outputs, resources, one shell line.
+import os
 from pathlib import Path
 
 PY = "PYTHONPATH=src python -m"
@@ -18,8 +19,6 @@ def stage_code(*packages):
 def stage_threads():
     """Threads for a compute-heavy stage: every core Snakemake may use that this process may run on
     (torch reads OMP_NUM_THREADS; the affinity mask, unlike os.cpu_count, respects a SLURM allocation)."""
-    import os
-
     return max(1, min(workflow.cores, len(os.sched_getaffinity(0))))
 
 

@@ -300,6 +300,7 @@ class SpeculativeGenerator:
             roots = acc.bonus_ids
             for r, slot in enumerate(rows.slots):
                 runner.commit(slot, len(paths[r]))  # K/V already in place: only the host length moves
+            new_tokens = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
         else:
             tree_tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
             paths, bonus = [], []
@@ -314,14 +315,13 @@ class SpeculativeGenerator:
                     paths.append(path)
                     bonus.append(tok)
             n_max = max(len(p) for p in paths)
-            emitted = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
+            new_tokens = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
             idx = torch.tensor([p + [p[-1]] * (n_max - len(p)) for p in paths], device=dev)
-            ids = torch.tensor([t + [t[-1]] * (n_max - len(t)) for t in emitted], device=dev)
+            ids = torch.tensor([t + [t[-1]] * (n_max - len(t)) for t in new_tokens], device=dev)
             n = torch.tensor([len(p) for p in paths], device=dev)
             roots = torch.tensor(bonus, device=dev)
             for r, slot in enumerate(rows.slots):
                 runner.commit(slot, paths[r])
-        new_tokens = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
         for slot in rows.slots:
             rows.verify_ct[slot] += 1
         self._count(paths)
