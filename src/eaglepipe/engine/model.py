@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..target.info import resolve_model_dir
 from ..utils.device import compute_dtype, pick_device
 from .spec import ModelSpec, read_model_spec, rope_tables
+from .token_path import MAX_ROWS, TokenPath, triton_available
 from .weights import LayerWeights, load_weights
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,10 +56,13 @@ class LlamaRunner:
     """A Llama/Mistral/Qwen2/Qwen3 decoder loaded from HF safetensors, with a static KV cache.
 
     `max_slots` sequences of up to `max_len` tokens each. bf16 on GPU and fp32 on CPU unless `dtype` is given.
+    `token_path`: run decode steps and verify forwards of up to MAX_ROWS tokens through the row-invariant Triton
+    kernels (default: on CUDA when Triton is there; True on CPU needs TRITON_INTERPRET=1, for tests).
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, max_slots: int = 8, max_len: int = 2048):
+                 dtype: torch.dtype | None = None, max_slots: int = 8, max_len: int = 2048,
+                 token_path: bool | None = None):
         self.model_dir = resolve_model_dir(model_dir)
         self.spec: ModelSpec = read_model_spec(self.model_dir)
         self.device = torch.device(device) if device is not None else pick_device("auto")
@@ -77,6 +81,11 @@ class LlamaRunner:
         self.scale = s.head_dim ** -0.5
         self._cols = torch.arange(max_len, device=self.device)
         self._slot_ids = torch.arange(max_slots, device=self.device)
+        if token_path is None:
+            token_path = self.device.type == "cuda" and triton_available()
+        self.token_path = TokenPath(self) if token_path else None
+        self._self_only = torch.zeros(max_slots, 1, dtype=torch.long, device=self.device)  # pending index 0
+        self._one_each = torch.ones(max_slots, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ core
     def _attention_block(self, i: int, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -186,25 +195,59 @@ class LlamaRunner:
         aux = self._gather_aux(captured, layers)
         return PrefillOutput(last_logits, every, list(aux[0].split(lens)) if aux is not None else None)
 
-    def _tree_mask_additive(self, lens_t: torch.Tensor, t: int, ctx: int,
-                            tree_mask: torch.Tensor | None) -> torch.Tensor:
-        """Additive mask [B,S,ctx]: committed prefix visible; among new tokens, `tree_mask` (default causal)."""
-        b = lens_t.shape[0]
+    def _pending_mask(self, b: int, t: int, tree_mask: torch.Tensor | None) -> torch.Tensor:
+        """bool [B,S,S]: new token i may see new token j (default causal), validated."""
         if tree_mask is None:
-            tree = torch.ones(t, t, dtype=torch.bool, device=self.device).tril().expand(b, t, t)
-        else:
-            tree = tree_mask.to(device=self.device, dtype=torch.bool)
-            if tree.dim() == 2:
-                tree = tree.expand(b, t, t)
-            if tree.shape != (b, t, t):
-                raise ValueError(f"tree_mask must be [{b}, {t}, {t}] or [{t}, {t}], got {list(tree_mask.shape)}")
-            if not bool(tree.diagonal(dim1=-2, dim2=-1).all()):
-                raise ValueError("tree_mask must let every new token attend to itself (its diagonal must be True)")
-        rel = self._cols[:ctx][None, :] - lens_t[:, None]
+            return torch.ones(t, t, dtype=torch.bool, device=self.device).tril().expand(b, t, t)
+        tree = tree_mask.to(device=self.device, dtype=torch.bool)
+        if tree.dim() == 2:
+            tree = tree.expand(b, t, t)
+        if tree.shape != (b, t, t):
+            raise ValueError(f"tree_mask must be [{b}, {t}, {t}] or [{t}, {t}], got {list(tree_mask.shape)}")
+        if not bool(tree.diagonal(dim1=-2, dim2=-1).all()):
+            raise ValueError("tree_mask must let every new token attend to itself (its diagonal must be True)")
+        return tree
+
+    def _additive_mask(self, lengths: torch.Tensor, pending_mask: torch.Tensor, ctx: int) -> torch.Tensor:
+        """Additive mask [B,S,ctx]: the committed prefix is visible; among new tokens, `pending_mask`."""
+        b, t = pending_mask.shape[:2]
+        rel = self._cols[:ctx][None, :] - lengths[:, None]
         in_new = (rel >= 0) & (rel < t)
-        new_allowed = torch.gather(tree, 2, rel.clamp(0, t - 1)[:, None, :].expand(b, t, ctx)) & in_new[:, None, :]
-        allowed = (rel < 0)[:, None, :] | new_allowed
+        seen = pending_mask.gather(2, rel.clamp(0, t - 1)[:, None, :].expand(b, t, ctx)) & in_new[:, None, :]
+        allowed = (rel < 0)[:, None, :] | seen
         return torch.zeros(b, t, ctx, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+
+    def tree_forward(self, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                     pending_mask: torch.Tensor, slots: torch.Tensor, ctx: int, capture: Sequence[int] = (),
+                     span: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append S pending tokens to each of B sequences from device state only (no host sync, static shapes
+        for a given (B, S, ctx), so it can be captured in a CUDA graph). Nothing is committed.
+
+        ids/positions [B,S]; lengths [B] committed lengths; pending_mask bool [B,S,S] (token i sees pending
+        token j, itself included); slots [B] cache rows (`span`: the same rows as a slice, read as views);
+        ctx >= max(lengths) + S bounds the attended positions. Returns (logits [B,S,V], aux [B,S,*] or None):
+        fp32 logits from the token path (B*S <= MAX_ROWS with one), the runner's dtype otherwise.
+        """
+        b, t = ids.shape
+        write_pos = lengths[:, None] + self._cols[:t][None, :]
+        if self.token_path is not None and b * t <= MAX_ROWS:
+            order = torch.where(pending_mask, self._cols[:t], t).sort(dim=-1).values.reshape(b * t, t)
+            flat = lambda x: x.expand(b, t).reshape(-1)  # noqa: E731
+            logits, aux = self.token_path.run(ids.reshape(-1), positions.reshape(-1), flat(slots[:, None]),
+                                              write_pos.reshape(-1), flat(lengths[:, None]), order.contiguous(),
+                                              pending_mask.sum(-1).reshape(-1), ctx, capture)
+            return logits.view(b, t, -1), (aux.view(b, t, -1) if aux is not None else None)
+        mask = self._additive_mask(lengths, pending_mask, ctx)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if span is not None:
+                k_all, v_all = self.k_cache[i, span, :, :ctx], self.v_cache[i, span, :, :ctx]
+            else:
+                k_all, v_all = self.k_cache[i, slots, :, :ctx], self.v_cache[i, slots, :, :ctx]
+            return self._cached_attention(q, k_all, v_all, mask)
+
+        hidden, captured = self._run(ids, positions, slots[:, None].expand(b, t), write_pos, attend, capture)
+        return F.linear(hidden, self.weights.lm_head), self._gather_aux(captured, capture)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor | Sequence[Sequence[int]], slots: Sequence[int],
@@ -228,26 +271,15 @@ class LlamaRunner:
             raise CacheFullError(f"appending {t} tokens would exceed max_len={self.max_len}")
         layers = self._check_capture(capture_layers)
         lens_t = torch.tensor(lens, device=self.device)
-        write_pos = lens_t[:, None] + self._cols[:t][None, :]
-        pos = write_pos if positions is None else torch.as_tensor(positions, device=self.device).long()
+        pos = (lens_t[:, None] + self._cols[:t][None, :] if positions is None
+               else torch.as_tensor(positions, device=self.device).long())
         if pos.shape != (b, t):
             raise ValueError(f"positions must be [{b}, {t}], got {list(pos.shape)}")
-        ctx = max(lens) + t
-        mask = self._tree_mask_additive(lens_t, t, ctx, tree_mask)
         slot_list = list(slots)
-        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + b))
-        slots_t = torch.tensor(slot_list, device=self.device)
-
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if contiguous:
-                k_all = self.k_cache[i, slot_list[0]:slot_list[0] + b, :, :ctx]
-                v_all = self.v_cache[i, slot_list[0]:slot_list[0] + b, :, :ctx]
-            else:
-                k_all, v_all = self.k_cache[i, slots_t, :, :ctx], self.v_cache[i, slots_t, :, :ctx]
-            return self._cached_attention(q, k_all, v_all, mask)
-
-        hidden, captured = self._run(ids, pos, slots_t[:, None].expand(b, t), write_pos, attend, layers)
-        return F.linear(hidden, self.weights.lm_head), self._gather_aux(captured, layers)
+        span = slice(slot_list[0], slot_list[0] + b) if slot_list == list(range(slot_list[0], slot_list[0] + b)) \
+            else None
+        return self.tree_forward(ids, pos, lens_t, self._pending_mask(b, t, tree_mask),
+                                 torch.tensor(slot_list, device=self.device), max(lens) + t, layers, span)
 
     def decode_logits(self, tokens: torch.Tensor, lens: torch.Tensor, ctx: int) -> torch.Tensor:
         """Static-shape decode step for CUDA graphs: row r is slot r, token at position lens[r].
@@ -256,6 +288,10 @@ class LlamaRunner:
         Does not touch `lengths` (the caller keeps them in sync).
         """
         b = tokens.shape[0]
+        if self.token_path is not None and b <= MAX_ROWS:
+            slots = self._slot_ids[:b]
+            return self.token_path.run(tokens, lens, slots, lens, lens, self._self_only[:b], self._one_each[:b],
+                                       ctx)[0]
         write_pos = lens[:, None]
         mask = torch.zeros(b, 1, ctx, dtype=self.dtype, device=self.device).masked_fill_(
             self._cols[:ctx][None, None, :] > lens[:, None, None], float("-inf"))
