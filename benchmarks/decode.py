@@ -1,4 +1,5 @@
-"""Batch-1 greedy decode speed: the native engine vs HF generate (eager) and HF static cache + torch.compile.
+"""Batch-1 greedy decode speed: the native engine (Triton token path, and its PyTorch path, both in CUDA graphs)
+vs HF generate (eager) and HF static cache + torch.compile.
 
     python benchmarks/decode.py --model results/<exp>/target            # on a GPU; appends to RESULTS.md
     python benchmarks/decode.py --model <tiny HF dir> --smoke           # CPU check with tiny settings
@@ -83,12 +84,13 @@ def timed(device: torch.device, fn: Callable[[], list[list[int]]]) -> tuple[floa
 
 
 def bench_engine(model_dir: Path, device: torch.device, prompts: list[list[int]], new_tokens: int,
-                 cuda_graphs: bool, compile_decode: bool = False) -> tuple[float, list[list[int]]]:
+                 cuda_graphs: bool, compile_decode: bool = False,
+                 token_path: bool | None = None) -> tuple[float, list[list[int]]]:
     """Tokens/s of the engine, one request at a time (batch 1), EOS ignored so every prompt makes new_tokens."""
     max_len = max(len(p) for p in prompts) + new_tokens + 1
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     with Engine(model_dir, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=cuda_graphs,
-                compile_decode=compile_decode) as eng:
+                compile_decode=compile_decode, token_path=token_path) as eng:
         eng.generate([prompts[0]], params)  # warm-up
         seconds, outs = timed(device, lambda: [eng.generate([p], params)[0].token_ids for p in prompts])
     return len(prompts) * new_tokens / seconds, outs
@@ -107,6 +109,22 @@ def bench_hf(model, device: torch.device, prompts: list[list[int]], new_tokens: 
     run(prompts[0])  # second warm-up: compiled paths settle after the first call
     seconds, outs = timed(device, lambda: [run(p) for p in prompts])
     return len(prompts) * new_tokens / seconds, outs
+
+
+def bench_hf_compiled(model, device: torch.device, prompts: list[list[int]],
+                      new_tokens: int) -> tuple[float, str]:
+    """HF's fastest path: static cache + torch.compile, in mode reduce-overhead (CUDA graphs) and, where that
+    fails inside transformers, compile's default mode. Returns (tok/s, the mode that ran)."""
+    eager_forward = model.forward
+    try:
+        model.forward = torch.compile(eager_forward, mode="reduce-overhead", fullgraph=True)
+        return bench_hf(model, device, prompts, new_tokens, cache_implementation="static")[0], "reduce-overhead"
+    except Exception as e:
+        print(f"[decode] HF compile reduce-overhead failed ({type(e).__name__}); trying the default mode",
+              file=sys.stderr, flush=True)
+        torch._dynamo.reset()
+        model.forward = torch.compile(eager_forward, fullgraph=True)
+        return bench_hf(model, device, prompts, new_tokens, cache_implementation="static")[0], "default"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -147,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     # progress on stderr, so that a run stopped in a slow baseline still shows the engine's figure
     print(f"[decode] engine: {engine_tps:.1f} tok/s (CUDA graphs {'on' if cuda_graphs else 'off'})",
           file=sys.stderr, flush=True)
+    torch_path = None
+    if device.type == "cuda":  # the same engine with its PyTorch decode step, for the side-by-side ratio
+        torch_path = bench_engine(model_dir, device, prompts, args.max_new_tokens, cuda_graphs, token_path=False)
+        print(f"[decode] engine, PyTorch path: {torch_path[0]:.1f} tok/s", file=sys.stderr, flush=True)
     hf = load_hf_model(model_dir, device, dtype)
     hf_tps, hf_out = bench_hf(hf, device, prompts, args.max_new_tokens)
     record = {
@@ -158,6 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_common_prefix_with_hf": round(sum(common_prefix(a, b) for a, b in zip(engine_out, hf_out))
                                             / len(prompts), 1),
     }
+    if torch_path is not None:
+        record["engine_torch_path_tok_s"] = round(torch_path[0], 1)
+        record["token_path_speedup_vs_torch_path"] = round(engine_tps / torch_path[0], 2)
     if cuda_graphs and not args.no_engine_compile:
         try:
             tps, _ = bench_engine(model_dir, device, prompts, args.max_new_tokens, True, compile_decode=True)
@@ -166,9 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
             record["engine_compiled_error"] = f"{type(e).__name__}: {e}"[:300]
     if not args.no_hf_compile:
         try:
-            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
-            tps, _ = bench_hf(hf, device, prompts, args.max_new_tokens, cache_implementation="static")
+            tps, mode = bench_hf_compiled(hf, device, prompts, args.max_new_tokens)
             record["hf_static_compile_tok_s"] = round(tps, 1)
+            record["hf_compile_mode"] = mode
             record["speedup_vs_hf_static_compile"] = round(engine_tps / tps, 2)
         except Exception as e:  # the baseline failing must not hide the engine's figure
             record["hf_static_compile_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -179,12 +204,15 @@ def main(argv: list[str] | None = None) -> dict:
         command = "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         baselines = f"HF generate eager {record['hf_eager_tok_s']} tok/s"
         if "hf_static_compile_tok_s" in record:
-            baselines += f"; HF static cache + torch.compile {record['hf_static_compile_tok_s']} tok/s"
+            baselines += (f"; HF static cache + torch.compile ({record['hf_compile_mode']}) "
+                          f"{record['hf_static_compile_tok_s']} tok/s")
         elif "hf_static_compile_error" in record:
             baselines += f"; HF static+compile failed ({record['hf_static_compile_error'][:80]})"
         result = (f"engine {record['engine_tok_s']} tok/s, batch 1 greedy, {dtype}, {len(prompts)} prompts x "
                   f"{args.max_new_tokens} tokens, CUDA graphs {'on' if cuda_graphs else 'off'}; "
                   f"{record['speedup_vs_hf_eager']}x HF eager")
+        if "engine_torch_path_tok_s" in record:
+            baselines += f"; engine PyTorch path (CUDA graphs) {record['engine_torch_path_tok_s']} tok/s"
         if "engine_compiled_tok_s" in record:
             result += f"; engine with compile_decode=True {record['engine_compiled_tok_s']} tok/s"
         append_result_row(results, "decode (batch 1)", record["device"], command, result, baselines)

@@ -90,3 +90,7 @@ def test_decode_logits_step_matches_forward_bits(tmp_path):
     lens = [len(p) for p in prompts]
     step = runner.decode_logits(torch.tensor([5, 6]), torch.tensor(lens), ctx=128)  # the CUDA-graph body
     assert torch.equal(step, runner.forward(torch.tensor([[5], [6]]), [0, 1])[0][:, 0])
+    # one sequence verifying a two-token chain (B = 1: the per-row tensors must not become stride-0 views)
+    chain, _ = runner.forward(torch.tensor([[5, 9]]), [1])
+    runner.decode([5], [1])
+    assert torch.equal(chain[0, 1], runner.decode([9], [1])[0])

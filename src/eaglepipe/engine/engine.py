@@ -49,7 +49,8 @@ class Engine:
 
     `generate()` blocks; `submit()` is thread-safe and returns a Future, with optional streaming callbacks
     (called on the engine's worker thread). On GPU the decode step is replayed from CUDA graphs (`cuda_graphs`),
-    optionally torch.compile'd first (`compile_decode`, slower start). With `draft_dir`, requests are decoded
+    optionally torch.compile'd first (`compile_decode`, slower start). `token_path` routes decode steps of up to
+    64 rows and draft verification through the row-invariant Triton kernels (default: on CUDA). With `draft_dir`, requests are decoded
     speculatively by `eaglepipe.spec.SpeculativeGenerator` (see the package docstring for that interface).
     """
 
@@ -57,9 +58,9 @@ class Engine:
                  dtype: torch.dtype | None = None, max_batch_size: int = 32, max_model_len: int = 2048,
                  cuda_graphs: bool = True, draft_dir: str | Path | None = None, spec: dict | None = None,
                  max_queue: int = 1024, max_prefill_tokens: int = 4096, decode_chunk: int = 16,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, token_path: bool | None = None):
         self.runner = LlamaRunner(model_dir, device=device, dtype=dtype, max_slots=max_batch_size,
-                                  max_len=max_model_len)
+                                  max_len=max_model_len, token_path=token_path)
         self.device = self.runner.device
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
         self.max_queue, self.max_prefill_tokens, self.decode_chunk = max_queue, max_prefill_tokens, decode_chunk

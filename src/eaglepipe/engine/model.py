@@ -231,11 +231,11 @@ class LlamaRunner:
         b, t = ids.shape
         write_pos = lengths[:, None] + self._cols[:t][None, :]
         if self.token_path is not None and b * t <= MAX_ROWS:
+            flat = lambda x: x.expand(b, t).reshape(-1).contiguous()  # noqa: E731  (for B = 1 a reshape is a view)
             order = torch.where(pending_mask, self._cols[:t], t).sort(dim=-1).values.reshape(b * t, t)
-            flat = lambda x: x.expand(b, t).reshape(-1)  # noqa: E731
-            logits, aux = self.token_path.run(ids.reshape(-1), positions.reshape(-1), flat(slots[:, None]),
-                                              write_pos.reshape(-1), flat(lengths[:, None]), order.contiguous(),
-                                              pending_mask.sum(-1).reshape(-1), ctx, capture)
+            logits, aux = self.token_path.run(flat(ids), flat(positions), flat(slots[:, None]), flat(write_pos),
+                                              flat(lengths[:, None]), order, flat(pending_mask.sum(-1)), ctx,
+                                              capture)
             return logits.view(b, t, -1), (aux.view(b, t, -1) if aux is not None else None)
         mask = self._additive_mask(lengths, pending_mask, ctx)
 

@@ -46,6 +46,9 @@ class TokenPath:
         attends to its slot's first prefix_lens[m] positions, then to prefix_lens[m] + pending[m, :count[m]].
         `max_keys` bounds prefix + count (a static launch bound). Returns (fp32 logits [M, V], the captured
         hidden states h[i] for i in `capture`, concatenated [M, len(capture) * H], or None)."""
+        per_row = (ids, positions, slots, write_pos, prefix_lens, pending_count)
+        if any(x.dim() != 1 or x.stride(0) != 1 for x in per_row) or pending.stride(-1) != 1:
+            raise ValueError("token rows must be contiguous 1-D tensors (the kernels index them by row)")
         r, s, k = self.runner, self.runner.spec, self.k
         eps = s.rms_norm_eps
         x = F.embedding(ids, r.weights.embed)
