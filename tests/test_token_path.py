@@ -94,3 +94,19 @@ def test_decode_logits_step_matches_forward_bits(tmp_path):
     chain, _ = runner.forward(torch.tensor([[5, 9]]), [1])
     runner.decode([5], [1])
     assert torch.equal(chain[0, 1], runner.decode([9], [1])[0])
+
+
+def test_large_batches_attend_with_the_chunked_kernel(tmp_path):
+    """Past MAX_ROWS the step keeps PyTorch GEMMs but reads only each row's own length of cache."""
+    from eaglepipe.engine.token_path import MAX_ROWS
+
+    model_dir = _tiny_variant(tmp_path / "llama", "llama")
+    b = MAX_ROWS + 3
+    fast = LlamaRunner(model_dir, device="cpu", max_slots=b, max_len=64, token_path=True)
+    slow = LlamaRunner(model_dir, device="cpu", max_slots=b, max_len=64, token_path=False)
+    prompts = random_prompts(b, seed=11, max_len=30, vocab=512)
+    for runner in (fast, slow):
+        runner.prefill(prompts, list(range(b)))
+    tokens, lens = torch.randint(3, 512, (b,)), torch.tensor([len(p) for p in prompts])
+    torch.testing.assert_close(fast.decode_logits(tokens, lens, ctx=64), slow.decode_logits(tokens, lens, ctx=64),
+                               atol=1e-4, rtol=1e-4)

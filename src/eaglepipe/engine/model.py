@@ -284,20 +284,28 @@ class LlamaRunner:
     def decode_logits(self, tokens: torch.Tensor, lens: torch.Tensor, ctx: int) -> torch.Tensor:
         """Static-shape decode step for CUDA graphs: row r is slot r, token at position lens[r].
 
-        tokens/lens are device tensors [b]; attention spans the first `ctx` cache positions. Returns logits [b,V].
-        Does not touch `lengths` (the caller keeps them in sync).
+        tokens/lens are device tensors [b]; attention spans the first `ctx` cache positions. Returns logits [b,V]
+        (fp32 on the token path). Does not touch `lengths` (the caller keeps them in sync).
+        Larger batches than the token path takes keep cuBLAS GEMMs but, with the token path's kernels at hand,
+        attend with its chunked kernel, which reads each row's own length instead of the whole `ctx` bucket.
         """
         b = tokens.shape[0]
+        slots, pending, count = self._slot_ids[:b], self._self_only[:b], self._one_each[:b]
         if self.token_path is not None and b <= MAX_ROWS:
-            slots = self._slot_ids[:b]
-            return self.token_path.run(tokens, lens, slots, lens, lens, self._self_only[:b], self._one_each[:b],
-                                       ctx)[0]
+            return self.token_path.run(tokens, lens, slots, lens, lens, pending, count, ctx)[0]
         write_pos = lens[:, None]
-        mask = torch.zeros(b, 1, ctx, dtype=self.dtype, device=self.device).masked_fill_(
-            self._cols[:ctx][None, None, :] > lens[:, None, None], float("-inf"))
+        if self.token_path is not None:
+            attention = self.token_path.k.virtual_attention
 
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return self._cached_attention(q, self.k_cache[i, :b, :, :ctx], self.v_cache[i, :b, :, :ctx], mask)
+            def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return attention(q[:, 0], self.k_cache[i], self.v_cache[i], slots, lens, pending, count, ctx,
+                                 self.scale)[:, None]
+        else:
+            mask = torch.zeros(b, 1, ctx, dtype=self.dtype, device=self.device).masked_fill_(
+                self._cols[:ctx][None, None, :] > lens[:, None, None], float("-inf"))
+
+            def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return self._cached_attention(q, self.k_cache[i, :b, :, :ctx], self.v_cache[i, :b, :, :ctx], mask)
 
         hidden, _ = self._run(tokens[:, None], write_pos, self._slot_ids[:b, None], write_pos, attend, [])
         return F.linear(hidden[:, 0], self.weights.lm_head)
