@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md in one unattended job on a single GPU box:
-#   the decode, train and regen benchmarks, then the pipeline's own stages (snakemake) on the params.yaml in
+#   the token path's bit-identity check, the decode, train and regen benchmarks, then the pipeline's own stages (snakemake) on the params.yaml in
 #   force, then the speculative-decoding benchmark on the drafter that run exported.
 # Usage on your own GPU box (repo root, venv active, params.yaml composed, e.g. with
 #   `python -m eaglepipe.compose experiment=smollm2_h100 device=cuda`):  bash benchmarks/gpu_run.sh
@@ -31,6 +31,7 @@ step() {  # step NAME SECONDS CMD...  -> returns the command's exit status
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.txt" 2>&1
 step fetch_target 300 snakemake --cores all "$T"
 
+step token_path_check 180 python3 benchmarks/token_path_check.py --model "$T"
 step decode 180 python3 benchmarks/decode.py --model "$T" \
   || step decode_fallback 120 python3 benchmarks/decode.py --model "$T" --no-engine-compile --no-hf-compile
 step train_bench 240 python3 benchmarks/train.py --model "$T"
