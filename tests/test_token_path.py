@@ -11,6 +11,8 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 from eaglepipe.engine.model import LlamaRunner  # noqa: E402
 from test_engine import _paths, _tiny_variant, hf_greedy, hf_model, random_prompts  # noqa: E402
+from test_round_graph import PROMPTS, decode, exported, one_thread, references, runner, target_dir  # noqa: E402,F401
+from test_spec_decode import greedy_reference  # noqa: E402
 
 LLAMA3_ROPE = {"tie_word_embeddings": True,
                "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -110,3 +112,19 @@ def test_large_batches_attend_with_the_chunked_kernel(tmp_path):
     tokens, lens = torch.randint(3, 512, (b,)), torch.tensor([len(p) for p in prompts])
     torch.testing.assert_close(fast.decode_logits(tokens, lens, ctx=64), slow.decode_logits(tokens, lens, ctx=64),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [dict(num_steps=3, topk=1, num_draft_tokens=4),
+                                  dict(num_steps=3, topk=2, num_draft_tokens=5)], ids=["chain", "tree"])
+def test_speculative_greedy_equals_plain_greedy_on_the_token_path(target_dir, exported, spec):
+    """Verify forwards (the static chain round's and the eager tree round's) through the token path: the output is
+    the token path's own plain greedy decode, with drafts accepted."""
+    from eaglepipe.spec import SpeculativeGenerator
+
+    fast = LlamaRunner(target_dir, device="cpu", dtype=torch.float32, max_slots=4, max_len=128, token_path=True)
+    gen = SpeculativeGenerator(fast, exported["eagle3"], spec, graph_rounds=spec["topk"] == 1)
+    prompt = PROMPTS[0]
+    plain = greedy_reference(fast, prompt, 16)
+    out, _ = decode(gen, [prompt], [16], [1])
+    assert out == [plain]
+    assert gen.stats.tau > 1.3, gen.stats

@@ -9,6 +9,9 @@ Per round and greedy: the drafter runs num_steps times (the first on the newly a
 KV cache), the target once over the num_draft_tokens tree nodes, and the host waits on the device once (the
 acceptance decision). Lengths, slots, roots and the accepted tokens stay on the device between rounds; chains
 (topk = 1) use a fixed tree layout and argmax drafting instead of the EAGLE-2 scoring and selection.
+
+All-greedy chains run through `ChainRoundGraph` when `graph_rounds` is on (the default on CUDA): the same round
+with static shapes and no host sync in it, captured as one CUDA graph per (rows, context bucket).
 """
 from __future__ import annotations
 
@@ -74,10 +77,12 @@ class SpeculativeGenerator:
     """Speculative decoding with an exported SGLang-format drafter over the engine's LlamaRunner.
 
     `spec`: SpecConfig or dict(num_steps, topk, num_draft_tokens) in SGLang semantics (default 3, 1, 4).
+    `graph_rounds`: decode all-greedy chains with `ChainRoundGraph` (captured CUDA graphs on CUDA, the same static
+    body run eagerly elsewhere); default on for CUDA runners.
     """
 
     def __init__(self, runner: LlamaRunner, draft_dir: str | Path, spec: SpecConfig | dict | None = None,
-                 drafter: LoadedDrafter | None = None):
+                 drafter: LoadedDrafter | None = None, graph_rounds: bool | None = None):
         self.runner = runner
         self.spec = SpecConfig.from_any(spec)
         self.loaded = drafter or load_exported_drafter(draft_dir, runner.model_dir, runner.device, runner.dtype,
@@ -100,6 +105,13 @@ class SpeculativeGenerator:
         # a chain's fixed verify layout: node i is the child of node i-1 at depth i
         self._chain_parents = (self._cols[:n] - 1).clamp(min=0)
         self._chain_ancestors = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        if graph_rounds is None:
+            graph_rounds = dev.type == "cuda"
+        self.round_graph = None
+        if graph_rounds and self.chain:
+            from .round_graph import ChainRoundGraph  # it builds on this module
+
+            self.round_graph = ChainRoundGraph(self)
 
     def reset_stats(self) -> None:
         """Zero the round/acceptance counters."""
@@ -121,6 +133,8 @@ class SpeculativeGenerator:
         verify_ct = {s: 0 for s in slots}
         with torch.inference_mode():
             rows = self._prefill(prompts, list(params), list(slots), gens, list(on_tokens), verify_ct)
+            if rows is not None and self.round_graph is not None and all(p.greedy for p in rows.params):
+                rows = self.round_graph.decode(rows)  # hands back the rows that near the cache's end
             while rows is not None:
                 rows = self._round(rows)
         return [verify_ct[s] for s in slots]
@@ -177,20 +191,25 @@ class SpeculativeGenerator:
                      torch.tensor([self.runner.lengths[s] for s in kept], device=dev), torch.tensor(kept, device=dev),
                      _span(kept))
 
-    def _draft_chain(self, rows: _Rows, max_length: int, keep: int) -> VerifyTree:
-        """A chain of `keep` drafted tokens after the root (topk = 1): keep-1 drafter steps, no host sync."""
-        b = len(rows.slots)
-        drafted = [rows.roots]
+    def _draft_chain(self, roots: torch.Tensor, draft_hidden: torch.Tensor, draft_logits: torch.Tensor,
+                     slots_t: torch.Tensor, lengths: torch.Tensor, max_length: int, keep: int,
+                     span: slice | None) -> torch.Tensor:
+        """The root and a chain of `keep` drafted tokens after it [B, keep+1] (topk = 1): keep-1 drafter steps, no
+        host sync. `max_length` >= every row's committed length."""
+        drafted = [roots]
         if keep:
-            drafted.append(self._draft_argmax(rows.draft_logits))
-        hidden = rows.draft_hidden[:, None]
+            drafted.append(self._draft_argmax(draft_logits))
+        hidden = draft_hidden[:, None]
         for depth in range(1, keep):
-            hidden, lg = self.draft.chain_step(rows.slots_t, rows.lengths, max_length, drafted[-1][:, None], hidden,
-                                               depth, rows.span)
+            hidden, lg = self.draft.chain_step(slots_t, lengths, max_length, drafted[-1][:, None], hidden, depth, span)
             drafted.append(self._draft_argmax(lg[:, 0]))
-        s = keep + 1
-        return VerifyTree(torch.stack(drafted, dim=1), self._chain_parents[:s].expand(b, s),
-                          self._cols[:s].expand(b, s), self._chain_ancestors[:s, :s].expand(b, s, s))
+        return torch.stack(drafted, dim=1)
+
+    def _chain_tree(self, tokens: torch.Tensor) -> VerifyTree:
+        """A drafted chain [B, S] in the verify layout (node i is the child of node i-1)."""
+        b, s = tokens.shape
+        return VerifyTree(tokens, self._chain_parents[:s].expand(b, s), self._cols[:s].expand(b, s),
+                          self._chain_ancestors[:s, :s].expand(b, s, s))
 
     def _draft_tree(self, rows: _Rows, lengths: torch.Tensor, max_length: int, keep: int) -> VerifyTree:
         """Propose candidates for every row and keep the best `keep` of them (EAGLE-2)."""
@@ -232,31 +251,18 @@ class SpeculativeGenerator:
         return select_tree(cands, rows.roots, keep, steps)
 
     def _verify(self, rows: _Rows, tree: VerifyTree, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target's forward over the tree nodes (pending after each row's committed prefix, as
-        `LlamaRunner.forward` appends them) from device state only: no host->device copy and no check that
-        needs a sync. Returns (logits [B, S, V], captured aux hidden states [B, S, ...])."""
-        runner = self.runner
-        b, s = tree.tokens.shape
-        ctx = max_length + s
-        rel = self._cols[:ctx][None, :] - rows.lengths[:, None]  # [B, ctx]: key position after the prefix
-        in_new = (rel >= 0) & (rel < s)
-        seen = tree.ancestors.gather(2, rel.clamp(0, s - 1)[:, None, :].expand(b, s, ctx)) & in_new[:, None, :]
-        allowed = (rel < 0)[:, None, :] | seen
-        mask = torch.zeros(b, s, ctx, dtype=runner.dtype, device=runner.device).masked_fill_(~allowed, float("-inf"))
-        write_pos = rows.lengths[:, None] + self._cols[:s][None, :]
-        positions = rows.lengths[:, None] + tree.depths
-        span, slots_t = rows.span, rows.slots_t
+        """The target's forward over the tree nodes, attending over the tightest span (`max_length` = the longest
+        committed length). Returns (logits [B, S, V], captured aux hidden states [B, S, ...])."""
+        return self._verify_static(tree.tokens, rows.lengths[:, None] + tree.depths, rows.lengths, tree.ancestors,
+                                   max_length + tree.tokens.shape[1], rows.slots_t, rows.span)
 
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if span is not None:
-                k_all, v_all = runner.k_cache[i, span, :, :ctx], runner.v_cache[i, span, :, :ctx]
-            else:
-                k_all, v_all = runner.k_cache[i, slots_t, :, :ctx], runner.v_cache[i, slots_t, :, :ctx]
-            return runner._cached_attention(q, k_all, v_all, mask)
-
-        hidden, captured = runner._run(tree.tokens, positions, slots_t[:, None].expand(b, s), write_pos, attend,
-                                       self.capture)
-        return F.linear(hidden, runner.weights.lm_head), runner._gather_aux(captured, self.capture)
+    def _verify_static(self, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                       ancestors: torch.Tensor, ctx: int, slots_t: torch.Tensor,
+                       span: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's forward over S pending tokens per row (`LlamaRunner.tree_forward`: static shapes, device
+        state only, no host sync, so safe to capture in a CUDA graph). Node i sees node j when
+        ancestors[b, i, j]; `ctx` >= lengths.max() + S. Returns (logits [B, S, V], aux hidden states [B, S, ...])."""
+        return self.runner.tree_forward(tokens, positions, lengths, ancestors, slots_t, ctx, self.capture, span)
 
     def _round(self, rows: _Rows) -> _Rows | None:
         """One draft-verify-commit round for all rows; returns the rows still decoding (None when all stopped)."""
@@ -268,7 +274,8 @@ class SpeculativeGenerator:
             return None
         keep = min(self.spec.num_draft_tokens - 1, room - 1)
         if self.chain:
-            tree = self._draft_chain(rows, max_length, keep)
+            tree = self._chain_tree(self._draft_chain(rows.roots, rows.draft_hidden, rows.draft_logits, rows.slots_t,
+                                                      rows.lengths, max_length, keep, rows.span))
         else:
             tree = self._draft_tree(rows, rows.lengths, max_length, keep)
         logits, aux = self._verify(rows, tree, max_length)
@@ -324,7 +331,7 @@ class SpeculativeGenerator:
                 runner.commit(slot, paths[r])
         for slot in rows.slots:
             rows.verify_ct[slot] += 1
-        self._count(paths)
+        self._count([len(p) for p in paths])
         # extend the drafter with the accepted tokens, fed the verify forward's hidden states
         hidden = self._draft_hidden(aux.gather(1, idx[..., None].expand(-1, -1, aux.shape[-1])))
         h, lg = self.draft.extend(rows.slots_t, rows.lengths, max_length, ids, hidden, rows.span)
@@ -340,11 +347,12 @@ class SpeculativeGenerator:
             rows = _select(rows, alive)
         return rows
 
-    def _count(self, paths: list[list[int]]) -> None:
-        for path in paths:
+    def _count(self, path_lengths: list[int]) -> None:
+        """Count one round per row; a path of n nodes (the root included) emits n tokens: n-1 drafts + the bonus."""
+        for n in path_lengths:
             self.stats.rounds += 1
-            self.stats.tokens += len(path)  # accepted drafts + the bonus token
-            for d in range(len(path) - 1):
+            self.stats.tokens += n
+            for d in range(n - 1):
                 self.stats.accepted_at[d] += 1
 
 

@@ -1,0 +1,204 @@
+"""The static greedy chain round (`ChainRoundGraph`, run eagerly on CPU: the body that CUDA captures) against the
+eager `_round` and the target's plain greedy decode: same tokens, same acceptance statistics and verify counts,
+for EAGLE-3, EAGLE-3.1 and EAGLE-1 drafters, batch 1 and batches whose rows stop at different rounds, across
+context buckets and up to the end of the cache."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_export import export_to, make_checkpoint
+from test_spec_decode import fit_drafter, greedy_reference
+
+PROMPTS = [[1, 2, 3, 4, 5, 6], [100, 200, 300, 400], [7, 7, 7, 9, 11, 13, 15, 17, 19, 21]]
+NEW_TOKENS = 40
+ALGOS = ["eagle3", "eagle3.1", "eagle1"]
+SPECS = [dict(num_steps=3, topk=1, num_draft_tokens=4), dict(num_steps=5, topk=1, num_draft_tokens=6)]
+MIN_CTX = 16  # small buckets, so that the decodes below cross several of them
+
+
+def spec_id(spec: dict) -> str:
+    return f"s{spec['num_steps']}_k{spec['topk']}_n{spec['num_draft_tokens']}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These matrices are tiny: one thread is as fast as two, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer random Llama over a 512-token vocabulary (peaked weights: greedy decodes differ per prompt)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=256,
+                      rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    out = tmp_path_factory.mktemp("round_graph") / "target"
+    model.save_pretrained(out)
+    return out
+
+
+def make_runner(target_dir: Path, max_len: int):
+    from eaglepipe.engine.model import LlamaRunner
+
+    return LlamaRunner(target_dir, device="cpu", dtype=torch.float32, max_slots=4, max_len=max_len)
+
+
+@pytest.fixture(scope="module")
+def runner(target_dir: Path):
+    return make_runner(target_dir, 128)
+
+
+@pytest.fixture(scope="module")
+def references(runner) -> list[list[int]]:
+    return [greedy_reference(runner, p, NEW_TOKENS) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def exported(target_dir: Path, runner, references, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Drafters of every family fitted to the target's greedy continuations (so that they are often accepted),
+    exported in the SGLang format."""
+    root = tmp_path_factory.mktemp("round_graph_drafters")
+    seqs = [p + r for p, r in zip(PROMPTS, references)]
+    vocab = sorted({t for s in seqs for t in s})
+    out = {}
+    for algo in ALGOS:
+        ckpt = make_checkpoint(target_dir, root / algo / "ckpt", algo, draft_vocab=128, include_ids=vocab)
+        fit_drafter(ckpt, runner, seqs, steps=40)
+        export_to(target_dir, ckpt, root / algo / "export")
+        out[algo] = root / algo / "export" / "sglang"
+    return out
+
+
+def generators(runner, export: Path, spec: dict):
+    """(eager, graph): the same drafter decoded by `_round` alone and by the static chain round."""
+    from eaglepipe.spec import SpeculativeGenerator
+    from eaglepipe.spec.round_graph import ChainRoundGraph
+
+    eager = SpeculativeGenerator(runner, export, spec, graph_rounds=False)
+    graph = SpeculativeGenerator(runner, export, spec, drafter=eager.loaded, graph_rounds=True)
+    graph.round_graph = ChainRoundGraph(graph, min_ctx=MIN_CTX)
+    assert eager.round_graph is None
+    return eager, graph
+
+
+def decode(gen, prompts: list[list[int]], limits: list[int], slots: list[int],
+           params: list | None = None) -> tuple[list[list[int]], list[int]]:
+    """Speculative decode (greedy by default); row i stops once it has `limits[i]` tokens. Returns (tokens,
+    spec_verify_ct)."""
+    from eaglepipe.engine.sampling import SamplingParams
+
+    outs: list[list[int]] = [[] for _ in prompts]
+
+    def callback(i: int):
+        def on_tokens(tokens: list[int]) -> bool:
+            outs[i].extend(tokens)
+            return len(outs[i]) >= limits[i]
+        return on_tokens
+    cts = gen.generate_batch(prompts, params or [SamplingParams()] * len(prompts), slots,
+                             [callback(i) for i in range(len(prompts))])
+    for s in slots:
+        gen.runner.release(s)
+    return [o[:n] for o, n in zip(outs, limits)], cts
+
+
+def record_calls(monkeypatch: pytest.MonkeyPatch, obj, name: str) -> list[tuple]:
+    """The positional arguments of every later call of obj.<name>."""
+    calls, inner = [], getattr(obj, name)
+
+    def recorded(*args):
+        calls.append(args)
+        return inner(*args)
+    monkeypatch.setattr(obj, name, recorded)
+    return calls
+
+
+def assert_same_decode(eager, graph, prompts, limits, slots) -> list[list[int]]:
+    """Both generators give the same tokens, verify counts and acceptance statistics; returns the tokens."""
+    eager.reset_stats()
+    graph.reset_stats()
+    out_e, ct_e = decode(eager, prompts, limits, slots)
+    out_g, ct_g = decode(graph, prompts, limits, slots)
+    assert out_g == out_e
+    assert ct_g == ct_e
+    assert graph.stats == eager.stats
+    return out_g
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_static_round_matches_eager_and_plain_greedy(runner, references, exported, monkeypatch, algo: str,
+                                                     spec: dict) -> None:
+    eager, graph = generators(runner, exported[algo], spec)
+    eager_rounds = record_calls(monkeypatch, graph, "_round")  # far from the cache's end: never needed
+    bodies = record_calls(monkeypatch, graph.round_graph, "_body")
+    # batch 1
+    for prompt, ref in zip(PROMPTS, references):
+        assert assert_same_decode(eager, graph, [prompt], [NEW_TOKENS], [0]) == [ref]
+        stats = graph.stats
+        assert stats.tau > 1.5, stats  # the fitted drafter is accepted often ...
+        assert stats.accepted_at[-1] < stats.rounds  # ... but not always
+    # rows stopping at different rounds: non-consecutive slots (gathered cache rows), then consecutive (views)
+    for limits, slots in (([40, 17, 29], [3, 1, 2]), ([12, 40, 33], [0, 1, 2])):
+        out = assert_same_decode(eager, graph, PROMPTS, limits, slots)
+        assert out == [ref[:n] for ref, n in zip(references, limits)]
+    assert not eager_rounds
+    assert {ctx for _, ctx, _ in bodies} == {16, 32, 64}  # rounds re-bucket as the rows grow
+    assert {span is None for *_, span in bodies} == {True, False}  # gathered and sliced cache rows
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_cache_end_falls_back_to_the_eager_round(target_dir, exported, monkeypatch, spec: dict) -> None:
+    runner = make_runner(target_dir, 40)  # buckets 16, 32, 40
+    eager, graph = generators(runner, exported["eagle3"], spec)
+    eager_rounds = record_calls(monkeypatch, graph, "_round")
+    bodies = record_calls(monkeypatch, graph.round_graph, "_body")
+    unlimited = 10 ** 6
+    for prompt in PROMPTS[:2]:  # decodes until the cache is full
+        ref = greedy_reference(runner, prompt, runner.max_len - len(prompt) + 1)
+        out = assert_same_decode(eager, graph, [prompt], [unlimited], [0])
+        assert out == [ref]
+    # a batch stops when its longest row fills the cache; one row stops earlier
+    prompts = [PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    out = assert_same_decode(eager, graph, prompts, [unlimited, 9, unlimited], [2, 0, 1])
+    refs = [greedy_reference(runner, p, len(o)) for p, o in zip(prompts, out)]
+    assert out == refs and len(out[0]) == runner.max_len - len(prompts[0]) + 1
+    assert {ctx for _, ctx, _ in bodies} == {16, 32, 40} and eager_rounds
+
+
+def test_chain_accept_stops_at_the_first_mismatch() -> None:
+    from eaglepipe.spec.round_graph import chain_accept
+
+    tokens = torch.tensor([[9, 1, 2, 3], [9, 1, 5, 3], [9, 4, 2, 3], [9, 1, 2, 7]])
+    targets = torch.tensor([1, 2, 3, 6])  # the target's argmax after the root and after each draft
+    logits = torch.nn.functional.one_hot(targets, 10).float().expand(4, 4, 10)
+    accepted, bonus = chain_accept(tokens, logits)
+    assert accepted.tolist() == [3, 1, 0, 2]
+    assert bonus.tolist() == [6, 2, 1, 3]
+
+
+def test_graph_rounds_only_for_greedy_chains(runner, exported, monkeypatch) -> None:
+    from eaglepipe.engine.sampling import SamplingParams
+    from eaglepipe.spec import SpeculativeGenerator
+
+    assert SpeculativeGenerator(runner, exported["eagle3"], SPECS[0]).round_graph is None  # default off on CPU
+    tree = dict(num_steps=3, topk=2, num_draft_tokens=5)
+    assert SpeculativeGenerator(runner, exported["eagle3"], tree, graph_rounds=True).round_graph is None
+    gen = SpeculativeGenerator(runner, exported["eagle3"], SPECS[0], graph_rounds=True)
+    bodies = record_calls(monkeypatch, gen.round_graph, "_body")
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=0)]  # one sampled row: the eager round
+    _, cts = decode(gen, PROMPTS[:2], [20, 20], [0, 1], params)
+    assert not bodies and min(cts) > 0
