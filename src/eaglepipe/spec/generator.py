@@ -112,6 +112,8 @@ class SpeculativeGenerator:
             from .round_graph import ChainRoundGraph  # it builds on this module
 
             self.round_graph = ChainRoundGraph(self)
+            if not any(runner.lengths[:1]):  # batch-1 rounds (the engine's speculative slot 0) captured up front
+                self.round_graph.prepare(1)
 
     def reset_stats(self) -> None:
         """Zero the round/acceptance counters."""

@@ -73,6 +73,19 @@ class ChainRoundGraph:
         self.graphs: dict[tuple[int, int, int | None], torch.cuda.CUDAGraph] = {}
         self.pool = None  # one memory pool shared by every graph, made at the first capture
 
+    def prepare(self, rows: int = 1) -> None:
+        """Capture the rounds of `rows` rows in slots 0..rows-1 for every context bucket now, so that no capture
+        lands inside a timed decode. Only while those slots hold no sequence: the warm-up runs write K/V there."""
+        if not self.use_cuda_graph:
+            return
+        if any(self.gen.runner.lengths[:rows]):
+            raise RuntimeError(f"slots 0..{rows - 1} hold live sequences; prepare() would overwrite their K/V")
+        for buf in self._state(rows):
+            buf.zero_()
+        self.slots[:rows].copy_(torch.arange(rows, device=self.slots.device))
+        for ctx in self.ctx_sizes:
+            self._graph(rows, ctx, slice(0, rows))
+
     # ------------------------------------------------------------------ host side
     def decode(self, rows: _Rows) -> _Rows | None:
         """Run greedy chain rounds for `rows` (every row greedy). Returns None once every row has stopped, or
