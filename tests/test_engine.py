@@ -336,3 +336,24 @@ def test_prompt_near_max_model_len_is_cut_at_length(tiny_engine):
     prompt = random_prompts(1, seed=11, max_len=2)[0] * 250
     res = tiny_engine.generate([prompt[:250]], SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
     assert res.finish_reason == "length" and len(res.token_ids) == 256 - 250
+
+
+def test_prefill_groups_bound_each_forward():
+    from eaglepipe.engine.engine import prefill_groups
+
+    assert prefill_groups([3, 4, 2, 9, 1], 8) == [[0, 1], [2], [3], [4]]
+    assert prefill_groups([], 8) == []
+
+
+def test_every_free_slot_is_filled_and_prefilled_in_bounded_forwards(tiny_llama_dir):
+    prompts = random_prompts(6, seed=21)
+    params = SamplingParams(max_new_tokens=6)
+    with Engine(tiny_llama_dir, device="cpu", max_batch_size=8, max_model_len=128) as engine:
+        wide = [r.token_ids for r in engine.generate(prompts, params)]
+    with Engine(tiny_llama_dir, device="cpu", max_batch_size=8, max_model_len=128, max_prefill_tokens=40) as engine:
+        calls = []
+        prefill = engine.runner.prefill
+        engine.runner.prefill = lambda ps, slots, **kw: calls.append(sum(map(len, ps))) or prefill(ps, slots, **kw)
+        narrow = [r.token_ids for r in engine.generate(prompts, params)]
+    assert narrow == wide
+    assert len(calls) > 1 and all(n <= 40 or n == max(map(len, prompts)) for n in calls)

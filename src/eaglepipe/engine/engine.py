@@ -44,6 +44,20 @@ def read_eos_token_ids(model_dir: Path, tokenizer: Any) -> list[int]:
     return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
 
+def prefill_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive runs of prompt indices packed into one prefill forward each, at most `max_tokens` tokens per
+    run (a longer prompt runs alone)."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if not groups or used + n > max_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    return groups
+
+
 class Engine:
     """Generation with continuous batching: waiting requests join free cache slots as others finish.
 
@@ -185,16 +199,16 @@ class Engine:
         self._active.clear()
 
     def _admit(self) -> list[Request]:
-        """Move waiting requests into free slots (lowest first), within the prefill token budget."""
+        """Move waiting requests into every free slot (lowest first). Filling all of them keeps the batch full
+        under a steady stream of short requests; `_prefill` bounds each forward by `max_prefill_tokens`."""
         capacity = 1 if self.speculator is not None else self.max_batch_size
         free = [s for s in range(capacity) if s not in self._active]
-        admitted, budget = [], self.max_prefill_tokens
-        while self._waiting and free and (not admitted or len(self._waiting[0].prompt) <= budget):
+        admitted = []
+        while self._waiting and free:
             req = self._waiting.popleft()
             if not req.future.set_running_or_notify_cancel():
                 continue
             req.slot = free.pop(0)
-            budget -= len(req.prompt)
             self._active[req.slot] = req
             admitted.append(req)
         return admitted
@@ -221,10 +235,12 @@ class Engine:
         self._emit(req, self.tracker.feed(req, tokens))
 
     def _prefill(self, admitted: list[Request]) -> None:
-        out = self.runner.prefill([r.prompt for r in admitted], [r.slot for r in admitted])
-        first = sample_rows(out.last_logits, [r.params for r in admitted], [r.generator for r in admitted]).tolist()
-        for req, tok in zip(admitted, first):
-            self._feed(req, [tok])
+        for group in prefill_groups([len(r.prompt) for r in admitted], self.max_prefill_tokens):
+            reqs = [admitted[i] for i in group]
+            out = self.runner.prefill([r.prompt for r in reqs], [r.slot for r in reqs])
+            first = sample_rows(out.last_logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+            for req, tok in zip(reqs, first):
+                self._feed(req, [tok])
 
     def _decode(self) -> None:
         """Decode the running requests for a few steps (one CUDA-graph replay per step on GPU)."""
