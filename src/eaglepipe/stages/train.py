@@ -37,7 +37,7 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
         summary = Trainer(cfg, paths).train()
     except (ValueError, FileNotFoundError) as e:
         raise StageError(str(e)) from e
-    log.info("done: %s", json.dumps({k: summary.get(k) for k in ("steps", "latest", "best", "best_sim_tau")}))
+    log.info("done: %s", json.dumps({k: summary.get(k) for k in ("steps", "latest", "best", "best_replay_tau")}))
 
 
 def main(argv: list[str] | None = None) -> None:

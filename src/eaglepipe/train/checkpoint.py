@@ -101,7 +101,7 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 def set_best(root: Path, name: str, score: float) -> None:
     """Point BEST at `name` and remember its validation score."""
     atomic_write_text(root / "BEST", name + "\n")
-    atomic_write_json(root / "best.json", {"name": name, "sim_tau": score})
+    atomic_write_json(root / "best.json", {"name": name, "replay_tau": score})
 
 
 def publish(work: Path, out: Path) -> None:

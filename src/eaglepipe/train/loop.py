@@ -284,9 +284,10 @@ class Trainer:
         row.update(step=self.step, split="val")
         if self.is_main:
             self.history.add(row)
-        self._pending_best = row["sim_tau"] > self.best_tau
+        # BEST follows the replayed-rounds tau: it is what a serving engine measures (sim_tau reads high)
+        self._pending_best = row["replay_tau"] > self.best_tau
         if self._pending_best:
-            self.best_tau = row["sim_tau"]
+            self.best_tau = row["replay_tau"]
         return row
 
     def _plain_module(self) -> TTTModule:
@@ -308,7 +309,7 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         summary = {"steps": self.step, "latest": read_pointer(self.work, "LATEST"),
                    "best": read_pointer(self.work, "BEST") or read_pointer(self.work, "LATEST"),
-                   "best_sim_tau": self.best_tau if self.best_tau > float("-inf") else None,
+                   "best_replay_tau": self.best_tau if self.best_tau > float("-inf") else None,
                    "algorithm": self.drafter.config.algorithm, "mode": self.mode, "work_dir": str(self.work)}
         last = {r["split"]: r for r in self.history.rows}
         summary["final"] = last

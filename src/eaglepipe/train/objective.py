@@ -9,6 +9,14 @@ supervised slots of step k in the whole optimizer step (all micro-batches and ra
 accumulation and data parallelism give exactly the gradient of one big batch. Slots whose target argmax is
 outside the draft vocab contribute no loss with out_of_vocab=drop (they still count in the denominator,
 which is known before the target runs).
+
+Two acceptance-length estimates come out of the same unroll. `sim_tau` = 1 + sum_k P(steps 0..k all correct)
+averages the accepted length over *every* supervised slot. A serving engine instead starts a verification
+round only where the previous one ended, and rounds that start in hard stretches are short, so over the
+same answer it runs more of them: where acceptance varies along a sequence, the engine measures less than
+`sim_tau`. `replay_tau` replays those rounds on each answer (first round at its first supervised slot, the
+next one accepted+1 slots later) and divides tokens by rounds: on the target's own greedy answers it is
+exactly the tau a chain of `ttt_steps` drafts measures at temperature 0 (tests/test_tau_consistency.py).
 """
 from __future__ import annotations
 
@@ -72,14 +80,43 @@ def soft_cross_entropy(draft: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return _SoftCrossEntropy.apply(draft, target)
 
 
+def replay_rounds(accepted: torch.Tensor, supervised: torch.Tensor, row_length: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verification rounds and emitted tokens of greedy chain decoding replayed along each answer.
+
+    accepted [N] long: drafts accepted by a round that starts at flat slot p; supervised [N] bool: the step-0
+    supervised slots, whose maximal runs of consecutive slots are the answers. Each run starts a round at its
+    first slot; a round at p emits accepted[p] + 1 tokens and the next one starts at p + accepted[p] + 1 while
+    that lies in the same run. Rounds along each run are counted by pointer doubling (log2(row_length)
+    gathers, no host sync). Returns (rounds, tokens) as 0-d tensors.
+    """
+    n, dev = accepted.numel(), accepted.device
+    idx = torch.arange(n, device=dev)
+    starts = supervised & ~torch.cat([supervised.new_zeros(1), supervised[:-1]])
+    run = torch.cumsum(starts.long(), 0)
+    nxt = (idx + accepted + 1).clamp(max=n - 1)
+    same_run = supervised[nxt] & (run[nxt] == run) & (idx + accepted + 1 < n)
+    sentinel = torch.full((1,), n, device=dev)
+    ptr = torch.cat([torch.where(supervised & same_run, nxt, sentinel), sentinel])
+    rounds = torch.cat([supervised.long(), accepted.new_zeros(1)])
+    tokens = torch.cat([torch.where(supervised, accepted + 1, 0), accepted.new_zeros(1)])
+    for _ in range(max(row_length - 1, 1).bit_length()):
+        rounds = rounds + rounds[ptr]
+        tokens = tokens + tokens[ptr]
+        ptr = ptr[ptr]
+    first = torch.cat([starts, starts.new_zeros(1)])
+    return rounds[first].sum(), tokens[first].sum()
+
+
 def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, labels: Labels,
              objective: Objective, step0: Step0Fn, denominators: list[float]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Unroll the drafter over `objective.ttt_steps` steps; returns (loss, metric sums as tensors).
 
     `features`: fused aux features [B, T, H] (EAGLE-3, output of drafter.fuse) or the target's last
-    hidden state (EAGLE-1). Metric sums (no GPU sync): loss_k, count_k, correct_k, prefix_k per step, and
-    `slots` (supervised slots at step 0) for the simulated acceptance length.
+    hidden state (EAGLE-1). Metric sums (no GPU sync): loss_k, count_k, correct_k, prefix_k per step,
+    `slots` (supervised slots at step 0) for the simulated acceptance length, and `rounds`/`round_tokens` of
+    the replayed verification rounds (see `replay_rounds`).
     """
     cfg = drafter.config
     eagle3 = cfg.is_eagle3
@@ -96,6 +133,7 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
     total = features.new_zeros((), dtype=torch.promote_types(features.dtype, torch.float32))
     sums: dict[str, torch.Tensor] = {}
     prefix = torch.ones(b * t, dtype=torch.bool, device=dev)
+    accepted = torch.zeros(b * t, dtype=torch.long, device=dev)  # drafts a round starting at slot t accepts
     for k in range(objective.ttt_steps):
         x = drafter.layer_input(batch.step_ids[k], hidden)
         cos, sin = drafter.rotary(x, batch.position_ids + k)
@@ -122,6 +160,7 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
             dense = torch.zeros(b * t, dtype=torch.bool, device=dev)
             dense[slots] = correct & in_vocab.index_select(0, rows)
             prefix = prefix & dense
+            accepted += prefix
             sums[f"loss_{k}"] = step_loss.detach().float()
             sums[f"count_{k}"] = row_keep.sum().float()
             sums[f"correct_{k}"] = correct.sum().float()
@@ -130,17 +169,24 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
                 sums["slots"] = torch.full((), float(slots.numel()), device=dev)  # a fill, no host->device copy
         if k + 1 < objective.ttt_steps:
             hidden = drafter.next_state(out)
+    with torch.no_grad():
+        supervised = torch.zeros(b * t, dtype=torch.bool, device=dev)
+        supervised[batch.step_slots[0]] = True
+        rounds, tokens = replay_rounds(accepted, supervised, t)
+        sums["rounds"], sums["round_tokens"] = rounds.float(), tokens.float()
     return total, sums
 
 
 def metric_keys(ttt_steps: int) -> list[str]:
     """Names of the metric sums `ttt_loss` returns (every rank reduces the same list)."""
-    return ["slots"] + [f"{m}_{k}" for k in range(ttt_steps) for m in ("loss", "count", "correct", "prefix")]
+    return ["slots", "rounds", "round_tokens"] + [f"{m}_{k}" for k in range(ttt_steps)
+                                                  for m in ("loss", "count", "correct", "prefix")]
 
 
 def summarize(sums: dict[str, torch.Tensor], ttt_steps: int, decay: float) -> dict[str, float]:
-    """Turn accumulated metric sums into loss (sum_k decay^k loss_k), loss_k, acc_k, cond_acc_k and the
-    simulated acceptance length tau = 1 + sum_k P(steps 0..k all correct) over step-0 supervised slots."""
+    """Turn accumulated metric sums into loss (sum_k decay^k loss_k), loss_k, acc_k, cond_acc_k, the
+    simulated acceptance length sim_tau = 1 + sum_k P(steps 0..k all correct) over step-0 supervised slots,
+    and replay_tau = tokens / rounds of the replayed verification rounds (1.0 without any)."""
     v = {k: float(x) for k, x in sums.items()}
     out: dict[str, float] = {}
     slots = max(v.get("slots", 0.0), 1.0)
@@ -157,4 +203,6 @@ def summarize(sums: dict[str, torch.Tensor], ttt_steps: int, decay: float) -> di
         weighted += decay ** k * out[f"loss_{k}"]
     out["loss"] = weighted
     out["sim_tau"] = tau
+    rounds = v.get("rounds", 0.0)
+    out["replay_tau"] = v.get("round_tokens", 0.0) / rounds if rounds > 0 else 1.0
     return out

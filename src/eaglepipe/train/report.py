@@ -56,7 +56,7 @@ def publish_metrics(rows: list[dict[str, Any]], out_dir: Path, ttt_steps: int) -
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, ttt_steps: int) -> None:
-    """Loss, per-step accuracy and simulated tau against the optimizer step (skipped without matplotlib,
+    """Loss, per-step accuracy and both simulated taus against the optimizer step (skipped without matplotlib,
     which GPU images may lack: the metrics themselves are already written)."""
     try:
         import matplotlib
@@ -76,8 +76,9 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, ttt_steps: int) -> None:
         axes[0].plot(steps, [r["loss"] for r in sel], style, label=split)
         for k in range(ttt_steps):
             axes[1].plot(steps, [r[f"acc_{k}"] for r in sel], style, label=f"{split} step {k}")
-        axes[2].plot(steps, [r["sim_tau"] for r in sel], style, label=split)
-    for ax, title in zip(axes, ("loss", "top-1 accuracy per TTT step", "simulated tau")):
+        axes[2].plot(steps, [r["sim_tau"] for r in sel], style, label=f"{split} sim_tau")
+        axes[2].plot(steps, [r.get("replay_tau", float("nan")) for r in sel], style, label=f"{split} replay_tau")
+    for ax, title in zip(axes, ("loss", "top-1 accuracy per TTT step", "simulated tau (per slot, replayed rounds)")):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=6)

@@ -28,6 +28,11 @@ def check_config_against_target(cfg: Config, info: dict[str, Any], draft_vocab: 
         raise ConfigError(f"the draft vocab ({draft_vocab}) is bigger than the target's vocab ({info['vocab_size']})")
     if map_vocab != int(info["vocab_size"]):
         raise ConfigError(f"the vocab map covers {map_vocab} target tokens but the target has {info['vocab_size']}")
+    n = int(info["num_layers"])
+    aux = cfg.target.aux_layers or info["aux_layers"]
+    if cfg.train.algorithm in ("eagle3", "eagle3.1") and not all(1 <= i <= n - 1 for i in aux):
+        raise ConfigError(f"target.aux_layers={list(aux)}: SGLang and vLLM capture h[1]..h[{n - 1}] of a {n}-layer "
+                          "target, so the export would be rejected")
     limit = int(info["max_position_embeddings"])
     if cfg.data.seq_length > limit:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds the target's max_position_embeddings={limit}")
