@@ -1,7 +1,8 @@
-"""The static greedy chain round (`ChainRoundGraph`, run eagerly on CPU: the body that CUDA captures) against the
-eager `_round` and the target's plain greedy decode: same tokens, same acceptance statistics and verify counts,
-for EAGLE-3, EAGLE-3.1 and EAGLE-1 drafters, batch 1 and batches whose rows stop at different rounds, across
-context buckets and up to the end of the cache."""
+"""The static greedy round (`RoundGraph`, run eagerly on CPU: the body that CUDA captures), for chains and EAGLE-2
+trees, against the eager `_round` and the target's plain greedy decode: same tokens, same acceptance statistics
+and verify counts, for EAGLE-3, EAGLE-3.1 and EAGLE-1 drafters, batch 1 and batches whose rows stop at different
+rounds, across context buckets and up to the end of the cache. Tree rounds accept paths that skip verify nodes
+(their K/V are compacted on the device) and children that are not their parent's first."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,8 @@ from test_spec_decode import fit_drafter, greedy_reference
 PROMPTS = [[1, 2, 3, 4, 5, 6], [100, 200, 300, 400], [7, 7, 7, 9, 11, 13, 15, 17, 19, 21]]
 NEW_TOKENS = 40
 ALGOS = ["eagle3", "eagle3.1", "eagle1"]
-SPECS = [dict(num_steps=3, topk=1, num_draft_tokens=4), dict(num_steps=5, topk=1, num_draft_tokens=6)]
+SPECS = [dict(num_steps=3, topk=1, num_draft_tokens=4), dict(num_steps=5, topk=1, num_draft_tokens=6),
+         dict(num_steps=3, topk=2, num_draft_tokens=5), dict(num_steps=4, topk=3, num_draft_tokens=8)]
 MIN_CTX = 16  # small buckets, so that the decodes below cross several of them
 
 
@@ -84,15 +86,58 @@ def exported(target_dir: Path, runner, references, tmp_path_factory: pytest.Temp
 
 
 def generators(runner, export: Path, spec: dict):
-    """(eager, graph): the same drafter decoded by `_round` alone and by the static chain round."""
+    """(eager, graph): the same drafter decoded by `_round` alone and by the static round. Trees score with
+    `noisy_logprobs`, so that the target also accepts children that are not their parent's first."""
     from eaglepipe.spec import SpeculativeGenerator
-    from eaglepipe.spec.round_graph import ChainRoundGraph
+    from eaglepipe.spec.round_graph import RoundGraph
 
     eager = SpeculativeGenerator(runner, export, spec, graph_rounds=False)
     graph = SpeculativeGenerator(runner, export, spec, drafter=eager.loaded, graph_rounds=True)
-    graph.round_graph = ChainRoundGraph(graph, min_ctx=MIN_CTX)
+    graph.round_graph = RoundGraph(graph, min_ctx=MIN_CTX)
     assert eager.round_graph is None
+    if spec["topk"] > 1:
+        for gen in (eager, graph):
+            gen._drafter_logprobs = noisy_logprobs(gen._drafter_logprobs)
     return eager, graph
+
+
+def noisy_logprobs(logprobs):
+    """The drafter's log-probs with a fixed per-token bias, renormalised (a child never outscores its parent): the
+    fitted drafters' first choice is sometimes wrong where a sibling is right."""
+    bias: list[torch.Tensor] = []
+
+    def noisy(logits: torch.Tensor) -> torch.Tensor:
+        lp = logprobs(logits)
+        if not bias:
+            bias.append(torch.randn(lp.shape[-1], generator=torch.Generator().manual_seed(1)))
+        return torch.log_softmax(lp + bias[0], dim=-1)
+    return noisy
+
+
+def record_paths(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tree parents, accepted path mask) of every later static tree round."""
+    from eaglepipe.spec import round_graph
+
+    paths, inner = [], round_graph.greedy_accept_device
+
+    def recorded(tree, logits):
+        acc = inner(tree, logits)
+        paths.append((tree.parents.clone(), acc.path_mask.clone()))
+        return acc
+    monkeypatch.setattr(round_graph, "greedy_accept_device", recorded)
+    return paths
+
+
+def path_kinds(paths: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
+    """How many accepted paths skip verify nodes (K/V to compact), and how many take a child that has an
+    earlier sibling (not its parent's first child)."""
+    skipping = later_child = 0
+    for parents, mask in paths:
+        for par, m in zip(parents.tolist(), mask.tolist()):
+            nodes = [i for i, on in enumerate(m) if on]
+            skipping += nodes != list(range(len(nodes)))
+            later_child += any(par.index(par[i], 1) < i for i in nodes[1:])
+    return skipping, later_child
 
 
 def decode(gen, prompts: list[list[int]], limits: list[int], slots: list[int],
@@ -145,6 +190,7 @@ def test_static_round_matches_eager_and_plain_greedy(runner, references, exporte
     eager, graph = generators(runner, exported[algo], spec)
     eager_rounds = record_calls(monkeypatch, graph, "_round")  # far from the cache's end: never needed
     bodies = record_calls(monkeypatch, graph.round_graph, "_body")
+    paths = record_paths(monkeypatch)
     # batch 1
     for prompt, ref in zip(PROMPTS, references):
         assert assert_same_decode(eager, graph, [prompt], [NEW_TOKENS], [0]) == [ref]
@@ -158,6 +204,9 @@ def test_static_round_matches_eager_and_plain_greedy(runner, references, exporte
     assert not eager_rounds
     assert {ctx for _, ctx, _ in bodies} == {16, 32, 64}  # rounds re-bucket as the rows grow
     assert {span is None for *_, span in bodies} == {True, False}  # gathered and sliced cache rows
+    if spec["topk"] > 1:
+        skipping, later_child = path_kinds(paths)
+        assert skipping and later_child, (skipping, later_child, len(paths))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
@@ -190,15 +239,59 @@ def test_chain_accept_stops_at_the_first_mismatch() -> None:
     assert bonus.tolist() == [6, 2, 1, 3]
 
 
-def test_graph_rounds_only_for_greedy_chains(runner, exported, monkeypatch) -> None:
+def test_device_acceptance_and_path_nodes() -> None:
+    """The device-only greedy decision: the longest matching path as a mask, its deepest node, the bonus token and
+    the path's length, and the path's nodes root first, padded with the deepest."""
+    from eaglepipe.spec.accept import greedy_accept, greedy_accept_device, path_nodes
+    from eaglepipe.spec.tree import VerifyTree, ancestor_matrix
+
+    # row 0: root 5 -> 7 (node 2, the root's second child) -> 9 (node 4), bonus 3; row 1: no draft accepted
+    parents = torch.tensor([[0, 0, 0, 1, 2], [0, 0, 0, 1, 2]])
+    tree = VerifyTree(torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 8, 9]]), parents,
+                      torch.tensor([[0, 1, 1, 2, 2]] * 2), ancestor_matrix(parents, 2))
+    logits = torch.zeros(2, 5, 20)
+    logits[0, 0, 7] = logits[0, 2, 9] = logits[0, 4, 3] = 1.0
+    logits[0, 1, 1] = logits[0, 3, 1] = 1.0
+    logits[1, :, 4] = 1.0
+    acc = greedy_accept_device(tree, logits)
+    assert acc.path_mask.tolist() == [[True, False, True, False, True], [True, False, False, False, False]]
+    assert acc.deepest.tolist() == [4, 0] and acc.bonus.tolist() == [3, 4] and acc.count.tolist() == [3, 1]
+    assert path_nodes(acc, 3).tolist() == [[0, 2, 4], [0, 0, 0]]
+    assert greedy_accept(tree, logits).paths == [[0, 2, 4], [0]]
+
+
+def test_kv_compaction_moves_the_path_to_consecutive_positions(runner, exported) -> None:
+    """Row r's path node i lands at position lengths[r] + i; the committed prefix stays as it was."""
+    from eaglepipe.spec import SpeculativeGenerator
+
+    gen = SpeculativeGenerator(runner, exported["eagle3"], SPECS[2], graph_rounds=False)
+    before = [c.clone() for c in (runner.k_cache, runner.v_cache)]
+    for c in (runner.k_cache, runner.v_cache):
+        c.copy_(torch.randn_like(c))
+    try:
+        saved = [c.clone() for c in (runner.k_cache, runner.v_cache)]
+        slots, lengths = [2, 0], [3, 5]
+        path = torch.tensor([[0, 2, 3, 3], [0, 1, 4, 4]])  # row 0: 3 nodes (the deepest repeated), row 1: 3
+        gen._compact_kv(torch.tensor(slots), torch.tensor(lengths), path)
+        for cache, old in zip((runner.k_cache, runner.v_cache), saved):
+            for slot, length, nodes in zip(slots, lengths, path.tolist()):
+                assert torch.equal(cache[:, slot, :, :length], old[:, slot, :, :length])
+                for i, node in enumerate(nodes):
+                    assert torch.equal(cache[:, slot, :, length + i], old[:, slot, :, length + node])
+            assert torch.equal(cache[:, 1], old[:, 1]) and torch.equal(cache[:, 3], old[:, 3])
+    finally:
+        for c, b in zip((runner.k_cache, runner.v_cache), before):
+            c.copy_(b)
+
+
+def test_graph_rounds_only_for_greedy_rows(runner, exported, monkeypatch) -> None:
     from eaglepipe.engine.sampling import SamplingParams
     from eaglepipe.spec import SpeculativeGenerator
 
     assert SpeculativeGenerator(runner, exported["eagle3"], SPECS[0]).round_graph is None  # default off on CPU
-    tree = dict(num_steps=3, topk=2, num_draft_tokens=5)
-    assert SpeculativeGenerator(runner, exported["eagle3"], tree, graph_rounds=True).round_graph is None
-    gen = SpeculativeGenerator(runner, exported["eagle3"], SPECS[0], graph_rounds=True)
-    bodies = record_calls(monkeypatch, gen.round_graph, "_body")
     params = [SamplingParams(), SamplingParams(temperature=1.0, seed=0)]  # one sampled row: the eager round
-    _, cts = decode(gen, PROMPTS[:2], [20, 20], [0, 1], params)
-    assert not bodies and min(cts) > 0
+    for spec in (SPECS[0], SPECS[2]):
+        gen = SpeculativeGenerator(runner, exported["eagle3"], spec, graph_rounds=True)
+        bodies = record_calls(monkeypatch, gen.round_graph, "_body")
+        _, cts = decode(gen, PROMPTS[:2], [20, 20], [0, 1], params)
+        assert not bodies and min(cts) > 0

@@ -15,18 +15,27 @@ from .tree import VerifyTree
 
 
 @dataclass
+class DeviceAcceptance:
+    """The greedy decision as device tensors, per row: the accepted path as a mask over the verify-order nodes
+    [B, S] (root included), its deepest node [B], the bonus token after it [B] and the path's length [B] (the
+    root included: the number of tokens the round emits)."""
+
+    path_mask: torch.Tensor
+    deepest: torch.Tensor
+    bonus: torch.Tensor
+    count: torch.Tensor
+
+
+@dataclass
 class Acceptance:
     """Per row: verify-order indices of the accepted path (root first), the bonus token after it, and the
-    tree's tokens (host copies). `greedy_accept` also leaves device copies, so that the caller needs no
-    host->device copy to act on the decision: the path as a mask [B, S], its deepest node [B] and the bonus
-    token [B]."""
+    tree's tokens (host copies). `greedy_accept` also leaves the device copies (`device`), so that the caller
+    needs no host->device copy to act on the decision."""
 
     paths: list[list[int]]
     bonus: list[int]
     tree_tokens: list[list[int]]
-    path_mask: torch.Tensor | None = field(default=None, repr=False)
-    deepest: torch.Tensor | None = field(default=None, repr=False)
-    bonus_ids: torch.Tensor | None = field(default=None, repr=False)
+    device: DeviceAcceptance | None = field(default=None, repr=False)
 
     @property
     def accepted_lengths(self) -> list[int]:
@@ -34,23 +43,37 @@ class Acceptance:
         return [len(p) - 1 for p in self.paths]
 
 
-def greedy_accept(tree: VerifyTree, target_logits: torch.Tensor) -> Acceptance:
-    """Longest path whose tokens all equal the target's argmax at their parent; one host sync.
-
-    target_logits [B, S, V] in verify order.
-    """
+def greedy_accept_device(tree: VerifyTree, target_logits: torch.Tensor) -> DeviceAcceptance:
+    """Longest path whose tokens all equal the target's argmax at their parent, on the device: static shapes, no
+    host sync (safe to capture in a CUDA graph). target_logits [B, S, V] in verify order."""
     choice = target_logits.argmax(dim=-1)  # [B, S]
     correct = tree.tokens == choice.gather(1, tree.parents)
     correct[:, 0] = True
     ok = ~(tree.ancestors & ~correct[:, None, :]).any(dim=-1)  # every node on the path from the root matches
     best = (tree.depths * ok).argmax(dim=-1)  # accepted nodes form one path; take its deepest node
     path_mask = tree.ancestors.gather(1, best[:, None, None].expand(-1, 1, tree.tokens.shape[1]))[:, 0]
-    bonus = choice.gather(1, best[:, None])
+    return DeviceAcceptance(path_mask, best, choice.gather(1, best[:, None])[:, 0], path_mask.sum(dim=1))
+
+
+def path_nodes(acc: DeviceAcceptance, width: int) -> torch.Tensor:
+    """The accepted path's verify-order node indices [B, width], root first (parents precede children in verify
+    order, so ascending order is path order), padded with the deepest node. width >= every path's length."""
+    s = acc.path_mask.shape[1]
+    cols = torch.arange(s, device=acc.path_mask.device)
+    order = torch.where(acc.path_mask, cols, cols + s).sort(dim=1).values[:, :width]
+    return torch.minimum(order, acc.deepest[:, None])
+
+
+def greedy_accept(tree: VerifyTree, target_logits: torch.Tensor) -> Acceptance:
+    """`greedy_accept_device` plus host copies of the decision: the one host sync of an eager greedy round.
+
+    target_logits [B, S, V] in verify order.
+    """
+    acc = greedy_accept_device(tree, target_logits)
     s = tree.tokens.shape[1]
-    packed = torch.cat([path_mask.long(), bonus, tree.tokens], dim=1).tolist()  # the round's only host sync
+    packed = torch.cat([acc.path_mask.long(), acc.bonus[:, None], tree.tokens], dim=1).tolist()  # the host sync
     paths = [[i for i, m in enumerate(row[:s]) if m] for row in packed]
-    return Acceptance(paths, [row[s] for row in packed], [row[s + 1:] for row in packed],
-                      path_mask, best, bonus[:, 0])
+    return Acceptance(paths, [row[s] for row in packed], [row[s + 1:] for row in packed], acc)
 
 
 def children_lists(parents: list[int]) -> list[list[int]]:

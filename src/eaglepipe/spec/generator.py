@@ -10,8 +10,8 @@ KV cache), the target once over the num_draft_tokens tree nodes, and the host wa
 acceptance decision). Lengths, slots, roots and the accepted tokens stay on the device between rounds; chains
 (topk = 1) use a fixed tree layout and argmax drafting instead of the EAGLE-2 scoring and selection.
 
-All-greedy chains run through `ChainRoundGraph` when `graph_rounds` is on (the default on CUDA): the same round
-with static shapes and no host sync in it, captured as one CUDA graph per (rows, context bucket).
+All-greedy rows (chains and trees) run through `RoundGraph` when `graph_rounds` is on (the default on CUDA): the
+same round with static shapes and no host sync in it, captured as one CUDA graph per (rows, context bucket).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..engine.model import LlamaRunner, rms_norm
 from ..engine.sampling import SamplingParams, filtered_probs, make_generator, sample_rows
-from .accept import greedy_accept, sample_accept_row
+from .accept import greedy_accept, path_nodes, sample_accept_row
 from .config import SpecConfig
 from .draft_runner import DraftRunner
 from .drafter_loader import LoadedDrafter, load_exported_drafter
@@ -77,8 +77,8 @@ class SpeculativeGenerator:
     """Speculative decoding with an exported SGLang-format drafter over the engine's LlamaRunner.
 
     `spec`: SpecConfig or dict(num_steps, topk, num_draft_tokens) in SGLang semantics (default 3, 1, 4).
-    `graph_rounds`: decode all-greedy chains with `ChainRoundGraph` (captured CUDA graphs on CUDA, the same static
-    body run eagerly elsewhere); default on for CUDA runners.
+    `graph_rounds`: decode all-greedy rows with `RoundGraph` (captured CUDA graphs on CUDA, the same static body
+    run eagerly elsewhere); default on for CUDA runners.
     """
 
     def __init__(self, runner: LlamaRunner, draft_dir: str | Path, spec: SpecConfig | dict | None = None,
@@ -108,10 +108,10 @@ class SpeculativeGenerator:
         if graph_rounds is None:
             graph_rounds = dev.type == "cuda"
         self.round_graph = None
-        if graph_rounds and self.chain:
-            from .round_graph import ChainRoundGraph  # it builds on this module
+        if graph_rounds:
+            from .round_graph import RoundGraph  # it builds on this module
 
-            self.round_graph = ChainRoundGraph(self)
+            self.round_graph = RoundGraph(self)
             if not any(runner.lengths[:1]):  # batch-1 rounds (the engine's speculative slot 0) captured up front
                 self.round_graph.prepare(1)
 
@@ -193,6 +193,16 @@ class SpeculativeGenerator:
                      torch.tensor([self.runner.lengths[s] for s in kept], device=dev), torch.tensor(kept, device=dev),
                      _span(kept))
 
+    def _draft(self, roots: torch.Tensor, draft_hidden: torch.Tensor, draft_logits: torch.Tensor,
+               slots_t: torch.Tensor, lengths: torch.Tensor, max_length: int, keep: int,
+               span: slice | None) -> VerifyTree:
+        """The round's verify tree: the root and `keep` drafted nodes per row, a chain or an EAGLE-2 tree. Device
+        only, no host sync; `max_length` >= every row's committed length."""
+        if self.chain:
+            return self._chain_tree(self._draft_chain(roots, draft_hidden, draft_logits, slots_t, lengths, max_length,
+                                                      keep, span))
+        return self._draft_tree(roots, draft_hidden, draft_logits, slots_t, lengths, max_length, keep, span)
+
     def _draft_chain(self, roots: torch.Tensor, draft_hidden: torch.Tensor, draft_logits: torch.Tensor,
                      slots_t: torch.Tensor, lengths: torch.Tensor, max_length: int, keep: int,
                      span: slice | None) -> torch.Tensor:
@@ -213,31 +223,32 @@ class SpeculativeGenerator:
         return VerifyTree(tokens, self._chain_parents[:s].expand(b, s), self._cols[:s].expand(b, s),
                           self._chain_ancestors[:s, :s].expand(b, s, s))
 
-    def _draft_tree(self, rows: _Rows, lengths: torch.Tensor, max_length: int, keep: int) -> VerifyTree:
+    def _draft_tree(self, roots: torch.Tensor, draft_hidden: torch.Tensor, draft_logits: torch.Tensor,
+                    slots_t: torch.Tensor, lengths: torch.Tensor, max_length: int, keep: int,
+                    span: slice | None) -> VerifyTree:
         """Propose candidates for every row and keep the best `keep` of them (EAGLE-2)."""
         k, steps, dev = self.spec.topk, self.spec.num_steps, self.runner.device
-        b = len(rows.slots)
-        slots_t = rows.slots_t
-        ids, scores = expand(torch.zeros(b, 1, device=dev), self._drafter_logprobs(rows.draft_logits)[:, None], k)
+        b = roots.shape[0]
+        ids, scores = expand(torch.zeros(b, 1, device=dev), self._drafter_logprobs(draft_logits)[:, None], k)
         tokens = [self._to_target_ids(ids)]
         all_scores = [scores]
         parents = [torch.full((b, k), -1, dtype=torch.long, device=dev)]
         depths = [torch.ones(b, k, dtype=torch.long, device=dev)]
         frontier_cand = torch.arange(k, device=dev).expand(b, k)  # candidate ids of the frontier
-        frontier_hidden = rows.draft_hidden[:, None].expand(b, k, -1)
+        frontier_hidden = draft_hidden[:, None].expand(b, k, -1)
         frontier_tokens, frontier_scores = tokens[0], scores
         scratch = (steps - 1) * k
         frontier_anc = torch.zeros(b, k, max(scratch, 1), dtype=torch.bool, device=dev)
+        parent_slot = (torch.arange(k * k, device=dev) // k).expand(b, -1)  # the frontier index of each child
         n_cand = k
         for depth in range(1, steps):
             start = (depth - 1) * k
             frontier_anc[:, :, start:start + k] |= torch.eye(k, dtype=torch.bool, device=dev)
             h, lg = self.draft.tree_step(slots_t, lengths, max_length, frontier_tokens, frontier_hidden, depth, start,
-                                         frontier_anc[:, :, :start + k], rows.span)
+                                         frontier_anc[:, :, :start + k], span)
             ids, scores = expand(frontier_scores, self._drafter_logprobs(lg), k)  # [B, k*k]
             tokens.append(self._to_target_ids(ids))
             all_scores.append(scores)
-            parent_slot = torch.arange(k, device=dev).repeat_interleave(k).expand(b, -1)  # frontier index
             parents.append(frontier_cand.gather(1, parent_slot))
             depths.append(torch.full((b, k * k), depth + 1, dtype=torch.long, device=dev))
             if depth == steps - 1:
@@ -250,7 +261,7 @@ class SpeculativeGenerator:
             frontier_anc = frontier_anc.gather(1, src[..., None].expand(-1, -1, frontier_anc.shape[-1])).clone()
             n_cand += k * k
         cands = Candidates(torch.cat(tokens, 1), torch.cat(all_scores, 1), torch.cat(parents, 1), torch.cat(depths, 1))
-        return select_tree(cands, rows.roots, keep, steps)
+        return select_tree(cands, roots, keep, steps)
 
     def _verify(self, rows: _Rows, tree: VerifyTree, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The target's forward over the tree nodes, attending over the tightest span (`max_length` = the longest
@@ -275,71 +286,30 @@ class SpeculativeGenerator:
         if room < 1:
             return None
         keep = min(self.spec.num_draft_tokens - 1, room - 1)
-        if self.chain:
-            tree = self._chain_tree(self._draft_chain(rows.roots, rows.draft_hidden, rows.draft_logits, rows.slots_t,
-                                                      rows.lengths, max_length, keep, rows.span))
-        else:
-            tree = self._draft_tree(rows, rows.lengths, max_length, keep)
+        tree = self._draft(rows.roots, rows.draft_hidden, rows.draft_logits, rows.slots_t, rows.lengths, max_length,
+                           keep, rows.span)
         logits, aux = self._verify(rows, tree, max_length)
-        b, s = tree.tokens.shape
         if all(p.greedy for p in rows.params):
             acc = greedy_accept(tree, logits)  # the round's one host sync
             paths, bonus, tree_tokens = acc.paths, acc.bonus, acc.tree_tokens
-            n_max = max(len(p) for p in paths)
-            n = acc.path_mask.sum(dim=1)  # [B] path lengths (root included) = tokens this round emits
-            cols = self._cols[:n_max][None, :]
-            if self.chain:  # the path is nodes 0..n-1
-                idx = torch.minimum(cols, acc.deepest[:, None])
-            else:  # path nodes in ascending (verify) order, padded with the deepest
-                order = torch.where(acc.path_mask, self._cols[:s], self._cols[:s] + s).sort(dim=1).values
-                idx = torch.minimum(order[:, :n_max], acc.deepest[:, None])
-                if any(p != list(range(len(p))) for p in paths):  # compact the accepted K/V on the device
-                    src = rows.lengths[:, None] + idx
-                    dst = rows.lengths[:, None] + cols
-                    r = rows.slots_t[:, None].expand(b, n_max)
-                    for cache in (runner.k_cache, runner.v_cache):
-                        cache[:, r, :, dst] = cache[:, r, :, src]
-            # emitted token j: the path's node j+1, or the bonus token (column s below) once past the path's end
-            in_path = cols + 1 < n[:, None]
-            if self.chain:
-                nxt = torch.where(in_path, cols + 1, s)
-            else:
-                nxt = torch.where(in_path, idx.gather(1, (cols + 1).clamp(max=n_max - 1).expand(b, -1)), s)
-            ids = torch.cat([tree.tokens, acc.bonus_ids[:, None]], dim=1).gather(1, nxt)
-            roots = acc.bonus_ids
-            for r, slot in enumerate(rows.slots):
-                runner.commit(slot, len(paths[r]))  # K/V already in place: only the host length moves
-            new_tokens = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
+            idx = path_nodes(acc.device, max(len(p) for p in paths))
+            n, roots = acc.device.count, acc.device.bonus
         else:
-            tree_tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
-            paths, bonus = [], []
-            for r, p in enumerate(rows.params):
-                if p.greedy:
-                    one = greedy_accept(tree.row(r), logits[r:r + 1])
-                    paths.append(one.paths[0])
-                    bonus.append(one.bonus[0])
-                else:
-                    path, tok = sample_accept_row(tree_tokens[r], parents[r], filtered_probs(logits[r], p),
-                                                  rows.generators[r])
-                    paths.append(path)
-                    bonus.append(tok)
+            paths, bonus, tree_tokens = self._sample_accept(rows, tree, logits)
             n_max = max(len(p) for p in paths)
-            new_tokens = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
             idx = torch.tensor([p + [p[-1]] * (n_max - len(p)) for p in paths], device=dev)
-            ids = torch.tensor([t + [t[-1]] * (n_max - len(t)) for t in new_tokens], device=dev)
             n = torch.tensor([len(p) for p in paths], device=dev)
             roots = torch.tensor(bonus, device=dev)
-            for r, slot in enumerate(rows.slots):
-                runner.commit(slot, paths[r])
-        for slot in rows.slots:
+        if any(p != list(range(len(p))) for p in paths):  # compact the accepted K/V on the device
+            self._compact_kv(rows.slots_t, rows.lengths, idx)
+        for r, slot in enumerate(rows.slots):
+            runner.commit(slot, len(paths[r]))  # K/V already in place: only the host length moves
             rows.verify_ct[slot] += 1
         self._count([len(p) for p in paths])
-        # extend the drafter with the accepted tokens, fed the verify forward's hidden states
-        hidden = self._draft_hidden(aux.gather(1, idx[..., None].expand(-1, -1, aux.shape[-1])))
-        h, lg = self.draft.extend(rows.slots_t, rows.lengths, max_length, ids, hidden, rows.span)
-        last = (n - 1)[:, None, None]
-        rows.draft_hidden = h.gather(1, last.expand(-1, 1, h.shape[-1]))[:, 0]
-        rows.draft_logits = lg.gather(1, last.expand(-1, 1, lg.shape[-1]))[:, 0]
+        new_tokens = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
+        ids = self._emitted_tokens(tree.tokens, idx, n, roots)
+        rows.draft_hidden, rows.draft_logits = self._extend_draft(rows.slots_t, rows.lengths, max_length, ids, aux,
+                                                                  idx, n, rows.span)
         rows.roots = roots
         rows.lengths = rows.lengths + n
         alive = [r for r in range(len(rows.slots)) if not rows.on_tokens[r](new_tokens[r])]
@@ -348,6 +318,53 @@ class SpeculativeGenerator:
         if len(alive) < len(rows.slots):
             rows = _select(rows, alive)
         return rows
+
+    def _sample_accept(self, rows: _Rows, tree: VerifyTree,
+                       logits: torch.Tensor) -> tuple[list[list[int]], list[int], list[list[int]]]:
+        """Per-row acceptance when some row samples: (paths in verify order, bonus tokens, tree tokens)."""
+        tree_tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+        paths, bonus = [], []
+        for r, p in enumerate(rows.params):
+            if p.greedy:
+                one = greedy_accept(tree.row(r), logits[r:r + 1])
+                paths.append(one.paths[0])
+                bonus.append(one.bonus[0])
+            else:
+                path, tok = sample_accept_row(tree_tokens[r], parents[r], filtered_probs(logits[r], p),
+                                              rows.generators[r])
+                paths.append(path)
+                bonus.append(tok)
+        return paths, bonus, tree_tokens
+
+    def _compact_kv(self, slots_t: torch.Tensor, lengths: torch.Tensor, path: torch.Tensor) -> None:
+        """Move the target's K/V of the accepted path (verify-order nodes `path` [B, W], root first) to consecutive
+        cache positions after each row's committed length, on the device with static shapes. Columns past a
+        path's end copy its deepest node past the new committed end, where nothing reads it."""
+        b, w = path.shape
+        src = lengths[:, None] + path
+        dst = lengths[:, None] + self._cols[:w]
+        r = slots_t[:, None].expand(b, w)
+        for cache in (self.runner.k_cache, self.runner.v_cache):
+            cache[:, r, :, dst] = cache[:, r, :, src]
+
+    def _emitted_tokens(self, tokens: torch.Tensor, path: torch.Tensor, count: torch.Tensor,
+                 bonus: torch.Tensor) -> torch.Tensor:
+        """The tokens a round emits [B, W]: the tree `tokens` at the path's nodes after the root (`path` [B, W] in
+        verify order, root first, `count` [B] nodes), then the bonus token, repeated as padding."""
+        cols = self._cols[:path.shape[1]]
+        return torch.cat([tokens.gather(1, path[:, 1:]), bonus[:, None]], dim=1).where(
+            cols < (count - 1)[:, None], bonus[:, None])
+
+    def _extend_draft(self, slots_t: torch.Tensor, lengths: torch.Tensor, max_length: int, ids: torch.Tensor,
+                      aux: torch.Tensor, path: torch.Tensor, count: torch.Tensor,
+                      span: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extend the drafter with the emitted tokens `ids` [B, W], each fed the verify forward's hidden state at
+        its path node (`path` [B, W]). Returns the drafter's (hidden [B, H], logits [B, V_d]) after the last
+        emitted token (column count-1); later columns are padding that no real query sees."""
+        hidden = self._draft_hidden(aux.gather(1, path[..., None].expand(-1, -1, aux.shape[-1])))
+        h, lg = self.draft.extend(slots_t, lengths, max_length, ids, hidden, span)
+        last = (count - 1)[:, None, None]
+        return h.gather(1, last.expand(-1, 1, h.shape[-1]))[:, 0], lg.gather(1, last.expand(-1, 1, lg.shape[-1]))[:, 0]
 
     def _count(self, path_lengths: list[int]) -> None:
         """Count one round per row; a path of n nodes (the root included) emits n tokens: n-1 drafts + the bonus."""

@@ -1,14 +1,15 @@
-"""`ChainRoundGraph`: the greedy chain round (topk = 1) of `SpeculativeGenerator` as one static-shape,
+"""`RoundGraph`: the greedy round of `SpeculativeGenerator` (chains and EAGLE-2 trees) as one static-shape,
 host-sync-free body over preallocated device buffers, captured as one CUDA graph per (rows, context bucket, slots).
 
-The body drafts num_steps tokens after the root with the drafter's argmax, verifies root + drafts in one target
-forward, accepts up to the first mismatch on the device, commits by advancing the device lengths (a chain's
-accepted K/V are already consecutive in the cache), extends the drafter with the accepted tokens fed the verify
-forward's hidden states, and leaves the emitted tokens and their count in one buffer that the host reads with a
-single copy. Shapes depend only on the number of rows B and the context bucket `ctx` (a power of two >= the
-longest committed length + num_draft_tokens): attention spans `ctx` cache positions and masks everything past
-each row's own tokens, which gives what the eager round computes over its tighter span (up to float
-summation order).
+The body drafts (a chain with the drafter's argmax, or an EAGLE-2 tree of num_draft_tokens - 1 nodes), verifies
+root + drafts in one target forward, picks the longest accepted path on the device, moves the path's K/V to
+consecutive cache positions (a tree's path may skip nodes; a chain's is already in place) and advances the
+device lengths, extends the drafter with the path's tokens fed the verify forward's hidden states, and leaves the
+emitted tokens and their count in one buffer that the host reads with a single copy. Shapes depend only on the
+number of rows B and the context bucket `ctx` (a power of two >= the longest committed length +
+num_draft_tokens): attention spans `ctx` cache positions and masks everything past each row's own tokens, which
+gives what the eager round computes over its tighter span (up to float summation order). Every per-path tensor
+is num_steps + 1 wide (the longest path, root included), padded past each row's path.
 
 Row r of the buffers is the r-th row of the batch (its cache slot is `slots[r]`). On CPU, or with
 `use_cuda_graph=False`, the body simply runs eagerly: the tests exercise the same code that is captured on CUDA.
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from .accept import greedy_accept_device, path_nodes
 from .generator import SpeculativeGenerator, _Rows, _select
+from .tree import VerifyTree
 
 
 def context_buckets(max_len: int, min_ctx: int) -> list[int]:
@@ -42,17 +45,15 @@ def chain_accept(tokens: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tens
     return accepted, choice.gather(1, accepted[:, None])[:, 0]
 
 
-class ChainRoundGraph:
-    """Greedy chain rounds of `gen` on static device buffers, replayed from CUDA graphs captured lazily per
-    (B, ctx bucket, slot layout), or run eagerly off CUDA.
+class RoundGraph:
+    """Greedy rounds of `gen` (chain or tree) on static device buffers, replayed from CUDA graphs captured lazily
+    per (B, ctx bucket, slot layout), or run eagerly off CUDA.
 
     `decode(rows)` runs rounds until every row stops, or hands the rows back (their device state written back)
-    once a row nears the cache's end, for the eager `_round` to finish with shorter chains.
+    once a row nears the cache's end, for the eager `_round` to finish with smaller trees.
     """
 
     def __init__(self, gen: SpeculativeGenerator, min_ctx: int = 256, use_cuda_graph: bool | None = None):
-        if not gen.chain:
-            raise ValueError(f"ChainRoundGraph needs a chain (topk = 1), got {gen.spec.name}")
         runner = gen.runner
         dev = runner.device
         self.use_cuda_graph = dev.type == "cuda" if use_cuda_graph is None else use_cuda_graph
@@ -60,6 +61,7 @@ class ChainRoundGraph:
             raise ValueError("CUDA graphs need a runner on a CUDA device")
         self.gen = gen
         self.size = gen.spec.num_draft_tokens  # S: tokens verified per round, the root included
+        self.width = min(self.size, gen.spec.num_steps + 1)  # P: the longest accepted path, the root included
         self.ctx_sizes = context_buckets(runner.max_len, min_ctx)
         rows, cfg = runner.max_slots, gen.loaded.config
         self.slots = torch.zeros(rows, dtype=torch.long, device=dev)
@@ -68,8 +70,8 @@ class ChainRoundGraph:
         self.draft_hidden = torch.zeros(rows, cfg.hidden_size, dtype=runner.dtype, device=dev)
         self.draft_logits = torch.zeros(rows, cfg.draft_vocab_size, dtype=runner.dtype, device=dev)
         # per row: the round's emitted tokens (accepted drafts, the bonus token, padding), then their count
-        self.emitted = torch.zeros(rows, self.size + 1, dtype=torch.long, device=dev)
-        self.cols = torch.arange(self.size, device=dev)
+        self.emitted = torch.zeros(rows, self.width + 1, dtype=torch.long, device=dev)
+        self.cols = torch.arange(self.width, device=dev)
         self.graphs: dict[tuple[int, int, int | None], torch.cuda.CUDAGraph] = {}
         self.pool = None  # one memory pool shared by every graph, made at the first capture
 
@@ -88,8 +90,8 @@ class ChainRoundGraph:
 
     # ------------------------------------------------------------------ host side
     def decode(self, rows: _Rows) -> _Rows | None:
-        """Run greedy chain rounds for `rows` (every row greedy). Returns None once every row has stopped, or
-        the rows still decoding when one of them has no room left for a whole chain."""
+        """Run greedy rounds for `rows` (every row greedy). Returns None once every row has stopped, or the rows
+        still decoding when one of them has no room left for a whole tree."""
         self._load(rows)
         while True:
             ctx = self._bucket(rows.slots)
@@ -105,7 +107,7 @@ class ChainRoundGraph:
                 self._load(rows)
 
     def _bucket(self, slots: list[int]) -> int | None:
-        """The smallest context bucket that holds every row's next chain; None when a row would pass max_len."""
+        """The smallest context bucket that holds every row's next tree; None when a row would pass max_len."""
         needed = max(self.gen.runner.lengths[s] for s in slots) + self.size
         return next((c for c in self.ctx_sizes if c >= needed), None)
 
@@ -119,8 +121,8 @@ class ChainRoundGraph:
 
     def _emit(self, rows: _Rows, emitted: list[list[int]]) -> list[int]:
         """Commit on the host, count, and stream the round's tokens as `_round` does; returns the rows that go on."""
-        gen, s = self.gen, self.size
-        counts = [row[s] for row in emitted]
+        gen, p = self.gen, self.width
+        counts = [row[p] for row in emitted]
         for slot, n in zip(rows.slots, counts):
             gen.runner.commit(slot, n)  # the K/V are in place: only the host length moves
             rows.verify_ct[slot] += 1
@@ -144,26 +146,34 @@ class ChainRoundGraph:
 
     # ------------------------------------------------------------------ device side
     def _body(self, b: int, ctx: int, span: slice | None) -> None:
-        """One greedy chain round for rows 0..b-1 on the buffers alone: static shapes, no host sync, every
-        update in place. `span`: the rows' slots as a slice when consecutive (cache rows read as views)."""
-        gen, s = self.gen, self.size
+        """One greedy round for rows 0..b-1 on the buffers alone: static shapes, no host sync, every update in
+        place. `span`: the rows' slots as a slice when consecutive (cache rows read as views)."""
+        gen = self.gen
         slots, roots, lengths, draft_hidden, draft_logits = self._state(b)
-        bound = ctx - s  # >= every committed length: stands for the eager round's `max_length`
-        tokens = gen._draft_chain(roots, draft_hidden, draft_logits, slots, lengths, bound, s - 1, span)
-        logits, aux = gen._verify_static(tokens, lengths[:, None] + self.cols, lengths,
-                                         gen._chain_ancestors.expand(b, s, s), ctx, slots, span)
-        accepted, bonus = chain_accept(tokens, logits)
-        # emitted token j: draft j+1 while j < accepted, then the bonus token (repeated as padding)
-        ids = torch.cat([tokens[:, 1:], bonus[:, None]], dim=1).where(self.cols < accepted[:, None], bonus[:, None])
-        # node j's hidden state goes with emitted token j; past the accepted path both are ignored (causal)
-        h, lg = gen.draft.extend(slots, lengths, bound, ids, gen._draft_hidden(aux), span)
-        last = accepted[:, None, None]
-        draft_hidden.copy_(h.gather(1, last.expand(-1, 1, h.shape[-1]))[:, 0])
-        draft_logits.copy_(lg.gather(1, last.expand(-1, 1, lg.shape[-1]))[:, 0])
+        bound = ctx - self.size  # >= every committed length: stands for the eager round's `max_length`
+        tree = gen._draft(roots, draft_hidden, draft_logits, slots, lengths, bound, self.size - 1, span)
+        logits, aux = gen._verify_static(tree.tokens, lengths[:, None] + tree.depths, lengths, tree.ancestors, ctx,
+                                         slots, span)
+        path, n, bonus = self._accept(tree, logits)
+        if not gen.chain:  # a chain's path is nodes 0..n-1: its K/V are in place
+            gen._compact_kv(slots, lengths, path)
+        ids = gen._emitted_tokens(tree.tokens, path, n, bonus)
+        hidden, lg = gen._extend_draft(slots, lengths, bound, ids, aux, path, n, span)
+        draft_hidden.copy_(hidden)
+        draft_logits.copy_(lg)
         roots.copy_(bonus)
-        lengths.add_(accepted + 1)
-        self.emitted[:b, :s].copy_(ids)
-        self.emitted[:b, s].copy_(accepted + 1)
+        lengths.add_(n)
+        self.emitted[:b, :self.width].copy_(ids)
+        self.emitted[:b, self.width].copy_(n)
+
+    def _accept(self, tree: VerifyTree, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy acceptance on the device: (the path's verify-order nodes [B, P], root first and padded with the
+        deepest; its length [B], root included; the bonus token [B])."""
+        if self.gen.chain:
+            accepted, bonus = chain_accept(tree.tokens, logits)
+            return torch.minimum(self.cols, accepted[:, None]), accepted + 1, bonus
+        acc = greedy_accept_device(tree, logits)
+        return path_nodes(acc, self.width), acc.count, acc.bonus
 
     def _graph(self, b: int, ctx: int, span: slice | None) -> torch.cuda.CUDAGraph:
         """The captured round for this shape and slot layout (captured on first use)."""
