@@ -25,13 +25,7 @@ def spec_id(spec: dict) -> str:
     return f"s{spec['num_steps']}_k{spec['topk']}_n{spec['num_draft_tokens']}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These matrices are tiny: one thread is as fast as two, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +67,15 @@ def references(runner) -> list[list[int]]:
 def exported(target_dir: Path, runner, references, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Drafters of every family fitted to the target's greedy continuations (so that they are often accepted),
     exported in the SGLang format."""
-    root = tmp_path_factory.mktemp("round_graph_drafters")
     seqs = [p + r for p, r in zip(PROMPTS, references)]
+    return fit_and_export(target_dir, runner, seqs, ALGOS, tmp_path_factory.mktemp("round_graph_drafters"))
+
+
+def fit_and_export(target_dir: Path, runner, seqs: list[list[int]], algos: list[str], root: Path) -> dict[str, Path]:
+    """Drafters of the given families fitted to `seqs`, exported for SGLang: {algo: export/sglang dir}."""
     vocab = sorted({t for s in seqs for t in s})
     out = {}
-    for algo in ALGOS:
+    for algo in algos:
         ckpt = make_checkpoint(target_dir, root / algo / "ckpt", algo, draft_vocab=128, include_ids=vocab)
         fit_drafter(ckpt, runner, seqs, steps=40)
         export_to(target_dir, ckpt, root / algo / "export")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -241,14 +241,7 @@ def assert_consistent(served: Served, corpus: Corpus, seen: int = 4) -> None:
     assert train["engine_rates"][-1] > 0, f"no round accepted all {served.ttt_steps} drafts: {train}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: these ops are tiny, and on a busy 2-core machine two OpenMP threads make each
-    of them up to 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 from eaglepipe.engine.model import LlamaRunner  # noqa: E402
 from test_engine import _paths, _tiny_variant, hf_greedy, hf_model, random_prompts  # noqa: E402
-from test_round_graph import PROMPTS, decode, exported, one_thread, references, runner, target_dir  # noqa: E402,F401
+from test_round_graph import PROMPTS, decode, exported, references, runner, target_dir  # noqa: E402,F401
 from test_spec_decode import greedy_reference  # noqa: E402
 
 LLAMA3_ROPE = {"tie_word_embeddings": True,

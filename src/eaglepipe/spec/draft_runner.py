@@ -4,6 +4,10 @@ the current draft tree.
 Slot t of a sequence holds token x_{t+1} with the target's hidden state h_t at RoPE position t, so the drafter's
 committed length always equals the target's. Tree nodes are appended after the committed entries and are
 forgotten at the next `extend`, which overwrites them with the accepted tokens.
+
+With `fast=True` (the default on CUDA for EAGLE-3/3.1 drafters when Triton imports) each step runs through the
+token path's Triton kernels (`FastDrafter`): K/V are written straight into this cache and each row attends to
+its committed prefix plus a list of visible scratch/new positions, computed directly by each method.
 """
 from __future__ import annotations
 
@@ -15,8 +19,16 @@ from ..models.build import Drafter
 class DraftRunner:
     """Runs `drafter.step` over a preallocated per-slot KV cache [slots, kv_heads, capacity, head_dim]."""
 
-    def __init__(self, drafter: Drafter, max_slots: int, capacity: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, drafter: Drafter, max_slots: int, capacity: int, device: torch.device, dtype: torch.dtype,
+                 fast: bool | None = None):
         cfg = drafter.config
+        device = torch.device(device)
+        if fast is None:
+            from ..engine.token_path import triton_available
+
+            fast = device.type == "cuda" and cfg.is_eagle3 and triton_available()
+        if fast and not cfg.is_eagle3:
+            raise ValueError("the fast drafter path supports EAGLE-3/3.1 drafters only")
         self.drafter = drafter
         shape = (max_slots, cfg.num_key_value_heads, capacity, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -24,6 +36,27 @@ class DraftRunner:
         self.capacity = capacity
         self.device = device
         self._cols = torch.arange(capacity + 1, device=device)  # sliced, never rebuilt per step
+        self.fast = None
+        if fast:
+            from .fast_drafter import FastDrafter
+
+            self.fast = FastDrafter(drafter, capacity, device, dtype)
+
+    def _run_fast(self, slots: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                  write_pos: torch.Tensor, prefix_lens: torch.Tensor, pending: torch.Tensor,
+                  pending_count: torch.Tensor, max_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_run` through the Triton kernels. ids/positions/write_pos/prefix_lens/pending_count [B, S] (any
+        strides), pending [B * S, P] with a unit last stride. Returns (hidden_out, fp32 logits) [B, S, ...]."""
+        b, s = ids.shape
+
+        def flat(t: torch.Tensor) -> torch.Tensor:  # expanded views may flatten to stride 0: copy those
+            return t.expand(b, s).reshape(b * s).contiguous()
+
+        rows = flat(slots[:, None])
+        out, logits = self.fast.step(self.k, self.v, rows, flat(ids), hidden.reshape(b * s, -1).to(self.k.dtype)
+                                     .contiguous(), flat(positions), flat(write_pos), flat(prefix_lens), pending,
+                                     flat(pending_count), max_keys)
+        return out.view(b, s, -1), logits.view(b, s, -1)
 
     def _run(self, slots: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
              past_len: int, allowed: torch.Tensor, write_pos: torch.Tensor,
@@ -52,6 +85,10 @@ class DraftRunner:
         committed length, so no real query ever sees them. Returns (hidden_out, logits) [B, S, ...]."""
         b, s = ids.shape
         cols = self._cols[:s]
+        if self.fast is not None:  # row (b, j) sees its committed prefix, then new tokens 0..j
+            positions = lengths[:, None] + cols[None, :]
+            return self._run_fast(slots, ids, hidden, positions, positions, lengths[:, None],
+                                  cols.expand(b * s, s), (cols + 1)[None, :], max_length + s)
         key = self._cols[:max_length + s]
         new = key - max_length
         allowed = (key[None, None, :] < lengths[:, None, None]) | (
@@ -67,6 +104,12 @@ class DraftRunner:
         hidden [B, 1, H]. Returns (hidden_out, logits) [B, 1, ...]."""
         node = depth - 1
         past_len = max_length + node
+        if self.fast is not None:  # committed entries and earlier chain nodes are contiguous: one prefix, then self
+            b = ids.shape[0]
+            end = (lengths + node)[:, None]
+            one = self._cols[1:2]
+            return self._run_fast(slots, ids, hidden, end, end, end, self._cols[:1].expand(b, 1), one[None, :],
+                                  past_len + 1)
         key = self._cols[:past_len + 1]
         end = lengths + node  # [B]: committed entries + the chain's scratch nodes so far
         allowed = (key[None, :] < end[:, None]) | (key[None, :] == past_len)
@@ -82,6 +125,15 @@ class DraftRunner:
         each frontier node sees. Returns (hidden_out, logits) [B, F, ...]."""
         b, f = ids.shape
         past_len = max_length + node_start
+        if self.fast is not None:
+            # the committed prefix, then the visible scratch nodes (self included) in ascending order: a stable
+            # sort puts the True columns of `ancestors` first; the count is the number of them
+            pending = torch.sort((~ancestors).to(torch.uint8), dim=-1, stable=True).indices
+            count = ancestors.sum(dim=-1)
+            positions = (lengths + depth - 1)[:, None]
+            write = lengths[:, None] + node_start + self._cols[:f][None, :]
+            return self._run_fast(slots, ids, hidden, positions, write, lengths[:, None],
+                                  pending.reshape(b * f, node_start + f), count, past_len + f)
         rel = self._cols[:past_len][None, :] - lengths[:, None]  # [B, past_len]
         allowed_past = (rel < 0)[:, None, :].expand(b, f, past_len)
         if node_start:

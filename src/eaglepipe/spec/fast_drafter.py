@@ -1,0 +1,78 @@
+"""The EAGLE-3 / EAGLE-3.1 drafter step through the token path's row-invariant Triton kernels.
+
+A drafter step in PyTorch is ~40 small kernels; here it is eleven launches: the embedding, the qkv projection
+as two fused norm+GEMMs (input_layernorm over the embedding, then hidden_norm over the hidden state with the
+first half as its residual, so the concatenation is never materialised), RoPE + the K/V write straight into the
+`DraftRunner`'s cache, virtual attention (chunks + merge), o_proj + residual h, post-norm + gate/up + SiLU,
+down + residual, and the final norm fused into an fp32 draft lm_head (plus the final norm alone for EAGLE-3.1's
+norm_output). Static shapes, no host syncs: capturable in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.eagle3 import Eagle3Drafter
+
+
+class FastDrafter:
+    """Token-path form of `Eagle3Drafter.step` over flat token rows and a [slots, kv_heads, L, head_dim] cache."""
+
+    def __init__(self, drafter: Eagle3Drafter, max_positions: int, device: torch.device, dtype: torch.dtype):
+        from ..engine import kernels
+
+        cfg = drafter.config
+        if not cfg.is_eagle3:
+            raise ValueError(f"the fast drafter path needs an EAGLE-3/3.1 drafter, got {cfg.algorithm}")
+        self.kernels = kernels
+        self.drafter = drafter
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.scale = cfg.head_dim ** -0.5  # SDPA's default, as `cached_attention` uses
+        self.norm_output = bool(cfg.norm_output)
+        h = cfg.hidden_size
+        layer, attn = drafter.midlayer, drafter.midlayer.self_attn
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        with torch.no_grad():
+            self.embed = w(drafter.embed_tokens.weight)
+            qkv = w(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))  # [(Hq+2Hkv)D, 2H]
+            self.qkv_embed, self.qkv_hidden = qkv[:, :h], qkv[:, h:]  # row-major column halves (stride 2H)
+            self.input_norm = w(layer.input_layernorm.weight)
+            self.hidden_norm = w(layer.hidden_norm.weight)
+            self.o = w(attn.o_proj.weight)
+            self.post_norm = w(layer.post_attention_layernorm.weight)
+            self.gate_up = w(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
+            self.down = w(layer.mlp.down_proj.weight)
+            self.norm = w(drafter.norm.weight)
+            self.lm_head = w(drafter.lm_head.weight)
+            # RoPE tables from the drafter's own rotary module (every HF rope type and its attention scaling)
+            like = torch.empty(0, dtype=dtype, device=device)
+            pos = torch.arange(max_positions, device=device)[None]
+            cos, sin = drafter.rotary(like, pos)
+            self.cos, self.sin = cos[0].to(dtype).contiguous(), sin[0].to(dtype).contiguous()
+
+    def step(self, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, ids: torch.Tensor,
+             hidden: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor, prefix_lens: torch.Tensor,
+             pending: torch.Tensor, pending_count: torch.Tensor, max_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """M flat token rows: ids, RoPE positions, cache slot and write position, contiguous 1-D [M]; hidden
+        [M, H] row-major. Row m's K/V go to (slots[m], write_pos[m]); it attends to its slot's first
+        prefix_lens[m] positions, then prefix_lens[m] + pending[m, :pending_count[m]] (ascending; its own write
+        position among them). `max_keys` >= prefix + count over all rows (a static launch bound).
+        Returns (next hidden state [M, H], fp32 draft logits [M, V_d])."""
+        kn, eps = self.kernels, self.eps
+        emb = F.embedding(ids, self.embed)
+        qkv = kn.norm_linear(emb, self.qkv_embed, norm_weight=self.input_norm, eps=eps)
+        qkv = kn.norm_linear(hidden, self.qkv_hidden, norm_weight=self.hidden_norm, eps=eps, residual=qkv)
+        q = kn.rope_write_kv(qkv, self.cos, self.sin, positions, slots, write_pos, k_cache, v_cache,
+                             self.heads, self.kv_heads, self.head_dim)
+        attn = kn.virtual_attention(q, k_cache, v_cache, slots, prefix_lens, pending, pending_count, max_keys,
+                                    self.scale)
+        x = kn.norm_linear(attn, self.o, residual=hidden)  # the residual is the incoming hidden state h
+        act = kn.norm_gate_up(x, self.gate_up, norm_weight=self.post_norm, eps=eps)
+        x = kn.norm_linear(act, self.down, residual=x)
+        logits = kn.norm_linear(x, self.lm_head, norm_weight=self.norm, eps=eps, out_dtype=torch.float32)
+        nxt = self.drafter.norm(x) if self.norm_output else x  # EAGLE-3.1 feeds the post-norm state forward
+        return nxt, logits
