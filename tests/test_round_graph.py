@@ -31,20 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-layer random Llama over a 512-token vocabulary (peaked weights: greedy decodes differ per prompt)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from eaglepipe.target.tiny import make_random_llama
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=256,
-                      rope_theta=10000.0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-    out = tmp_path_factory.mktemp("round_graph") / "target"
-    model.save_pretrained(out)
-    return out
+    return make_random_llama(tmp_path_factory.mktemp("round_graph") / "target", vocab_size=512)
 
 
 def make_runner(target_dir: Path, max_len: int):

@@ -66,20 +66,9 @@ class Served:
 
 def make_target(out: Path) -> Path:
     """A random 6-layer Llama over VOCAB tokens, its lm_head scaled by 40 so that its distributions are peaked."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from eaglepipe.target.tiny import make_random_llama
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=1024,
-                      rope_theta=10000.0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-        model.lm_head.weight.mul_(40.0)
-    model.save_pretrained(out)
-    return out
+    return make_random_llama(out, vocab_size=VOCAB, num_layers=6, max_position_embeddings=1024, lm_head_scale=40.0)
 
 
 def greedy_answers(target: Path, prompts: list[list[int]], length: int) -> list[list[int]]:
