@@ -348,7 +348,7 @@ class SpeculativeGenerator:
             cache[:, r, :, dst] = cache[:, r, :, src]
 
     def _emitted_tokens(self, tokens: torch.Tensor, path: torch.Tensor, count: torch.Tensor,
-                 bonus: torch.Tensor) -> torch.Tensor:
+                        bonus: torch.Tensor) -> torch.Tensor:
         """The tokens a round emits [B, W]: the tree `tokens` at the path's nodes after the root (`path` [B, W] in
         verify order, root first, `count` [B] nodes), then the bonus token, repeated as padding."""
         cols = self._cols[:path.shape[1]]
