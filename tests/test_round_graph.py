@@ -282,3 +282,16 @@ def test_graph_rounds_only_for_greedy_rows(runner, exported, monkeypatch) -> Non
         bodies = record_calls(monkeypatch, gen.round_graph, "_body")
         _, cts = decode(gen, PROMPTS[:2], [20, 20], [0, 1], params)
         assert not bodies and min(cts) > 0
+
+
+def test_prepare_refuses_slots_holding_sequences(runner, exported) -> None:
+    from eaglepipe.spec import SpeculativeGenerator
+
+    gen = SpeculativeGenerator(runner, exported["eagle3"], SPECS[0], graph_rounds=True)
+    runner.prefill([PROMPTS[0]], [0])
+    try:
+        with pytest.raises(RuntimeError, match="live sequences"):
+            gen.round_graph.prepare(1)
+    finally:
+        runner.release(0)
+    gen.round_graph.prepare(1)  # nothing live: fine (a no-op off CUDA)

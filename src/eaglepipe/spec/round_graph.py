@@ -78,10 +78,10 @@ class RoundGraph:
     def prepare(self, rows: int = 1) -> None:
         """Capture the rounds of `rows` rows in slots 0..rows-1 for every context bucket now, so that no capture
         lands inside a timed decode. Only while those slots hold no sequence: the warm-up runs write K/V there."""
-        if not self.use_cuda_graph:
-            return
         if any(self.gen.runner.lengths[:rows]):
             raise RuntimeError(f"slots 0..{rows - 1} hold live sequences; prepare() would overwrite their K/V")
+        if not self.use_cuda_graph:
+            return
         for buf in self._state(rows):
             buf.zero_()
         self.slots[:rows].copy_(torch.arange(rows, device=self.slots.device))
