@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..target.info import resolve_model_dir
 from ..utils.device import compute_dtype, pick_device
 from .spec import ModelSpec, read_model_spec, rope_tables
-from .token_path import MAX_ROWS, TokenPath, triton_available
+from .token_path import MAX_ROWS, TokenPath, flat_rows, triton_available, visible_order
 from .weights import LayerWeights, load_weights
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -231,11 +231,10 @@ class LlamaRunner:
         b, t = ids.shape
         write_pos = lengths[:, None] + self._cols[:t][None, :]
         if self.token_path is not None and b * t <= MAX_ROWS:
-            flat = lambda x: x.expand(b, t).reshape(-1).contiguous()  # noqa: E731  (for B = 1 a reshape is a view)
-            order = torch.where(pending_mask, self._cols[:t], t).sort(dim=-1).values.reshape(b * t, t)
+            flat = lambda x: flat_rows(x, b, t)  # noqa: E731
             logits, aux = self.token_path.run(flat(ids), flat(positions), flat(slots[:, None]), flat(write_pos),
-                                              flat(lengths[:, None]), order, flat(pending_mask.sum(-1)), ctx,
-                                              capture)
+                                              flat(lengths[:, None]), visible_order(pending_mask).reshape(b * t, t),
+                                              flat(pending_mask.sum(-1)), ctx, capture)
             return logits.view(b, t, -1), (aux.view(b, t, -1) if aux is not None else None)
         mask = self._additive_mask(lengths, pending_mask, ctx)
 

@@ -28,6 +28,20 @@ def triton_available() -> bool:
     return True
 
 
+def flat_rows(x: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """`x` broadcast to [B, T] and flattened to a contiguous [B*T]: one entry per token row. (A plain reshape of
+    an expanded tensor, or of any [1, T] one, can be a stride-0 view, which the kernels cannot index by row.)"""
+    return x.expand(b, t).reshape(-1).contiguous()
+
+
+def visible_order(mask: torch.Tensor) -> torch.Tensor:
+    """bool [..., S] -> the indices of its True columns in ascending order, then S as padding [..., S]: the
+    pending positions a row sees, in the order the kernels read them (count them with mask.sum(-1))."""
+    s = mask.shape[-1]
+    cols = torch.arange(s, device=mask.device)
+    return torch.where(mask, cols, s).sort(dim=-1).values
+
+
 class TokenPath:
     """Forward of up to MAX_ROWS pending tokens over a `LlamaRunner`'s weights and KV cache."""
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.token_path import visible_order
 from .tree import VerifyTree
 
 
@@ -58,10 +59,7 @@ def greedy_accept_device(tree: VerifyTree, target_logits: torch.Tensor) -> Devic
 def path_nodes(acc: DeviceAcceptance, width: int) -> torch.Tensor:
     """The accepted path's verify-order node indices [B, width], root first (parents precede children in verify
     order, so ascending order is path order), padded with the deepest node. width >= every path's length."""
-    s = acc.path_mask.shape[1]
-    cols = torch.arange(s, device=acc.path_mask.device)
-    order = torch.where(acc.path_mask, cols, cols + s).sort(dim=1).values[:, :width]
-    return torch.minimum(order, acc.deepest[:, None])
+    return torch.minimum(visible_order(acc.path_mask)[:, :width], acc.deepest[:, None])
 
 
 def greedy_accept(tree: VerifyTree, target_logits: torch.Tensor) -> Acceptance:

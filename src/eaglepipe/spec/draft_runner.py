@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.token_path import flat_rows, triton_available, visible_order
 from ..models.build import Drafter
 
 
@@ -24,8 +25,6 @@ class DraftRunner:
         cfg = drafter.config
         device = torch.device(device)
         if fast is None:
-            from ..engine.token_path import triton_available
-
             fast = device.type == "cuda" and cfg.is_eagle3 and triton_available()
         if fast and not cfg.is_eagle3:
             raise ValueError("the fast drafter path supports EAGLE-3/3.1 drafters only")
@@ -49,8 +48,8 @@ class DraftRunner:
         strides), pending [B * S, P] with a unit last stride. Returns (hidden_out, fp32 logits) [B, S, ...]."""
         b, s = ids.shape
 
-        def flat(t: torch.Tensor) -> torch.Tensor:  # expanded views may flatten to stride 0: copy those
-            return t.expand(b, s).reshape(b * s).contiguous()
+        def flat(t: torch.Tensor) -> torch.Tensor:
+            return flat_rows(t, b, s)
 
         rows = flat(slots[:, None])
         out, logits = self.fast.step(self.k, self.v, rows, flat(ids), hidden.reshape(b * s, -1).to(self.k.dtype)
@@ -126,9 +125,8 @@ class DraftRunner:
         b, f = ids.shape
         past_len = max_length + node_start
         if self.fast is not None:
-            # the committed prefix, then the visible scratch nodes (self included) in ascending order: a stable
-            # sort puts the True columns of `ancestors` first; the count is the number of them
-            pending = torch.sort((~ancestors).to(torch.uint8), dim=-1, stable=True).indices
+            # the committed prefix, then the visible scratch nodes (self included) in ascending order
+            pending = visible_order(ancestors)
             count = ancestors.sum(dim=-1)
             positions = (lengths + depth - 1)[:, None]
             write = lengths[:, None] + node_start + self._cols[:f][None, :]
