@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--prompts", type=int, default=len(QUESTIONS), help="number of prompts (each decoded alone)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--hf-prompts", type=int, default=None,
+                    help="run the HF baselines on the first N prompts only (they are slow; default all)")
     ap.add_argument("--no-hf-compile", action="store_true", help="skip the HF static cache + torch.compile baseline")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run the engine without CUDA graphs")
     ap.add_argument("--no-engine-compile", action="store_true",
@@ -170,15 +172,17 @@ def main(argv: list[str] | None = None) -> dict:
         torch_path = bench_engine(model_dir, device, prompts, args.max_new_tokens, cuda_graphs, token_path=False)
         print(f"[decode] engine, PyTorch path: {torch_path[0]:.1f} tok/s", file=sys.stderr, flush=True)
     hf = load_hf_model(model_dir, device, dtype)
-    hf_tps, hf_out = bench_hf(hf, device, prompts, args.max_new_tokens)
+    hf_set = prompts[:args.hf_prompts] if args.hf_prompts else prompts
+    hf_tps, hf_out = bench_hf(hf, device, hf_set, args.max_new_tokens)
     record = {
         "bench": "decode", "model": str(args.model), "device": hardware_name(device), "dtype": str(dtype),
-        "batch_size": 1, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "cuda_graphs": cuda_graphs,
+        "batch_size": 1, "prompts": len(prompts), "hf_prompts": len(hf_set), "max_new_tokens": args.max_new_tokens,
+        "cuda_graphs": cuda_graphs,
         "engine_tok_s": round(engine_tps, 1), "hf_eager_tok_s": round(hf_tps, 1),
         "speedup_vs_hf_eager": round(engine_tps / hf_tps, 2),
         # tokens agreeing with HF eager greedy before the first difference (bf16 kernels may diverge late)
         "mean_common_prefix_with_hf": round(sum(common_prefix(a, b) for a, b in zip(engine_out, hf_out))
-                                            / len(prompts), 1),
+                                            / len(hf_set), 1),
     }
     if torch_path is not None:
         record["engine_torch_path_tok_s"] = round(torch_path[0], 1)
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
             record["engine_compiled_error"] = f"{type(e).__name__}: {e}"[:300]
     if not args.no_hf_compile:
         try:
-            tps, mode = bench_hf_compiled(hf, device, prompts, args.max_new_tokens)
+            tps, mode = bench_hf_compiled(hf, device, hf_set, args.max_new_tokens)
             record["hf_static_compile_tok_s"] = round(tps, 1)
             record["hf_compile_mode"] = mode
             record["speedup_vs_hf_static_compile"] = round(engine_tps / tps, 2)
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
     if results is not None:
         command = "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        baselines = f"HF generate eager {record['hf_eager_tok_s']} tok/s"
+        baselines = f"HF generate eager {record['hf_eager_tok_s']} tok/s ({len(hf_set)} of the prompts)"
         if "hf_static_compile_tok_s" in record:
             baselines += (f"; HF static cache + torch.compile ({record['hf_compile_mode']}) "
                           f"{record['hf_static_compile_tok_s']} tok/s")

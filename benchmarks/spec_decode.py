@@ -115,13 +115,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = []
         with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=False) as engine:
             for point in parse_sweep(args.sweep):
-                metrics, outs = bench_point(engine, export, point, prompts, args.max_new_tokens, device)
+                try:
+                    metrics, outs = bench_point(engine, export, point, prompts, args.max_new_tokens, device)
+                except Exception as e:  # one point failing must not lose the others' figures
+                    print(json.dumps({"point": point.name, "error": f"{type(e).__name__}: {e}"[:400]}), flush=True)
+                    continue
                 metrics.update(engine_tok_s=base_tok_s, hf_tok_s=hf_tok_s, speedup=metrics["tok_s"] / base_tok_s,
                                output_match=sum(o == b for o, b in zip(outs, base_out)) / len(prompts),
                                prompts=len(prompts), max_new_tokens=args.max_new_tokens, device=str(device))
                 print(json.dumps(metrics), flush=True)
                 rows.append(metrics)
     results = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
+    if not rows:
+        raise SystemExit("every sweep point failed")
     if results is not None:
         best = max(rows, key=lambda r: r["tok_s"])
         command = "python benchmarks/spec_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -128,3 +128,14 @@ def test_speculative_greedy_equals_plain_greedy_on_the_token_path(target_dir, ex
     out, _ = decode(gen, [prompt], [16], [1])
     assert out == [plain]
     assert gen.stats.tau > 1.3, gen.stats
+
+
+def test_token_kernels_default_follows_device_and_environment(monkeypatch):
+    """On by default for CUDA only; EAGLEPIPE_TOKEN_PATH=0 turns it off (the PyTorch path, for diagnosis)."""
+    from eaglepipe.engine.token_path import token_kernels_default, triton_available
+
+    monkeypatch.delenv("EAGLEPIPE_TOKEN_PATH", raising=False)
+    assert token_kernels_default(torch.device("cpu")) is False
+    assert token_kernels_default(torch.device("cuda")) is triton_available()
+    monkeypatch.setenv("EAGLEPIPE_TOKEN_PATH", "0")
+    assert token_kernels_default(torch.device("cuda")) is False

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..target.info import resolve_model_dir
 from ..utils.device import compute_dtype, pick_device
 from .spec import ModelSpec, read_model_spec, rope_tables
-from .token_path import MAX_ROWS, TokenPath, flat_rows, triton_available, visible_order
+from .token_path import MAX_ROWS, TokenPath, flat_rows, token_kernels_default, visible_order
 from .weights import LayerWeights, load_weights
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,7 +57,8 @@ class LlamaRunner:
 
     `max_slots` sequences of up to `max_len` tokens each. bf16 on GPU and fp32 on CPU unless `dtype` is given.
     `token_path`: run decode steps and verify forwards of up to MAX_ROWS tokens through the row-invariant Triton
-    kernels (default: on CUDA when Triton is there; True on CPU needs TRITON_INTERPRET=1, for tests).
+    kernels (default: on CUDA when Triton is there, unless EAGLEPIPE_TOKEN_PATH=0; True on CPU needs
+    TRITON_INTERPRET=1, for tests).
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
@@ -82,7 +83,7 @@ class LlamaRunner:
         self._cols = torch.arange(max_len, device=self.device)
         self._slot_ids = torch.arange(max_slots, device=self.device)
         if token_path is None:
-            token_path = self.device.type == "cuda" and triton_available()
+            token_path = token_kernels_default(self.device)
         self.token_path = TokenPath(self) if token_path else None
         self._self_only = torch.zeros(max_slots, 1, dtype=torch.long, device=self.device)  # pending index 0
         self._one_each = torch.ones(max_slots, dtype=torch.long, device=self.device)

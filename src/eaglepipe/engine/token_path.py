@@ -8,6 +8,8 @@ Prefill stays on the PyTorch path (its K/V are shared by both decoders, so exact
 """
 from __future__ import annotations
 
+import os
+
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -26,6 +28,12 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def token_kernels_default(device: torch.device) -> bool:
+    """Whether the engine and the drafter use the Triton token-path kernels unless told: on CUDA when Triton
+    imports, and not when the environment sets EAGLEPIPE_TOKEN_PATH=0 (the PyTorch path, for diagnosis)."""
+    return device.type == "cuda" and os.environ.get("EAGLEPIPE_TOKEN_PATH", "1") != "0" and triton_available()
 
 
 def flat_rows(x: torch.Tensor, b: int, t: int) -> torch.Tensor:

@@ -5,15 +5,16 @@ Slot t of a sequence holds token x_{t+1} with the target's hidden state h_t at R
 committed length always equals the target's. Tree nodes are appended after the committed entries and are
 forgotten at the next `extend`, which overwrites them with the accepted tokens.
 
-With `fast=True` (the default on CUDA for EAGLE-3/3.1 drafters when Triton imports) each step runs through the
-token path's Triton kernels (`FastDrafter`): K/V are written straight into this cache and each row attends to
+With `fast=True` (the default on CUDA for EAGLE-3/3.1 drafters when Triton imports, unless
+EAGLEPIPE_TOKEN_PATH=0) each step runs through the token path's Triton kernels (`FastDrafter`): K/V are
+written straight into this cache and each row attends to
 its committed prefix plus a list of visible scratch/new positions, computed directly by each method.
 """
 from __future__ import annotations
 
 import torch
 
-from ..engine.token_path import flat_rows, triton_available, visible_order
+from ..engine.token_path import flat_rows, token_kernels_default, visible_order
 from ..models.build import Drafter
 
 
@@ -25,7 +26,7 @@ class DraftRunner:
         cfg = drafter.config
         device = torch.device(device)
         if fast is None:
-            fast = device.type == "cuda" and cfg.is_eagle3 and triton_available()
+            fast = cfg.is_eagle3 and token_kernels_default(device)
         if fast and not cfg.is_eagle3:
             raise ValueError("the fast drafter path supports EAGLE-3/3.1 drafters only")
         self.drafter = drafter

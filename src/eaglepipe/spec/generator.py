@@ -15,6 +15,7 @@ same round with static shapes and no host sync in it, captured as one CUDA graph
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -78,7 +79,7 @@ class SpeculativeGenerator:
 
     `spec`: SpecConfig or dict(num_steps, topk, num_draft_tokens) in SGLang semantics (default 3, 1, 4).
     `graph_rounds`: decode all-greedy rows with `RoundGraph` (captured CUDA graphs on CUDA, the same static body
-    run eagerly elsewhere); default on for CUDA runners.
+    run eagerly elsewhere); default on for CUDA runners unless the environment sets EAGLEPIPE_GRAPH_ROUNDS=0.
     """
 
     def __init__(self, runner: LlamaRunner, draft_dir: str | Path, spec: SpecConfig | dict | None = None,
@@ -106,7 +107,7 @@ class SpeculativeGenerator:
         self._chain_parents = (self._cols[:n] - 1).clamp(min=0)
         self._chain_ancestors = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
         if graph_rounds is None:
-            graph_rounds = dev.type == "cuda"
+            graph_rounds = dev.type == "cuda" and os.environ.get("EAGLEPIPE_GRAPH_ROUNDS", "1") != "0"
         self.round_graph = None
         if graph_rounds:
             from .round_graph import RoundGraph  # it builds on this module
