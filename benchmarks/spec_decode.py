@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from decode import append_result_row, bench_engine, bench_hf, hardware_name, timed  # noqa: E402
+from decode import append_result_row, bench_engine, bench_hf, hardware_name, timed, warm_up  # noqa: E402
 from eaglepipe.bench.prompts import load_prompts, render_chat  # noqa: E402
 from eaglepipe.config import PromptsCfg  # noqa: E402
 from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
@@ -70,7 +70,7 @@ def bench_point(engine: Engine, export: Path, point: SpecConfig, prompts: list[l
     """Decode every prompt speculatively (batch 1) with one sweep point; returns (metrics, outputs)."""
     engine.speculator = SpeculativeGenerator(engine.runner, export, point)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    engine.generate([prompts[0]], params)  # warm-up
+    warm_up(engine, prompts, params)
     engine.speculator.reset_stats()
     seconds, results = timed(device, lambda: [engine.generate([p], params)[0] for p in prompts])
     tokens = sum(r.completion_tokens for r in results)
