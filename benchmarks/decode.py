@@ -83,23 +83,49 @@ def timed(device: torch.device, fn: Callable[[], list[list[int]]]) -> tuple[floa
     return time.perf_counter() - start, out
 
 
-def warm_up(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> None:
+def triton_variants() -> int:
+    """Compiled variants held by the token path's Triton kernels (0 without Triton). A count that grows with each
+    new prompt length would mean the kernels are re-specialised per length."""
+    try:
+        from eaglepipe.engine.kernels import attention, linear, rope_cache
+    except ImportError:
+        return 0
+    count = 0
+    for module in (attention, linear, rope_cache):
+        for fn in vars(module).values():
+            for cache in getattr(fn, "device_caches", {}).values():
+                count += len(cache[0]) if isinstance(cache, tuple) and isinstance(cache[0], dict) else 0
+    return count
+
+
+def warm_up(engine: Engine, prompts: list[list[int]], params: SamplingParams,
+            report: dict | None = None) -> None:
     """A full warm-up generation, then a short one alone per distinct prompt length: the first prefill of a new
-    length pays a one-off cost (60 to 80 ms seen on an H200 with the token path), which is not decode speed."""
+    length pays a one-off cost (60 to 80 ms seen on an H200 with the token path), which is not decode speed.
+    `report` receives the first and the repeated time to first token per length and the Triton variant counts."""
     engine.generate([prompts[0]], params)
+    variants = [triton_variants()]
+    first, again = [], []
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
     for prompt in {len(p): p for p in prompts}.values():
-        engine.generate([prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        for out in (first, again):
+            seconds, _ = timed(engine.device, lambda: engine.generate([prompt], one))
+            out.append(round(seconds * 1000, 1))
+        variants.append(triton_variants())
+    if report is not None:
+        report.update(first_prefill_ms=first, repeat_prefill_ms=again, triton_variants=variants)
 
 
 def bench_engine(model_dir: Path, device: torch.device, prompts: list[list[int]], new_tokens: int,
                  cuda_graphs: bool, compile_decode: bool = False,
-                 token_path: bool | None = None) -> tuple[float, list[list[int]]]:
-    """Tokens/s of the engine, one request at a time (batch 1), EOS ignored so every prompt makes new_tokens."""
+                 token_path: bool | None = None, report: dict | None = None) -> tuple[float, list[list[int]]]:
+    """Tokens/s of the engine, one request at a time (batch 1), EOS ignored so every prompt makes new_tokens.
+    `report` receives the warm-up's prefill timings (see `warm_up`)."""
     max_len = max(len(p) for p in prompts) + new_tokens + 1
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     with Engine(model_dir, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=cuda_graphs,
                 compile_decode=compile_decode, token_path=token_path) as eng:
-        warm_up(eng, prompts, params)
+        warm_up(eng, prompts, params, report)
         seconds, outs = timed(device, lambda: [eng.generate([p], params)[0].token_ids for p in prompts])
     return len(prompts) * new_tokens / seconds, outs
 
@@ -171,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
                                        return_dict=False) for q in questions]
     cuda_graphs = not args.no_cuda_graphs and device.type == "cuda"
 
-    engine_tps, engine_out = bench_engine(model_dir, device, prompts, args.max_new_tokens, cuda_graphs)
+    warm: dict = {}
+    engine_tps, engine_out = bench_engine(model_dir, device, prompts, args.max_new_tokens, cuda_graphs, report=warm)
     # progress on stderr, so that a run stopped in a slow baseline still shows the engine's figure
     print(f"[decode] engine: {engine_tps:.1f} tok/s (CUDA graphs {'on' if cuda_graphs else 'off'})",
           file=sys.stderr, flush=True)
@@ -191,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         # tokens agreeing with HF eager greedy before the first difference (bf16 kernels may diverge late)
         "mean_common_prefix_with_hf": round(sum(common_prefix(a, b) for a, b in zip(engine_out, hf_out))
                                             / len(hf_set), 1),
+        **warm,
     }
     if torch_path is not None:
         record["engine_torch_path_tok_s"] = round(torch_path[0], 1)
