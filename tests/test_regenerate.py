@@ -1,7 +1,6 @@
 """The regenerate stage: backends, turn policy, resume after SIGKILL, server restarts, refusal to mix outputs."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -20,10 +19,8 @@ import torch
 import yaml
 
 from eaglepipe.data.chat_io import read_conversations, write_conversations
-from eaglepipe.regen.conversation import ConversationRejected, TurnPolicy, plan_turns, regeneration_cost
+from eaglepipe.regen.conversation import ConversationRejected, TurnPolicy, plan_turns
 from eaglepipe.regen.launch import ServerProcess, free_port, native_command
-from eaglepipe.regen.runner import ShardRunner
-from eaglepipe.regen.shards import ShardStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,33 +161,6 @@ def test_plan_turns_modes_and_system_policy():
         plan_turns([{"role": "user", "content": "q"}], TurnPolicy())
     with pytest.raises(ConversationRejected, match="no user turn"):
         plan_turns([{"role": "assistant", "content": "a"}], TurnPolicy())
-
-
-def test_costliest_conversations_start_first_and_rows_keep_input_order(tmp_path):
-    """Within a shard the conversations with the most turns to regenerate take the (single) slot first; the
-    committed shard still lists them in input order."""
-    def conv(i: int, turns: int) -> dict[str, Any]:
-        msgs = [m for k in range(turns) for m in ({"role": "user", "content": f"q{k}"},
-                                                  {"role": "assistant", "content": f"a{k}"})]
-        return {"id": f"c{i}", "source": "t", "messages": msgs}
-
-    convs = [conv(0, 1), conv(1, 3), conv(2, 2), conv(3, 3), conv(4, 1)]
-    policy = TurnPolicy("all")
-    assert regeneration_cost(convs[1], policy) == (3, 12) and regeneration_cost(convs[0], TurnPolicy("last"))[0] == 1
-    assert regeneration_cost({"messages": [{"role": "user", "content": "q"}]}, policy) == (0, 0)
-    started: list[str] = []
-
-    async def process(c: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        started.append(c["id"])
-        await asyncio.sleep(0)
-        return c, 1
-
-    store = ShardStore(tmp_path / "work")
-    store.prepare({"fingerprint": "x"})
-    runner = ShardRunner(store, process, shard_size=5, concurrency=1, cost=lambda c: regeneration_cost(c, policy))
-    asyncio.run(runner.run(iter(convs), len(convs)))
-    assert started == ["c1", "c3", "c2", "c0", "c4"]  # ties keep input order
-    assert [r["id"] for r in read_conversations(store.dir)] == [c["id"] for c in convs]
 
 
 # ----------------------------------------------------------------------------- backends

@@ -56,16 +56,6 @@ def plan_turns(messages: list[dict[str, str]], policy: TurnPolicy) -> tuple[list
     return msgs, (assistant[-1:] if policy.mode == "last" else assistant)
 
 
-def regeneration_cost(conv: dict[str, Any], policy: TurnPolicy) -> tuple[int, int]:
-    """(assistant turns to regenerate, characters of content): a sort key for the work one conversation
-    needs, since its turns run one after another. (0, 0) for a conversation that will be rejected."""
-    try:
-        msgs, turns = plan_turns(list(conv["messages"]), policy)
-    except ConversationRejected:
-        return 0, 0
-    return len(turns), sum(len(m["content"]) for m in msgs)
-
-
 def turn_seed(base_seed: int, conv_id: str, turn: int) -> int:
     """A per-(conversation, turn) seed, so sampled runs are reproducible and resumable."""
     digest = hashlib.sha256(f"{base_seed}:{conv_id}:{turn}".encode()).digest()

@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 
 ProcessFn = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], int]]]
 LivenessFn = Callable[[], Awaitable[bool]]
-CostFn = Callable[[dict[str, Any]], tuple[int, int]]
 
 
 class ServerGone(RuntimeError):
@@ -35,15 +34,13 @@ class ShardRunner:
 
     `process(conv) -> (row, completion_tokens)` raises ConversationRejected for a conversation
     that goes to the rejects. When such a rejection comes from the transport and `liveness()`
-    says the server is gone, the run stops with ServerGone; committed shards stay. With `cost(conv)`, each
-    shard starts its conversations costliest first.
+    says the server is gone, the run stops with ServerGone; committed shards stay.
     """
 
     def __init__(self, store: ShardStore, process: ProcessFn, *, shard_size: int, concurrency: int,
-                 liveness: LivenessFn | None = None, cost: CostFn | None = None):
+                 liveness: LivenessFn | None = None):
         self.store = store
         self.process = process
-        self.cost = cost
         self.shard_size = shard_size
         self.concurrency = concurrency
         self.liveness = liveness
@@ -91,13 +88,7 @@ class ShardRunner:
 
     async def _shard(self, index: int, convs: list[dict[str, Any]], sem: asyncio.Semaphore) -> None:
         t0 = time.monotonic()
-        # The costliest conversations take the semaphore first (longest-processing-time order), so that a long
-        # multi-turn chain does not start late and keep the shard open while the batch runs nearly empty.
-        # Outcomes stay in input order.
-        order = range(len(convs)) if self.cost is None else \
-            sorted(range(len(convs)), key=lambda i: self.cost(convs[i]), reverse=True)
-        tasks = {i: asyncio.create_task(self._one(convs[i], sem)) for i in order}
-        outcomes = await asyncio.gather(*(tasks[i] for i in range(len(convs))))
+        outcomes = await asyncio.gather(*(self._one(c, sem) for c in convs))
         rows = [row for row, _, _ in outcomes if row is not None]
         rejects = [rej for _, rej, _ in outcomes if rej is not None]
         tokens = sum(tok for _, _, tok in outcomes)

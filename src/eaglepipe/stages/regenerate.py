@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from ..config import Config, fingerprint
 from ..regen.backends import Endpoint, launch_command, open_endpoint
 from ..regen.client import ChatClient, RequestFailed, Sampling
-from ..regen.conversation import TurnPolicy, regenerate_conversation, regeneration_cost
+from ..regen.conversation import TurnPolicy, regenerate_conversation
 from ..regen.identity import count_conversations, model_identity, source_hash
 from ..regen.launch import format_command
 from ..regen.runner import ServerGone, ShardRunner
@@ -77,8 +77,7 @@ async def run_shards(cfg: Config, store: ShardStore, chat_dir: Path, total: int,
                 return False
             return await client.is_alive()
 
-        runner = ShardRunner(store, regen, shard_size=r.shard_size, concurrency=r.concurrency, liveness=alive,
-                             cost=lambda conv: regeneration_cost(conv, policy))
+        runner = ShardRunner(store, regen, shard_size=r.shard_size, concurrency=r.concurrency, liveness=alive)
         return await runner.run(conversations, total)
 
 
