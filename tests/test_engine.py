@@ -357,3 +357,18 @@ def test_every_free_slot_is_filled_and_prefilled_in_bounded_forwards(tiny_llama_
         narrow = [r.token_ids for r in engine.generate(prompts, params)]
     assert narrow == wide
     assert len(calls) > 1 and all(n <= 40 or n == max(map(len, prompts)) for n in calls)
+
+
+def test_stats_count_prompts_decode_rows_and_finished_requests(tiny_llama_dir):
+    """EngineStats: every prompt token prefilled once, one decode row per generated token after the first, one
+    finished request each; the phase shares add up to the worker's time."""
+    prompts = random_prompts(5, seed=33)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    with Engine(tiny_llama_dir, device="cpu", max_batch_size=2, max_model_len=128) as engine:
+        engine.generate(prompts, params)
+        stats = engine.stats.snapshot()
+    assert stats["prefill_tokens"] == sum(map(len, prompts)) and stats["requests_finished"] == len(prompts)
+    assert stats["decode_row_steps"] == 3 * len(prompts)
+    assert 1 <= stats["mean_decode_batch"] <= 2 and stats["prefill_forwards"] >= len(prompts) / 2
+    shares = [stats[f"{p}_share"] for p in ("prefill", "decode", "host", "speculative", "idle")]
+    assert abs(sum(shares) - 1) < 0.01 and stats["decode_share"] > 0

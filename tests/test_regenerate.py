@@ -208,6 +208,10 @@ def test_native_backend_end_to_end_with_sigkill_leaves_no_server(tiny_llama_dir,
     assert stats["resumed_conversations"] > 0 and stats["regenerated"] == len(rows)
     assert stats["output_tokens_per_s"] > 0
     assert "backend: native" in res.stderr and "eaglepipe.serve" in res.stderr and "output tok/s" in res.stderr
+    engine = stats["server_stats"]["engine"]  # the resumed run's own server: its requests only
+    assert 0 < engine["requests_finished"] <= stats["run_conversations"]
+    assert stats["server_stats"]["server"]["tokenize_tokens"] == engine["prefill_tokens"]
+    assert "mean decode batch" in res.stderr
 
 
 def test_sglang_dry_run_prints_the_exact_command(tiny_llama_dir, tmp_path):

@@ -104,6 +104,24 @@ def test_health_and_models(server):
     assert body["data"][0]["object"] == "model" and body["data"][0]["max_model_len"] == MAX_MODEL_LEN
 
 
+def test_stats_count_each_request_once(server):
+    """GET /stats: the engine's counters move by exactly one request's prompt and answer."""
+    status, before = call(server + "/stats")
+    assert status == 200
+    status, body = call(server + "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 5, "temperature": 0,
+                                                          "ignore_eos": True})
+    assert status == 200
+    _, after = call(server + "/stats")
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    e0, e1 = before["engine"], after["engine"]
+    assert e1["requests_finished"] - e0["requests_finished"] == 1
+    assert e1["prefill_tokens"] - e0["prefill_tokens"] == prompt_tokens
+    assert e1["decode_row_steps"] - e0["decode_row_steps"] == 4  # the first token comes from the prefill
+    assert after["server"]["tokenize_tokens"] - before["server"]["tokenize_tokens"] == prompt_tokens
+    shares = [e1[f"{p}_share"] for p in ("prefill", "decode", "host", "speculative", "idle")]
+    assert abs(sum(shares) - 1) < 0.01 and e1["mean_decode_batch"] >= 1
+
+
 def test_chat_completion_matches_hf_greedy(server, tiny_hf):
     status, body = call(server + "/v1/chat/completions",
                         {"model": "anything", "messages": MESSAGES, "max_tokens": 12, "temperature": 0})

@@ -17,6 +17,7 @@ from ..target.info import load_tokenizer
 from .model import LlamaRunner
 from .request import GenerationResult, Request, RequestTracker, StreamCallback
 from .sampling import SamplingParams, make_generator, sample_rows
+from .stats import EngineStats, Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Engine:
         self.tokenizer = load_tokenizer(self.runner.model_dir)
         self.eos_token_ids = read_eos_token_ids(self.runner.model_dir, self.tokenizer)
         self.tracker = RequestTracker(self.tokenizer, self.eos_token_ids, max_model_len)
+        self.stats = EngineStats()
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             from .graphs import DecodeGraphs
@@ -170,8 +172,10 @@ class Engine:
     def _worker(self) -> None:
         while True:
             with self._cond:
+                idle = Stopwatch()
                 while not self._closed and not self._waiting and not self._active:
                     self._cond.wait()
+                self.stats.add(idle_seconds=idle.lap())
                 if self._closed:
                     self._fail_all(EngineClosedError("the engine was closed"))
                     return
@@ -228,6 +232,7 @@ class Engine:
                 log.exception("streaming callback of %s failed", req.request_id)
         if finished:
             self._release(req)
+            self.stats.add(requests_finished=1)
             if not req.future.done():
                 req.future.set_result(result)
 
@@ -237,10 +242,14 @@ class Engine:
     def _prefill(self, admitted: list[Request]) -> None:
         for group in prefill_groups([len(r.prompt) for r in admitted], self.max_prefill_tokens):
             reqs = [admitted[i] for i in group]
+            watch = Stopwatch()
             out = self.runner.prefill([r.prompt for r in reqs], [r.slot for r in reqs])
             first = sample_rows(out.last_logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+            self.stats.add(prefill_forwards=1, prefill_tokens=sum(len(r.prompt) for r in reqs),
+                           prefill_seconds=watch.lap())
             for req, tok in zip(reqs, first):
                 self._feed(req, [tok])
+            self.stats.add(host_seconds=watch.lap())
 
     def _decode(self) -> None:
         """Decode the running requests for a few steps (one CUDA-graph replay per step on GPU)."""
@@ -248,12 +257,16 @@ class Engine:
         lengths = self.runner.lengths
         room = min(self.max_model_len - lengths[r.slot] for r in reqs)
         steps = max(1, min(self.decode_chunk, max(self.tracker.budget(r) for r in reqs), room))
+        watch = Stopwatch()
         if self.graphs is not None and self.graphs.fits(reqs[-1].slot + 1, max(lengths[r.slot] for r in reqs) + steps):
             new = self._decode_graphs(reqs, steps)
         else:  # eager (CPU): one step at a time, so finished rows free their slot at once
             new = self._decode_eager(reqs)
+        done = len(new[0])
+        self.stats.add(decode_steps=done, decode_row_steps=done * len(reqs), decode_seconds=watch.lap())
         for req, toks in zip(reqs, new):
             self._feed(req, toks)
+        self.stats.add(host_seconds=watch.lap())
 
     def _decode_eager(self, reqs: list[Request]) -> list[list[int]]:
         logits = self.runner.decode([r.tokens[-1] for r in reqs], [r.slot for r in reqs])
@@ -278,6 +291,7 @@ class Engine:
 
     def _run_speculative(self, admitted: list[Request]) -> None:
         """Hand each admitted request to the speculative generator (one at a time)."""
+        watch = Stopwatch()
         for req in admitted:
             def on_tokens(tokens: list[int], req: Request = req) -> bool:
                 finished = self.tracker.feed(req, tokens)
@@ -289,3 +303,4 @@ class Engine:
             if req.finish_reason is None:
                 req.finish_reason = "length"
             self._emit(req, True)
+        self.stats.add(speculative_seconds=watch.lap())

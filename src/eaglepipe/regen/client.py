@@ -107,6 +107,13 @@ class ChatClient:
         self.model = str(models[0]["id"])
         return self.model
 
+    async def server_stats(self) -> dict[str, Any]:
+        """GET /stats of an eaglepipe server (engine time split and mean decode batch)."""
+        data = await self._request_json("GET", "/stats", None)
+        if not isinstance(data, dict):
+            raise RequestFailed(f"{self.base_url}/stats returned {str(data)[:200]}")
+        return data
+
     async def chat(self, messages: list[dict[str, str]], sampling: Sampling, seed: int | None = None) -> ChatAnswer:
         """One non-streaming chat completion, retried on 408/429/5xx, connection errors and timeouts."""
         body: dict[str, Any] = {"model": await self.served_model(), "messages": messages,

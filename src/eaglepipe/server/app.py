@@ -1,4 +1,4 @@
-"""The aiohttp application: /health, /v1/models, /v1/chat/completions, /v1/completions, /generate."""
+"""The aiohttp application: /health, /stats, /v1/models, /v1/chat/completions, /v1/completions, /generate."""
 from __future__ import annotations
 
 import asyncio
@@ -52,6 +52,12 @@ async def health(request: web.Request) -> web.Response:
     if request.app[BRIDGE].healthy():
         return web.json_response({"status": "ok"})
     raise ApiError(503, "engine is not running", type="server_error")
+
+
+async def stats(request: web.Request) -> web.Response:
+    """Where the engine's time went (prefill, decode, host bookkeeping, idle), its mean decode batch, and the
+    server's tokenisation time: JSON counters since start."""
+    return web.json_response(request.app[BRIDGE].stats())
 
 
 async def models(request: web.Request) -> web.Response:
@@ -210,6 +216,7 @@ def create_app(bridge: EngineBridge) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     app[BRIDGE] = bridge
     app.router.add_get("/health", health)
+    app.router.add_get("/stats", stats)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)

@@ -25,6 +25,7 @@ class EngineBridge:
         self.model_name, self.model_path, self.has_draft = model_name, model_path, has_draft
         self.started = int(time.time())
         self._closed = False
+        self.tokenize_calls, self.tokenize_tokens, self.tokenize_seconds = 0, 0, 0.0
 
     def healthy(self) -> bool:
         """True until the bridge is closed."""
@@ -46,7 +47,20 @@ class EngineBridge:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text` (special tokens in the text are parsed as such)."""
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        start = time.perf_counter()
+        ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        self.tokenize_calls += 1
+        self.tokenize_tokens += len(ids)
+        self.tokenize_seconds += time.perf_counter() - start
+        return ids
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters (`EngineStats.snapshot`) and the server's own tokenisation time, which runs on
+        the event loop and holds the GIL the engine's worker thread also needs."""
+        return {"engine": self.engine.stats.snapshot(),
+                "server": {"tokenize_calls": self.tokenize_calls, "tokenize_tokens": self.tokenize_tokens,
+                           "tokenize_seconds": round(self.tokenize_seconds, 3),
+                           "uptime_seconds": round(time.time() - self.started, 1)}}
 
     def check_ids(self, ids: Sequence[int]) -> list[int]:
         """Client-given token ids, checked against the vocabulary."""

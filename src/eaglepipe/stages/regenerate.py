@@ -78,7 +78,23 @@ async def run_shards(cfg: Config, store: ShardStore, chat_dir: Path, total: int,
             return await client.is_alive()
 
         runner = ShardRunner(store, regen, shard_size=r.shard_size, concurrency=r.concurrency, liveness=alive)
-        return await runner.run(conversations, total)
+        run_stats = await runner.run(conversations, total)
+        if r.backend == "native":
+            try:
+                run_stats["server_stats"] = await client.server_stats()
+                log.info("native server: %s", describe_server_stats(run_stats["server_stats"]))
+            except RequestFailed as e:  # the shards are committed; the figures are a diagnosis only
+                log.warning("could not read the native server's /stats: %s", e)
+        return run_stats
+
+
+def describe_server_stats(stats: dict[str, Any]) -> str:
+    """One line on where the native engine's time went (GET /stats)."""
+    e, s = stats["engine"], stats["server"]
+    return (f"mean decode batch {e['mean_decode_batch']:.1f} rows over {e['decode_steps']} steps; worker time "
+            f"{e['decode_share']:.0%} decode, {e['prefill_share']:.0%} prefill ({e['prefill_tokens']} prompt "
+            f"tokens), {e['host_share']:.0%} host bookkeeping, {e['idle_share']:.0%} idle; server tokenisation "
+            f"{s['tokenize_seconds']:.1f} s for {s['tokenize_tokens']} tokens")
 
 
 def check_not_all_rejected(store: ShardStore, num_shards: int) -> None:

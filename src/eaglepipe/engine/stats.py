@@ -1,0 +1,61 @@
+"""Where the engine's worker thread spends its time, and how full its decode batches are.
+
+The counters answer "why is this run slower than the benchmark": a low mean batch means too few requests in
+flight; a large host share means Python bookkeeping (stop rules, detokenisation, callbacks) between GPU steps;
+a large prefill share means long prompts. Times are wall-clock seconds on the worker thread; the GPU phases end
+in a host sync (sampled tokens are read back), so they include the GPU's work.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class EngineStats:
+    """Cumulative counters of one Engine (thread-safe snapshots via `snapshot`)."""
+
+    prefill_forwards: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_steps: int = 0
+    decode_row_steps: int = 0  # sum over decode steps of the rows decoded
+    decode_seconds: float = 0.0
+    host_seconds: float = 0.0  # stop rules, detokenisation, streaming callbacks, slot release
+    speculative_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    requests_finished: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: float) -> None:
+        """Add to counters by name."""
+        with self._lock:
+            for name, value in deltas.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters plus derived figures: mean decode batch, and each phase's share of the worker's time."""
+        with self._lock:
+            out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        busy = out["prefill_seconds"] + out["decode_seconds"] + out["host_seconds"] + out["speculative_seconds"]
+        total = busy + out["idle_seconds"]
+        out["mean_decode_batch"] = round(out["decode_row_steps"] / out["decode_steps"], 2) if out["decode_steps"] else 0.0
+        for phase in ("prefill", "decode", "host", "speculative", "idle"):
+            out[f"{phase}_share"] = round(out[f"{phase}_seconds"] / total, 4) if total else 0.0
+        for k in ("prefill_seconds", "decode_seconds", "host_seconds", "speculative_seconds", "idle_seconds"):
+            out[k] = round(out[k], 3)
+        return out
+
+
+class Stopwatch:
+    """Seconds since the last `lap()` (or creation)."""
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._t = now - self._t, now
+        return elapsed
