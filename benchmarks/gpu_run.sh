@@ -41,7 +41,8 @@ if [ $rc -ne 0 ] && [ $rc -ne 2 ]; then  # 2: ran, but some bits differ (recorde
   export EAGLEPIPE_TOKEN_PATH=0
 fi
 step decode 240 python3 benchmarks/decode.py --model "$T" --hf-prompts 2 --no-engine-compile --no-hf-compile
-step regen_bench 300 python3 benchmarks/regen.py --model "$T" --max-batch-size 768 --concurrency 4096 --hf-prompts 512
+step regen_bench 420 python3 benchmarks/regen.py --model "$T" --max-batch-size 768 --concurrency 4096 --hf-prompts 512 \
+  --multi-turn 1000 --max-model-len 4096
 step pipeline "${PIPELINE_SECONDS:-172800}" snakemake --cores all "$R/export"
 step pipeline_bench 420 snakemake --cores all --rerun-incomplete \
   || EAGLEPIPE_GRAPH_ROUNDS=0 step pipeline_bench_eager 420 snakemake --cores all --rerun-incomplete

@@ -9,19 +9,24 @@ work is equal):
   server   the regenerate stage's async client -> HTTP -> our server subprocess -> engine (what regen runs)
   engine   Engine.generate in-process (the same engine without HTTP: shows what the server path costs)
   hf       HF `generate`, left-padded batches of --hf-batch-size sorted by length
+With --multi-turn N it also regenerates N whole conversations the way the regenerate stage does (mode `all`:
+each assistant turn on top of the regenerated history, stopping at EOS) through a fresh server. For the server
+paths it reports the engine's mean decode batch and time split (GET /stats), to show what the stage's
+multi-turn prompts cost.
 Prints one JSON line; appends a row to benchmarks/RESULTS.md unless --smoke (or with --results PATH).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
@@ -35,6 +40,8 @@ from eaglepipe.data.json_stream import StreamReport, iter_json_array  # noqa: E4
 from eaglepipe.data.sources import packaged_sharegpt_path  # noqa: E402
 from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
 from eaglepipe.regen.client import ChatClient, Sampling  # noqa: E402
+from eaglepipe.regen.conversation import (ConversationRejected, TurnPolicy, plan_turns,  # noqa: E402
+                                          regenerate_conversation)
 from eaglepipe.regen.launch import ServerProcess, format_command, free_port, native_command  # noqa: E402
 from eaglepipe.target.info import load_hf_model, load_tokenizer, resolve_model_dir  # noqa: E402
 from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402
@@ -64,6 +71,24 @@ def sharegpt_prompts(path: Path, n: int, tokenizer: Any, max_prompt_tokens: int
     return messages, ids
 
 
+def sharegpt_conversations(path: Path, n: int) -> list[list[dict[str, str]]]:
+    """The first `n` ShareGPT conversations that have an assistant turn to regenerate, as role messages."""
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    out = []
+    for record, _ in iter_json_array(path, StreamReport()):
+        turns = record.get("conversations") or [] if isinstance(record, dict) else []
+        msgs = [{"role": roles[t["from"]], "content": t["value"]} for t in turns
+                if isinstance(t, dict) and t.get("from") in roles and isinstance(t.get("value"), str)]
+        try:
+            plan_turns(msgs, TurnPolicy("all"))
+        except ConversationRejected:
+            continue
+        out.append(msgs)
+        if len(out) == n:
+            break
+    return out
+
+
 async def client_run(url: str, messages: list[list[dict[str, str]]], sampling: Sampling, concurrency: int
                      ) -> tuple[float, int]:
     """(seconds, completion tokens) for all requests through the regen ChatClient with bounded concurrency."""
@@ -85,21 +110,84 @@ async def client_run(url: str, messages: list[list[dict[str, str]]], sampling: S
     return seconds, sum(tokens)
 
 
-def bench_server(model_dir: Path, args: argparse.Namespace, messages: list[list[dict[str, str]]],
-                 log_dir: Path) -> dict[str, Any]:
-    """Start `eaglepipe.serve`, warm it up, and time the regen client over every prompt."""
+@contextlib.contextmanager
+def warm_server(model_dir: Path, args: argparse.Namespace, warm: list[list[dict[str, str]]],
+                log_dir: Path) -> Iterator[tuple[ServerProcess, list[str]]]:
+    """`eaglepipe.serve` on a free port, healthy and warmed up with short answers to `warm`."""
     port = free_port()
     cmd = native_command(model_dir, port, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                          device=args.device)
-    server = ServerProcess(cmd, f"http://127.0.0.1:{port}", log_dir / "regen-bench-server.log")
-    with server:
+    with ServerProcess(cmd, f"http://127.0.0.1:{port}", log_dir / "regen-bench-server.log") as server:
         server.wait_healthy(900)
+        asyncio.run(client_run(server.base_url, warm[:args.max_batch_size], Sampling(0.0, 1.0, 8, True),
+                               args.concurrency))
+        yield server, cmd
+
+
+def bench_server(model_dir: Path, args: argparse.Namespace, messages: list[list[dict[str, str]]],
+                 log_dir: Path) -> dict[str, Any]:
+    """Time the regen client over every prompt through a warm `eaglepipe.serve`."""
+    with warm_server(model_dir, args, messages, log_dir) as (server, cmd):
         sampling = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens, ignore_eos=True)
-        warm = messages[:min(len(messages), args.max_batch_size)]
-        asyncio.run(client_run(server.base_url, warm, Sampling(0.0, 1.0, 8, True), args.concurrency))
+        before = asyncio.run(server_stats(server.base_url))
         seconds, tokens = asyncio.run(client_run(server.base_url, messages, sampling, args.concurrency))
+        after = asyncio.run(server_stats(server.base_url))
     return {"server_tok_s": round(tokens / seconds, 1), "server_seconds": round(seconds, 2),
-            "server_completion_tokens": tokens, "server_command": format_command(cmd)}
+            "server_completion_tokens": tokens, "server_command": format_command(cmd),
+            **time_split(before, after, "server")}
+
+
+def bench_multiturn(model_dir: Path, args: argparse.Namespace, conversations: list[list[dict[str, str]]],
+                    log_dir: Path) -> dict[str, Any]:
+    """The regenerate stage's own workload: every assistant turn of each conversation, in order, on top of the
+    regenerated history (mode `all`, greedy, stopping at EOS), through the stage's client code."""
+    policy = TurnPolicy("all")
+    sampling = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens)
+
+    async def run_all(url: str) -> tuple[float, int, int]:
+        sem = asyncio.Semaphore(args.concurrency)
+        async with ChatClient(url, concurrency=args.concurrency, timeout_s=3600, max_retries=2) as client:
+            async def one(i: int, msgs: list[dict[str, str]]) -> tuple[int, int]:
+                async with sem:
+                    conv = {"id": f"c{i}", "source": "sharegpt", "messages": msgs}
+                    try:
+                        row, tokens = await regenerate_conversation(conv, client, policy, sampling)
+                    except ConversationRejected:
+                        return 0, 0
+                return tokens, sum(m["role"] == "assistant" for m in row["messages"])
+
+            start = time.perf_counter()
+            done = await asyncio.gather(*(one(i, m) for i, m in enumerate(conversations)))
+            return time.perf_counter() - start, sum(t for t, _ in done), sum(n for _, n in done)
+
+    warm = [[m for m in c if m["role"] != "assistant"][:1] for c in conversations]
+    with warm_server(model_dir, args, warm, log_dir) as (server, _):
+        before = asyncio.run(server_stats(server.base_url))
+        seconds, tokens, turns = asyncio.run(run_all(server.base_url))
+        after = asyncio.run(server_stats(server.base_url))
+    return {"multiturn_tok_s": round(tokens / seconds, 1), "multiturn_seconds": round(seconds, 2),
+            "multiturn_conversations": len(conversations), "multiturn_turns": turns,
+            "multiturn_completion_tokens": tokens, **time_split(before, after, "multiturn")}
+
+
+async def server_stats(url: str) -> dict[str, Any]:
+    """The server's GET /stats."""
+    async with ChatClient(url, max_retries=2) as client:
+        return await client.server_stats()
+
+
+def time_split(before: dict[str, Any], after: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Between two /stats snapshots: the engine's mean decode batch, each phase's share of its worker time, and
+    the server's tokenisation seconds."""
+    e0, e1 = before["engine"], after["engine"]
+    delta = {k: e1[k] - e0[k] for k in ("decode_steps", "decode_row_steps", "prefill_tokens")}
+    phases = {p: e1[f"{p}_seconds"] - e0[f"{p}_seconds"] for p in ("prefill", "decode", "host", "idle")}
+    total = sum(phases.values()) or 1.0
+    return {f"{prefix}_mean_decode_batch": round(delta["decode_row_steps"] / max(delta["decode_steps"], 1), 1),
+            f"{prefix}_prefill_tokens": delta["prefill_tokens"],
+            **{f"{prefix}_{p}_share": round(v / total, 3) for p, v in phases.items()},
+            f"{prefix}_tokenize_seconds": round(after["server"]["tokenize_seconds"]
+                                                - before["server"]["tokenize_seconds"], 2)}
 
 
 def bench_engine(model_dir: Path, device: torch.device, args: argparse.Namespace, prompts: list[list[int]]
@@ -166,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--hf-batch-size", type=int, default=256)
     ap.add_argument("--hf-prompts", type=int, default=None,
                     help="run HF on an evenly spaced subset of this many prompts (its tok/s; the slow baseline)")
+    ap.add_argument("--multi-turn", type=int, default=0, metavar="N",
+                    help="also regenerate N whole ShareGPT conversations as the stage does (mode all), with the "
+                         "server's time split")
     ap.add_argument("--skip", nargs="*", default=[], choices=["server", "engine", "hf"], help="paths to leave out")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: 12 prompts, 8 tokens, batch 4")
     ap.add_argument("--results", type=Path, default=None,
@@ -190,6 +281,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "server" not in args.skip:
         with tempfile.TemporaryDirectory(prefix="regen-bench-") as log_dir:
             record.update(bench_server(model_dir, args, messages, Path(log_dir)))
+    if args.multi_turn:
+        conversations = sharegpt_conversations(args.sharegpt or packaged_sharegpt_path(), args.multi_turn)
+        with tempfile.TemporaryDirectory(prefix="regen-bench-") as log_dir:
+            record.update(bench_multiturn(model_dir, args, conversations, Path(log_dir)))
     if "engine" not in args.skip:
         record.update(bench_engine(model_dir, device, args, prompts))
     if "hf" not in args.skip:
@@ -208,7 +303,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         command = "python benchmarks/regen.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         result = (f"regen client -> server -> engine {record['server_tok_s']} output tok/s, {len(prompts)} ShareGPT "
                   f"prompts x {args.max_new_tokens} tokens greedy, {record['dtype']}, batch {args.max_batch_size}, "
-                  f"concurrency {args.concurrency}")
+                  f"concurrency {args.concurrency}; mean decode batch {record['server_mean_decode_batch']}")
+        if "multiturn_tok_s" in record:
+            result += (f"; stage workload (mode all, {record['multiturn_conversations']} conversations, "
+                       f"{record['multiturn_turns']} turns) {record['multiturn_tok_s']} tok/s, mean decode batch "
+                       f"{record['multiturn_mean_decode_batch']}, prefill share {record['multiturn_prefill_share']}")
         baselines = "; ".join(part for part in (
             f"engine in-process {record['engine_tok_s']} tok/s" if "engine_tok_s" in record else "",
             f"HF batched generate (batch {args.hf_batch_size}, {record['hf_prompts']} of the prompts) "
