@@ -56,7 +56,7 @@ class EngineBridge:
 
     def stats(self) -> dict[str, Any]:
         """The engine's counters (`EngineStats.snapshot`) and the server's own tokenisation time, which runs on
-        the event loop and holds the GIL the engine's worker thread also needs."""
+        the event loop (it releases the GIL, but no other request is handled meanwhile)."""
         return {"engine": self.engine.stats.snapshot(),
                 "server": {"tokenize_calls": self.tokenize_calls, "tokenize_tokens": self.tokenize_tokens,
                            "tokenize_seconds": round(self.tokenize_seconds, 3),
