@@ -39,6 +39,7 @@ from decode import append_result_row, hardware_name, sync  # noqa: E402  (shared
 from eaglepipe.data.json_stream import StreamReport, iter_json_array  # noqa: E402
 from eaglepipe.data.sources import packaged_sharegpt_path  # noqa: E402
 from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
+from eaglepipe.engine.stats import PHASES, derived  # noqa: E402
 from eaglepipe.regen.client import ChatClient, Sampling  # noqa: E402
 from eaglepipe.regen.conversation import (ConversationRejected, TurnPolicy, plan_turns,  # noqa: E402
                                           regenerate_conversation)
@@ -177,15 +178,15 @@ async def server_stats(url: str) -> dict[str, Any]:
 
 
 def time_split(before: dict[str, Any], after: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Between two /stats snapshots: the engine's mean decode batch, each phase's share of its worker time, and
-    the server's tokenisation seconds."""
+    """Between two /stats snapshots: the engine's mean decode batch, each phase's share of its worker time
+    (`eaglepipe.engine.stats.derived` of the counters' difference), and the server's tokenisation seconds."""
     e0, e1 = before["engine"], after["engine"]
     delta = {k: e1[k] - e0[k] for k in ("decode_steps", "decode_row_steps", "prefill_tokens")}
-    phases = {p: e1[f"{p}_seconds"] - e0[f"{p}_seconds"] for p in ("prefill", "decode", "host", "idle")}
-    total = sum(phases.values()) or 1.0
-    return {f"{prefix}_mean_decode_batch": round(delta["decode_row_steps"] / max(delta["decode_steps"], 1), 1),
+    delta.update({f"{p}_seconds": e1[f"{p}_seconds"] - e0[f"{p}_seconds"] for p in PHASES})
+    figures = derived(delta)
+    return {f"{prefix}_mean_decode_batch": figures["mean_decode_batch"],
             f"{prefix}_prefill_tokens": delta["prefill_tokens"],
-            **{f"{prefix}_{p}_share": round(v / total, 3) for p, v in phases.items()},
+            **{f"{prefix}_{p}_share": figures[f"{p}_share"] for p in PHASES},
             f"{prefix}_tokenize_seconds": round(after["server"]["tokenize_seconds"]
                                                 - before["server"]["tokenize_seconds"], 2)}
 

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+PHASES = ("prefill", "decode", "host", "speculative", "idle")  # each has a `<phase>_seconds` counter
+
 
 @dataclass
 class EngineStats:
@@ -36,17 +38,24 @@ class EngineStats:
                 setattr(self, name, getattr(self, name) + value)
 
     def snapshot(self) -> dict[str, Any]:
-        """The counters plus derived figures: mean decode batch, and each phase's share of the worker's time."""
+        """The counters plus the figures `derived` from them."""
         with self._lock:
             out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-        busy = out["prefill_seconds"] + out["decode_seconds"] + out["host_seconds"] + out["speculative_seconds"]
-        total = busy + out["idle_seconds"]
-        out["mean_decode_batch"] = round(out["decode_row_steps"] / out["decode_steps"], 2) if out["decode_steps"] else 0.0
-        for phase in ("prefill", "decode", "host", "speculative", "idle"):
-            out[f"{phase}_share"] = round(out[f"{phase}_seconds"] / total, 4) if total else 0.0
-        for k in ("prefill_seconds", "decode_seconds", "host_seconds", "speculative_seconds", "idle_seconds"):
-            out[k] = round(out[k], 3)
+        out.update(derived(out))
+        for phase in PHASES:
+            out[f"{phase}_seconds"] = round(out[f"{phase}_seconds"], 3)
         return out
+
+
+def derived(counters: dict[str, Any]) -> dict[str, float]:
+    """From EngineStats counters (totals, or the difference of two snapshots): the mean decode batch and each
+    phase's share of the worker's time."""
+    total = sum(counters[f"{p}_seconds"] for p in PHASES)
+    steps = counters["decode_steps"]
+    out = {"mean_decode_batch": round(counters["decode_row_steps"] / steps, 2) if steps else 0.0}
+    for phase in PHASES:
+        out[f"{phase}_share"] = round(counters[f"{phase}_seconds"] / total, 4) if total else 0.0
+    return out
 
 
 class Stopwatch:
