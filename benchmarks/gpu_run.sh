@@ -10,8 +10,10 @@
 # Each step runs under a time limit and a failure does not stop the next one. A step that fails on a fast path
 # is retried once without it: a crash in the Triton token path turns it off for every later step
 # (EAGLEPIPE_TOKEN_PATH=0), and a failed speculative step is retried with eager rounds (EAGLEPIPE_GRAPH_ROUNDS=0).
+# STEPS (default: all) picks steps by name, e.g. STEPS="fetch_target prefill pipeline spec_decode".
 # Progress: $STORE/logs/steps.txt; done: $STORE/DONE.
 set -u
+STEPS=${STEPS:-all}
 STORE=${STORE:-logs/gpu_run}
 LOGS=$STORE/logs
 mkdir -p "$LOGS"
@@ -20,9 +22,10 @@ EXP=$(awk '/^experiment:/ {print $2; exit}' params.yaml)
 R=results/$EXP
 T=$R/target
 
-step() {  # step NAME SECONDS CMD...  -> returns the command's exit status
+step() {  # step NAME SECONDS CMD...  -> returns the command's exit status (0 for a step not in STEPS)
   local name=$1 limit=$2 start rc
   shift 2
+  case " $STEPS " in *" all "*|*" ${name%_eager} "*) ;; *) return 0 ;; esac
   start=$(date +%s)
   echo "$(date +%T) start $name: $*" >> "$LOGS/steps.txt"
   timeout --signal=INT --kill-after=30 "$limit" "$@" >> "$LOGS/$name.log" 2>&1
@@ -40,6 +43,7 @@ if [ $rc -ne 0 ] && [ $rc -ne 2 ]; then  # 2: ran, but some bits differ (recorde
   echo "token path off for the rest of the job (check rc=$rc)" >> "$LOGS/steps.txt"
   export EAGLEPIPE_TOKEN_PATH=0
 fi
+step prefill 120 python3 benchmarks/prefill.py --model "$T"
 step decode 240 python3 benchmarks/decode.py --model "$T" --hf-prompts 2 --no-engine-compile --no-hf-compile
 step regen_bench 420 python3 benchmarks/regen.py --model "$T" --max-batch-size 768 --concurrency 4096 --hf-prompts 512 \
   --multi-turn 1000 --max-model-len 4096
