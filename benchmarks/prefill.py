@@ -1,8 +1,9 @@
 """Prefill cost of the native engine: the one-off cost of a new pack length, and packed throughput.
 
 The regenerate stage (mode `all`) prefills each turn's whole history, so nearly every packed prefill has a
-length never seen before. On an H200 the first prefill of a new length once took 75-92 ms against 11-26 ms on
-repeat (RESULTS.md). This script measures, on `LlamaRunner.prefill` alone:
+length never seen before. On an H200, cuDNN's SDPA made the first prefill of each new length cost 64 ms against
+11 ms on repeat (RESULTS.md, third lease); prefill now keeps to flash attention. This script measures, on
+`LlamaRunner.prefill` alone:
   * first vs repeated latency over `--lengths` distinct new lengths, and whether the first-call cost fades as
     more lengths have been seen (it would, if it were the lazy loading of a finite set of kernels);
   * the same in packs padded up to a multiple of `--bucket` tokens (shapes repeat, so the cost is paid once per
@@ -57,10 +58,9 @@ def first_vs_repeat(runner: LlamaRunner, lengths: list[int], vocab: int, rng: ra
         first.append(round(timed_prefill(runner, [random_prompt(rng, n, vocab)]), 2))
         again.append(round(timed_prefill(runner, [random_prompt(rng, n, vocab)]), 2))
     quarter = max(len(lengths) // 4, 1)
-    return {"first_ms": first, "repeat_ms": again,
-            "first_median_ms": statistics.median(first), "repeat_median_ms": statistics.median(again),
-            "first_median_ms_first_quarter": statistics.median(first[:quarter]),
-            "first_median_ms_last_quarter": statistics.median(first[-quarter:])}
+    med = lambda xs: round(statistics.median(xs), 2)  # noqa: E731
+    return {"first_ms": first, "repeat_ms": again, "first_median_ms": med(first), "repeat_median_ms": med(again),
+            "first_median_ms_first_quarter": med(first[:quarter]), "first_median_ms_last_quarter": med(first[-quarter:])}
 
 
 def padded_first_calls(runner: LlamaRunner, lengths: list[int], bucket: int, vocab: int,
@@ -73,7 +73,7 @@ def padded_first_calls(runner: LlamaRunner, lengths: list[int], bucket: int, voc
         if pad:
             prompts.append(random_prompt(rng, pad, vocab))
         times.append(round(timed_prefill(runner, prompts), 2))
-    return {"bucket": bucket, "ms": times, "median_ms": statistics.median(times)}
+    return {"bucket": bucket, "ms": times, "median_ms": round(statistics.median(times), 2)}
 
 
 def profile_tables(runner: LlamaRunner, new_length: int, vocab: int, rng: random.Random, top: int) -> dict:

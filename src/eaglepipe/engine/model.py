@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..target.info import resolve_model_dir
 from ..utils.device import compute_dtype, pick_device
@@ -22,6 +23,10 @@ from .token_path import MAX_ROWS, TokenPath, flat_rows, token_kernels_default, v
 from .weights import LayerWeights, load_weights
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Prefill attention backends: not cuDNN, which builds an execution plan for every new sequence length (55 ms
+# per new prompt length on an H200, measured with benchmarks/prefill.py). Prefill lengths rarely repeat (the
+# regenerate stage's multi-turn histories almost never do), and flash attention has no per-shape cost.
+PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class CacheFullError(ValueError):
@@ -189,7 +194,8 @@ class LlamaRunner:
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
             return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
-        hidden, captured = self._run(ids, pos[None], write_slots[None], pos[None], attend, layers)
+        with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+            hidden, captured = self._run(ids, pos[None], write_slots[None], pos[None], attend, layers)
         for s, n in zip(slots, lens):
             self.lengths[s] = n
         last = torch.cumsum(lens_t, 0) - 1
