@@ -181,11 +181,13 @@ def time_split(before: dict[str, Any], after: dict[str, Any], prefix: str) -> di
     """Between two /stats snapshots: the engine's mean decode batch, each phase's share of its worker time
     (`eaglepipe.engine.stats.derived` of the counters' difference), and the server's tokenisation seconds."""
     e0, e1 = before["engine"], after["engine"]
-    delta = {k: e1[k] - e0[k] for k in ("decode_steps", "decode_row_steps", "prefill_tokens")}
+    counters = ("decode_steps", "decode_row_steps", "prefill_tokens", "prefill_reused_tokens")
+    delta = {k: e1[k] - e0[k] for k in counters}
     delta.update({f"{p}_seconds": e1[f"{p}_seconds"] - e0[f"{p}_seconds"] for p in PHASES})
     figures = derived(delta)
     return {f"{prefix}_mean_decode_batch": figures["mean_decode_batch"],
             f"{prefix}_prefill_tokens": delta["prefill_tokens"],
+            f"{prefix}_prefill_reused_tokens": delta["prefill_reused_tokens"],
             **{f"{prefix}_{p}_share": figures[f"{p}_share"] for p in PHASES},
             f"{prefix}_tokenize_seconds": round(after["server"]["tokenize_seconds"]
                                                 - before["server"]["tokenize_seconds"], 2)}

@@ -28,6 +28,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-queue", type=int, default=4096, help="waiting requests before answering 503")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager decoding on GPU (debugging)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="recompute every prompt (default: a prompt that continues a finished sequence reuses its K/V)")
     p.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: the --model path)")
     return p.parse_args(argv)
 
@@ -55,7 +57,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
     model_dir = resolve_model_dir(args.model)
     engine = Engine(model_dir, device=pick_device(args.device), max_batch_size=args.max_batch_size,
                     max_model_len=args.max_model_len, cuda_graphs=not args.no_cuda_graphs,
-                    draft_dir=args.draft, spec=speculative_config(args), max_queue=args.max_queue)
+                    draft_dir=args.draft, spec=speculative_config(args), max_queue=args.max_queue,
+                    prefix_reuse=not args.no_prefix_reuse)
     bridge = EngineBridge(engine, model_name=args.served_model_name or str(args.model), model_path=str(model_dir),
                           has_draft=args.draft is not None)
     return create_app(bridge)

@@ -1,6 +1,7 @@
 """`Engine`: continuous-batching generation on top of `LlamaRunner`, blocking or from other threads."""
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import json
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from ..target.info import load_tokenizer
 from .model import LlamaRunner
+from .prefix_cache import SlotPrefixCache
 from .request import GenerationResult, Request, RequestTracker, StreamCallback
 from .sampling import SamplingParams, make_generator, sample_rows
 from .stats import EngineStats, Stopwatch
@@ -67,13 +69,16 @@ class Engine:
     optionally torch.compile'd first (`compile_decode`, slower start). `token_path` routes decode steps of up to
     64 rows and draft verification through the row-invariant Triton kernels (default: on CUDA). With `draft_dir`, requests are decoded
     speculatively by `eaglepipe.spec.SpeculativeGenerator` (see the package docstring for that interface).
+    `prefix_reuse` (not with a drafter): a finished sequence's K/V stay in its slot until the slot is needed, and a
+    request whose prompt continues it (the next turn of a conversation) prefills only the new tokens
+    (`SlotPrefixCache`).
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, max_batch_size: int = 32, max_model_len: int = 2048,
                  cuda_graphs: bool = True, draft_dir: str | Path | None = None, spec: dict | None = None,
                  max_queue: int = 1024, max_prefill_tokens: int = 4096, decode_chunk: int = 16,
-                 compile_decode: bool = False, token_path: bool | None = None):
+                 compile_decode: bool = False, token_path: bool | None = None, prefix_reuse: bool = True):
         self.runner = LlamaRunner(model_dir, device=device, dtype=dtype, max_slots=max_batch_size,
                                   max_len=max_model_len, token_path=token_path)
         self.device = self.runner.device
@@ -93,6 +98,7 @@ class Engine:
             from ..spec import SpeculativeGenerator  # written alongside the spec-decoding issue
 
             self.speculator = SpeculativeGenerator(self.runner, draft_dir, spec)
+        self.prefix_cache = SlotPrefixCache() if prefix_reuse and self.speculator is None else None
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: dict[int, Request] = {}
@@ -203,24 +209,45 @@ class Engine:
         self._active.clear()
 
     def _admit(self) -> list[Request]:
-        """Move waiting requests into every free slot (lowest first). Filling all of them keeps the batch full
-        under a steady stream of short requests; `_prefill` bounds each forward by `max_prefill_tokens`."""
+        """Move waiting requests into every free slot. Filling all of them keeps the batch full under a steady
+        stream of short requests; `_prefill` bounds each forward by `max_prefill_tokens`.
+
+        A request whose prompt continues a cached finished sequence takes that slot and reuses its K/V; any
+        other takes the lowest empty slot, else the slot cached longest ago."""
         capacity = 1 if self.speculator is not None else self.max_batch_size
-        free = [s for s in range(capacity) if s not in self._active]
+        cache = self.prefix_cache
+        empty = [s for s in range(capacity) if s not in self._active and (cache is None or s not in cache)]
         admitted = []
-        while self._waiting and free:
-            req = self._waiting.popleft()
+        while self._waiting:
+            req = self._waiting[0]
+            hit = cache.match(req.prompt) if cache is not None else None
+            if hit is not None:
+                slot, reused = hit.slot, min(hit.length, len(req.prompt) - 1)
+            elif empty:
+                slot, reused = empty.pop(0), 0
+            elif cache is not None and len(cache):
+                slot, reused = cache.oldest(), 0
+            else:
+                break
+            self._waiting.popleft()
+            if cache is not None:
+                cache.drop(slot)
             if not req.future.set_running_or_notify_cancel():
+                bisect.insort(empty, slot)
                 continue
-            req.slot = free.pop(0)
+            req.slot, req.reused = slot, reused
             self._active[req.slot] = req
             admitted.append(req)
         return admitted
 
-    def _release(self, req: Request) -> None:
+    def _release(self, req: Request, finished: bool = False) -> None:
+        """Free the request's slot; a finished request's K/V stay there for `prefix_cache` (every token it fed:
+        the prompt and all generated tokens but the last)."""
         if self._active.get(req.slot) is req:
             del self._active[req.slot]
             self.runner.release(req.slot)
+            if finished and self.prefix_cache is not None:
+                self.prefix_cache.put(req.slot, req.prompt + req.tokens[:-1])
 
     def _emit(self, req: Request, finished: bool) -> None:
         """Stream new tokens; on finish, resolve the future and free the slot."""
@@ -231,7 +258,7 @@ class Engine:
             except Exception:
                 log.exception("streaming callback of %s failed", req.request_id)
         if finished:
-            self._release(req)
+            self._release(req, finished=True)
             self.stats.add(requests_finished=1)
             if not req.future.done():
                 req.future.set_result(result)
@@ -240,13 +267,14 @@ class Engine:
         self._emit(req, self.tracker.feed(req, tokens))
 
     def _prefill(self, admitted: list[Request]) -> None:
-        for group in prefill_groups([len(r.prompt) for r in admitted], self.max_prefill_tokens):
+        for group in prefill_groups([len(r.prompt) - r.reused for r in admitted], self.max_prefill_tokens):
             reqs = [admitted[i] for i in group]
             watch = Stopwatch()
-            out = self.runner.prefill([r.prompt for r in reqs], [r.slot for r in reqs])
+            out = self.runner.prefill([r.prompt for r in reqs], [r.slot for r in reqs], reused=[r.reused for r in reqs])
             first = sample_rows(out.last_logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
-            self.stats.add(prefill_forwards=1, prefill_tokens=sum(len(r.prompt) for r in reqs),
-                           prefill_seconds=watch.lap())
+            reused = sum(r.reused for r in reqs)
+            self.stats.add(prefill_forwards=1, prefill_tokens=sum(len(r.prompt) for r in reqs) - reused,
+                           prefill_reused_tokens=reused, prefill_seconds=watch.lap())
             for req, tok in zip(reqs, first):
                 self._feed(req, [tok])
             self.stats.add(host_seconds=watch.lap())
@@ -274,7 +302,13 @@ class Engine:
         return [[tok] for tok in new]
 
     def _decode_graphs(self, reqs: list[Request], steps: int) -> list[list[int]]:
+        """Decode every active row `steps` times in one graph per step. The graph also runs the idle slots among
+        its rows, from position 0: the K/V that cached slots hold there are saved first and put back after."""
         rows = reqs[-1].slot + 1
+        cache = self.prefix_cache
+        shielded = [s for s in range(self.graphs.batch_for(rows))
+                    if s not in self._active and cache is not None and s in cache]
+        saved = self.runner.copy_positions(shielded, steps) if shielded else None
         tokens, lens = [0] * rows, [0] * rows
         params = [SamplingParams()] * rows
         gens: list[torch.Generator | None] = [None] * rows
@@ -285,6 +319,8 @@ class Engine:
             return sample_rows(logits, params[:n], gens[:n])
 
         ring = self.graphs.run(tokens, lens, steps, None if all(p.greedy for p in params) else sample)
+        if saved is not None:
+            self.runner.restore_positions(shielded, saved)
         for r in reqs:
             self.runner.lengths[r.slot] += steps
         return [[ring[j][r.slot] for j in range(steps)] for r in reqs]

@@ -95,6 +95,11 @@ class DecodeGraphs:
             self.logits[(b, ctx)] = self._body(b, ctx)
         self.graphs[(b, ctx)] = graph
 
+    def batch_for(self, rows: int) -> int:
+        """Rows the graph that decodes `rows` rows computes (the smallest captured batch size that holds them):
+        rows past `rows` run too, from position 0 of their slots."""
+        return next(x for x in self.batch_sizes if x >= rows)
+
     def fits(self, rows: int, max_len_after: int) -> bool:
         """Whether some captured graph covers `rows` rows and a context of `max_len_after` positions."""
         return rows <= self.batch_sizes[-1] and max_len_after <= self.ctx_sizes[-1]
@@ -109,7 +114,7 @@ class DecodeGraphs:
         rows = len(tokens)
         if not 1 <= steps <= self.ring_size:
             raise ValueError(f"steps must be in [1, {self.ring_size}]")
-        b = next(x for x in self.batch_sizes if x >= rows)
+        b = self.batch_for(rows)
         ctx = next(c for c in self.ctx_sizes if c >= max(lens) + steps)
         self._reset()
         self.tokens[:rows].copy_(torch.tensor(tokens, dtype=torch.long), non_blocking=True)

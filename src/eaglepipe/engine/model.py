@@ -161,48 +161,72 @@ class LlamaRunner:
     # ------------------------------------------------------------------ public API
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int],
-                capture_layers: Sequence[int] | None = None, all_logits: bool = False) -> PrefillOutput:
-        """Start fresh sequences: run several prompts packed into one forward (block-diagonal causal mask).
+                capture_layers: Sequence[int] | None = None, all_logits: bool = False,
+                reused: Sequence[int] | None = None) -> PrefillOutput:
+        """Start sequences: run several prompts packed into one forward (each attends causally to itself).
 
-        Every prompt token is committed to its slot (any previous content of the slot is discarded).
+        Every prompt token is committed to its slot. `reused[i]` (default 0) leading tokens of prompt i are
+        already in slot i's cache, left there by an earlier sequence with the same prefix: only the rest of the
+        prompt is computed, attending to them. Anything else the slot held is discarded. `capture_layers` and
+        `all_logits` return values for the computed tokens, so they need nothing reused.
         """
         if len(prompts) != len(slots) or not prompts:
             raise ValueError("prefill needs one slot per prompt and at least one prompt")
         if len(set(slots)) != len(slots) or not all(0 <= s < self.max_slots for s in slots):
             raise ValueError(f"slots must be distinct and in [0, {self.max_slots}): {list(slots)}")
-        lens = [len(p) for p in prompts]
-        if min(lens) < 1:
+        if min(len(p) for p in prompts) < 1:
             raise ValueError("cannot prefill an empty prompt")
-        if max(lens) > self.max_len:
-            raise CacheFullError(f"a prompt of {max(lens)} tokens does not fit max_len={self.max_len}")
+        if max(len(p) for p in prompts) > self.max_len:
+            raise CacheFullError(f"a prompt of {max(len(p) for p in prompts)} tokens does not fit "
+                                 f"max_len={self.max_len}")
+        skip = [0] * len(prompts) if reused is None else [int(n) for n in reused]
+        if len(skip) != len(prompts) or any(not 0 <= n < len(p) for n, p in zip(skip, prompts)):
+            raise ValueError("reused[i] must be in [0, len(prompts[i])): at least one token is computed")
         layers = self._check_capture(capture_layers)
+        if any(skip) and (layers or all_logits):
+            raise ValueError("capture_layers and all_logits need every prompt token computed (reused all 0)")
         dev = self.device
+        lens = [len(p) - n for p, n in zip(prompts, skip)]  # computed tokens per prompt
         lens_t = torch.tensor(lens, device=dev)
-        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)[None]
+        ids = torch.tensor([t for p, n in zip(prompts, skip) for t in p[n:]], dtype=torch.long, device=dev)[None]
         seq = torch.repeat_interleave(torch.arange(len(prompts), device=dev), lens_t)
-        starts = torch.cumsum(lens_t, 0) - lens_t
-        pos = torch.arange(ids.shape[1], device=dev) - starts[seq]
+        pack_starts = torch.cumsum(lens_t, 0) - lens_t
+        pos = torch.arange(ids.shape[1], device=dev) - pack_starts[seq] + torch.tensor(skip, device=dev)[seq]
         write_slots = torch.tensor(list(slots), device=dev)[seq]
-        spans = [(start, start + n) for start, n in zip(itertools.accumulate([0] + lens[:-1]), lens)]
+        spans = [(a, a + n) for a, n in zip(itertools.accumulate([0] + lens[:-1]), lens)]
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             # each packed prompt attends causally to itself alone: O(sum of L^2) work in a fused (flash) kernel,
             # where one masked call over the whole pack would cost O((sum of L)^2) and build the dense mask
             q, k, v = (x.transpose(1, 2) for x in (q, k, v))
             outs = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
-                                                   scale=self.scale, enable_gqa=True) for a, b in spans]
+                                                   scale=self.scale, enable_gqa=True) if not n
+                    else self._attend_after_reused(i, q[:, :, a:b], slot, n)
+                    for (a, b), slot, n in zip(spans, slots, skip)]
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
             return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
         with sdpa_kernel(PREFILL_SDPA_BACKENDS):
             hidden, captured = self._run(ids, pos[None], write_slots[None], pos[None], attend, layers)
-        for s, n in zip(slots, lens):
-            self.lengths[s] = n
+        for s, p in zip(slots, prompts):
+            self.lengths[s] = len(p)
         last = torch.cumsum(lens_t, 0) - 1
         last_logits = F.linear(hidden[0, last], self.weights.lm_head)
         every = list(F.linear(hidden[0], self.weights.lm_head).split(lens)) if all_logits else None
         aux = self._gather_aux(captured, layers)
         return PrefillOutput(last_logits, every, list(aux[0].split(lens)) if aux is not None else None)
+
+    def _attend_after_reused(self, layer: int, q: torch.Tensor, slot: int, reused: int) -> torch.Tensor:
+        """q [1, Hq, n, D] of the tokens after `reused` cached ones (their K/V already written) over the slot's
+        first reused + n cache positions, causal. K/V heads are repeated to the query heads so the masked call
+        stays in a fused kernel (with a mask, SDPA's GQA path falls back to the unfused one)."""
+        n = q.shape[2]
+        total = reused + n
+        group = q.shape[1] // self.spec.num_kv_heads
+        k = self.k_cache[layer, slot, :, :total][None].repeat_interleave(group, dim=1)
+        v = self.v_cache[layer, slot, :, :total][None].repeat_interleave(group, dim=1)
+        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=reused)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _pending_mask(self, b: int, t: int, tree_mask: torch.Tensor | None) -> torch.Tensor:
         """bool [B,S,S]: new token i may see new token j (default causal), validated."""
@@ -359,3 +383,15 @@ class LlamaRunner:
     def release(self, slot: int) -> None:
         """Free a slot (its cache content becomes garbage)."""
         self.lengths[slot] = 0
+
+    def copy_positions(self, slots: Sequence[int], count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the K/V at the first `count` positions of `slots`, for `restore_positions`."""
+        idx = torch.tensor(list(slots), device=self.device)
+        return self.k_cache[:, idx, :, :count], self.v_cache[:, idx, :, :count]
+
+    def restore_positions(self, slots: Sequence[int], saved: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Put back K/V that `copy_positions` took from the same slots."""
+        idx = torch.tensor(list(slots), device=self.device)
+        count = saved[0].shape[3]
+        self.k_cache[:, idx, :, :count] = saved[0]
+        self.v_cache[:, idx, :, :count] = saved[1]

@@ -49,6 +49,7 @@ class Request:
     on_delta: StreamCallback | None = None
     generator: torch.Generator | None = None
     slot: int = -1
+    reused: int = 0  # leading prompt tokens whose K/V the slot already held (prefix reuse)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     spec_verify_ct: int = 0

@@ -2,7 +2,7 @@
 
 The counters answer "why is this run slower than the benchmark": a low mean batch means too few requests in
 flight; a large host share means Python bookkeeping (stop rules, detokenisation, callbacks) between GPU steps;
-a large prefill share means long prompts. Times are wall-clock seconds on the worker thread; the GPU phases end
+a large prefill share means long prompts (prefix reuse shows in `prefill_reused_tokens`). Times are wall-clock seconds on the worker thread; the GPU phases end
 in a host sync (sampled tokens are read back), so they include the GPU's work.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ class EngineStats:
     """Cumulative counters of one Engine (thread-safe snapshots via `snapshot`)."""
 
     prefill_forwards: int = 0
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed
+    prefill_reused_tokens: int = 0  # prompt tokens whose K/V a cached slot already held
     prefill_seconds: float = 0.0
     decode_steps: int = 0
     decode_row_steps: int = 0  # sum over decode steps of the rows decoded
