@@ -125,7 +125,7 @@ def bench_engine(model_dir: Path, device: torch.device, prompts: list[list[int]]
     max_len = max(len(p) for p in prompts) + new_tokens + 1
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     with Engine(model_dir, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=cuda_graphs,
-                compile_decode=compile_decode, token_path=token_path) as eng:
+                compile_decode=compile_decode, token_path=token_path, prefix_reuse=False) as eng:
         warm_up(eng, prompts, params, report)
         seconds, outs = timed(device, lambda: [eng.generate([p], params)[0].token_ids for p in prompts])
     return len(prompts) * new_tokens / seconds, outs

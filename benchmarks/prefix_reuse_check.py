@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--user-tokens", type=int, default=96, help="tokens of each new user message")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--max-batch-size", type=int, default=256, help="at least --conversations, or turns evict each other")
+    ap.add_argument("--max-batch-size", type=int, default=256,
+                    help="at least --conversations, or the turns evict each other's cached slots")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default: the repo's)")
     args = ap.parse_args(argv)

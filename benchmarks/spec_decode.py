@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             del model
         max_len = max(len(p) for p in prompts) + args.max_new_tokens + 64
         rows = []
-        with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=False) as engine:
+        with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=False,
+                    prefix_reuse=False) as engine:
             for point in parse_sweep(args.sweep):
                 try:
                     metrics, outs = bench_point(engine, export, point, prompts, args.max_new_tokens, device)

@@ -85,7 +85,8 @@ def test_engine_reuses_a_finished_turn_and_decodes_the_same_tokens(tiny_llama_di
     for reuse in (False, True):
         with Engine(tiny_llama_dir, device="cpu", max_batch_size=2, max_model_len=256, prefix_reuse=reuse) as eng:
             answer = eng.generate([first], params)[0].token_ids
-            second = first + answer + torch.randint(3, 49152, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+            message = torch.randint(3, 49152, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+            second = first + answer + message
             other = torch.randint(3, 49152, (100,), generator=torch.Generator().manual_seed(2)).tolist()
             outputs[reuse] = [r.token_ids for r in eng.generate([second, other], params)]
             stats = eng.stats.snapshot()
@@ -109,3 +110,29 @@ def test_engine_gives_cached_slots_back_when_it_needs_them(tiny_llama_dir):
         stats = eng.stats.snapshot()
     assert again == alone[::-1]
     assert stats["prefill_reused_tokens"] == 2 * 79  # the two prompts still cached when they came back
+
+
+def test_copy_and_restore_positions_put_back_exactly_what_was_there(tiny_llama_dir):
+    runner = LlamaRunner(tiny_llama_dir, device="cpu", max_slots=3, max_len=32)
+    runner.k_cache.normal_()
+    runner.v_cache.normal_()
+    before = runner.k_cache.clone(), runner.v_cache.clone()
+    saved = runner.copy_positions([0, 2], 4)
+    runner.k_cache[:, :, :, :6] = 0
+    runner.v_cache[:, :, :, :6] = 0
+    runner.restore_positions([0, 2], saved)
+    for cache, old in zip((runner.k_cache, runner.v_cache), before):
+        assert torch.equal(cache[:, [0, 2], :, :4], old[:, [0, 2], :, :4])
+        assert not cache[:, 1, :, :6].any() and not cache[:, [0, 2], :, 4:6].any()  # only what was saved
+
+
+def test_attaching_a_speculator_empties_the_cache(tiny_llama_dir):
+    prompt = list(range(3, 103))
+    with Engine(tiny_llama_dir, device="cpu", max_batch_size=2, max_model_len=160) as eng:
+        eng.generate([prompt], SamplingParams(max_new_tokens=2))
+        assert len(eng.prefix_cache) == 1
+        eng.speculator = None  # (re)attaching anything: speculative requests write slots behind its back
+        assert len(eng.prefix_cache) == 0
+    with Engine(tiny_llama_dir, device="cpu", max_batch_size=2, max_model_len=160, prefix_reuse=False) as eng:
+        eng.generate([prompt, prompt], SamplingParams(max_new_tokens=2))
+        assert eng.prefix_cache is None and eng.stats.snapshot()["prefill_reused_tokens"] == 0

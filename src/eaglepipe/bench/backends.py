@@ -60,7 +60,10 @@ class NativeBackend:
     def __init__(self, model_dir: Path, draft_dir: Path, cfg: BenchCfg, device: str, seed: int):
         from ..engine import Engine
 
-        self.engine = Engine(model_dir, device=device, max_batch_size=cfg.batch_size, max_model_len=cfg.max_model_len)
+        # no prefix reuse: the baseline must compute every prompt as the speculative points do, so that greedy
+        # outputs can match token for token
+        self.engine = Engine(model_dir, device=device, max_batch_size=cfg.batch_size, max_model_len=cfg.max_model_len,
+                             prefix_reuse=False)
         self.tokenizer = self.engine.tokenizer
         self.draft_dir, self.cfg, self.seed = draft_dir, cfg, seed
         self.point: SweepPoint | None = None

@@ -69,9 +69,10 @@ class Engine:
     optionally torch.compile'd first (`compile_decode`, slower start). `token_path` routes decode steps of up to
     64 rows and draft verification through the row-invariant Triton kernels (default: on CUDA). With `draft_dir`, requests are decoded
     speculatively by `eaglepipe.spec.SpeculativeGenerator` (see the package docstring for that interface).
-    `prefix_reuse` (not with a drafter): a finished sequence's K/V stay in its slot until the slot is needed, and a
-    request whose prompt continues it (the next turn of a conversation) prefills only the new tokens
-    (`SlotPrefixCache`).
+    `prefix_reuse`: a finished sequence's K/V stay in its slot until the slot is needed, and a request whose prompt
+    continues it (the next turn of a conversation) prefills only the new tokens (`SlotPrefixCache`). The reused
+    K/V were computed by decode steps instead of a prefill: in bf16 a later token can differ from a full
+    recompute's. Not while a speculator is attached (attaching or detaching one empties the cache).
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
@@ -93,18 +94,32 @@ class Engine:
             from .graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self.runner, max_batch_size, ring_size=decode_chunk, compile_step=compile_decode)
-        self.speculator = None
+        self.prefix_cache = SlotPrefixCache() if prefix_reuse else None
+        self._speculator = None
         if draft_dir is not None:
             from ..spec import SpeculativeGenerator  # written alongside the spec-decoding issue
 
             self.speculator = SpeculativeGenerator(self.runner, draft_dir, spec)
-        self.prefix_cache = SlotPrefixCache() if prefix_reuse and self.speculator is None else None
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: dict[int, Request] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
+
+    @property
+    def speculator(self) -> Any:
+        """The attached `SpeculativeGenerator`, or None for plain decoding."""
+        return self._speculator
+
+    @speculator.setter
+    def speculator(self, value: Any) -> None:
+        self._speculator = value
+        if self.prefix_cache is not None:  # speculative requests overwrite slots behind the cache's back
+            self.prefix_cache.clear()
+
+    def _reuse_cache(self) -> SlotPrefixCache | None:
+        return self.prefix_cache if self._speculator is None else None
 
     # ------------------------------------------------------------------ submission
     def _validate(self, prompt_ids: Sequence[int]) -> list[int]:
@@ -215,7 +230,7 @@ class Engine:
         A request whose prompt continues a cached finished sequence takes that slot and reuses its K/V; any
         other takes the lowest empty slot, else the slot cached longest ago."""
         capacity = 1 if self.speculator is not None else self.max_batch_size
-        cache = self.prefix_cache
+        cache = self._reuse_cache()
         empty = [s for s in range(capacity) if s not in self._active and (cache is None or s not in cache)]
         admitted = []
         while self._waiting:
@@ -246,8 +261,9 @@ class Engine:
         if self._active.get(req.slot) is req:
             del self._active[req.slot]
             self.runner.release(req.slot)
-            if finished and self.prefix_cache is not None:
-                self.prefix_cache.put(req.slot, req.prompt + req.tokens[:-1])
+            cache = self._reuse_cache()
+            if finished and cache is not None:
+                cache.put(req.slot, req.prompt + req.tokens[:-1])
 
     def _emit(self, req: Request, finished: bool) -> None:
         """Stream new tokens; on finish, resolve the future and free the slot."""
@@ -305,7 +321,7 @@ class Engine:
         """Decode every active row `steps` times in one graph per step. The graph also runs the idle slots among
         its rows, from position 0: the K/V that cached slots hold there are saved first and put back after."""
         rows = reqs[-1].slot + 1
-        cache = self.prefix_cache
+        cache = self._reuse_cache()
         shielded = [s for s in range(self.graphs.batch_for(rows))
                     if s not in self._active and cache is not None and s in cache]
         saved = self.runner.copy_positions(shielded, steps) if shielded else None

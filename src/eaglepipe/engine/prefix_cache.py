@@ -83,6 +83,12 @@ class SlotPrefixCache:
             if not slots:
                 del self._by_hash[h]
 
+    def clear(self) -> None:
+        """Forget every slot."""
+        self._tokens.clear()
+        self._hashes.clear()
+        self._by_hash.clear()
+
     def oldest(self) -> int | None:
         """The slot stored longest ago (the one to give back first), or None when empty."""
         return next(iter(self._tokens), None)

@@ -2,8 +2,9 @@
 
 The counters answer "why is this run slower than the benchmark": a low mean batch means too few requests in
 flight; a large host share means Python bookkeeping (stop rules, detokenisation, callbacks) between GPU steps;
-a large prefill share means long prompts (prefix reuse shows in `prefill_reused_tokens`). Times are wall-clock seconds on the worker thread; the GPU phases end
-in a host sync (sampled tokens are read back), so they include the GPU's work.
+a large prefill share means long prompts (what prefix reuse saved shows in `prefill_reused_tokens`). Times are
+wall-clock seconds on the worker thread; the GPU phases end in a host sync (sampled tokens are read back), so
+they include the GPU's work.
 """
 from __future__ import annotations
 
