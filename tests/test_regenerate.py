@@ -164,6 +164,20 @@ def test_plan_turns_modes_and_system_policy():
 
 
 # ----------------------------------------------------------------------------- backends
+
+
+def test_native_server_command_carries_prefix_reuse(tmp_path):
+    """regen.prefix_reuse: false reaches the server as --no-prefix-reuse, which the server's parser accepts."""
+    from eaglepipe.config import load_params
+    from eaglepipe.regen.backends import launch_command
+    from eaglepipe.serve import parse_args
+
+    for reuse in (True, False):
+        cfg = load_params(write_params(tmp_path / f"p{reuse}.yaml", backend="native", prefix_reuse=reuse))
+        cmd = launch_command(cfg.regen, tmp_path, "cpu", 30001)
+        assert ("--no-prefix-reuse" in cmd) is not reuse
+        assert parse_args(cmd[cmd.index("eaglepipe.serve") + 1:]).no_prefix_reuse is not reuse
+
 def test_none_backend_copies_conversations_unchanged(tiny_llama_dir, tmp_path):
     chat_rows = make_chat(tmp_path / "chat", 9)
     out = tmp_path / "exp" / "data" / "regen"

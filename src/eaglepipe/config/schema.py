@@ -144,6 +144,8 @@ class RegenCfg:
     # native server settings
     max_batch_size: int = 32
     max_model_len: int = 2048
+    # a turn reuses the K/V its conversation's previous turn left in the engine (prefills only the new tokens)
+    prefix_reuse: bool = True
     # seconds to wait for the native server's /health
     startup_timeout_s: float = 600.0
     sglang: SglangLaunchCfg = field(default_factory=SglangLaunchCfg)

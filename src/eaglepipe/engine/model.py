@@ -194,6 +194,8 @@ class LlamaRunner:
         pos = torch.arange(ids.shape[1], device=dev) - pack_starts[seq] + torch.tensor(skip, device=dev)[seq]
         write_slots = torch.tensor(list(slots), device=dev)[seq]
         spans = [(a, a + n) for a, n in zip(itertools.accumulate([0] + lens[:-1]), lens)]
+        group = self.spec.num_heads // self.spec.num_kv_heads
+        masks = [self._after_reused_mask(n, m, group) if n else None for n, m in zip(skip, lens)]
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             # each packed prompt attends causally to itself alone: O(sum of L^2) work in a fused (flash) kernel,
@@ -201,8 +203,8 @@ class LlamaRunner:
             q, k, v = (x.transpose(1, 2) for x in (q, k, v))
             outs = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
                                                    scale=self.scale, enable_gqa=True) if not n
-                    else self._attend_after_reused(i, q[:, :, a:b], slot, n)
-                    for (a, b), slot, n in zip(spans, slots, skip)]
+                    else self._attend_after_reused(i, q[:, :, a:b], slot, mask)
+                    for (a, b), slot, n, mask in zip(spans, slots, skip, masks)]
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
             return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
@@ -216,17 +218,24 @@ class LlamaRunner:
         aux = self._gather_aux(captured, layers)
         return PrefillOutput(last_logits, every, list(aux[0].split(lens)) if aux is not None else None)
 
-    def _attend_after_reused(self, layer: int, q: torch.Tensor, slot: int, reused: int) -> torch.Tensor:
-        """q [1, Hq, n, D] of the tokens after `reused` cached ones (their K/V already written) over the slot's
-        first reused + n cache positions, causal. K/V heads are repeated to the query heads so the masked call
-        stays in a fused kernel (with a mask, SDPA's GQA path falls back to the unfused one)."""
-        n = q.shape[2]
-        total = reused + n
-        group = q.shape[1] // self.spec.num_kv_heads
-        k = self.k_cache[layer, slot, :, :total][None].repeat_interleave(group, dim=1)
-        v = self.v_cache[layer, slot, :, :total][None].repeat_interleave(group, dim=1)
-        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=reused)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+    def _after_reused_mask(self, reused: int, new: int, group: int) -> torch.Tensor:
+        """bool [group * new, reused + new]: new token j sees cache positions 0..reused + j, once per query head of
+        a KV head (the row order of `_attend_after_reused`'s grouped queries)."""
+        causal = torch.ones(new, reused + new, dtype=torch.bool, device=self.device).tril(diagonal=reused)
+        return causal.repeat(group, 1)
+
+    def _attend_after_reused(self, layer: int, q: torch.Tensor, slot: int, mask: torch.Tensor) -> torch.Tensor:
+        """q [1, Hq, n, D] of the tokens after a slot's reused ones (their K/V already written) over the slot's
+        first `mask.shape[1]` cache positions. The query heads of each KV head are stacked along the sequence, so
+        the slot's cache is read in place (no repeated K/V) by one masked fused call."""
+        _, hq, n, d = q.shape
+        kvh = self.spec.num_kv_heads
+        total = mask.shape[1]
+        grouped = q.reshape(1, kvh, (hq // kvh) * n, d)
+        k = self.k_cache[layer, slot, :, :total][None]
+        v = self.v_cache[layer, slot, :, :total][None]
+        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=self.scale)
+        return out.reshape(1, hq, n, d)
 
     def _pending_mask(self, b: int, t: int, tree_mask: torch.Tensor | None) -> torch.Tensor:
         """bool [B,S,S]: new token i may see new token j (default causal), validated."""
