@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md in one unattended job on a single GPU box, most wanted first:
-#   the token path's bit-identity check, the decode and regen benchmarks, the pipeline's own stages (snakemake)
-#   on the params.yaml in force, the speculative-decoding benchmark on the drafter that run exported, the
-#   training benchmark, and last HF's compiled decode baseline (slow to compile).
+#   the token path's bit-identity check, the prefill and prefix-reuse checks, the decode and regen benchmarks,
+#   the pipeline's own stages (snakemake) on the params.yaml in force, the speculative-decoding benchmark on the
+#   drafter that run exported, the training benchmark, and last HF's compiled decode baseline (slow to compile).
 # Usage on your own GPU box (repo root, venv active, params.yaml composed, e.g. with
 #   `python -m eaglepipe.compose experiment=smollm2_h100 device=cuda`):  bash benchmarks/gpu_run.sh
 # On the lent offline box this repo's figures came from: `source benchmarks/device_setup.sh`, then
@@ -44,10 +44,11 @@ if [ $rc -ne 0 ] && [ $rc -ne 2 ]; then  # 2: ran, but some bits differ (recorde
   export EAGLEPIPE_TOKEN_PATH=0
 fi
 step prefill 120 python3 benchmarks/prefill.py --model "$T"
+step prefix_reuse 180 python3 benchmarks/prefix_reuse_check.py --model "$T"
 step decode 240 python3 benchmarks/decode.py --model "$T" --hf-prompts 2 --no-engine-compile --no-hf-compile
 step regen_bench 420 python3 benchmarks/regen.py --model "$T" --max-batch-size 768 --concurrency 4096 --hf-prompts 512 \
   --multi-turn 1000 --max-model-len 4096
-step pipeline "${PIPELINE_SECONDS:-172800}" snakemake --cores all "$R/export"
+step pipeline "${PIPELINE_SECONDS:-172800}" snakemake --cores all --rerun-incomplete "$R/export"
 step pipeline_bench 420 snakemake --cores all --rerun-incomplete \
   || EAGLEPIPE_GRAPH_ROUNDS=0 step pipeline_bench_eager 420 snakemake --cores all --rerun-incomplete
 spec=(python3 benchmarks/spec_decode.py --target "$T" --export "$R/export" --prompts "${SPEC_PROMPTS:-8}"

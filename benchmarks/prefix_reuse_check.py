@@ -9,7 +9,8 @@ graphs also run idle slots, so this checks that cached slots survive them (`Engi
     python benchmarks/prefix_reuse_check.py --model results/<exp>/target          # GPU; appends to RESULTS.md
     python benchmarks/prefix_reuse_check.py --model <tiny HF dir> --smoke         # CPU check
 
-Prints one JSON line; exits 2 when some answers differ.
+Prints one JSON line. In float32 every answer must match: it exits 2 when some differ. In bf16 the reused K/V
+(computed by decode steps) round differently from a recompute's, so some answers drift: it reports how many.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"benchmark": "prefix_reuse_check", "device": hardware_name(device), "dtype": args.dtype,
                     "conversations": args.conversations, "turns": args.turns}
     answers = {}
+    strict = True
     for reuse in (False, True):
         with Engine(args.model, device=device, dtype=dtype, max_batch_size=args.max_batch_size,
                     max_model_len=max_len, prefix_reuse=reuse) as engine:
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
             answers[reuse], seconds = run_conversations(engine, args.conversations, args.turns, args.user_tokens,
                                                         params)
             after = engine.stats.snapshot()
+            strict = engine.runner.dtype == torch.float32
         name = "reuse" if reuse else "no_reuse"
         report[f"{name}_seconds"] = round(seconds, 3)
         report[f"{name}_prefill_tokens"] = after["prefill_tokens"] - before["prefill_tokens"]
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                           report["device"], "python " + " ".join(["benchmarks/prefix_reuse_check.py"] +
                                                                   (argv or sys.argv[1:])), result,
                           f"no reuse: {report['no_reuse_seconds']} s, prefill {report['no_reuse_prefill_seconds']} s")
-    if report["turns_identical"] != report["turns_total"]:
+    if strict and report["turns_identical"] != report["turns_total"]:
         sys.exit(2)
     return report
 
