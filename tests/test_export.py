@@ -149,10 +149,13 @@ def test_export_refuses_unknown_checkpoint_tensor(tiny_llama_dir: Path, tmp_path
 
 
 def test_export_stage_cli(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    """The stage as DVC/Snakemake run it: train/LATEST -> export/ with validation.json and commands.txt."""
+    """The stage as DVC/Snakemake run it: train/BEST (not the later LATEST) -> export/ with validation.json and
+    commands.txt."""
     train = tmp_path / "train"
     make_checkpoint(tiny_llama_dir, train / "checkpoints" / "epoch_0_step_5", "eagle3")
-    (train / "LATEST").write_text("epoch_0_step_5\n")
+    make_checkpoint(tiny_llama_dir, train / "checkpoints" / "epoch_0_step_10", "eagle3")
+    (train / "BEST").write_text("epoch_0_step_5\n")
+    (train / "LATEST").write_text("epoch_0_step_10\n")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "export"
@@ -160,6 +163,7 @@ def test_export_stage_cli(tiny_llama_dir: Path, tmp_path: Path) -> None:
                            "--target", str(tiny_llama_dir), "--train", str(train), "--out", str(out)],
                           capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin"})
     assert proc.returncode == 0, proc.stderr
+    assert "epoch_0_step_5" in proc.stderr and "epoch_0_step_10" not in proc.stderr
     assert "python -m sglang.launch_server --model-path" in proc.stdout and "vllm serve" in proc.stdout
     assert json.loads((out / "validation.json").read_text())["ok"] is True
     commands = (out / "commands.txt").read_text()
@@ -175,5 +179,5 @@ def test_export_stage_missing_checkpoint(tiny_llama_dir: Path, tmp_path: Path) -
                            "--target", str(tiny_llama_dir), "--train", str(tmp_path / "train"),
                            "--out", str(tmp_path / "export")],
                           capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin"})
-    assert proc.returncode == 2 and "LATEST does not exist" in proc.stderr
+    assert proc.returncode == 2 and "BEST does not exist" in proc.stderr
     assert not (tmp_path / "export").exists()

@@ -257,8 +257,8 @@ class ExportCfg:
 
     # bfloat16 | float16 | float32
     dtype: str = "bfloat16"
-    # BEST | LATEST | <checkpoint name>
-    checkpoint: str = "LATEST"
+    # BEST (the best validation replay_tau) | LATEST | <checkpoint name>
+    checkpoint: str = "BEST"
     formats: List[str] = field(default_factory=lambda: ["sglang", "vllm"])
     # how the verifier is named in the vLLM speculators config (null = the target path)
     verifier_name: Optional[str] = None
