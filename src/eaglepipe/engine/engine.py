@@ -322,8 +322,8 @@ class Engine:
         its rows, from position 0: the K/V that cached slots hold there are saved first and put back after."""
         rows = reqs[-1].slot + 1
         cache = self._reuse_cache()
-        shielded = [s for s in range(self.graphs.batch_for(rows))
-                    if s not in self._active and cache is not None and s in cache]
+        shielded = [] if cache is None else [s for s in range(self.graphs.batch_for(rows))
+                                             if s not in self._active and s in cache]
         saved = self.runner.copy_positions(shielded, steps) if shielded else None
         tokens, lens = [0] * rows, [0] * rows
         params = [SamplingParams()] * rows

@@ -174,19 +174,19 @@ class LlamaRunner:
             raise ValueError("prefill needs one slot per prompt and at least one prompt")
         if len(set(slots)) != len(slots) or not all(0 <= s < self.max_slots for s in slots):
             raise ValueError(f"slots must be distinct and in [0, {self.max_slots}): {list(slots)}")
-        if min(len(p) for p in prompts) < 1:
+        sizes = [len(p) for p in prompts]
+        if min(sizes) < 1:
             raise ValueError("cannot prefill an empty prompt")
-        if max(len(p) for p in prompts) > self.max_len:
-            raise CacheFullError(f"a prompt of {max(len(p) for p in prompts)} tokens does not fit "
-                                 f"max_len={self.max_len}")
+        if max(sizes) > self.max_len:
+            raise CacheFullError(f"a prompt of {max(sizes)} tokens does not fit max_len={self.max_len}")
         skip = [0] * len(prompts) if reused is None else [int(n) for n in reused]
-        if len(skip) != len(prompts) or any(not 0 <= n < len(p) for n, p in zip(skip, prompts)):
+        if len(skip) != len(prompts) or any(not 0 <= n < size for n, size in zip(skip, sizes)):
             raise ValueError("reused[i] must be in [0, len(prompts[i])): at least one token is computed")
         layers = self._check_capture(capture_layers)
         if any(skip) and (layers or all_logits):
             raise ValueError("capture_layers and all_logits need every prompt token computed (reused all 0)")
         dev = self.device
-        lens = [len(p) - n for p, n in zip(prompts, skip)]  # computed tokens per prompt
+        lens = [size - n for size, n in zip(sizes, skip)]  # computed tokens per prompt
         lens_t = torch.tensor(lens, device=dev)
         ids = torch.tensor([t for p, n in zip(prompts, skip) for t in p[n:]], dtype=torch.long, device=dev)[None]
         seq = torch.repeat_interleave(torch.arange(len(prompts), device=dev), lens_t)
@@ -210,8 +210,8 @@ class LlamaRunner:
 
         with sdpa_kernel(PREFILL_SDPA_BACKENDS):
             hidden, captured = self._run(ids, pos[None], write_slots[None], pos[None], attend, layers)
-        for s, p in zip(slots, prompts):
-            self.lengths[s] = len(p)
+        for s, size in zip(slots, sizes):
+            self.lengths[s] = size
         last = torch.cumsum(lens_t, 0) - 1
         last_logits = F.linear(hidden[0, last], self.weights.lm_head)
         every = list(F.linear(hidden[0], self.weights.lm_head).split(lens)) if all_logits else None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,17 @@ class PrefixHit:
     length: int
 
 
-def block_hashes(tokens: Sequence[int], block: int) -> list[int]:
-    """Chained hashes of tokens[:block], tokens[:2*block], ... (whole blocks only)."""
-    out, h = [], 0
+def iter_block_hashes(tokens: Sequence[int], block: int) -> Iterator[int]:
+    """Chained hashes of tokens[:block], tokens[:2*block], ... (whole blocks only), computed as they are read."""
+    h = 0
     for start in range(0, len(tokens) - block + 1, block):
         h = hash((h, tuple(tokens[start:start + block])))
-        out.append(h)
-    return out
+        yield h
+
+
+def block_hashes(tokens: Sequence[int], block: int) -> list[int]:
+    """All of `iter_block_hashes`."""
+    return list(iter_block_hashes(tokens, block))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
@@ -101,9 +105,7 @@ class SlotPrefixCache:
         match is extended past the blocks token by token."""
         deepest: dict[int, None] | None = None
         blocks = 0
-        h = 0
-        for start in range(0, len(prompt) - self.block + 1, self.block):
-            h = hash((h, tuple(prompt[start:start + self.block])))
+        for h in iter_block_hashes(prompt, self.block):
             slots = self._by_hash.get(h)
             if not slots:
                 break
