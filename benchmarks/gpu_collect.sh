@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Packs what benchmarks/gpu_run.sh has produced so far into DEST (at most 8 files of < 16 MiB):
 #   results.tgz (RESULTS.md, logs, stats, metrics, plots, sweep tables, export configs) and the exported
-#   SGLang drafter weights in 15 MiB parts (drafter.part-aa, ...; `cat drafter.part-* > model.safetensors`).
+#   SGLang drafter weights in 15 MiB parts (drafter.part-aa, ...; `cat drafter.part-* > model.safetensors`), and the
+#   regenerated conversations (regen.part-aa, ...; `cat regen.part-* | tar xJ` gives regen/), so that a later lease
+#   can train on them (or warm-start from the drafter with train.init_from) without regenerating.
 # Usage: bash benchmarks/gpu_collect.sh DEST   (run from the job's repo copy)
 set -u
 DEST=$1
@@ -21,5 +23,8 @@ mkdir -p "$DEST"
 weights=$R/export/sglang/model.safetensors
 if [ -f "$weights" ]; then
   split -b 15M "$weights" "$DEST/drafter.part-"
+fi
+if [ -d "$R/data/regen" ]; then
+  tar cf - -C "$R/data" regen | xz -T0 -6 | split -b 15M - "$DEST/regen.part-"
 fi
 ls -la "$DEST"

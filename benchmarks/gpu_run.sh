@@ -10,7 +10,8 @@
 # Each step runs under a time limit and a failure does not stop the next one. A step that fails on a fast path
 # is retried once without it: a crash in the Triton token path turns it off for every later step
 # (EAGLEPIPE_TOKEN_PATH=0), and a failed speculative step is retried with eager rounds (EAGLEPIPE_GRAPH_ROUNDS=0).
-# STEPS (default: all) picks steps by name, e.g. STEPS="fetch_target prefill pipeline spec_decode".
+# STEPS (default: all) picks steps by name, e.g. STEPS="fetch_target prefill pipeline spec_decode"; SPEC_PROMPTS,
+# SPEC_TOKENS and SPEC_SWEEP ("steps,topk,draft_tokens ...") set the speculative-decoding benchmark's prompts and points.
 # Progress: $STORE/logs/steps.txt; done: $STORE/DONE.
 set -u
 STEPS=${STEPS:-all}
@@ -52,7 +53,7 @@ step pipeline "${PIPELINE_SECONDS:-172800}" snakemake --cores all --rerun-incomp
 step pipeline_bench 420 snakemake --cores all --rerun-incomplete \
   || EAGLEPIPE_GRAPH_ROUNDS=0 step pipeline_bench_eager 420 snakemake --cores all --rerun-incomplete
 spec=(python3 benchmarks/spec_decode.py --target "$T" --export "$R/export" --prompts "${SPEC_PROMPTS:-8}"
-      --max-new-tokens "${SPEC_TOKENS:-128}")
+      --max-new-tokens "${SPEC_TOKENS:-128}" ${SPEC_SWEEP:+--sweep "$SPEC_SWEEP"})
 step spec_decode 300 "${spec[@]}" || EAGLEPIPE_GRAPH_ROUNDS=0 step spec_decode_eager 300 "${spec[@]}"
 step train_bench 240 python3 benchmarks/train.py --model "$T"
 step decode_hf_compile 300 python3 benchmarks/decode.py --model "$T" --prompts 2 --no-engine-compile
