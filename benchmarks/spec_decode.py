@@ -3,7 +3,9 @@
     python benchmarks/spec_decode.py --target results/<exp>/target --export results/<exp>/export   # GPU
     python benchmarks/spec_decode.py --target <HF dir> --smoke                                    # CPU check
 
-MT-bench first turns (chat template applied), batch 1, greedy, exactly --max-new-tokens tokens per prompt
+MT-bench first turns by default, or the first user turns of any JSONL/parquet file (--prompts-path, --prompts-field;
+e.g. held-out training conversations, to see how much τ owes to the prompt distribution), chat template applied,
+batch 1, greedy, exactly --max-new-tokens tokens per prompt
 (EOS ignored, so every path does equal work). For each sweep point (num_steps, topk, num_draft_tokens in
 SGLang semantics) it reports τ = generated tokens / verification rounds, the acceptance rate per draft position,
 decode tok/s, the speedup over the engine's non-speculative decode, and whether every output equals the
@@ -60,6 +62,14 @@ def random_export(target: Path, out: Path) -> Path:
     return out / "export"
 
 
+def prompt_source(num_prompts: int, path: Path | None, field: str) -> PromptsCfg:
+    """First user turns of MT-bench (no path) or of a local JSONL/parquet file or folder."""
+    if path is None:
+        return PromptsCfg(num_prompts=num_prompts, multi_turn=False)
+    return PromptsCfg(source="local", path=str(path), field=field, split="", num_prompts=num_prompts,
+                      multi_turn=False)
+
+
 def parse_sweep(text: str) -> list[SpecConfig]:
     """`"3,1,4 5,4,8"` -> SpecConfigs (num_steps, topk, num_draft_tokens)."""
     return [SpecConfig(*(int(x) for x in item.split(","))) for item in text.split()]
@@ -86,7 +96,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--target", required=True, type=Path, help="fetch_target output dir or HF model dir")
     ap.add_argument("--export", type=Path, default=None, help="export dir (or its sglang/ dir) of the drafter")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--prompts", type=int, default=80, help="MT-bench questions (first turns)")
+    ap.add_argument("--prompts", type=int, default=80, help="prompts (first user turns)")
+    ap.add_argument("--prompts-path", type=Path, default=None,
+                    help="JSONL/parquet file or folder of prompts instead of MT-bench")
+    ap.add_argument("--prompts-field", default="messages",
+                    help="with --prompts-path: the field holding a string, user turns or chat messages")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--sweep", default=DEFAULT_SWEEP, help=f"points 'steps,topk,draft_tokens ...' ({DEFAULT_SWEEP})")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
@@ -98,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = pick_device(args.device)
     target = resolve_model_dir(args.target)
     tokenizer = load_tokenizer(target)
-    turns = load_prompts(PromptsCfg(num_prompts=args.prompts, multi_turn=False))
+    turns = load_prompts(prompt_source(args.prompts, args.prompts_path, args.prompts_field))
     prompts = [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
     with tempfile.TemporaryDirectory() as tmp:
         export = (args.export or random_export(target, Path(tmp))) if args.smoke else args.export
@@ -136,7 +150,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{best['speedup']:.2f}× engine, match {best['output_match']:.0%}; all: "
                   + "; ".join(f"{r['point']} τ {r['tau']:.2f} {r['tok_s']:.0f} tok/s" for r in rows))
         hf = f", HF generate {hf_tok_s:.1f} tok/s" if hf_tok_s else ""
-        append_result_row(results, "spec_decode (MT-bench, batch 1, greedy)", hardware_name(device), command, result,
+        name = "MT-bench" if args.prompts_path is None else args.prompts_path.name
+        append_result_row(results, f"spec_decode ({name}, batch 1, greedy)", hardware_name(device), command, result,
                           f"engine non-spec {base_tok_s:.1f} tok/s{hf}")
     return rows
 

@@ -31,13 +31,12 @@ import torch
 
 from eaglepipe.config import params_from_dict, to_dict
 from eaglepipe.config.schema import Config
+from eaglepipe.train.agreement import compare, replay_by_turn, supervised_runs, training_logits
 from eaglepipe.train.objective import replay_rounds
 
 if TYPE_CHECKING:
     from eaglepipe.spec import SpeculativeGenerator
-    from eaglepipe.train.batches import Batch
     from eaglepipe.train.loop import Trainer
-    from eaglepipe.train.objective import Labels
 
 VOCAB, DRAFT_VOCAB, ANSWER = 512, 256, 48
 AUX_LAYERS = [1, 3, 5]
@@ -133,81 +132,6 @@ def train_and_serve(corpus: Corpus, out: Path, algorithm: str, ttt_steps: int, s
     return Served(trainer, val_metrics, SpeculativeGenerator(runner, out / "export" / "sglang", spec), ttt_steps)
 
 
-def training_logits(served: Served, sample: dict) -> tuple[Batch, Labels, list[torch.Tensor]]:
-    """The training module's TTT unroll over one sample: (batch, labels, draft logits of each step at its
-    supervised slots), the logits recorded from `drafter.logits` as `ttt_loss` calls it."""
-    from eaglepipe.train.batches import collate
-    from eaglepipe.train.module import TTTModule
-    from eaglepipe.train.ttt_attention import document_causal_mask, math_step0
-
-    trainer, drafter = served.trainer, served.trainer.drafter
-    batch = collate([[sample]], served.ttt_steps)
-    recorded: list[torch.Tensor] = []
-    plain = drafter.logits
-    drafter.logits = lambda x: recorded.append(plain(x)) or recorded[-1]
-    try:
-        with torch.no_grad():
-            feats, labels = trainer.features(batch, "val")
-            TTTModule(drafter, trainer.objective)(batch, feats, labels, math_step0(document_causal_mask(batch.doc_ids)),
-                                                  [1.0] * served.ttt_steps)
-    finally:
-        del drafter.logits
-    return batch, labels, recorded
-
-
-def training_accepted(served: Served, sample: dict) -> torch.Tensor:
-    """Per slot: how many leading TTT steps the training module gets right (what a round there accepts)."""
-    batch, labels, logits = training_logits(served, sample)
-    drafter = served.trainer.drafter
-    t = batch.input_ids.shape[1]
-    correct = torch.zeros(served.ttt_steps, t, dtype=torch.bool)
-    for k, lg in enumerate(logits):
-        want = labels.argmax[batch.step_rows[k]]
-        correct[k, batch.step_slots[k]] = (drafter.to_target_ids(lg.argmax(-1)) == want) & drafter.t2d[want]
-    return torch.cumprod(correct.long(), 0).sum(0)
-
-
-def served_rounds(served: Served, sample: dict) -> list[tuple[int, int]]:
-    """(start slot, accepted drafts) of every engine round that starts inside the answer, accepted drafts
-    clipped to the answer's end (as the training data supervises nothing beyond it)."""
-    from eaglepipe.engine.sampling import SamplingParams
-
-    ids = sample["input_ids"].tolist()
-    start = int(np.argmax(sample["loss_mask"]))
-    answer = len(ids) - start
-    emitted: list[list[int]] = []
-
-    def on_tokens(new: list[int]) -> bool:  # called with the prefill's token, then once per round
-        emitted.append(list(new))
-        return sum(map(len, emitted)) > answer
-    served.generator.generate(ids[:start], SamplingParams(), 0, on_tokens)
-    out = [t for e in emitted for t in e]
-    assert out[:answer] == ids[start:], "the engine's greedy output differs from the target's greedy answer"
-    last, slot, rounds = len(ids) - 2, start - 1, []
-    for e in emitted[1:]:
-        if slot > last:
-            break
-        rounds.append((slot, min(len(e) - 1, last - slot + 1)))
-        slot += len(e)
-    return rounds
-
-
-def compare(served: Served, samples: list[dict]) -> dict:
-    """Engine rounds vs rounds replayed from the training module's per-slot acceptance, over `samples`."""
-    engine, replayed = [], []
-    for s in samples:
-        rounds = served_rounds(served, s)
-        accepted = training_accepted(served, s)
-        engine += [a for _, a in rounds]
-        replayed += [int(accepted[p]) for p, _ in rounds]
-    e, r = np.array(engine), np.array(replayed)
-    k = served.ttt_steps
-    return {"engine_tau": round(1 + float(e.mean()), 6), "replayed_tau": round(1 + float(r.mean()), 6),
-            "rounds": len(e), "rounds_differing": int((e != r).sum()),
-            "engine_rates": [round(float((e > i).mean()), 4) for i in range(k)],
-            "replayed_rates": [round(float((r > i).mean()), 4) for i in range(k)]}
-
-
 def assert_consistent(served: Served, corpus: Corpus, seen: int = 4) -> None:
     """The engine accepts what training predicts: on the held-out prompts round by round and in tau against
     the training run's validation `replay_tau`; on `seen` training prompts (where the drafter is accepted
@@ -217,7 +141,8 @@ def assert_consistent(served: Served, corpus: Corpus, seen: int = 4) -> None:
     one accept decision; one flipped decision moves tau by at most (K + 1) / rounds. Allow that, no more.
     """
     algo = served.trainer.drafter.config.algorithm
-    held_out, train = compare(served, corpus.val), compare(served, corpus.train[:seen])
+    held_out = compare(served.trainer, served.generator, corpus.val, served.ttt_steps)
+    train = compare(served.trainer, served.generator, corpus.train[:seen], served.ttt_steps)
     print(f"\n{algo} K={served.ttt_steps}: training sim_tau {served.val_metrics['sim_tau']:.4f}, "
           f"replay_tau {served.val_metrics['replay_tau']:.4f}; held-out {held_out}; seen {train}")
     for got in (held_out, train):
@@ -282,13 +207,34 @@ def test_engine_accepts_what_training_predicts(served: Served, corpus: Corpus) -
     assert_consistent(served, corpus)
 
 
+def test_supervised_runs_are_the_maximal_runs_of_consecutive_slots() -> None:
+    assert supervised_runs([]) == []
+    assert supervised_runs([3, 4, 5, 9, 11, 12]) == [(3, 5), (9, 9), (11, 12)]
+
+
+def test_replay_by_turn_splits_answers_and_agrees_with_training(served: Served, corpus: Corpus) -> None:
+    """Single-turn samples: every round is a first-turn round, and the replay is the training run's validation
+    replay_tau; a cap keeps the first slots of each answer. Two answers in one sample: the second one's slots
+    count as a later turn."""
+    whole, capped = replay_by_turn(served.trainer, corpus.val, served.ttt_steps, caps=(None, 5))
+    assert whole["later"]["rounds"] == 0 and whole["first"]["slots"] == ANSWER * len(corpus.val)
+    tol = (served.ttt_steps + 1) / whole["first"]["rounds"]
+    assert abs(whole["replay_tau"] - served.val_metrics["replay_tau"]) <= tol, (whole, served.val_metrics)
+    assert capped["first"]["slots"] == 5 * len(corpus.val) and capped["first"]["rounds"] <= 5 * len(corpus.val)
+    a, b = corpus.val[0], corpus.val[1]
+    two = {"id": "two", "input_ids": np.concatenate([a["input_ids"], b["input_ids"]]),
+           "loss_mask": np.concatenate([a["loss_mask"], b["loss_mask"]])}
+    (split,) = replay_by_turn(served.trainer, [two], served.ttt_steps)
+    assert split["first"]["slots"] == ANSWER and split["later"]["slots"] == ANSWER, split
+
+
 def test_exported_drafter_logits_equal_the_training_module(served: Served, corpus: Corpus) -> None:
     """Steps 0 and 1 at every answer slot: the engine's drafter (loaded from the export, over its own KV
     cache) and the training module, fed the same target hidden states and tokens."""
     from eaglepipe.spec.draft_runner import DraftRunner
 
     sample = corpus.val[0]
-    batch, _, logits = training_logits(served, sample)
+    batch, _, logits = training_logits(served.trainer, sample, served.ttt_steps)
     want = [dict(zip(batch.step_slots[k].tolist(), logits[k])) for k in range(2)]
     gen = served.generator
     ids = sample["input_ids"].tolist()
