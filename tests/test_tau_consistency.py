@@ -226,6 +226,24 @@ def test_replay_by_turn_splits_answers_and_agrees_with_training(served: Served, 
            "loss_mask": np.concatenate([a["loss_mask"], b["loss_mask"]])}
     (split,) = replay_by_turn(served.trainer, [two], served.ttt_steps)
     assert split["first"]["slots"] == ANSWER and split["later"]["slots"] == ANSWER, split
+    assert served.val_metrics["replay_tau_first"] == served.val_metrics["replay_tau"]  # single-turn samples
+    assert training_metrics(served, two)["replay_tau_first"] == pytest.approx(split["first"]["replay_tau"], abs=1e-4)
+
+
+def training_metrics(served: Served, sample: dict) -> dict[str, float]:
+    """The training loop's metrics (`summarize` of `ttt_loss`'s sums) over one sample."""
+    from eaglepipe.train.batches import collate
+    from eaglepipe.train.module import TTTModule
+    from eaglepipe.train.objective import summarize
+    from eaglepipe.train.ttt_attention import document_causal_mask, math_step0
+
+    k, trainer = served.ttt_steps, served.trainer
+    batch = collate([[sample]], k)
+    with torch.no_grad():
+        feats, labels = trainer.features(batch, "val")
+        _, sums = TTTModule(trainer.drafter, trainer.objective)(
+            batch, feats, labels, math_step0(document_causal_mask(batch.doc_ids)), [1.0] * k)
+    return summarize(sums, k, trainer.objective.step_weight_decay)
 
 
 def test_exported_drafter_logits_equal_the_training_module(served: Served, corpus: Corpus) -> None:

@@ -178,6 +178,16 @@ def test_batch_alignment_shifts_tokens_and_masks_within_documents():
     assert batch.label_pos[batch.step_rows[1]].tolist() == [2, 3, 6]
 
 
+def test_first_answer_marks_the_slots_labelled_by_each_samples_first_answer():
+    """Two packed samples, the first with two answers: only slots whose step-0 label is in a sample's first
+    answer are marked (slot p is labelled by position p + 1)."""
+    s = [{"id": "a", "input_ids": np.arange(10, 20), "loss_mask": np.array([0, 1, 1, 0, 0, 1, 1, 0, 0, 0])},
+         {"id": "b", "input_ids": np.array([20, 21, 22]), "loss_mask": np.array([0, 1, 1])}]
+    batch = collate([s], ttt_steps=1, pad_to=16)
+    assert np.flatnonzero(batch.first_answer.numpy()).tolist() == [0, 1, 10, 11]
+    assert set(np.flatnonzero(batch.first_answer.numpy())) <= set(batch.step_slots[0].tolist())
+
+
 def test_packed_rows_give_the_same_loss_as_unpacked(tiny_llama_dir):
     from eaglepipe.models.target import TargetWithAux
     from eaglepipe.target.info import load_hf_model

@@ -28,6 +28,7 @@ class Batch:
     step_rows: list              # K x [N_k] long, index into label_pos of each supervised slot's label
     num_tokens: int              # real (non-padding) tokens
     sample_ids: list             # ids of the samples in the batch, row by row
+    first_answer: torch.Tensor   # [B*T] bool: slots whose step-0 label lies in their sample's first answer
 
     def to(self, device: torch.device) -> "Batch":
         """Copy every tensor to `device` (non-blocking from pinned memory where possible)."""
@@ -81,6 +82,7 @@ def collate(rows: Sequence[Sequence[dict]], ttt_steps: int, pad_to: int | None =
     pos = np.zeros((b, t), dtype=np.int64)
     doc = np.full((b, t), -1, dtype=np.int64)
     mask = np.zeros((b, t), dtype=bool)
+    first = np.zeros((b, t), dtype=bool)
     sample_ids = []
     for r, row in enumerate(rows):
         start = 0
@@ -90,8 +92,11 @@ def collate(rows: Sequence[Sequence[dict]], ttt_steps: int, pad_to: int | None =
             pos[r, start:start + n] = np.arange(n)
             doc[r, start:start + n] = d
             mask[r, start:start + n] = np.asarray(s["loss_mask"], dtype=bool)
+            first[r, start:start + n] = first_run(mask[r, start:start + n])
             sample_ids.append(s.get("id"))
             start += n
+    first_answer = np.zeros((b, t), dtype=bool)
+    first_answer[:, :-1] = first[:, 1:]          # slot p's step-0 label is position p + 1
     flat_mask = mask.reshape(-1)
     label_pos = np.flatnonzero(flat_mask)
     row_of = np.cumsum(flat_mask) - 1           # position -> index into label_pos (valid where mask)
@@ -111,4 +116,16 @@ def collate(rows: Sequence[Sequence[dict]], ttt_steps: int, pad_to: int | None =
         step_rows.append(torch.from_numpy(row_of[src_flat]))
     return Batch(input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos), doc_ids=torch.from_numpy(doc),
                  step_ids=torch.from_numpy(step_ids), label_pos=torch.from_numpy(label_pos),
-                 step_slots=step_slots, step_rows=step_rows, num_tokens=int(sum(lengths)), sample_ids=sample_ids)
+                 step_slots=step_slots, step_rows=step_rows, num_tokens=int(sum(lengths)), sample_ids=sample_ids,
+                 first_answer=torch.from_numpy(first_answer.reshape(-1)))
+
+
+def first_run(mask: np.ndarray) -> np.ndarray:
+    """The first maximal run of True in a 1-D bool array (a sample's first answer in its loss mask)."""
+    out = np.zeros_like(mask)
+    hits = np.flatnonzero(mask)
+    if hits.size:
+        gaps = np.flatnonzero(~mask[hits[0]:])
+        end = hits[0] + (gaps[0] if gaps.size else mask.size - hits[0])
+        out[hits[0]:end] = True
+    return out

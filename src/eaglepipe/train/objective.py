@@ -17,6 +17,9 @@ same answer it runs more of them: where acceptance varies along a sequence, the 
 `sim_tau`. `replay_tau` replays those rounds on each answer (first round at its first supervised slot, the
 next one accepted+1 slots later) and divides tokens by rounds: on the target's own greedy answers it is
 exactly the tau a chain of `ttt_steps` drafts measures at temperature 0 (tests/test_tau_consistency.py).
+`replay_tau_first` replays only each sample's first answer. In multi-turn data later answers can be far
+easier (a small target repeats itself and copies from its context), so it is the closer guide to a benchmark
+of first turns such as MT-bench's.
 """
 from __future__ import annotations
 
@@ -116,7 +119,7 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
     `features`: fused aux features [B, T, H] (EAGLE-3, output of drafter.fuse) or the target's last
     hidden state (EAGLE-1). Metric sums (no GPU sync): loss_k, count_k, correct_k, prefix_k per step,
     `slots` (supervised slots at step 0) for the simulated acceptance length, and `rounds`/`round_tokens` of
-    the replayed verification rounds (see `replay_rounds`).
+    the replayed verification rounds (see `replay_rounds`), over all answers and (`_first`) first answers.
     """
     cfg = drafter.config
     eagle3 = cfg.is_eagle3
@@ -174,19 +177,22 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
         supervised[batch.step_slots[0]] = True
         rounds, tokens = replay_rounds(accepted, supervised, t)
         sums["rounds"], sums["round_tokens"] = rounds.float(), tokens.float()
+        rounds, tokens = replay_rounds(accepted, supervised & batch.first_answer, t)
+        sums["rounds_first"], sums["round_tokens_first"] = rounds.float(), tokens.float()
     return total, sums
 
 
 def metric_keys(ttt_steps: int) -> list[str]:
     """Names of the metric sums `ttt_loss` returns (every rank reduces the same list)."""
-    return ["slots", "rounds", "round_tokens"] + [f"{m}_{k}" for k in range(ttt_steps)
+    return ["slots", "rounds", "round_tokens", "rounds_first", "round_tokens_first"] + [f"{m}_{k}" for k in range(ttt_steps)
                                                   for m in ("loss", "count", "correct", "prefix")]
 
 
 def summarize(sums: dict[str, torch.Tensor], ttt_steps: int, decay: float) -> dict[str, float]:
     """Turn accumulated metric sums into loss (sum_k decay^k loss_k), loss_k, acc_k, cond_acc_k, the
     simulated acceptance length sim_tau = 1 + sum_k P(steps 0..k all correct) over step-0 supervised slots,
-    and replay_tau = tokens / rounds of the replayed verification rounds (1.0 without any)."""
+    replay_tau = tokens / rounds of the replayed verification rounds (1.0 without any), and replay_tau_first,
+    the same over each sample's first answer only."""
     v = {k: float(x) for k, x in sums.items()}
     out: dict[str, float] = {}
     slots = max(v.get("slots", 0.0), 1.0)
@@ -203,6 +209,7 @@ def summarize(sums: dict[str, torch.Tensor], ttt_steps: int, decay: float) -> di
         weighted += decay ** k * out[f"loss_{k}"]
     out["loss"] = weighted
     out["sim_tau"] = tau
-    rounds = v.get("rounds", 0.0)
-    out["replay_tau"] = v.get("round_tokens", 0.0) / rounds if rounds > 0 else 1.0
+    for suffix in ("", "_first"):
+        rounds = v.get(f"rounds{suffix}", 0.0)
+        out[f"replay_tau{suffix}"] = v.get(f"round_tokens{suffix}", 0.0) / rounds if rounds > 0 else 1.0
     return out

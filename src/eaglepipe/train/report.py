@@ -78,6 +78,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, ttt_steps: int) -> None:
             axes[1].plot(steps, [r[f"acc_{k}"] for r in sel], style, label=f"{split} step {k}")
         axes[2].plot(steps, [r["sim_tau"] for r in sel], style, label=f"{split} sim_tau")
         axes[2].plot(steps, [r.get("replay_tau", float("nan")) for r in sel], style, label=f"{split} replay_tau")
+        axes[2].plot(steps, [r.get("replay_tau_first", float("nan")) for r in sel], style,
+                     label=f"{split} replay_tau (first answers)")
     for ax, title in zip(axes, ("loss", "top-1 accuracy per TTT step", "simulated tau (per slot, replayed rounds)")):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
