@@ -184,8 +184,8 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
 
 def metric_keys(ttt_steps: int) -> list[str]:
     """Names of the metric sums `ttt_loss` returns (every rank reduces the same list)."""
-    return ["slots", "rounds", "round_tokens", "rounds_first", "round_tokens_first"] + [f"{m}_{k}" for k in range(ttt_steps)
-                                                  for m in ("loss", "count", "correct", "prefix")]
+    per_step = [f"{m}_{k}" for k in range(ttt_steps) for m in ("loss", "count", "correct", "prefix")]
+    return ["slots", "rounds", "round_tokens", "rounds_first", "round_tokens_first"] + per_step
 
 
 def summarize(sums: dict[str, torch.Tensor], ttt_steps: int, decay: float) -> dict[str, float]:
