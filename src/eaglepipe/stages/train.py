@@ -37,7 +37,9 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
         summary = Trainer(cfg, paths).train()
     except (ValueError, FileNotFoundError) as e:
         raise StageError(str(e)) from e
-    log.info("done: %s", json.dumps({k: summary.get(k) for k in ("steps", "latest", "best", "best_replay_tau")}))
+    val = (summary.get("final") or {}).get("val") or {}
+    log.info("done: %s", json.dumps({**{k: summary.get(k) for k in ("steps", "latest", "best", "best_replay_tau")},
+                                     **{f"final_val_{k}": val.get(k) for k in ("replay_tau", "replay_tau_first")}}))
 
 
 def main(argv: list[str] | None = None) -> None:
