@@ -149,6 +149,44 @@ def test_init_from_our_checkpoint_continues_from_its_weights(conversations, shar
     torch.testing.assert_close(t.drafter.fc.weight.detach(), load_file(str(ckpt / "model.safetensors"))["fc.weight"])
 
 
+def test_init_from_another_draft_vocab_moves_lm_head_rows_to_this_vocab(conversations, sharp_target, tmp_path):
+    """A drafter trained with one draft vocab starts a run whose vocab stage chose another (here: a smaller one
+    with extra tokens): the run keeps its own d2t, shared tokens keep the old drafter's lm_head rows, new ones
+    start from the target's lm_head, and every other weight is the old drafter's."""
+    import shutil
+
+    from eaglepipe.data.vocab import load_vocab
+    from eaglepipe.target.info import load_hf_model
+
+    Trainer(make_cfg(max_steps=2), paths(conversations, sharp_target, tmp_path / "a" / "train")).train()
+    ckpt = tmp_path / "a" / "train" / "checkpoints" / (tmp_path / "a" / "train" / "LATEST").read_text().strip()
+    old = load_file(str(ckpt / "model.safetensors"))
+    conv = tmp_path / "conv2"
+    shutil.copytree(conversations, conv)
+    old_d2t, _ = load_vocab(conversations / "vocab")
+    freq = torch.zeros(len(old["t2d"]), dtype=torch.long)
+    old_ids = torch.arange(len(old_d2t)) + old_d2t
+    freq[old_ids[:100]] = 10  # 100 of the old tokens ...
+    freq[torch.nonzero(~old["t2d"]).flatten()[:28]] = 5  # ... and 28 it did not have
+    d2t, t2d = build_vocab_maps(freq, 128)
+    save_vocab(conv / "vocab", d2t, t2d, freq)
+    t = Trainer(make_cfg(max_steps=2, init_from=str(ckpt)), paths(conv, sharp_target, tmp_path / "b" / "train"))
+    assert torch.equal(t.drafter.d2t.cpu(), d2t) and torch.equal(t.drafter.t2d.cpu(), t2d)
+    head = t.drafter.lm_head.weight.detach().cpu()
+    new_ids = torch.arange(128) + d2t
+    row_of = {int(tid): r for r, tid in enumerate(old_ids)}
+    target_head = load_hf_model(sharp_target).get_output_embeddings().weight.detach()
+    carried = 0
+    for r, tid in enumerate(new_ids.tolist()):
+        if tid in row_of:
+            torch.testing.assert_close(head[r], old["lm_head.weight"][row_of[tid]].float())
+            carried += 1
+        else:
+            torch.testing.assert_close(head[r], target_head[tid].float())
+    assert carried == 100
+    torch.testing.assert_close(t.drafter.fc.weight.detach().cpu(), old["fc.weight"].float())
+
+
 DDP_RUNNER = """
 import sys, json, torch
 sys.path.insert(0, {src!r})

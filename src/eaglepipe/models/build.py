@@ -65,21 +65,30 @@ def load_drafter_weights(model: Drafter, weights_path: Path) -> None:
     Accepts `midlayer.*` or `layers.0.*` names for EAGLE-3 (SGLang loads both). Shape mismatches and
     unknown names are errors, not silently skipped.
     """
-    state = load_file(str(weights_path))
-    if model.config.is_eagle3:
+    load_drafter_state(model, load_file(str(weights_path)), weights_path)
+
+
+def canonical_state(state: dict[str, torch.Tensor], eagle3: bool) -> dict[str, torch.Tensor]:
+    """Drafter weight names as our modules use them: no `model.` prefix, EAGLE-3's `layers.0.` as `midlayer.`."""
+    if eagle3:
         state = {k.replace("layers.0.", "midlayer.", 1) if k.startswith("layers.0.") else k: v
                  for k, v in state.items()}
-    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+
+
+def load_drafter_state(model: Drafter, state: dict[str, torch.Tensor], source: Path) -> None:
+    """`load_drafter_weights` for a state dict already in memory (`source` names it in errors)."""
+    state = canonical_state(state, model.config.is_eagle3)
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise ValueError(f"{weights_path}: unknown drafter weights {unknown[:8]}")
+        raise ValueError(f"{source}: unknown drafter weights {unknown[:8]}")
     missing = sorted(set(own) - set(state) - {"embed_tokens.weight"})
     if missing:
-        raise ValueError(f"{weights_path}: missing drafter weights {missing[:8]}")
+        raise ValueError(f"{source}: missing drafter weights {missing[:8]}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{weights_path}: {k} has shape {tuple(v.shape)}, the drafter expects "
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the drafter expects "
                              f"{tuple(own[k].shape)}")
     model.load_state_dict(state, strict=False)
 

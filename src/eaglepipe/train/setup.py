@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file
 
 from ..config import Config, ConfigError
-from ..models.build import Drafter, load_drafter_weights, new_drafter, read_sglang_config
+from ..models.build import Drafter, canonical_state, load_drafter_state, new_drafter, read_sglang_config
 from ..models.config import DrafterConfig
 from ..target.info import describe_model, read_target_info, resolve_model_dir
 
@@ -68,12 +69,43 @@ def initial_drafter(cfg: Config, info: dict[str, Any], model, d2t: torch.Tensor,
         if dcfg.algorithm != cfg.train.algorithm or dcfg.hidden_size != int(info["hidden_size"]):
             raise ConfigError(f"train.init_from={init_from} is a {dcfg.algorithm} drafter of hidden size "
                               f"{dcfg.hidden_size}, not a {cfg.train.algorithm} one for this target")
-    if dcfg.is_eagle3 and dcfg.draft_vocab_size != len(d2t):
-        raise ConfigError(f"init_from has draft vocab {dcfg.draft_vocab_size}, the vocab stage {len(d2t)}")
+    if dcfg.is_eagle3:
+        dcfg.draft_vocab_size = len(d2t)  # the vocab stage's draft vocab; a different one is carried over below
     emb = model.get_input_embeddings().weight.detach().float().cpu()
     head = model.get_output_embeddings().weight.detach().float().cpu()
     drafter = new_drafter(dcfg, emb, head, d2t, t2d, cfg.train.lm_head_init, seed=cfg.seed)
     if init_from:
-        load_drafter_weights(drafter, Path(init_from) / "model.safetensors")
+        weights = Path(init_from) / "model.safetensors"
+        state = canonical_state(load_file(str(weights)), dcfg.is_eagle3)
+        if dcfg.is_eagle3:
+            state = adopt_draft_vocab(drafter, state)
+        load_drafter_state(drafter, state, weights)
         log.info("initialised the drafter from %s", init_from)
     return drafter
+
+
+def adopt_draft_vocab(drafter: Drafter, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (an EAGLE-3 drafter's weights) re-expressed in `drafter`'s draft vocab, the vocab stage's.
+
+    A drafter trained on other data usually has another draft vocab (d2t). Loading its d2t would silently
+    override the vocab stage's, which the offline cache's labels and the vocab report were made with. Instead,
+    its lm_head rows move to where the same target tokens sit in this vocab; tokens it did not have keep their
+    fresh rows (see `train.lm_head_init`).
+    """
+    key = "lm_head.weight"
+    if key not in state:
+        return state
+    old_d2t = state.get("d2t", torch.zeros(len(state[key]), dtype=torch.long)).long()  # none: the full vocab
+    if torch.equal(old_d2t, drafter.d2t.cpu()):
+        return state
+    old_ids = torch.arange(len(old_d2t)) + old_d2t
+    row_of = torch.full((drafter.config.vocab_size,), -1, dtype=torch.long)
+    row_of[old_ids] = torch.arange(len(old_ids))
+    new_ids = torch.arange(len(drafter.d2t)) + drafter.d2t.cpu()
+    rows = row_of[new_ids]
+    kept = rows >= 0
+    head = drafter.lm_head.weight.detach().cpu().clone()
+    head[kept] = state[key][rows[kept]].to(head.dtype)
+    log.info("init_from has another draft vocab: %d of its %d lm_head rows carried over to this vocab of %d, "
+             "%d rows start fresh", int(kept.sum()), len(old_ids), len(new_ids), int((~kept).sum()))
+    return {**state, key: head, "d2t": drafter.d2t.cpu().clone(), "t2d": drafter.t2d.cpu().clone()}
