@@ -144,6 +144,22 @@ def _rows():
             summarize(base1, base1), summarize(chain1, base1), summarize(tree1, base1)]
 
 
+def test_multi_turn_points_report_tau_per_turn_in_the_table_and_csv() -> None:
+    """Turn 1 accepts 2 drafts a round, turn 2 none: τ 3.0 and 1.0 by turn, 1.5 over both."""
+    toks = list(range(9))
+    base = PointResult(None, 0.0, [sample(0, 0, toks, 0, 8.0), sample(0, 1, toks, 0, 8.0)], 16.0)
+    chain = PointResult(SweepPoint(3, 1, 4), 0.0, [sample(0, 0, toks, 3, 2.0, [0, 0, 3, 0]),
+                                                    sample(0, 1, toks, 9, 8.0, [9, 0, 0, 0])], 10.0)
+    rows = [summarize(base, base), summarize(chain, base)]
+    assert rows[0].tau_by_turn is None and rows[1].tau_by_turn == [pytest.approx(3.0), pytest.approx(1.0)]
+    lines = summary_table(rows).splitlines()
+    assert lines[0] == "| config | T | τ | τ by turn | accept@1..4 | decode tok/s | speedup | match |"
+    assert lines[2].startswith("| baseline | 0 | - | - |")
+    assert lines[3].startswith("| s3_k1_n4 | 0 | 1.50 | 3.00 / 1.00 |")
+    parsed = list(csv.DictReader(io.StringIO(sweep_csv(rows))))
+    assert parsed[0]["tau_turn_1"] == "" and float(parsed[1]["tau_turn_2"]) == pytest.approx(1.0)
+
+
 def test_overall_metrics_pick_the_best_configs_at_the_lowest_temperature() -> None:
     m = overall_metrics(_rows())
     assert m["temperature"] == 0.0

@@ -63,6 +63,7 @@ class PointSummary:
     outputs_match: bool | None
     match_fraction: float | None
     extra: dict[str, Any] = field(default_factory=dict)
+    tau_by_turn: list[float | None] | None = None  # τ of turn 1, 2, ... (later turns build on earlier answers)
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict (JSON-ready)."""
@@ -73,6 +74,12 @@ def tau(samples: Sequence[Sample]) -> float | None:
     """Acceptance length: generated tokens ÷ verification rounds (the bonus token counts); None without rounds."""
     rounds = sum(s.verify_rounds for s in samples)
     return sum(s.completion_tokens for s in samples) / rounds if rounds else None
+
+
+def tau_by_turn(samples: Sequence[Sample]) -> list[float | None]:
+    """τ of each turn (the first, the second, ...) over the prompts that have it."""
+    last = max((s.turn for s in samples), default=-1)
+    return [tau([s for s in samples if s.turn == t]) for t in range(last + 1)]
 
 
 def merged_histogram(samples: Sequence[Sample]) -> list[int] | None:
@@ -150,6 +157,7 @@ def summarize(result: PointResult, baseline: PointResult | None) -> PointSummary
         outputs_match=(frac == 1.0) if frac is not None and result.temperature == 0 else None,
         match_fraction=frac,
         extra={"accept_hist": hist} if hist is not None else {},
+        tau_by_turn=tau_by_turn(samples) if p is not None else None,
     )
 
 

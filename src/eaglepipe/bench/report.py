@@ -20,6 +20,8 @@ METRIC_NOTES = """\
   token the target adds in every round counts, so τ = 1 means no draft token was ever accepted and the upper
   bound is num_steps + 1. (SGLang's `completion_tokens / spec_verify_ct`; the first token, from prefill, is
   counted too.)
+- **τ by turn** (multi-turn prompts only): τ over each turn separately. A later turn builds on the model's own
+  earlier answers, which it may repeat or quote, so its τ is often higher than the first turn's.
 - **accept@i**: the chance that the draft token at depth i is accepted given that depths 1..i-1 were, over all
   verification rounds (the CSV has every position; `accept_reach` in points/*.json is the unconditional share
   of rounds that accepted at least i drafts). n/a when the backend does not report per-round acceptance.
@@ -53,30 +55,43 @@ def _accept(row: PointSummary) -> str:
     return " / ".join(f"{r:.2f}" for r in row.accept_rate[:SHOWN_POSITIONS])
 
 
+def _turns(rows: Sequence[PointSummary]) -> int:
+    return max((len(r.tau_by_turn) for r in rows if r.tau_by_turn), default=0)
+
+
 def summary_table(rows: Sequence[PointSummary]) -> str:
-    """The summary as a Markdown table (also printed at the end of the stage)."""
-    head = ["config", "T", "τ", f"accept@1..{SHOWN_POSITIONS}", "decode tok/s", "speedup", "match"]
+    """The summary as a Markdown table (also printed at the end of the stage); a "τ by turn" column when the
+    prompts have several turns."""
+    by_turn = _turns(rows) > 1
+    head = ["config", "T", "τ"] + (["τ by turn"] if by_turn else []) + \
+        [f"accept@1..{SHOWN_POSITIONS}", "decode tok/s", "speedup", "match"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         speed = "1.00x" if r.config == "baseline" else ("n/a" if r.speedup is None else f"{r.speedup:.2f}x")
         tau_cell = "-" if r.config == "baseline" else _num(r.tau)
-        cells = [r.config, f"{r.temperature:g}", tau_cell, _accept(r), _num(r.decode_tok_s, 1), speed, _match(r)]
+        turns = ["-" if r.tau_by_turn is None else " / ".join(_num(t) for t in r.tau_by_turn)] if by_turn else []
+        cells = [r.config, f"{r.temperature:g}", tau_cell] + turns + \
+            [_accept(r), _num(r.decode_tok_s, 1), speed, _match(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def sweep_csv(rows: Sequence[PointSummary]) -> str:
-    """sweep.csv: one row per point, with accept_rate_1..K for the deepest point's K positions."""
+    """sweep.csv: one row per point, with accept_rate_1..K for the deepest point's K positions and tau_turn_1..N
+    for the N turns of the prompts."""
     depth = max((len(r.accept_rate) for r in rows if r.accept_rate), default=0)
+    turns = _turns(rows)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS + [f"accept_rate_{i}" for i in range(1, depth + 1)],
-                            lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS + [f"accept_rate_{i}" for i in range(1, depth + 1)]
+                            + [f"tau_turn_{i}" for i in range(1, turns + 1)], lineterminator="\n")
     writer.writeheader()
     for r in rows:
         rec: dict[str, Any] = {k: getattr(r, k) for k in CSV_FIELDS}
         rec["outputs_match"] = "n/a" if r.outputs_match is None else str(r.outputs_match).lower()
         for i, rate in enumerate(r.accept_rate or [], 1):
             rec[f"accept_rate_{i}"] = round(rate, 6)
+        for i, t in enumerate(r.tau_by_turn or [], 1):
+            rec[f"tau_turn_{i}"] = None if t is None else round(t, 6)
         writer.writerow({k: ("" if v is None else v) for k, v in rec.items()})
     return buf.getvalue()
 
