@@ -12,7 +12,8 @@
 # is retried once without it: a crash in the Triton token path turns it off for every later step
 # (EAGLEPIPE_TOKEN_PATH=0), and a failed speculative step is retried with eager rounds (EAGLEPIPE_GRAPH_ROUNDS=0).
 # STEPS (default: all) picks steps by name, e.g. STEPS="fetch_target prefill pipeline spec_decode"; SPEC_PROMPTS,
-# SPEC_TOKENS and SPEC_SWEEP ("steps,topk,draft_tokens ...") set the speculative-decoding benchmark's prompts and points.
+# SPEC_TOKENS and SPEC_SWEEP ("steps,topk,draft_tokens ...") set the speculative-decoding benchmark's prompts and points;
+# TRAIN_BENCH_ARGS adds arguments to the training benchmark (e.g. "--shapes smollm2 --ttt-steps 4 --compile").
 # Progress: $STORE/logs/steps.txt; done: $STORE/DONE.
 set -u
 STEPS=${STEPS:-all}
@@ -58,6 +59,6 @@ spec=(python3 benchmarks/spec_decode.py --target "$T" --export "$R/export" --pro
 step spec_decode 300 "${spec[@]}" || EAGLEPIPE_GRAPH_ROUNDS=0 step spec_decode_eager 300 "${spec[@]}"
 step replay_check 300 python3 benchmarks/replay_check.py --target "$T" --export "$R/export" --tokens "$R/data/tokens" \
   --prompts "${SPEC_PROMPTS:-8}" --max-new-tokens "${SPEC_TOKENS:-128}"
-step train_bench 240 python3 benchmarks/train.py --model "$T"
+step train_bench 240 python3 benchmarks/train.py --model "$T" ${TRAIN_BENCH_ARGS:-}
 step decode_hf_compile 300 python3 benchmarks/decode.py --model "$T" --prompts 2 --no-engine-compile
 touch "$STORE/DONE"

@@ -92,6 +92,9 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     emb = model.get_input_embeddings().weight
     drafter = new_drafter(cfg, emb, model.get_output_embeddings().weight, d2t, t2d).to(device)
     target = TargetWithAux(model, cfg.aux_layers)
+    if args.compile and device.type == "cuda":  # what train.compile does in the Trainer
+        drafter.midlayer.project = torch.compile(drafter.midlayer.project, dynamic=False)
+        drafter.midlayer.finish = torch.compile(drafter.midlayer.finish, dynamic=False)
     module = TTTModule(drafter, Objective(ttt_steps=args.ttt_steps))
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
@@ -128,6 +131,7 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     seconds = time.perf_counter() - t0
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return {"benchmark": "train", "target": name, "algorithm": "eagle3", "ttt_steps": args.ttt_steps, "seq": args.seq,
+            "compile": bool(args.compile and device.type == "cuda"),
             "micro_batch": args.micro_batch, "draft_vocab": draft_vocab, "steps": args.steps,
             "real_tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / peak, 4),
             "peak_tflops": round(peak / 1e12, 1), "max_mem_gib": round(mem, 1), "loss": round(float(loss.detach()), 4)}
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draft-vocab", type=int, default=32000)
     ap.add_argument("--ttt-attention", choices=("flex", "math"), default="flex",
                     help="TTT step-0 attention on CUDA: FlexAttention (compiled) or explicit [B,h,T,T] scores")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the drafter layer (train.compile)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU, seq 256, 2 steps, smollm2 shape only")
@@ -177,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
                               "python benchmarks/train.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                               f"{row['real_tokens_per_s']:.0f} real tok/s, MFU {row['mfu']:.1%} "
                               f"(peak {row['peak_tflops']} TFLOP/s), mb {row['micro_batch']}x{args.seq}, "
-                              f"{row['max_mem_gib']} GiB", "NeMo AutoModel 0.7.0 (SmolLM2, issue 4): 11.3k tok/s mb1, "
+                              f"ttt {args.ttt_steps}, draft vocab {row['draft_vocab']}"
+                              f"{', compiled' if row['compile'] else ''}, {row['max_mem_gib']} GiB", "NeMo AutoModel 0.7.0 (SmolLM2, issue 4): 11.3k tok/s mb1, "
                               "22.6k tok/s mb4")
         del model
         if device.type == "cuda":
