@@ -31,8 +31,8 @@ import torch
 
 from eaglepipe.config import params_from_dict, to_dict
 from eaglepipe.config.schema import Config
-from eaglepipe.train.agreement import compare, replay_by_turn, supervised_runs, training_logits
-from eaglepipe.train.objective import replay_rounds
+from eaglepipe.train.agreement import compare, first_slots_of_runs, replay_by_turn, training_unroll
+from eaglepipe.train.objective import replay_rounds, summarize
 
 if TYPE_CHECKING:
     from eaglepipe.spec import SpeculativeGenerator
@@ -207,9 +207,11 @@ def test_engine_accepts_what_training_predicts(served: Served, corpus: Corpus) -
     assert_consistent(served, corpus)
 
 
-def test_supervised_runs_are_the_maximal_runs_of_consecutive_slots() -> None:
-    assert supervised_runs([]) == []
-    assert supervised_runs([3, 4, 5, 9, 11, 12]) == [(3, 5), (9, 9), (11, 12)]
+def test_first_slots_of_runs_keeps_the_head_of_every_run() -> None:
+    mask = torch.tensor([0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 0, 1, 1], dtype=torch.bool)
+    assert torch.nonzero(first_slots_of_runs(mask, 2)).flatten().tolist() == [3, 4, 9, 11, 12]
+    assert torch.equal(first_slots_of_runs(mask, None), mask)
+    assert not first_slots_of_runs(torch.zeros(4, dtype=torch.bool), 2).any()
 
 
 def test_replay_by_turn_splits_answers_and_agrees_with_training(served: Served, corpus: Corpus) -> None:
@@ -227,23 +229,9 @@ def test_replay_by_turn_splits_answers_and_agrees_with_training(served: Served, 
     (split,) = replay_by_turn(served.trainer, [two], served.ttt_steps)
     assert split["first"]["slots"] == ANSWER and split["later"]["slots"] == ANSWER, split
     assert served.val_metrics["replay_tau_first"] == served.val_metrics["replay_tau"]  # single-turn samples
-    assert training_metrics(served, two)["replay_tau_first"] == pytest.approx(split["first"]["replay_tau"], abs=1e-4)
-
-
-def training_metrics(served: Served, sample: dict) -> dict[str, float]:
-    """The training loop's metrics (`summarize` of `ttt_loss`'s sums) over one sample."""
-    from eaglepipe.train.batches import collate
-    from eaglepipe.train.module import TTTModule
-    from eaglepipe.train.objective import summarize
-    from eaglepipe.train.ttt_attention import document_causal_mask, math_step0
-
-    k, trainer = served.ttt_steps, served.trainer
-    batch = collate([[sample]], k)
-    with torch.no_grad():
-        feats, labels = trainer.features(batch, "val")
-        _, sums = TTTModule(trainer.drafter, trainer.objective)(
-            batch, feats, labels, math_step0(document_causal_mask(batch.doc_ids)), [1.0] * k)
-    return summarize(sums, k, trainer.objective.step_weight_decay)
+    sums = training_unroll(served.trainer, two, served.ttt_steps).sums
+    metrics = summarize(sums, served.ttt_steps, served.trainer.objective.step_weight_decay)
+    assert metrics["replay_tau_first"] == pytest.approx(split["first"]["replay_tau"], abs=1e-4)
 
 
 def test_exported_drafter_logits_equal_the_training_module(served: Served, corpus: Corpus) -> None:
@@ -252,7 +240,7 @@ def test_exported_drafter_logits_equal_the_training_module(served: Served, corpu
     from eaglepipe.spec.draft_runner import DraftRunner
 
     sample = corpus.val[0]
-    batch, _, logits = training_logits(served.trainer, sample, served.ttt_steps)
+    batch, _, logits, _ = training_unroll(served.trainer, sample, served.ttt_steps)
     want = [dict(zip(batch.step_slots[k].tolist(), logits[k])) for k in range(2)]
     gen = served.generator
     ids = sample["input_ids"].tolist()

@@ -8,23 +8,31 @@ replay by assistant turn, since a drafter's τ depends on where in a conversatio
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
+from .batches import Batch, collate
+from .objective import Labels, replay_rounds
+
 if TYPE_CHECKING:
     from ..spec import SpeculativeGenerator
-    from .batches import Batch
     from .loop import Trainer
-    from .objective import Labels
 
 
-def training_logits(trainer: Trainer, sample: dict, ttt_steps: int
-                    ) -> tuple[Batch, Labels, list[torch.Tensor]]:
-    """The training module's TTT unroll over one sample: (batch, labels, draft logits of each step at its
-    supervised slots), the logits recorded from `drafter.logits` as `ttt_loss` calls it."""
-    from .batches import collate
+class Unroll(NamedTuple):
+    """The training module's TTT unroll over one sample: its batch and labels, the draft logits of each step at
+    that step's supervised slots (as `ttt_loss` computes them), and `ttt_loss`'s metric sums."""
+
+    batch: Batch
+    labels: Labels
+    logits: list[torch.Tensor]
+    sums: dict[str, torch.Tensor]
+
+
+def training_unroll(trainer: Trainer, sample: dict, ttt_steps: int) -> Unroll:
+    """Run the training module (no gradients) over one sample, recording `drafter.logits` as it is called."""
     from .module import TTTModule
     from .ttt_attention import document_causal_mask, math_step0
 
@@ -36,17 +44,17 @@ def training_logits(trainer: Trainer, sample: dict, ttt_steps: int
     try:
         with torch.no_grad():
             feats, labels = trainer.features(batch, "val")
-            TTTModule(drafter, trainer.objective)(batch, feats, labels, math_step0(document_causal_mask(batch.doc_ids)),
-                                                  [1.0] * ttt_steps)
+            _, sums = TTTModule(drafter, trainer.objective)(
+                batch, feats, labels, math_step0(document_causal_mask(batch.doc_ids)), [1.0] * ttt_steps)
     finally:
         del drafter.logits
-    return batch, labels, recorded
+    return Unroll(batch, labels, recorded, sums)
 
 
-def training_accepted(trainer: Trainer, sample: dict, ttt_steps: int) -> tuple[torch.Tensor, list[int]]:
+def training_accepted(trainer: Trainer, sample: dict, ttt_steps: int) -> tuple[torch.Tensor, Batch]:
     """Per slot: how many leading TTT steps the training module gets right (what a round there accepts), and
-    the step-0 supervised slots in order."""
-    batch, labels, logits = training_logits(trainer, sample, ttt_steps)
+    the sample's batch."""
+    batch, labels, logits, _ = training_unroll(trainer, sample, ttt_steps)
     drafter = trainer.drafter
     t = batch.input_ids.shape[1]
     correct = torch.zeros(ttt_steps, t, dtype=torch.bool)
@@ -54,7 +62,7 @@ def training_accepted(trainer: Trainer, sample: dict, ttt_steps: int) -> tuple[t
         want = labels.argmax[batch.step_rows[k]]
         correct[k, batch.step_slots[k].cpu()] = ((drafter.to_target_ids(lg.argmax(-1)) == want)
                                                  & drafter.t2d[want]).cpu()
-    return torch.cumprod(correct.long(), 0).sum(0), sorted(batch.step_slots[0].tolist())
+    return torch.cumprod(correct.long(), 0).sum(0), batch
 
 
 def served_rounds(generator: SpeculativeGenerator, sample: dict) -> list[tuple[int, int]]:
@@ -100,35 +108,36 @@ def compare(trainer: Trainer, generator: SpeculativeGenerator, samples: list[dic
             "replayed_rates": [round(float((r > i).mean()), 4) for i in range(ttt_steps)]}
 
 
-def supervised_runs(slots: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive slots (the answers of a sample), as inclusive (first, last) pairs."""
-    runs: list[tuple[int, int]] = []
-    for s in slots:
-        if runs and s == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], s)
-        else:
-            runs.append((s, s))
-    return runs
+def first_slots_of_runs(mask: torch.Tensor, cap: Optional[int]) -> torch.Tensor:
+    """`mask` [T] bool restricted to the first `cap` slots of each maximal run of True (all of it for None)."""
+    if cap is None:
+        return mask
+    idx = torch.arange(mask.numel())
+    starts = mask & ~torch.cat([mask.new_zeros(1), mask[:-1]])
+    run_start = torch.cummax(torch.where(starts, idx, 0), 0).values
+    return mask & (idx - run_start < cap)
 
 
 def replay_by_turn(trainer: Trainer, samples: list[dict], ttt_steps: int,
                    caps: Sequence[Optional[int]] = (None,)) -> list[dict[str, Any]]:
-    """The training replay τ of `samples`, overall and split into first assistant turns and later ones, once
-    per entry of `caps`: None replays whole answers, an int only lets the first `cap` slots of every answer
-    start rounds (a benchmark's max_new_tokens)."""
+    """The training replay τ of `samples` (`replay_rounds`, as the training metrics compute it), overall and
+    split into first answers (`Batch.first_answer`) and later ones, once per entry of `caps`: None replays whole
+    answers, an int only lets the first `cap` slots of every answer start rounds (a benchmark's max_new_tokens)."""
     totals = [{"first": [0, 0, 0], "later": [0, 0, 0]} for _ in caps]  # rounds, tokens, slots
     for s in samples:
-        accepted, slots = training_accepted(trainer, s, ttt_steps)
-        for turn, (first, last) in enumerate(supervised_runs(slots)):
-            for cap, total in zip(caps, totals):
-                end = last if cap is None else min(last, first + cap - 1)
-                acc = total["first" if turn == 0 else "later"]
-                p = first
-                while p <= end:
-                    acc[0] += 1
-                    acc[1] += int(accepted[p]) + 1
-                    p += int(accepted[p]) + 1
-                acc[2] += end - first + 1
+        accepted, batch = training_accepted(trainer, s, ttt_steps)
+        t = batch.input_ids.shape[1]
+        supervised = torch.zeros(t, dtype=torch.bool)
+        supervised[batch.step_slots[0].cpu()] = True
+        first = supervised & batch.first_answer.cpu()
+        for cap, total in zip(caps, totals):
+            for name, turns in (("first", first), ("later", supervised & ~first)):
+                mask = first_slots_of_runs(turns, cap)
+                rounds, tokens = replay_rounds(accepted, mask, t)
+                acc = total[name]
+                acc[0] += int(rounds)
+                acc[1] += int(tokens)
+                acc[2] += int(mask.sum())
     out = []
     for cap, total in zip(caps, totals):
         rounds = sum(v[0] for v in total.values())
