@@ -16,6 +16,8 @@ Row r of the buffers is the r-th row of the batch (its cache slot is `slots[r]`)
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .accept import greedy_accept_device, path_nodes
@@ -148,23 +150,42 @@ class RoundGraph:
     def _body(self, b: int, ctx: int, span: slice | None) -> None:
         """One greedy round for rows 0..b-1 on the buffers alone: static shapes, no host sync, every update in
         place. `span`: the rows' slots as a slice when consecutive (cache rows read as views)."""
-        gen = self.gen
+        for _, run in self.phases(b, ctx, span):
+            run()
+
+    def phases(self, b: int, ctx: int, span: slice | None) -> list[tuple[str, Callable[[], None]]]:
+        """The round body as named steps run in order (draft, verify, accept, extend), passing tensors on
+        through a shared dict: `_body` runs them back to back; a profiler can capture and time each alone."""
+        gen, st = self.gen, {}
         slots, roots, lengths, draft_hidden, draft_logits = self._state(b)
         bound = ctx - self.size  # >= every committed length: stands for the eager round's `max_length`
-        tree = gen._draft(roots, draft_hidden, draft_logits, slots, lengths, bound, self.size - 1, span)
-        logits, aux = gen._verify_static(tree.tokens, lengths[:, None] + tree.depths, lengths, tree.ancestors, ctx,
-                                         slots, span)
-        path, n, bonus = self._accept(tree, logits)
-        if not gen.chain:  # a chain's path is nodes 0..n-1: its K/V are in place
-            gen._compact_kv(slots, lengths, path)
-        ids = gen._emitted_tokens(tree.tokens, path, n, bonus)
-        hidden, lg = gen._extend_draft(slots, lengths, bound, ids, aux, path, n, span)
-        draft_hidden.copy_(hidden)
-        draft_logits.copy_(lg)
-        roots.copy_(bonus)
-        lengths.add_(n)
-        self.emitted[:b, :self.width].copy_(ids)
-        self.emitted[:b, self.width].copy_(n)
+
+        def draft() -> None:
+            st["tree"] = gen._draft(roots, draft_hidden, draft_logits, slots, lengths, bound, self.size - 1, span)
+
+        def verify() -> None:
+            tree = st["tree"]
+            st["logits"], st["aux"] = gen._verify_static(tree.tokens, lengths[:, None] + tree.depths, lengths,
+                                                         tree.ancestors, ctx, slots, span)
+
+        def accept() -> None:
+            path, n, bonus = self._accept(st["tree"], st["logits"])
+            if not gen.chain:  # a chain's path is nodes 0..n-1: its K/V are in place
+                gen._compact_kv(slots, lengths, path)
+            st["path"], st["n"], st["bonus"] = path, n, bonus
+
+        def extend() -> None:
+            path, n, bonus = st["path"], st["n"], st["bonus"]
+            ids = gen._emitted_tokens(st["tree"].tokens, path, n, bonus)
+            hidden, lg = gen._extend_draft(slots, lengths, bound, ids, st["aux"], path, n, span)
+            draft_hidden.copy_(hidden)
+            draft_logits.copy_(lg)
+            roots.copy_(bonus)
+            lengths.add_(n)
+            self.emitted[:b, :self.width].copy_(ids)
+            self.emitted[:b, self.width].copy_(n)
+
+        return [("draft", draft), ("verify", verify), ("accept", accept), ("extend", extend)]
 
     def _accept(self, tree: VerifyTree, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Greedy acceptance on the device: (the path's verify-order nodes [B, P], root first and padded with the
@@ -183,8 +204,28 @@ class RoundGraph:
         return self.graphs[key]
 
     def _capture(self, b: int, ctx: int, span: slice | None) -> torch.cuda.CUDAGraph:
-        """Warm the body up twice on a side stream (restoring the round's inputs after each run; the K/V it
-        writes lie past the committed lengths), then capture it into the shared pool (capture runs nothing)."""
+        """The round, warmed up and captured into the shared pool (capture runs nothing)."""
+        self._warm_up(b, ctx, span)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._body(b, ctx, span)
+        return graph
+
+    def capture_phases(self, b: int, ctx: int, span: slice | None) -> list[tuple[str, torch.cuda.CUDAGraph]]:
+        """The round as one graph per phase (`phases`), in a private pool: replayed in order, they make one
+        round. For profiling only: every launch between phases costs what the single graph saves."""
+        self._warm_up(b, ctx, span)
+        pool, graphs = torch.cuda.graph_pool_handle(), []
+        for name, run in self.phases(b, ctx, span):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                run()
+            graphs.append((name, graph))
+        return graphs
+
+    def _warm_up(self, b: int, ctx: int, span: slice | None) -> None:
+        """Run the body twice on a side stream (restoring the round's inputs after each run; the K/V it writes
+        lie past the committed lengths), so that capture finds every kernel compiled and the pool made."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         inputs = [t.clone() for t in self._state(b)]
@@ -196,7 +237,3 @@ class RoundGraph:
                 for buf, saved in zip(self._state(b), inputs):
                     buf.copy_(saved)
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._body(b, ctx, span)
-        return graph

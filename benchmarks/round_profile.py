@@ -1,0 +1,218 @@
+"""Where a speculative round's time goes: wall time per round against the GPU time of the captured round, split
+into its phases (draft, verify, accept, extend) with the kernels each one launches.
+
+    python benchmarks/round_profile.py --target results/<exp>/target --export results/<exp>/export   # GPU
+    python benchmarks/round_profile.py --target <HF dir> --smoke                                    # CPU check
+
+Per sweep point, batch 1, greedy, MT-bench first turns:
+  - `wall_ms_round`: the engine's decode time per verification round (what `spec_decode.py` divides tokens by),
+    next to `base_ms_token`, the engine's plain decode time per token in the same run;
+  - `graph_ms_round`: back-to-back replays of the captured round (GPU time, no host work in between);
+  - `phases`: per phase, the GPU time of its own captured graph and, from the profiler, its kernels per round,
+    their summed run time and the top kernel names. The gap between summed kernel time and graph time is what
+    each launch inside a graph costs.
+The difference wall - graph is the host's share (the one device->host copy and Python per round).
+Prints one JSON line per point, writes them all to --out, and appends a row to benchmarks/RESULTS.md unless --smoke.
+On CPU (--smoke) the phases run eagerly and only wall-clock times are given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from decode import append_result_row, hardware_name, sync, timed, warm_up  # noqa: E402
+from spec_decode import parse_sweep, prompt_source, random_export  # noqa: E402
+from eaglepipe.bench.prompts import load_prompts, render_chat  # noqa: E402
+from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
+from eaglepipe.spec import SpecConfig, SpeculativeGenerator  # noqa: E402
+from eaglepipe.spec.round_graph import RoundGraph  # noqa: E402
+from eaglepipe.target.info import load_tokenizer, resolve_model_dir  # noqa: E402
+from eaglepipe.utils.device import pick_device  # noqa: E402
+
+MARKER = "spin_kernel"  # torch.cuda._sleep's kernel: launched between phases, it splits the profiler's trace
+
+
+def engine_wall(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int, int]:
+    """(seconds, tokens, verification rounds) of decoding every prompt alone, after a warm-up."""
+    warm_up(engine, prompts, params)
+    seconds, results = timed(engine.device, lambda: [engine.generate([p], params)[0] for p in prompts])
+    return seconds, sum(r.completion_tokens for r in results), sum(r.spec_verify_ct for r in results)
+
+
+def start_rows(gen: SpeculativeGenerator, prompt: list[int], rounds: int) -> tuple[RoundGraph, int]:
+    """Prefill `prompt` into slot 0 and load it into the round buffers; returns (round graph, context bucket)
+    that holds `rounds` more rounds."""
+    rg = gen.round_graph
+    params = SamplingParams(max_new_tokens=10 ** 6, ignore_eos=True)
+    rows = gen._prefill([prompt], [params], [0], [None], [lambda _: False], {0: 0})
+    rg._load(rows)
+    need = len(prompt) + (rounds + 1) * rg.size
+    ctx = next((c for c in rg.ctx_sizes if c >= need), None)
+    if ctx is None:
+        raise ValueError(f"{rounds} rounds after a {len(prompt)}-token prompt pass max_len; use fewer --rounds")
+    return rg, ctx
+
+
+def gpu_round_ms(gen: SpeculativeGenerator, prompt: list[int], rounds: int) -> float:
+    """GPU ms per round of the single captured round graph, replayed back to back."""
+    rg, ctx = start_rows(gen, prompt, rounds)
+    graph = rg._graph(1, ctx, slice(0, 1))
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(rounds):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    gen.runner.release(0)
+    return start.elapsed_time(end) / rounds
+
+
+def phase_profile(gen: SpeculativeGenerator, prompt: list[int], rounds: int, top: int) -> dict:
+    """Per phase: GPU ms of its own graph (events), and from the profiler its kernels per round, their summed
+    run time and the `top` kernel names by time."""
+    rg, ctx = start_rows(gen, prompt, 2 * rounds + 1)
+    phases = rg.capture_phases(1, ctx, slice(0, 1))
+    for _, g in phases:  # one untimed round
+        g.replay()
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(phases) + 1)]
+    elapsed = [0.0] * len(phases)
+    for _ in range(rounds):
+        for i, (_, g) in enumerate(phases):
+            marks[i].record()
+            g.replay()
+        marks[-1].record()
+        marks[-1].synchronize()
+        for i in range(len(phases)):
+            elapsed[i] += marks[i].elapsed_time(marks[i + 1])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(rounds):
+            for _, g in phases:
+                torch.cuda._sleep(10)
+                g.replay()
+        torch.cuda.synchronize()
+    gen.runner.release(0)
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    per_phase: list[list] = [[] for _ in phases]
+    current = -1
+    for e in kernels:
+        if e.name == MARKER:
+            current = (current + 1) % len(phases)
+        elif current >= 0:
+            per_phase[current].append(e)
+    out = {}
+    for i, (name, _) in enumerate(phases):
+        times: dict[str, float] = defaultdict(float)
+        counts: Counter = Counter()
+        for e in per_phase[i]:
+            times[e.name] += e.time_range.elapsed_us()
+            counts[e.name] += 1
+        best = sorted(times, key=times.get, reverse=True)[:top]
+        out[name] = {"graph_ms": round(elapsed[i] / rounds, 4), "kernels": round(len(per_phase[i]) / rounds, 1),
+                     "kernel_ms": round(sum(times.values()) / rounds / 1000, 4),
+                     "top": [[n[:60], round(counts[n] / rounds, 1), round(times[n] / rounds, 1)] for n in best]}
+    return out
+
+
+def eager_phases(gen: SpeculativeGenerator, prompt: list[int], rounds: int) -> dict:
+    """CPU: wall ms per phase of the round body run eagerly (no graphs, no profiler)."""
+    rg, ctx = start_rows(gen, prompt, rounds)
+    phases = rg.phases(1, ctx, slice(0, 1))
+    spent = [0.0] * len(phases)
+    for _ in range(rounds):
+        for i, (_, run) in enumerate(phases):
+            t = time.perf_counter()
+            run()
+            spent[i] += time.perf_counter() - t
+    gen.runner.release(0)
+    return {name: {"wall_ms": round(spent[i] / rounds * 1000, 3)} for i, (name, _) in enumerate(phases)}
+
+
+def profile_point(engine: Engine, export: Path, point: SpecConfig, prompts: list[list[int]], new_tokens: int,
+                  rounds: int, top: int) -> dict:
+    """Every figure of one sweep point (see the module doc)."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    cuda = engine.device.type == "cuda"
+    gen = SpeculativeGenerator(engine.runner, export, point, graph_rounds=True)  # off CUDA: the body, eagerly
+    engine.speculator = gen
+    seconds, tokens, verify = engine_wall(engine, prompts, params)
+    row = {"point": point.name, "tau": round(tokens / max(verify, 1), 3),
+           "wall_ms_round": round(seconds / max(verify, 1) * 1000, 4)}
+    if cuda:
+        row["graph_ms_round"] = round(gpu_round_ms(gen, prompts[0], rounds), 4)
+        row["phases"] = phase_profile(gen, prompts[0], rounds, top)
+    else:
+        row["phases"] = eager_phases(gen, prompts[0], rounds)
+    engine.speculator = None
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True, type=Path, help="fetch_target output dir or HF model dir")
+    ap.add_argument("--export", type=Path, default=None, help="export dir (or its sglang/ dir) of the drafter")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--prompts", type=int, default=8, help="MT-bench first turns for the wall-clock figures")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=40, help="rounds replayed for the GPU figures")
+    ap.add_argument("--sweep", default="3,1,4 5,1,6 5,4,8 6,8,32 8,8,64")
+    ap.add_argument("--top", type=int, default=6, help="kernel names listed per phase")
+    ap.add_argument("--out", type=Path, default=None, help="write every point's JSON here")
+    ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: 2 prompts, 8 tokens, 2 points")
+    ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.device, args.prompts, args.max_new_tokens, args.rounds, args.sweep = "cpu", 2, 8, 3, "2,1,3 2,2,3"
+    device = pick_device(args.device)
+    target = resolve_model_dir(args.target)
+    tokenizer = load_tokenizer(target)
+    turns = load_prompts(prompt_source(args.prompts, None, "messages"))
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
+    max_len = max(len(p) for p in prompts) + max(args.max_new_tokens, 8 * (2 * args.rounds + 2) + 64) + 64
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        export = (args.export or random_export(target, Path(tmp))) if args.smoke else args.export
+        if export is None:
+            ap.error("--export is required unless --smoke")
+        with Engine(target, device=device, max_batch_size=1, max_model_len=max_len,
+                    cuda_graphs=device.type == "cuda", prefix_reuse=False) as engine:
+            seconds, tokens, _ = engine_wall(engine, prompts, params)
+            base_ms = round(seconds / tokens * 1000, 4)
+        with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=False,
+                    prefix_reuse=False) as engine:
+            for point in parse_sweep(args.sweep):
+                row = profile_point(engine, export, point, prompts, args.max_new_tokens, args.rounds, args.top)
+                row["base_ms_token"] = base_ms
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    if args.out is not None:
+        args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
+    if results is not None:
+        command = "python benchmarks/round_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        parts = []
+        for r in rows:
+            ph = "; ".join(f"{n} {p['graph_ms']:.3f} ms/{p['kernels']:.0f} kernels" for n, p in r["phases"].items())
+            parts.append(f"{r['point']}: τ {r['tau']:.2f}, wall {r['wall_ms_round']:.3f} ms/round, graph "
+                         f"{r['graph_ms_round']:.3f} ({ph})")
+        append_result_row(results, "round_profile (MT-bench, batch 1, greedy)", hardware_name(device), command,
+                          " · ".join(parts), f"engine plain decode {base_ms:.3f} ms/token")
+    sync(device)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
