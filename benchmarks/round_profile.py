@@ -40,7 +40,7 @@ from eaglepipe.spec.round_graph import RoundGraph  # noqa: E402
 from eaglepipe.target.info import load_tokenizer, resolve_model_dir  # noqa: E402
 from eaglepipe.utils.device import pick_device  # noqa: E402
 
-MARKER = "spin_kernel"  # torch.cuda._sleep's kernel: launched between phases, it splits the profiler's trace
+MARKER = "spin_kernel"  # in the name of torch.cuda._sleep's kernel: launched between phases, it splits the trace
 
 
 def engine_wall(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int, int]:
@@ -57,7 +57,7 @@ def start_rows(gen: SpeculativeGenerator, prompt: list[int], rounds: int) -> tup
     params = SamplingParams(max_new_tokens=10 ** 6, ignore_eos=True)
     rows = gen._prefill([prompt], [params], [0], [None], [lambda _: False], {0: 0})
     rg._load(rows)
-    need = len(prompt) + (rounds + 1) * rg.size
+    need = len(prompt) + (rounds + 1) * rg.width + rg.size  # a round commits at most `width` tokens
     ctx = next((c for c in rg.ctx_sizes if c >= need), None)
     if ctx is None:
         raise ValueError(f"{rounds} rounds after a {len(prompt)}-token prompt pass max_len; use fewer --rounds")
@@ -108,7 +108,7 @@ def phase_profile(gen: SpeculativeGenerator, prompt: list[int], rounds: int, top
     per_phase: list[list] = [[] for _ in phases]
     current = -1
     for e in kernels:
-        if e.name == MARKER:
+        if MARKER in e.name:
             current = (current + 1) % len(phases)
         elif current >= 0:
             per_phase[current].append(e)
@@ -180,7 +180,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tokenizer = load_tokenizer(target)
     turns = load_prompts(prompt_source(args.prompts, None, "messages"))
     prompts = [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
-    max_len = max(len(p) for p in prompts) + max(args.max_new_tokens, 8 * (2 * args.rounds + 2) + 64) + 64
+    points = parse_sweep(args.sweep)
+    longest_round = max(p.num_steps for p in points) + 1
+    max_len = (max(len(p) for p in prompts) + max(p.num_draft_tokens for p in points)
+               + max(args.max_new_tokens, longest_round * (2 * args.rounds + 2)) + 64)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             base_ms = round(seconds / tokens * 1000, 4)
         with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=False,
                     prefix_reuse=False) as engine:
-            for point in parse_sweep(args.sweep):
+            for point in points:
                 row = profile_point(engine, export, point, prompts, args.max_new_tokens, args.rounds, args.top)
                 row["base_ms_token"] = base_ms
                 print(json.dumps(row), flush=True)

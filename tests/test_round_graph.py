@@ -295,3 +295,24 @@ def test_prepare_refuses_slots_holding_sequences(runner, exported) -> None:
     finally:
         runner.release(0)
     gen.round_graph.prepare(1)  # nothing live: fine (a no-op off CUDA)
+
+
+def test_rounds_are_pipelined_and_the_round_in_flight_is_dropped_for_stopped_rows(runner, references, exported,
+                                                                                  monkeypatch) -> None:
+    """Round k+1 starts before round k's tokens are emitted. When rows stop, the round in flight is dropped for
+    them (not counted as their verification) and its tokens go to the rows that go on; after the last stop it
+    is wasted whole."""
+    _, graph = generators(runner, exported["eagle3"], SPECS[0])
+    bodies = record_calls(monkeypatch, graph.round_graph, "_body")
+    emitted = record_calls(monkeypatch, graph.round_graph, "_emit")
+    out, cts = decode(graph, [PROMPTS[0]], [NEW_TOKENS], [0])
+    assert out == [references[0]]
+    assert len(bodies) == cts[0] + 1  # the last round's successor ran and was dropped
+    bodies.clear()
+    emitted.clear()
+    limits = [NEW_TOKENS, 9, 23]
+    out, cts = decode(graph, PROMPTS, limits, [0, 1, 2])
+    assert out == [ref[:n] for ref, n in zip(references, limits)]
+    assert len(bodies) == max(cts) + 1  # the early stops lost no round: the rows left used the one in flight
+    assert [len(rows.slots) for rows, _ in emitted] == sorted([len(rows.slots) for rows, _ in emitted],
+                                                                reverse=True)

@@ -74,6 +74,10 @@ class RoundGraph:
         # per row: the round's emitted tokens (accepted drafts, the bonus token, padding), then their count
         self.emitted = torch.zeros(rows, self.width + 1, dtype=torch.long, device=dev)
         self.cols = torch.arange(self.width, device=dev)
+        # two pinned host copies of `emitted`: the round in flight writes one while the host reads the other
+        self.host = [torch.zeros(rows, self.width + 1, dtype=torch.long, pin_memory=self.use_cuda_graph)
+                     for _ in range(2)]
+        self.flip = 0
         self.graphs: dict[tuple[int, int, int | None], torch.cuda.CUDAGraph] = {}
         self.pool = None  # one memory pool shared by every graph, made at the first capture
 
@@ -93,33 +97,73 @@ class RoundGraph:
     # ------------------------------------------------------------------ host side
     def decode(self, rows: _Rows) -> _Rows | None:
         """Run greedy rounds for `rows` (every row greedy). Returns None once every row has stopped, or the rows
-        still decoding when one of them has no room left for a whole tree."""
+        still decoding when one of them has no room left for a whole tree.
+
+        Rounds are pipelined: round k+1 is launched before round k's tokens reach the host, so the host's work
+        (the graph launch, the copy, committing and streaming) overlaps the device's. When a row stops, the
+        round already in flight is drained: its tokens go to the rows that go on and are dropped for the rows
+        that stopped (one wasted round per stop, never counted as a verification)."""
         self._load(rows)
+        inflight: Callable[[], list[list[int]]] | None = None
         while True:
-            ctx = self._bucket(rows.slots)
-            if ctx is None:
+            ctx = self._bucket(rows.slots, ahead=inflight is not None)
+            launched = self._launch(len(rows.slots), ctx, rows.span) if ctx is not None else None
+            if inflight is not None:
+                alive = self._emit(rows, inflight())
+                if len(alive) < len(rows.slots):
+                    if not alive:
+                        if launched is not None:
+                            launched()  # nothing may still write the slots once decode returns
+                        return None
+                    rows = self._drain(rows, alive, launched)
+                    if rows is None:
+                        return None
+                    inflight = None
+                    continue
+            if launched is None:
                 self._store(rows)
                 return rows
-            alive = self._emit(rows, self._run(len(rows.slots), ctx, rows.span))
-            if not alive:
-                return None
-            if len(alive) < len(rows.slots):
-                self._store(rows)
-                rows = _select(rows, alive)
-                self._load(rows)
+            inflight = launched
 
-    def _bucket(self, slots: list[int]) -> int | None:
-        """The smallest context bucket that holds every row's next tree; None when a row would pass max_len."""
-        needed = max(self.gen.runner.lengths[s] for s in slots) + self.size
+    def _drain(self, rows: _Rows, alive: list[int], launched: Callable[[], list[list[int]]] | None) -> _Rows | None:
+        """After rows stopped with a round in flight: finish that round, keep the rows in `alive`, emit the
+        round's tokens for them alone, and reload the buffers. Returns the rows still decoding (None if none)."""
+        emitted = launched() if launched is not None else None  # waits, so the buffers hold its state
+        self._store(rows)
+        rows = _select(rows, alive)
+        if emitted is not None:
+            more = self._emit(rows, [emitted[r] for r in alive])
+            if not more:
+                return None
+            rows = _select(rows, more) if len(more) < len(rows.slots) else rows
+        self._load(rows)
+        return rows
+
+    def _bucket(self, slots: list[int], ahead: bool = False) -> int | None:
+        """The smallest context bucket that holds every row's next tree; None when a row would pass max_len.
+        `ahead`: a round is in flight, so the device lengths may be up to one tree past the host's."""
+        needed = max(self.gen.runner.lengths[s] for s in slots) + self.size * (2 if ahead else 1)
         return next((c for c in self.ctx_sizes if c >= needed), None)
 
-    def _run(self, b: int, ctx: int, span: slice | None) -> list[list[int]]:
-        """One round for rows 0..b-1; returns the `emitted` rows, read with the round's one device->host copy."""
-        if self.use_cuda_graph:
-            self._graph(b, ctx, span).replay()
-        else:
+    def _launch(self, b: int, ctx: int, span: slice | None) -> Callable[[], list[list[int]]]:
+        """Start one round for rows 0..b-1; returns a function that waits for it and gives the `emitted` rows.
+        On CUDA the rows come back through one of two pinned host buffers, so a round's copy can be in flight
+        while the host reads the round before it."""
+        if not self.use_cuda_graph:
             self._body(b, ctx, span)
-        return self.emitted[:b].cpu().tolist()
+            emitted = self.emitted[:b].tolist()
+            return lambda: emitted
+        self._graph(b, ctx, span).replay()
+        host = self.host[self.flip][:b]
+        self.flip ^= 1
+        host.copy_(self.emitted[:b], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def result() -> list[list[int]]:
+            done.synchronize()
+            return host.tolist()
+        return result
 
     def _emit(self, rows: _Rows, emitted: list[list[int]]) -> list[int]:
         """Commit on the host, count, and stream the round's tokens as `_round` does; returns the rows that go on."""
