@@ -83,17 +83,12 @@ def test_fast_steps_match_the_torch_path(runner, drafters, algo):
     # a chain of three drafting steps
     for depth in (1, 2, 3):
         both("chain_step", slots, lengths, 8, rand_ids(2, 1), rand_hidden(2, 1), depth)
-    # a tree: two children of the root (nodes 0, 1), then three grandchildren (nodes 2, 3, 4) of 0, 0 and 1
-    anc1 = torch.eye(2, dtype=torch.bool)[None].expand(2, 2, 2).contiguous()
-    both("tree_step", slots, lengths, 8, rand_ids(2, 2), rand_hidden(2, 2), 1, 0, anc1)
-    parents = [0, 0, 1]
-    anc2 = torch.zeros(2, 3, 5, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        anc2[:, i, p] = True
-        anc2[:, i, 2 + i] = True
-    anc2[1, 2] = False  # row 1's third frontier node sees only itself and node 0
-    anc2[1, 2, [0, 4]] = True
-    both("tree_step", slots, lengths, 8, rand_ids(2, 3), rand_hidden(2, 3), 2, 2, anc2)
+    # a tree: two children of the root (nodes 0, 1), then three grandchildren (nodes 2, 3, 4) of 0, 0 and 1; each
+    # frontier node sees its ancestors' scratch nodes, then itself
+    visible1 = torch.arange(2)[None, :, None].expand(2, 2, 1)
+    both("tree_step", slots, lengths, 8, rand_ids(2, 2), rand_hidden(2, 2), 1, 0, visible1)
+    visible2 = torch.tensor([[[0, 2], [0, 3], [1, 4]], [[0, 2], [0, 3], [0, 4]]])  # row 1: the third is 0's too
+    both("tree_step", slots, lengths, 8, rand_ids(2, 3), rand_hidden(2, 3), 2, 2, visible2)
 
 
 @pytest.mark.parametrize("algo,spec", [("eagle3.1", dict(num_steps=3, topk=1, num_draft_tokens=4)),

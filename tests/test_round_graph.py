@@ -316,3 +316,16 @@ def test_rounds_are_pipelined_and_the_round_in_flight_is_dropped_for_stopped_row
     assert len(bodies) == max(cts) + 1  # the early stops lost no round: the rows left used the one in flight
     assert [len(rows.slots) for rows, _ in emitted] == sorted([len(rows.slots) for rows, _ in emitted],
                                                                 reverse=True)
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[3]], ids=spec_id)
+def test_compiled_bookkeeping_matches_eager(runner, references, exported, spec: dict) -> None:
+    """The round's bookkeeping functions compiled by torch.compile (as on CUDA; here Inductor's CPU backend)
+    decode exactly what they decode eagerly."""
+    from eaglepipe.utils import compiled
+
+    eager, graph = generators(runner, exported["eagle3"], spec)
+    with compiled.compile_everywhere():
+        out = assert_same_decode(eager, graph, PROMPTS[:2], [NEW_TOKENS, 25], [0, 1])
+    assert out == [references[0], references[1][:25]]
+    assert not compiled.FAILED

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..target.info import resolve_model_dir
 from ..utils.device import compute_dtype, pick_device
 from .spec import ModelSpec, read_model_spec, rope_tables
-from .token_path import MAX_ROWS, TokenPath, flat_rows, token_kernels_default, visible_order
+from .token_path import MAX_ROWS, TokenPath, token_kernels_default, verify_rows
 from .weights import LayerWeights, load_weights
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -273,10 +273,8 @@ class LlamaRunner:
         b, t = ids.shape
         write_pos = lengths[:, None] + self._cols[:t][None, :]
         if self.token_path is not None and b * t <= MAX_ROWS:
-            flat = lambda x: flat_rows(x, b, t)  # noqa: E731
-            logits, aux = self.token_path.run(flat(ids), flat(positions), flat(slots[:, None]), flat(write_pos),
-                                              flat(lengths[:, None]), visible_order(pending_mask).reshape(b * t, t),
-                                              flat(pending_mask.sum(-1)), ctx, capture)
+            logits, aux = self.token_path.run(*verify_rows(ids, positions, slots, write_pos, lengths, pending_mask),
+                                              ctx, capture)
             return logits.view(b, t, -1), (aux.view(b, t, -1) if aux is not None else None)
         mask = self._additive_mask(lengths, pending_mask, ctx)
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..utils.compiled import compiled_on_cuda
+
 if TYPE_CHECKING:
     from .model import LlamaRunner
 
@@ -48,6 +50,18 @@ def visible_order(mask: torch.Tensor) -> torch.Tensor:
     s = mask.shape[-1]
     cols = torch.arange(s, device=mask.device)
     return torch.where(mask, cols, s).sort(dim=-1).values
+
+
+@compiled_on_cuda
+def verify_rows(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, write_pos: torch.Tensor,
+                lengths: torch.Tensor, pending_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`TokenPath.run`'s flat rows for S pending tokens on each of B sequences: (ids, positions, slots, write
+    positions, prefix lengths, visible pending tokens [B*S, S], their count). ids/positions/write_pos [B, S],
+    slots/lengths [B], pending_mask bool [B, S, S]."""
+    b, t = ids.shape
+    return (flat_rows(ids, b, t), flat_rows(positions, b, t), flat_rows(slots[:, None], b, t),
+            flat_rows(write_pos, b, t), flat_rows(lengths[:, None], b, t),
+            visible_order(pending_mask).reshape(b * t, t), flat_rows(pending_mask.sum(-1), b, t))
 
 
 class TokenPath:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.token_path import visible_order
+from ..utils.compiled import compiled_on_cuda
 from .tree import VerifyTree
 
 
@@ -47,19 +48,30 @@ class Acceptance:
 def greedy_accept_device(tree: VerifyTree, target_logits: torch.Tensor) -> DeviceAcceptance:
     """Longest path whose tokens all equal the target's argmax at their parent, on the device: static shapes, no
     host sync (safe to capture in a CUDA graph). target_logits [B, S, V] in verify order."""
+    return DeviceAcceptance(*_greedy_accept(tree.tokens, tree.parents, tree.depths, tree.ancestors, target_logits))
+
+
+@compiled_on_cuda
+def _greedy_accept(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor,
+                   target_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
     choice = target_logits.argmax(dim=-1)  # [B, S]
-    correct = tree.tokens == choice.gather(1, tree.parents)
+    correct = tokens == choice.gather(1, parents)
     correct[:, 0] = True
-    ok = ~(tree.ancestors & ~correct[:, None, :]).any(dim=-1)  # every node on the path from the root matches
-    best = (tree.depths * ok).argmax(dim=-1)  # accepted nodes form one path; take its deepest node
-    path_mask = tree.ancestors.gather(1, best[:, None, None].expand(-1, 1, tree.tokens.shape[1]))[:, 0]
-    return DeviceAcceptance(path_mask, best, choice.gather(1, best[:, None])[:, 0], path_mask.sum(dim=1))
+    ok = ~(ancestors & ~correct[:, None, :]).any(dim=-1)  # every node on the path from the root matches
+    best = (depths * ok).argmax(dim=-1)  # accepted nodes form one path; take its deepest node
+    path_mask = ancestors.gather(1, best[:, None, None].expand(-1, 1, tokens.shape[1]))[:, 0]
+    return path_mask, best, choice.gather(1, best[:, None])[:, 0], path_mask.sum(dim=1)
 
 
 def path_nodes(acc: DeviceAcceptance, width: int) -> torch.Tensor:
     """The accepted path's verify-order node indices [B, width], root first (parents precede children in verify
     order, so ascending order is path order), padded with the deepest node. width >= every path's length."""
-    return torch.minimum(visible_order(acc.path_mask)[:, :width], acc.deepest[:, None])
+    return _path_nodes(acc.path_mask, acc.deepest, width)
+
+
+@compiled_on_cuda
+def _path_nodes(path_mask: torch.Tensor, deepest: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.minimum(visible_order(path_mask)[:, :width], deepest[:, None])
 
 
 def greedy_accept(tree: VerifyTree, target_logits: torch.Tensor) -> Acceptance:

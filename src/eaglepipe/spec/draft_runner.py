@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.token_path import flat_rows, token_kernels_default, visible_order
+from ..engine.token_path import flat_rows, token_kernels_default
 from ..models.build import Drafter
+from ..utils.compiled import compiled_on_cuda
 
 
 class DraftRunner:
@@ -119,20 +120,17 @@ class DraftRunner:
     @torch.inference_mode()
     def tree_step(self, slots: torch.Tensor, lengths: torch.Tensor, max_length: int, ids: torch.Tensor,
                   hidden: torch.Tensor, depth: int, node_start: int,
-                  ancestors: torch.Tensor, span: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  visible: torch.Tensor, span: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft the children of F frontier nodes at tree `depth` (>= 1), stored as scratch nodes
-        node_start..node_start+F-1. ancestors bool [B, F, node_start + F]: the scratch nodes (self included)
-        each frontier node sees. Returns (hidden_out, logits) [B, F, ...]."""
+        node_start..node_start+F-1. visible long [B, F, depth]: the scratch nodes each frontier node sees, in
+        ascending order (its ancestors below the root, then itself). Returns (hidden_out, logits) [B, F, ...]."""
         b, f = ids.shape
         past_len = max_length + node_start
-        if self.fast is not None:
-            # the committed prefix, then the visible scratch nodes (self included) in ascending order
-            pending = visible_order(ancestors)
-            count = ancestors.sum(dim=-1)
-            positions = (lengths + depth - 1)[:, None]
-            write = lengths[:, None] + node_start + self._cols[:f][None, :]
-            return self._run_fast(slots, ids, hidden, positions, write, lengths[:, None],
-                                  pending.reshape(b * f, node_start + f), count, past_len + f)
+        if self.fast is not None:  # the committed prefix, then the visible scratch nodes
+            rows = tree_rows(slots, lengths, ids, hidden, visible, node_start)
+            out, logits = self.fast.step(self.k, self.v, *rows, past_len + f)
+            return out.view(b, f, -1), logits.view(b, f, -1)
+        ancestors = torch.zeros(b, f, node_start + f, dtype=torch.bool, device=ids.device).scatter_(2, visible, True)
         rel = self._cols[:past_len][None, :] - lengths[:, None]  # [B, past_len]
         allowed_past = (rel < 0)[:, None, :].expand(b, f, past_len)
         if node_start:
@@ -142,3 +140,15 @@ class DraftRunner:
         positions = (lengths + depth - 1)[:, None].expand(b, f)
         write = lengths[:, None] + node_start + self._cols[:f][None, :]
         return self._run(slots, ids, hidden, positions, past_len, allowed, write, span)
+
+
+@compiled_on_cuda
+def tree_rows(slots: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor,
+              visible: torch.Tensor, node_start: int) -> tuple[torch.Tensor, ...]:
+    """The flat token rows of a tree step for `FastDrafter.step`: (slots, ids, hidden, RoPE positions, write
+    positions, prefix lengths, pending scratch nodes, their count), one row per frontier node."""
+    b, f, depth = visible.shape
+    prefix = lengths[:, None].expand(b, f).reshape(-1)
+    write = prefix + node_start + torch.arange(f, device=ids.device).repeat(b)
+    return (slots[:, None].expand(b, f).reshape(-1), ids.reshape(-1), hidden.reshape(b * f, -1).contiguous(),
+            prefix + (depth - 1), write, prefix, visible.reshape(b * f, depth), torch.full_like(prefix, depth))

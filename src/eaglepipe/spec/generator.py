@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..engine.model import LlamaRunner, rms_norm
 from ..engine.sampling import SamplingParams, filtered_probs, make_generator, sample_rows
@@ -29,7 +28,7 @@ from .accept import greedy_accept, path_nodes, sample_accept_row
 from .config import SpecConfig
 from .draft_runner import DraftRunner
 from .drafter_loader import LoadedDrafter, load_exported_drafter
-from .tree import Candidates, VerifyTree, best_frontier, expand, select_tree
+from .tree import Candidates, VerifyTree, draft_logprobs, expand, grow, select_tree, target_ids
 
 OnTokens = Callable[[list[int]], bool]
 
@@ -106,6 +105,9 @@ class SpeculativeGenerator:
         # a chain's fixed verify layout: node i is the child of node i-1 at depth i
         self._chain_parents = (self._cols[:n] - 1).clamp(min=0)
         self._chain_ancestors = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        k, steps = self.spec.topk, self.spec.num_steps
+        self._cand_depths = torch.tensor([1] * k + [d + 1 for d in range(1, steps) for _ in range(k * k)], device=dev)
+        self._d2t = getattr(self.drafter, "d2t", None) if self.eagle3 else None
         if graph_rounds is None:
             graph_rounds = dev.type == "cuda" and os.environ.get("EAGLEPIPE_GRAPH_ROUNDS", "1") != "0"
         self.round_graph = None
@@ -151,15 +153,10 @@ class SpeculativeGenerator:
         return rms_norm(aux, self.runner.weights.norm, self.runner.spec.rms_norm_eps)
 
     def _drafter_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.loaded.hot_ids is not None:
-            logits = logits[..., self.loaded.hot_ids]
-        return F.log_softmax(logits, dim=-1)
+        return draft_logprobs(logits, self.loaded.hot_ids)
 
     def _to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        if self.loaded.hot_ids is not None:
-            return self.loaded.hot_ids[draft_ids]
-        return self.drafter.to_target_ids(draft_ids)
+        return target_ids(draft_ids, self._d2t, self.loaded.hot_ids)
 
     def _draft_argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """The drafter's top-1 proposal as a target id (a chain needs no log-probs: no selection follows)."""
@@ -227,41 +224,31 @@ class SpeculativeGenerator:
     def _draft_tree(self, roots: torch.Tensor, draft_hidden: torch.Tensor, draft_logits: torch.Tensor,
                     slots_t: torch.Tensor, lengths: torch.Tensor, max_length: int, keep: int,
                     span: slice | None) -> VerifyTree:
-        """Propose candidates for every row and keep the best `keep` of them (EAGLE-2)."""
+        """Propose candidates for every row and keep the best `keep` of them (EAGLE-2). Between drafter steps the
+        bookkeeping runs as compiled functions on CUDA (`grow`, `tree_rows`, `select_tree`)."""
         k, steps, dev = self.spec.topk, self.spec.num_steps, self.runner.device
         b = roots.shape[0]
         ids, scores = expand(torch.zeros(b, 1, device=dev), self._drafter_logprobs(draft_logits)[:, None], k)
         tokens = [self._to_target_ids(ids)]
         all_scores = [scores]
         parents = [torch.full((b, k), -1, dtype=torch.long, device=dev)]
-        depths = [torch.ones(b, k, dtype=torch.long, device=dev)]
-        frontier_cand = torch.arange(k, device=dev).expand(b, k)  # candidate ids of the frontier
+        frontier_cand = self._cols[:k].expand(b, k)  # candidate ids of the frontier
         frontier_hidden = draft_hidden[:, None].expand(b, k, -1)
         frontier_tokens, frontier_scores = tokens[0], scores
-        scratch = (steps - 1) * k
-        frontier_anc = torch.zeros(b, k, max(scratch, 1), dtype=torch.bool, device=dev)
-        parent_slot = (torch.arange(k * k, device=dev) // k).expand(b, -1)  # the frontier index of each child
-        n_cand = k
+        visible = self._cols[:k, None].expand(b, k, 1)  # each child of the root sees itself (scratch node f)
         for depth in range(1, steps):
             start = (depth - 1) * k
-            frontier_anc[:, :, start:start + k] |= torch.eye(k, dtype=torch.bool, device=dev)
             h, lg = self.draft.tree_step(slots_t, lengths, max_length, frontier_tokens, frontier_hidden, depth, start,
-                                         frontier_anc[:, :, :start + k], span)
-            ids, scores = expand(frontier_scores, self._drafter_logprobs(lg), k)  # [B, k*k]
-            tokens.append(self._to_target_ids(ids))
-            all_scores.append(scores)
-            parents.append(frontier_cand.gather(1, parent_slot))
-            depths.append(torch.full((b, k * k), depth + 1, dtype=torch.long, device=dev))
-            if depth == steps - 1:
-                break
-            best = best_frontier(scores, k)  # [B, k] among the new k*k
-            src = best // k  # which frontier node each new frontier node descends from
-            frontier_cand = n_cand + best
-            frontier_tokens, frontier_scores = tokens[-1].gather(1, best), scores.gather(1, best)
-            frontier_hidden = h.gather(1, src[..., None].expand(-1, -1, h.shape[-1]))
-            frontier_anc = frontier_anc.gather(1, src[..., None].expand(-1, -1, frontier_anc.shape[-1])).clone()
-            n_cand += k * k
-        cands = Candidates(torch.cat(tokens, 1), torch.cat(all_scores, 1), torch.cat(parents, 1), torch.cat(depths, 1))
+                                         visible, span)
+            grown = grow(frontier_scores, self._drafter_logprobs(lg), h, frontier_cand, visible, (depth - 1) * k * k + k,
+                         depth * k, k, self._d2t, self.loaded.hot_ids)
+            tokens.append(grown.tokens)
+            all_scores.append(grown.scores)
+            parents.append(grown.parents)
+            frontier_tokens, frontier_scores, frontier_hidden = grown.next_tokens, grown.next_scores, grown.next_hidden
+            visible, frontier_cand = grown.next_visible, grown.next_cand
+        cands = Candidates(torch.cat(tokens, 1), torch.cat(all_scores, 1), torch.cat(parents, 1),
+                           self._cand_depths.expand(b, -1))
         return select_tree(cands, roots, keep, steps)
 
     def _verify(self, rows: _Rows, tree: VerifyTree, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

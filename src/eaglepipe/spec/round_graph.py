@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from ..utils.compiled import compiled_on_cuda
 from .accept import greedy_accept_device, path_nodes
 from .generator import SpeculativeGenerator, _Rows, _select
 from .tree import VerifyTree
@@ -34,6 +35,7 @@ def context_buckets(max_len: int, min_ctx: int) -> list[int]:
     return sizes + [max_len]
 
 
+@compiled_on_cuda
 def chain_accept(tokens: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy acceptance of a chain on the device: (accepted drafts [B], bonus token [B]).
 

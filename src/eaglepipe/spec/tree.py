@@ -7,8 +7,12 @@ numbered before it, and its cumulative log-probability is never above its parent
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+
+from ..utils.compiled import compiled_on_cuda
 
 
 @dataclass
@@ -53,21 +57,86 @@ def best_frontier(scores: torch.Tensor, topk: int) -> torch.Tensor:
     return scores.topk(topk, dim=-1).indices
 
 
+@compiled_on_cuda
+def draft_logprobs(logits: torch.Tensor, hot_ids: torch.Tensor | None) -> torch.Tensor:
+    """fp32 log-probabilities of the drafter's logits, over its hot token ids when it has a token map."""
+    logits = logits.float()
+    if hot_ids is not None:
+        logits = logits[..., hot_ids]
+    return F.log_softmax(logits, dim=-1)
+
+
+def target_ids(draft_ids: torch.Tensor, d2t: torch.Tensor | None, hot_ids: torch.Tensor | None) -> torch.Tensor:
+    """Draft-vocab ids as target ids: through the token map (hot ids), d2t offsets, or unchanged."""
+    if hot_ids is not None:
+        return hot_ids[draft_ids]
+    if d2t is not None:
+        return draft_ids + d2t[draft_ids]
+    return draft_ids
+
+
+class Grown(NamedTuple):
+    """One depth of EAGLE-2 expansion: the new candidates [B, F*topk] (target ids, cumulative scores, parent
+    candidate ids) and the next frontier [B, topk] (tokens, scores, drafter hidden states [B, topk, H], visible
+    scratch nodes [B, topk, depth + 1] and candidate ids)."""
+
+    tokens: torch.Tensor
+    scores: torch.Tensor
+    parents: torch.Tensor
+    next_tokens: torch.Tensor
+    next_scores: torch.Tensor
+    next_hidden: torch.Tensor
+    next_visible: torch.Tensor
+    next_cand: torch.Tensor
+
+
+def grow(frontier_scores: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor, frontier_cand: torch.Tensor,
+         visible: torch.Tensor, first_new: int, next_start: int, topk: int, d2t: torch.Tensor | None,
+         hot_ids: torch.Tensor | None) -> Grown:
+    """The children of the frontier, after the drafter ran on it (logprobs [B, F, V], hidden [B, F, H]), and the
+    best `topk` of them as the next frontier. New candidates are numbered from `first_new`; the next frontier
+    will be stored as scratch nodes next_start.. (its `visible` gains that index after its parent's)."""
+    return Grown(*_grow(frontier_scores, logprobs, hidden, frontier_cand, visible, first_new, next_start, topk, d2t,
+                        hot_ids))
+
+
+@compiled_on_cuda
+def _grow(frontier_scores: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor, frontier_cand: torch.Tensor,
+          visible: torch.Tensor, first_new: int, next_start: int, topk: int, d2t: torch.Tensor | None,
+          hot_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    ids, scores = expand(frontier_scores, logprobs, topk)
+    tokens = target_ids(ids, d2t, hot_ids)
+    parents = frontier_cand.repeat_interleave(topk, dim=1)  # child j of frontier node f is candidate f*topk + j
+    best = best_frontier(scores, topk)
+    src = best // topk  # the frontier node each new frontier node descends from
+    b, depth = best.shape[0], visible.shape[-1]
+    itself = (next_start + torch.arange(topk, device=best.device))[None, :, None].expand(b, topk, 1)
+    return (tokens, scores, parents, tokens.gather(1, best), scores.gather(1, best),
+            hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1])),
+            torch.cat([visible.gather(1, src[..., None].expand(-1, -1, depth)), itself], dim=2), first_new + best)
+
+
 def select_tree(cands: Candidates, root_token: torch.Tensor, keep: int, max_depth: int) -> VerifyTree:
     """Keep the best `keep` candidates by cumulative log-prob (ties: the earlier candidate) and lay them out
     after the root in candidate order. The kept set contains every kept node's parent."""
-    b, c = cands.scores.shape
-    dev = cands.scores.device
-    order = torch.sort(cands.scores, dim=-1, descending=True, stable=True).indices[:, :keep]
+    return VerifyTree(*_select(cands.tokens, cands.scores, cands.parents, cands.depths, root_token, keep, max_depth))
+
+
+@compiled_on_cuda
+def _select(tokens: torch.Tensor, scores: torch.Tensor, cand_parents: torch.Tensor, cand_depths: torch.Tensor,
+            root_token: torch.Tensor, keep: int, max_depth: int) -> tuple[torch.Tensor, ...]:
+    b, c = scores.shape
+    dev = scores.device
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]
     kept = order.sort(dim=-1).values  # candidate order: parents before children
     # position of every candidate in verify order (kept ones at 1..keep; root at 0)
     pos = torch.zeros(b, c + 1, dtype=torch.long, device=dev)
     pos.scatter_(1, kept + 1, torch.arange(1, keep + 1, device=dev).expand(b, keep))
-    parent_cand = cands.parents.gather(1, kept)
+    parent_cand = cand_parents.gather(1, kept)
     parents = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), pos.gather(1, parent_cand + 1)], dim=1)
-    tokens = torch.cat([root_token[:, None], cands.tokens.gather(1, kept)], dim=1)
-    depths = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), cands.depths.gather(1, kept)], dim=1)
-    return VerifyTree(tokens, parents, depths, ancestor_matrix(parents, max_depth))
+    verify_tokens = torch.cat([root_token[:, None], tokens.gather(1, kept)], dim=1)
+    depths = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), cand_depths.gather(1, kept)], dim=1)
+    return verify_tokens, parents, depths, ancestor_matrix(parents, max_depth)
 
 
 def ancestor_matrix(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
