@@ -2,8 +2,8 @@
 # Every GPU figure of benchmarks/RESULTS.md in one unattended job on a single GPU box, most wanted first:
 #   the token path's bit-identity check, the prefill and prefix-reuse checks, the decode and regen benchmarks,
 #   the pipeline's own stages (snakemake) on the params.yaml in force, the speculative-decoding benchmark on the
-#   drafter that run exported, the training-vs-serving replay check on it, the training benchmark, and last HF's
-#   compiled decode baseline (slow to compile).
+#   drafter that run exported, the round profile and the training-vs-serving replay check on it, the training
+#   benchmark, and last HF's compiled decode baseline (slow to compile).
 # Usage on your own GPU box (repo root, venv active, params.yaml composed, e.g. with
 #   `python -m eaglepipe.compose experiment=smollm2_h100 device=cuda`):  bash benchmarks/gpu_run.sh
 # On the lent offline box this repo's figures came from: `source benchmarks/device_setup.sh`, then
@@ -13,6 +13,7 @@
 # (EAGLEPIPE_TOKEN_PATH=0), and a failed speculative step is retried with eager rounds (EAGLEPIPE_GRAPH_ROUNDS=0).
 # STEPS (default: all) picks steps by name, e.g. STEPS="fetch_target prefill pipeline spec_decode"; SPEC_PROMPTS,
 # SPEC_TOKENS and SPEC_SWEEP ("steps,topk,draft_tokens ...") set the speculative-decoding benchmark's prompts and points;
+# ROUND_SWEEP sets round_profile's points (where each speculative round's time goes);
 # TRAIN_BENCH_ARGS adds arguments to the training benchmark (e.g. "--shapes smollm2 --ttt-steps 4 --compile").
 # Progress: $STORE/logs/steps.txt; done: $STORE/DONE.
 set -u
@@ -57,6 +58,8 @@ step pipeline_bench 420 snakemake --cores all --rerun-incomplete \
 spec=(python3 benchmarks/spec_decode.py --target "$T" --export "$R/export" --prompts "${SPEC_PROMPTS:-8}"
       --max-new-tokens "${SPEC_TOKENS:-128}" ${SPEC_SWEEP:+--sweep "$SPEC_SWEEP"})
 step spec_decode 300 "${spec[@]}" || EAGLEPIPE_GRAPH_ROUNDS=0 step spec_decode_eager 300 "${spec[@]}"
+step round_profile 300 python3 benchmarks/round_profile.py --target "$T" --export "$R/export" \
+  --out "$LOGS/round_profile.jsonl" ${ROUND_SWEEP:+--sweep "$ROUND_SWEEP"}
 step replay_check 300 python3 benchmarks/replay_check.py --target "$T" --export "$R/export" --tokens "$R/data/tokens" \
   --prompts "${SPEC_PROMPTS:-8}" --max-new-tokens "${SPEC_TOKENS:-128}"
 step train_bench 240 python3 benchmarks/train.py --model "$T" ${TRAIN_BENCH_ARGS:-}
