@@ -24,6 +24,7 @@ import torch
 
 from ..engine.model import LlamaRunner, rms_norm
 from ..engine.sampling import SamplingParams, filtered_probs, make_generator, sample_rows
+from ..utils.compiled import compiled_on_cuda
 from .accept import greedy_accept, path_nodes, sample_accept_row
 from .config import SpecConfig
 from .draft_runner import DraftRunner
@@ -295,7 +296,7 @@ class SpeculativeGenerator:
             rows.verify_ct[slot] += 1
         self._count([len(p) for p in paths])
         new_tokens = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
-        ids = self._emitted_tokens(tree.tokens, idx, n, roots)
+        ids = emitted_tokens(tree.tokens, idx, n, roots)
         rows.draft_hidden, rows.draft_logits = self._extend_draft(rows.slots_t, rows.lengths, max_length, ids, aux,
                                                                   idx, n, rows.span)
         rows.roots = roots
@@ -335,14 +336,6 @@ class SpeculativeGenerator:
         for cache in (self.runner.k_cache, self.runner.v_cache):
             cache[:, r, :, dst] = cache[:, r, :, src]
 
-    def _emitted_tokens(self, tokens: torch.Tensor, path: torch.Tensor, count: torch.Tensor,
-                        bonus: torch.Tensor) -> torch.Tensor:
-        """The tokens a round emits [B, W]: the tree `tokens` at the path's nodes after the root (`path` [B, W] in
-        verify order, root first, `count` [B] nodes), then the bonus token, repeated as padding."""
-        cols = self._cols[:path.shape[1]]
-        return torch.cat([tokens.gather(1, path[:, 1:]), bonus[:, None]], dim=1).where(
-            cols < (count - 1)[:, None], bonus[:, None])
-
     def _extend_draft(self, slots_t: torch.Tensor, lengths: torch.Tensor, max_length: int, ids: torch.Tensor,
                       aux: torch.Tensor, path: torch.Tensor, count: torch.Tensor,
                       span: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,6 +354,15 @@ class SpeculativeGenerator:
             self.stats.tokens += n
             for d in range(n - 1):
                 self.stats.accepted_at[d] += 1
+
+
+@compiled_on_cuda
+def emitted_tokens(tokens: torch.Tensor, path: torch.Tensor, count: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
+    """The tokens a round emits [B, W]: the tree `tokens` at the path's nodes after the root (`path` [B, W] in
+    verify order, root first, `count` [B] nodes), then the bonus token, repeated as padding."""
+    cols = torch.arange(path.shape[1], device=path.device)
+    return torch.cat([tokens.gather(1, path[:, 1:]), bonus[:, None]], dim=1).where(
+        cols < (count - 1)[:, None], bonus[:, None])
 
 
 def _select(rows: _Rows, keep: list[int]) -> _Rows:

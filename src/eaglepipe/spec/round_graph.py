@@ -22,7 +22,7 @@ import torch
 
 from ..utils.compiled import compiled_on_cuda
 from .accept import greedy_accept_device, path_nodes
-from .generator import SpeculativeGenerator, _Rows, _select
+from .generator import SpeculativeGenerator, _Rows, _select, emitted_tokens
 from .tree import VerifyTree
 
 
@@ -222,7 +222,7 @@ class RoundGraph:
 
         def extend() -> None:
             path, n, bonus = st["path"], st["n"], st["bonus"]
-            ids = gen._emitted_tokens(st["tree"].tokens, path, n, bonus)
+            ids = emitted_tokens(st["tree"].tokens, path, n, bonus)
             hidden, lg = gen._extend_draft(slots, lengths, bound, ids, st["aux"], path, n, span)
             draft_hidden.copy_(hidden)
             draft_logits.copy_(lg)
