@@ -110,3 +110,19 @@ def test_speculative_greedy_with_the_fast_drafter(runner, refs, drafters, algo, 
     print(algo, spec, slow.stats.tau, fast.stats.tau)
     assert fast.stats.tau > 1.2, fast.stats
     assert fast.stats.tau == pytest.approx(slow.stats.tau)
+
+
+def test_tree_rows_are_contiguous_for_one_row() -> None:
+    """A batch of one makes [1, F] views whose plain reshape has stride 0: `tree_rows` must hand the kernels
+    real per-row tensors (a stride-0 slot or prefix list read past its one element on the GPU)."""
+    from eaglepipe.spec.draft_runner import tree_rows
+
+    visible = torch.tensor([[[0, 3], [1, 4], [0, 5]]])
+    rows = tree_rows(torch.tensor([2]), torch.tensor([7]), torch.tensor([[5, 6, 9]]), torch.randn(1, 1, 4)
+                     .expand(1, 3, 4), visible, 3)
+    slots, ids, hidden, positions, write, prefix, pending, count = rows
+    for x in (slots, ids, positions, write, prefix, count):
+        assert x.stride() == (1,) and x.shape == (3,)
+    assert slots.tolist() == [2, 2, 2] and prefix.tolist() == [7, 7, 7] and positions.tolist() == [8, 8, 8]
+    assert write.tolist() == [10, 11, 12] and count.tolist() == [2, 2, 2] and ids.tolist() == [5, 6, 9]
+    assert hidden.shape == (3, 4) and hidden.is_contiguous() and pending.tolist() == visible[0].tolist()

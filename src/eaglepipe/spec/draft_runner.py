@@ -148,7 +148,8 @@ def tree_rows(slots: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor, hid
     """The flat token rows of a tree step for `FastDrafter.step`: (slots, ids, hidden, RoPE positions, write
     positions, prefix lengths, pending scratch nodes, their count), one row per frontier node."""
     b, f, depth = visible.shape
-    prefix = lengths[:, None].expand(b, f).reshape(-1)
+    prefix = flat_rows(lengths[:, None], b, f)
     write = prefix + node_start + torch.arange(f, device=ids.device).repeat(b)
-    return (slots[:, None].expand(b, f).reshape(-1), ids.reshape(-1), hidden.reshape(b * f, -1).contiguous(),
-            prefix + (depth - 1), write, prefix, visible.reshape(b * f, depth), torch.full_like(prefix, depth))
+    return (flat_rows(slots[:, None], b, f), flat_rows(ids, b, f), hidden.reshape(b * f, -1).contiguous(),
+            prefix + (depth - 1), write, prefix, visible.reshape(b * f, depth).contiguous(),
+            torch.full_like(prefix, depth))

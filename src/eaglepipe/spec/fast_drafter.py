@@ -62,6 +62,9 @@ class FastDrafter:
         prefix_lens[m] positions, then prefix_lens[m] + pending[m, :pending_count[m]] (ascending; its own write
         position among them). `max_keys` >= prefix + count over all rows (a static launch bound).
         Returns (next hidden state [M, H], fp32 draft logits [M, V_d])."""
+        per_row = (slots, ids, positions, write_pos, prefix_lens, pending_count)
+        if any(x.dim() != 1 or x.stride(0) != 1 for x in per_row) or pending.stride(-1) != 1:
+            raise ValueError("token rows must be contiguous 1-D tensors (the kernels index them by row)")
         kn, eps = self.kernels, self.eps
         emb = F.embedding(ids, self.embed)
         qkv = kn.norm_linear(emb, self.qkv_embed, norm_weight=self.input_norm, eps=eps)
