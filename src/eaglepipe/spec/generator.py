@@ -156,6 +156,16 @@ class SpeculativeGenerator:
     def _drafter_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         return draft_logprobs(logits, self.loaded.hot_ids)
 
+    def _draft_topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The drafter's `topk` best tokens at each of F nodes: (log-probs, draft ids) [B, F, topk]. With the
+        fast drafter, one Triton launch (`topk_logprobs`) instead of a log-softmax and PyTorch's top-k."""
+        k, fast = self.spec.topk, self.draft.fast
+        b, f, v = logits.shape
+        if fast is not None and self.loaded.hot_ids is None and v <= fast.kernels.topk.MAX_VOCAB:
+            values, ids = fast.kernels.topk_logprobs(logits.reshape(b * f, v), k)
+            return values.view(b, f, k), ids.view(b, f, k)
+        return self._drafter_logprobs(logits).topk(k, dim=-1)
+
     def _to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return target_ids(draft_ids, self._d2t, self.loaded.hot_ids)
 
@@ -229,7 +239,7 @@ class SpeculativeGenerator:
         bookkeeping runs as compiled functions on CUDA (`grow`, `tree_rows`, `select_tree`)."""
         k, steps, dev = self.spec.topk, self.spec.num_steps, self.runner.device
         b = roots.shape[0]
-        ids, scores = expand(torch.zeros(b, 1, device=dev), self._drafter_logprobs(draft_logits)[:, None], k)
+        ids, scores = expand(torch.zeros(b, 1, device=dev), *self._draft_topk(draft_logits[:, None]))
         tokens = [self._to_target_ids(ids)]
         all_scores = [scores]
         parents = [torch.full((b, k), -1, dtype=torch.long, device=dev)]
@@ -241,8 +251,8 @@ class SpeculativeGenerator:
             start = (depth - 1) * k
             h, lg = self.draft.tree_step(slots_t, lengths, max_length, frontier_tokens, frontier_hidden, depth, start,
                                          visible, span)
-            grown = grow(frontier_scores, self._drafter_logprobs(lg), h, frontier_cand, visible, (depth - 1) * k * k + k,
-                         depth * k, k, self._d2t, self.loaded.hot_ids)
+            grown = grow(frontier_scores, *self._draft_topk(lg), h, frontier_cand, visible, (depth - 1) * k * k + k,
+                         depth * k, self._d2t, self.loaded.hot_ids)
             tokens.append(grown.tokens)
             all_scores.append(grown.scores)
             parents.append(grown.parents)

@@ -42,14 +42,13 @@ class VerifyTree:
                           self.ancestors[r:r + 1])
 
 
-def expand(frontier_scores: torch.Tensor, logprobs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expand(frontier_scores: torch.Tensor, top_logprobs: torch.Tensor,
+           top_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Children of each frontier node: (draft ids [B, F*topk], cumulative scores [B, F*topk]).
 
-    frontier_scores [B, F]; logprobs [B, F, V] of the drafter at each frontier node.
+    frontier_scores [B, F]; top_logprobs/top_ids [B, F, topk]: the drafter's best tokens at each frontier node.
     """
-    lp, ids = logprobs.topk(topk, dim=-1)
-    scores = frontier_scores[..., None] + lp
-    return ids.flatten(1), scores.flatten(1)
+    return top_ids.flatten(1), (frontier_scores[..., None] + top_logprobs).flatten(1)
 
 
 def best_frontier(scores: torch.Tensor, topk: int) -> torch.Tensor:
@@ -90,21 +89,23 @@ class Grown(NamedTuple):
     next_cand: torch.Tensor
 
 
-def grow(frontier_scores: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor, frontier_cand: torch.Tensor,
-         visible: torch.Tensor, first_new: int, next_start: int, topk: int, d2t: torch.Tensor | None,
-         hot_ids: torch.Tensor | None) -> Grown:
-    """The children of the frontier, after the drafter ran on it (logprobs [B, F, V], hidden [B, F, H]), and the
-    best `topk` of them as the next frontier. New candidates are numbered from `first_new`; the next frontier
-    will be stored as scratch nodes next_start.. (its `visible` gains that index after its parent's)."""
-    return Grown(*_grow(frontier_scores, logprobs, hidden, frontier_cand, visible, first_new, next_start, topk, d2t,
-                        hot_ids))
+def grow(frontier_scores: torch.Tensor, top_logprobs: torch.Tensor, top_ids: torch.Tensor, hidden: torch.Tensor,
+         frontier_cand: torch.Tensor, visible: torch.Tensor, first_new: int, next_start: int,
+         d2t: torch.Tensor | None, hot_ids: torch.Tensor | None) -> Grown:
+    """The children of the frontier, after the drafter ran on it (its best tokens top_logprobs/top_ids
+    [B, F, topk], hidden [B, F, H]), and the best `topk` of them as the next frontier. New candidates are numbered
+    from `first_new`; the next frontier will be stored as scratch nodes next_start.. (its `visible` gains that
+    index after its parent's)."""
+    return Grown(*_grow(frontier_scores, top_logprobs, top_ids, hidden, frontier_cand, visible, first_new, next_start,
+                        d2t, hot_ids))
 
 
 @compiled_on_cuda
-def _grow(frontier_scores: torch.Tensor, logprobs: torch.Tensor, hidden: torch.Tensor, frontier_cand: torch.Tensor,
-          visible: torch.Tensor, first_new: int, next_start: int, topk: int, d2t: torch.Tensor | None,
-          hot_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    ids, scores = expand(frontier_scores, logprobs, topk)
+def _grow(frontier_scores: torch.Tensor, top_logprobs: torch.Tensor, top_ids: torch.Tensor, hidden: torch.Tensor,
+          frontier_cand: torch.Tensor, visible: torch.Tensor, first_new: int, next_start: int,
+          d2t: torch.Tensor | None, hot_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    topk = top_ids.shape[-1]
+    ids, scores = expand(frontier_scores, top_logprobs, top_ids)
     tokens = target_ids(ids, d2t, hot_ids)
     parents = frontier_cand.repeat_interleave(topk, dim=1)  # child j of frontier node f is candidate f*topk + j
     best = best_frontier(scores, topk)

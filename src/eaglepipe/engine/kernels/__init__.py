@@ -9,5 +9,6 @@ Import this package only where Triton is wanted: `TRITON_INTERPRET=1` (the CPU t
 from .attention import virtual_attention
 from .linear import norm_gate_up, norm_linear
 from .rope_cache import rope_write_kv
+from .topk import topk_logprobs
 
-__all__ = ["norm_gate_up", "norm_linear", "rope_write_kv", "virtual_attention"]
+__all__ = ["norm_gate_up", "norm_linear", "rope_write_kv", "topk_logprobs", "virtual_attention"]

@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention, linear, rope_cache
+from . import attention, linear, rope_cache, topk
 
 
 def _sig(pointers: dict[str, str], ints: list[str], floats: list[str], constexprs: dict[str, Any]) -> tuple:
@@ -57,6 +57,9 @@ def variants(dtype: str) -> list[tuple[Any, dict, dict]]:
     out.append((attention._merge_kernel, *_sig(
         pointers, ["stride_sm", "stride_sh", "stride_om", "stride_oh", "stride_oc", "stride_out"], [],
         {"D": 64, "DP": 64, "C": attention.CHUNK})))
+    out.append((topk._topk_logprob_kernel, *_sig(
+        {"x_ptr": f"*{dtype}", "val_ptr": "*fp32", "idx_ptr": "*i64"}, ["V", "stride_x"], [],
+        {"K": 8, "BLOCK": topk.MAX_VOCAB})))
     return out
 
 
