@@ -158,10 +158,12 @@ class SpeculativeGenerator:
 
     def _draft_topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The drafter's `topk` best tokens at each of F nodes: (log-probs, draft ids) [B, F, topk]. With the
-        fast drafter, one Triton launch (`topk_logprobs`) instead of a log-softmax and PyTorch's top-k."""
+        fast drafter, one Triton launch (`topk_logprobs`) instead of a log-softmax and PyTorch's top-k (unless
+        EAGLEPIPE_TOPK_KERNEL=0)."""
         k, fast = self.spec.topk, self.draft.fast
         b, f, v = logits.shape
-        if fast is not None and self.loaded.hot_ids is None and v <= fast.kernels.topk.MAX_VOCAB:
+        if fast is not None and self.loaded.hot_ids is None and v <= fast.kernels.topk.MAX_VOCAB \
+                and os.environ.get("EAGLEPIPE_TOPK_KERNEL", "1") != "0":
             values, ids = fast.kernels.topk_logprobs(logits.reshape(b * f, v), k)
             return values.view(b, f, k), ids.view(b, f, k)
         return self._drafter_logprobs(logits).topk(k, dim=-1)

@@ -3,6 +3,7 @@
 PyTorch's `topk` on a few rows of a 16,384-token draft vocabulary runs a single-block radix select per row
 (55 µs a call on an H200, the largest cost of a tree round). Here one program holds a whole row in registers,
 takes its log-sum-exp, then picks the k largest by k max-reductions (ties: the lowest index first).
+Its speed on a GPU has not been measured yet; EAGLEPIPE_TOPK_KERNEL=0 goes back to PyTorch's top-k.
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ def _topk_logprob_kernel(x_ptr, val_ptr, idx_ptr, V, stride_x, K: tl.constexpr, 
     top = tl.max(x, axis=0)
     log_sum = tl.log(tl.sum(tl.exp(x - top), axis=0))
     for i in tl.static_range(K):
-        best = tl.max(x, axis=0)
-        arg = tl.argmax(x, axis=0, tie_break_left=True)
+        best, arg = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
         tl.store(val_ptr + row * K + i, (best - top) - log_sum)
         tl.store(idx_ptr + row * K + i, arg.to(tl.int64))
         x = tl.where(offs == arg, float("-inf"), x)
