@@ -324,8 +324,44 @@ def test_compiled_bookkeeping_matches_eager(runner, references, exported, spec: 
     decode exactly what they decode eagerly."""
     from eaglepipe.utils import compiled
 
+    from torch._dynamo.utils import counters
+
     eager, graph = generators(runner, exported["eagle3"], spec)
+    counters.clear()
     with compiled.compile_everywhere():
         out = assert_same_decode(eager, graph, PROMPTS[:2], [NEW_TOKENS, 25], [0, 1])
     assert out == [references[0], references[1][:25]]
     assert not compiled.FAILED
+    assert counters["stats"]["unique_graphs"] > 0  # it did compile (Inductor may have found it in its cache)
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[3]], ids=spec_id)
+def test_graph_rounds_run_until_a_tree_no_longer_fits(target_dir, exported, monkeypatch, spec: dict) -> None:
+    """The round in flight makes the host's lengths lag, but the hand-over to the eager round near the cache's
+    end waits until the host has caught up: it happens only when the next tree truly does not fit."""
+    runner = make_runner(target_dir, 40)
+    _, graph = generators(runner, exported["eagle3"], spec)
+    handed_over = []
+    inner = graph._round
+
+    def eager_round(rows):
+        handed_over.append(max(runner.lengths[s] for s in rows.slots))
+        return inner(rows)
+    monkeypatch.setattr(graph, "_round", eager_round)
+    decode(graph, [PROMPTS[0]], [10 ** 6], [0])
+    assert handed_over and handed_over[0] + spec["num_draft_tokens"] > runner.max_len
+
+
+def test_bookkeeping_compiles_only_inside_the_round_body(monkeypatch) -> None:
+    """The eager round (sampling, the cache's end) varies its shapes from call to call: compiling there would
+    recompile in the middle of a decode. Only the static body opens the compile scope."""
+    from eaglepipe.utils import compiled
+
+    cpu = torch.device("cpu")
+    with compiled.compile_everywhere():
+        assert not compiled.compile_wanted(cpu)
+        with compiled.compile_scope():
+            assert compiled.compile_wanted(cpu)
+            monkeypatch.setenv("EAGLEPIPE_COMPILE_DRAFT", "0")
+            assert not compiled.compile_wanted(cpu)
+    assert not compiled.compile_wanted(cpu)

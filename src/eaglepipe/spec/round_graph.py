@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ..utils.compiled import compiled_on_cuda
+from ..utils.compiled import compile_scope, compiled_on_cuda
 from .accept import greedy_accept_device, path_nodes
 from .generator import SpeculativeGenerator, _Rows, _select, emitted_tokens
 from .tree import VerifyTree
@@ -123,6 +123,9 @@ class RoundGraph:
                     inflight = None
                     continue
             if launched is None:
+                if inflight is not None:  # only the lag said no: try again once the host has caught up
+                    inflight = None
+                    continue
                 self._store(rows)
                 return rows
             inflight = launched
@@ -143,8 +146,9 @@ class RoundGraph:
 
     def _bucket(self, slots: list[int], ahead: bool = False) -> int | None:
         """The smallest context bucket that holds every row's next tree; None when a row would pass max_len.
-        `ahead`: a round is in flight, so the device lengths may be up to one tree past the host's."""
-        needed = max(self.gen.runner.lengths[s] for s in slots) + self.size * (2 if ahead else 1)
+        `ahead`: a round is in flight, so the device lengths may be up to one path (`width` tokens) past the
+        host's."""
+        needed = max(self.gen.runner.lengths[s] for s in slots) + self.size + (self.width if ahead else 0)
         return next((c for c in self.ctx_sizes if c >= needed), None)
 
     def _launch(self, b: int, ctx: int, span: slice | None) -> Callable[[], list[list[int]]]:
@@ -196,8 +200,9 @@ class RoundGraph:
     def _body(self, b: int, ctx: int, span: slice | None) -> None:
         """One greedy round for rows 0..b-1 on the buffers alone: static shapes, no host sync, every update in
         place. `span`: the rows' slots as a slice when consecutive (cache rows read as views)."""
-        for _, run in self.phases(b, ctx, span):
-            run()
+        with compile_scope():
+            for _, run in self.phases(b, ctx, span):
+                run()
 
     def phases(self, b: int, ctx: int, span: slice | None) -> list[tuple[str, Callable[[], None]]]:
         """The round body as named steps run in order (draft, verify, accept, extend), passing tensors on
@@ -264,7 +269,7 @@ class RoundGraph:
         pool, graphs = torch.cuda.graph_pool_handle(), []
         for name, run in self.phases(b, ctx, span):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool), compile_scope():
                 run()
             graphs.append((name, graph))
         return graphs

@@ -3,7 +3,8 @@
 A draft tree's bookkeeping (log-probs, top-k, cumulative scores, parents, the next frontier, the rows the
 drafter's kernels read) is dozens of tiny kernels per depth in eager PyTorch, and inside a CUDA graph each costs
 about 3.5 µs whatever it does: more than the drafter's own step. Compiled, Inductor fuses each function into a
-few kernels. The functions stay plain PyTorch: off CUDA, or with EAGLEPIPE_COMPILE_DRAFT=0, they run eagerly
+few kernels. They compile only inside `compile_scope`, which the static round body opens. The functions stay
+plain PyTorch: outside it, off CUDA, or with EAGLEPIPE_COMPILE_DRAFT=0, they run eagerly
 (the CPU tests run them so; `compile_everywhere()` makes them compile on CPU too, for a test of the compiled
 form). A function whose compilation fails runs eagerly from then on, with one warning.
 """
@@ -20,14 +21,27 @@ import torch
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable)
 _everywhere = [False]
+_scope = [0]  # depth of `compile_scope`
 FAILED: list[str] = []  # qualified names of the functions that fell back to eager
 
 
 def compile_wanted(device: torch.device) -> bool:
-    """Whether `compiled_on_cuda` functions compile for tensors on `device`."""
-    if os.environ.get("EAGLEPIPE_COMPILE_DRAFT", "1") == "0":
+    """Whether `compiled_on_cuda` functions compile for tensors on `device`: only inside `compile_scope` (the
+    static-shape round body that CUDA graphs capture; elsewhere shapes vary from call to call and each new one
+    would recompile in the middle of a decode)."""
+    if os.environ.get("EAGLEPIPE_COMPILE_DRAFT", "1") == "0" or not _scope[0]:
         return False
     return device.type == "cuda" or _everywhere[0]
+
+
+@contextlib.contextmanager
+def compile_scope() -> Iterator[None]:
+    """Let `compiled_on_cuda` functions compile while inside."""
+    _scope[0] += 1
+    try:
+        yield
+    finally:
+        _scope[0] -= 1
 
 
 @contextlib.contextmanager
