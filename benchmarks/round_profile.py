@@ -5,13 +5,14 @@ into its phases (draft, verify, accept, extend) with the kernels each one launch
     python benchmarks/round_profile.py --target <HF dir> --smoke                                    # CPU check
 
 Per sweep point, batch 1, greedy, MT-bench first turns:
-  - `wall_ms_round`: the engine's decode time per verification round (what `spec_decode.py` divides tokens by),
-    next to `base_ms_token`, the engine's plain decode time per token in the same run;
+  - `wall_ms_round`: the engine's whole request time per verification round (what `spec_decode.py` divides
+    tokens by), next to `base_ms_token`, the engine's plain decode time per token in the same run;
+    `decode_ms_round` and `base_decode_ms_token` leave out prefill and the first token (timed on their own);
   - `graph_ms_round`: back-to-back replays of the captured round (GPU time, no host work in between);
   - `phases`: per phase, the GPU time of its own captured graph and, from the profiler, its kernels per round,
     their summed run time and the top kernel names. The gap between summed kernel time and graph time is what
     each launch inside a graph costs.
-The difference wall - graph is the host's share (the one device->host copy and Python per round).
+The difference decode - graph is the host's share per round (launch, copy, Python) left after pipelining.
 Prints one JSON line per point, writes them all to --out, and appends a row to benchmarks/RESULTS.md unless --smoke.
 On CPU (--smoke) the phases run eagerly and only wall-clock times are given.
 """
@@ -43,11 +44,14 @@ from eaglepipe.utils.device import pick_device  # noqa: E402
 MARKER = "spin_kernel"  # in the name of torch.cuda._sleep's kernel: launched between phases, it splits the trace
 
 
-def engine_wall(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int, int]:
-    """(seconds, tokens, verification rounds) of decoding every prompt alone, after a warm-up."""
+def engine_wall(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, float, int, int]:
+    """(seconds, seconds of the same requests cut to their first token, tokens, verification rounds) of decoding
+    every prompt alone, after a warm-up. The difference of the two times is the decode after prefill."""
     warm_up(engine, prompts, params)
+    first = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    first_s, _ = timed(engine.device, lambda: [engine.generate([p], first)[0] for p in prompts])
     seconds, results = timed(engine.device, lambda: [engine.generate([p], params)[0] for p in prompts])
-    return seconds, sum(r.completion_tokens for r in results), sum(r.spec_verify_ct for r in results)
+    return seconds, first_s, sum(r.completion_tokens for r in results), sum(r.spec_verify_ct for r in results)
 
 
 def start_rows(gen: SpeculativeGenerator, prompt: list[int], rounds: int) -> tuple[RoundGraph, int]:
@@ -147,9 +151,10 @@ def profile_point(engine: Engine, export: Path, point: SpecConfig, prompts: list
     cuda = engine.device.type == "cuda"
     gen = SpeculativeGenerator(engine.runner, export, point, graph_rounds=True)  # off CUDA: the body, eagerly
     engine.speculator = gen
-    seconds, tokens, verify = engine_wall(engine, prompts, params)
+    seconds, first_s, tokens, verify = engine_wall(engine, prompts, params)
     row = {"point": point.name, "tau": round(tokens / max(verify, 1), 3),
-           "wall_ms_round": round(seconds / max(verify, 1) * 1000, 4)}
+           "wall_ms_round": round(seconds / max(verify, 1) * 1000, 4),
+           "decode_ms_round": round((seconds - first_s) / max(verify, 1) * 1000, 4)}
     if cuda:
         row["graph_ms_round"] = round(gpu_round_ms(gen, prompts[0], rounds), 4)
         row["phases"] = phase_profile(gen, prompts[0], rounds, top)
@@ -192,13 +197,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ap.error("--export is required unless --smoke")
         with Engine(target, device=device, max_batch_size=1, max_model_len=max_len,
                     cuda_graphs=device.type == "cuda", prefix_reuse=False) as engine:
-            seconds, tokens, _ = engine_wall(engine, prompts, params)
+            seconds, first_s, tokens, _ = engine_wall(engine, prompts, params)
             base_ms = round(seconds / tokens * 1000, 4)
+            base_decode_ms = round((seconds - first_s) / (tokens - len(prompts)) * 1000, 4)
         with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=False,
                     prefix_reuse=False) as engine:
             for point in points:
                 row = profile_point(engine, export, point, prompts, args.max_new_tokens, args.rounds, args.top)
-                row["base_ms_token"] = base_ms
+                row["base_ms_token"], row["base_decode_ms_token"] = base_ms, base_decode_ms
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.out is not None:
@@ -209,10 +215,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parts = []
         for r in rows:
             ph = "; ".join(f"{n} {p['graph_ms']:.3f} ms/{p['kernels']:.0f} kernels" for n, p in r["phases"].items())
-            parts.append(f"{r['point']}: τ {r['tau']:.2f}, wall {r['wall_ms_round']:.3f} ms/round, graph "
+            parts.append(f"{r['point']}: τ {r['tau']:.2f}, wall {r['wall_ms_round']:.3f} ms/round (decode "
+                         f"{r['decode_ms_round']:.3f}), graph "
                          f"{r['graph_ms_round']:.3f} ({ph})")
         append_result_row(results, "round_profile (MT-bench, batch 1, greedy)", hardware_name(device), command,
-                          " · ".join(parts), f"engine plain decode {base_ms:.3f} ms/token")
+                          " · ".join(parts), f"engine plain decode {base_ms:.3f} ms/token (after prefill "
+                          f"{rows[0]['base_decode_ms_token']:.3f})")
     sync(device)
     return rows
 
