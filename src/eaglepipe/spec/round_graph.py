@@ -76,9 +76,11 @@ class RoundGraph:
         # per row: the round's emitted tokens (accepted drafts, the bonus token, padding), then their count
         self.emitted = torch.zeros(rows, self.width + 1, dtype=torch.long, device=dev)
         self.cols = torch.arange(self.width, device=dev)
-        # two pinned host copies of `emitted`: the round in flight writes one while the host reads the other
+        # two pinned host copies of `emitted` and their copy-done events: the round in flight writes one while the
+        # host reads the other
         self.host = [torch.zeros(rows, self.width + 1, dtype=torch.long, pin_memory=self.use_cuda_graph)
                      for _ in range(2)]
+        self.copied = [torch.cuda.Event() for _ in range(2)] if self.use_cuda_graph else []
         self.flip = 0
         self.graphs: dict[tuple[int, int, int | None], torch.cuda.CUDAGraph] = {}
         self.pool = None  # one memory pool shared by every graph, made at the first capture
@@ -104,7 +106,7 @@ class RoundGraph:
         Rounds are pipelined: round k+1 is launched before round k's tokens reach the host, so the host's work
         (the graph launch, the copy, committing and streaming) overlaps the device's. When a row stops, the
         round already in flight is drained: its tokens go to the rows that go on and are dropped for the rows
-        that stopped (one wasted round per stop, never counted as a verification)."""
+        that stopped (never counted as their verification). Only the round after the last stop is wasted whole."""
         self._load(rows)
         inflight: Callable[[], list[list[int]]] | None = None
         while True:
@@ -160,10 +162,9 @@ class RoundGraph:
             emitted = self.emitted[:b].tolist()
             return lambda: emitted
         self._graph(b, ctx, span).replay()
-        host = self.host[self.flip][:b]
+        host, done = self.host[self.flip][:b], self.copied[self.flip]
         self.flip ^= 1
         host.copy_(self.emitted[:b], non_blocking=True)
-        done = torch.cuda.Event()
         done.record()
 
         def result() -> list[list[int]]:
