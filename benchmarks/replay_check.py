@@ -31,8 +31,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from decode import append_result_row, hardware_name  # noqa: E402
-from spec_decode import prompt_source  # noqa: E402
-from eaglepipe.bench.prompts import load_prompts, render_chat  # noqa: E402
+from spec_decode import first_turn_prompts  # noqa: E402
 from eaglepipe.config import params_from_dict, to_dict  # noqa: E402
 from eaglepipe.config.schema import Config  # noqa: E402
 from eaglepipe.data.tokens_io import read_tokens, write_token_shards  # noqa: E402
@@ -103,8 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     target, export = args.target, sglang_dir(args.export)
     tokenizer = load_tokenizer(resolve_model_dir(target))
-    turns = load_prompts(prompt_source(max(args.prompts, 1), args.prompts_path, args.prompts_field))
-    prompts = [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
+    prompts = first_turn_prompts(tokenizer, max(args.prompts, 1), args.prompts_path, args.prompts_field)
     samples = greedy_samples(target, prompts, args.max_new_tokens, tokenizer.eos_token_id, device)
     k = args.ttt_steps
     result: dict = {"target": str(args.target), "export": str(args.export), "ttt_steps": k, "device": str(device),

@@ -33,8 +33,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from decode import append_result_row, hardware_name, sync, timed, warm_up  # noqa: E402
-from spec_decode import parse_sweep, prompt_source, random_export  # noqa: E402
-from eaglepipe.bench.prompts import load_prompts, render_chat  # noqa: E402
+from spec_decode import add_drafter_args, first_turn_prompts, parse_sweep, random_export  # noqa: E402
 from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
 from eaglepipe.spec import SpecConfig, SpeculativeGenerator  # noqa: E402
 from eaglepipe.spec.round_graph import RoundGraph  # noqa: E402
@@ -166,9 +165,7 @@ def profile_point(engine: Engine, export: Path, point: SpecConfig, prompts: list
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", required=True, type=Path, help="fetch_target output dir or HF model dir")
-    ap.add_argument("--export", type=Path, default=None, help="export dir (or its sglang/ dir) of the drafter")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_drafter_args(ap)
     ap.add_argument("--prompts", type=int, default=8, help="MT-bench first turns for the wall-clock figures")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=40, help="rounds replayed for the GPU figures")
@@ -183,8 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = pick_device(args.device)
     target = resolve_model_dir(args.target)
     tokenizer = load_tokenizer(target)
-    turns = load_prompts(prompt_source(args.prompts, None, "messages"))
-    prompts = [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
+    prompts = first_turn_prompts(tokenizer, args.prompts, None, "messages")
     points = parse_sweep(args.sweep)
     longest_round = max(p.num_steps for p in points) + 1
     max_len = (max(len(p) for p in prompts) + max(p.num_draft_tokens for p in points)

@@ -70,6 +70,20 @@ def prompt_source(num_prompts: int, path: Path | None, field: str) -> PromptsCfg
                       multi_turn=False)
 
 
+def first_turn_prompts(tokenizer, num_prompts: int, path: Path | None, field: str) -> list[list[int]]:
+    """Token ids of `prompt_source`'s first user turns, rendered with the target's chat template."""
+    turns = load_prompts(prompt_source(num_prompts, path, field))
+    return [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
+
+
+def add_drafter_args(ap: argparse.ArgumentParser) -> None:
+    """--target, --export (optional: --smoke makes a random drafter) and --device, as the speculative benchmarks
+    take them."""
+    ap.add_argument("--target", required=True, type=Path, help="fetch_target output dir or HF model dir")
+    ap.add_argument("--export", type=Path, default=None, help="export dir (or its sglang/ dir) of the drafter")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
 def parse_sweep(text: str) -> list[SpecConfig]:
     """`"3,1,4 5,4,8"` -> SpecConfigs (num_steps, topk, num_draft_tokens)."""
     return [SpecConfig(*(int(x) for x in item.split(","))) for item in text.split()]
@@ -93,9 +107,7 @@ def bench_point(engine: Engine, export: Path, point: SpecConfig, prompts: list[l
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", required=True, type=Path, help="fetch_target output dir or HF model dir")
-    ap.add_argument("--export", type=Path, default=None, help="export dir (or its sglang/ dir) of the drafter")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_drafter_args(ap)
     ap.add_argument("--prompts", type=int, default=80, help="prompts (first user turns)")
     ap.add_argument("--prompts-path", type=Path, default=None,
                     help="JSONL/parquet file or folder of prompts instead of MT-bench")
@@ -112,8 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = pick_device(args.device)
     target = resolve_model_dir(args.target)
     tokenizer = load_tokenizer(target)
-    turns = load_prompts(prompt_source(args.prompts, args.prompts_path, args.prompts_field))
-    prompts = [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
+    prompts = first_turn_prompts(tokenizer, args.prompts, args.prompts_path, args.prompts_field)
     with tempfile.TemporaryDirectory() as tmp:
         export = (args.export or random_export(target, Path(tmp))) if args.smoke else args.export
         if export is None:
