@@ -119,16 +119,17 @@ def warm_up(engine: Engine, prompts: list[list[int]], params: SamplingParams,
 
 def bench_engine(model_dir: Path, device: torch.device, prompts: list[list[int]], new_tokens: int,
                  cuda_graphs: bool, compile_decode: bool = False,
-                 token_path: bool | None = None, report: dict | None = None) -> tuple[float, list[list[int]]]:
-    """Tokens/s of the engine, one request at a time (batch 1), EOS ignored so every prompt makes new_tokens.
-    `report` receives the warm-up's prefill timings (see `warm_up`)."""
+                 token_path: bool | None = None, report: dict | None = None,
+                 ignore_eos: bool = True) -> tuple[float, list[list[int]]]:
+    """Tokens/s of the engine, one request at a time (batch 1); EOS ignored by default, so every prompt makes
+    new_tokens. `report` receives the warm-up's prefill timings (see `warm_up`)."""
     max_len = max(len(p) for p in prompts) + new_tokens + 1
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=ignore_eos)
     with Engine(model_dir, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=cuda_graphs,
                 compile_decode=compile_decode, token_path=token_path, prefix_reuse=False) as eng:
         warm_up(eng, prompts, params, report)
         seconds, outs = timed(device, lambda: [eng.generate([p], params)[0].token_ids for p in prompts])
-    return len(prompts) * new_tokens / seconds, outs
+    return sum(len(o) for o in outs) / seconds, outs
 
 
 def bench_hf(model, device: torch.device, prompts: list[list[int]], new_tokens: int,

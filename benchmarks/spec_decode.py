@@ -5,8 +5,10 @@
 
 MT-bench first turns by default, or the first user turns of any JSONL/parquet file (--prompts-path, --prompts-field;
 e.g. held-out training conversations, to see how much τ owes to the prompt distribution), chat template applied,
-batch 1, greedy, exactly --max-new-tokens tokens per prompt
-(EOS ignored, so every path does equal work). For each sweep point (num_steps, topk, num_draft_tokens in
+batch 1, greedy, exactly --max-new-tokens tokens per prompt (EOS ignored, so every path does equal work).
+--both-turns follows the bench stage's MT-bench protocol instead: every first turn, then every second turn on top of
+the engine's own greedy first answer, each stopping at EOS or --max-new-tokens (greedy outputs are the same on
+every path, so the work is still equal; tokens/s counts the tokens actually made). For each sweep point (num_steps, topk, num_draft_tokens in
 SGLang semantics) it reports τ = generated tokens / verification rounds, the acceptance rate per draft position,
 decode tok/s, the speedup over the engine's non-speculative decode, and whether every output equals the
 baseline's token for token. Prints one JSON line per point; appends rows to benchmarks/RESULTS.md unless --smoke.
@@ -62,18 +64,32 @@ def random_export(target: Path, out: Path) -> Path:
     return out / "export"
 
 
-def prompt_source(num_prompts: int, path: Path | None, field: str) -> PromptsCfg:
-    """First user turns of MT-bench (no path) or of a local JSONL/parquet file or folder."""
+def prompt_source(num_prompts: int, path: Path | None, field: str, multi_turn: bool = False) -> PromptsCfg:
+    """User turns (the first alone unless `multi_turn`) of MT-bench (no path) or of a local JSONL/parquet file or
+    folder."""
     if path is None:
-        return PromptsCfg(num_prompts=num_prompts, multi_turn=False)
+        return PromptsCfg(num_prompts=num_prompts, multi_turn=multi_turn)
     return PromptsCfg(source="local", path=str(path), field=field, split="", num_prompts=num_prompts,
-                      multi_turn=False)
+                      multi_turn=multi_turn)
 
 
 def first_turn_prompts(tokenizer, num_prompts: int, path: Path | None, field: str) -> list[list[int]]:
     """Token ids of `prompt_source`'s first user turns, rendered with the target's chat template."""
     turns = load_prompts(prompt_source(num_prompts, path, field))
     return [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
+
+
+def second_turn_prompts(tokenizer, turns: list[list[str]], first_answers: list[list[int]]) -> list[list[int]]:
+    """Token ids of each prompt's second user turn after its first turn and the model's answer to it (prompts
+    with one turn are skipped), rendered with the target's chat template."""
+    prompts = []
+    for user, answer in zip(turns, first_answers):
+        if len(user) > 1:
+            history = [{"role": "user", "content": user[0]},
+                       {"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)},
+                       {"role": "user", "content": user[1]}]
+            prompts.append(render_chat(tokenizer, history))
+    return prompts
 
 
 def add_drafter_args(ap: argparse.ArgumentParser) -> None:
@@ -90,10 +106,10 @@ def parse_sweep(text: str) -> list[SpecConfig]:
 
 
 def bench_point(engine: Engine, export: Path, point: SpecConfig, prompts: list[list[int]], new_tokens: int,
-                device: torch.device) -> tuple[dict, list[list[int]]]:
+                device: torch.device, ignore_eos: bool = True) -> tuple[dict, list[list[int]]]:
     """Decode every prompt speculatively (batch 1) with one sweep point; returns (metrics, outputs)."""
     engine.speculator = SpeculativeGenerator(engine.runner, export, point)
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=ignore_eos)
     warm_up(engine, prompts, params)
     engine.speculator.reset_stats()
     seconds, results = timed(device, lambda: [engine.generate([p], params)[0] for p in prompts])
@@ -108,29 +124,38 @@ def bench_point(engine: Engine, export: Path, point: SpecConfig, prompts: list[l
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_drafter_args(ap)
-    ap.add_argument("--prompts", type=int, default=80, help="prompts (first user turns)")
+    ap.add_argument("--prompts", type=int, default=80, help="prompts (questions)")
     ap.add_argument("--prompts-path", type=Path, default=None,
                     help="JSONL/parquet file or folder of prompts instead of MT-bench")
     ap.add_argument("--prompts-field", default="messages",
                     help="with --prompts-path: the field holding a string, user turns or chat messages")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--both-turns", action="store_true",
+                    help="MT-bench as the bench stage runs it: both turns, each stopping at EOS")
     ap.add_argument("--sweep", default=DEFAULT_SWEEP, help=f"points 'steps,topk,draft_tokens ...' ({DEFAULT_SWEEP})")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: 2 prompts, 8 tokens, 2 points")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
     args = ap.parse_args(argv)
+    if args.both_turns and not args.no_hf:
+        ap.error("--both-turns times HF generate only at fixed lengths: add --no-hf")
     if args.smoke:
         args.device, args.prompts, args.max_new_tokens, args.sweep = "cpu", 2, 8, "2,1,3 2,2,3"
     device = pick_device(args.device)
     target = resolve_model_dir(args.target)
     tokenizer = load_tokenizer(target)
-    prompts = first_turn_prompts(tokenizer, args.prompts, args.prompts_path, args.prompts_field)
+    turns = load_prompts(prompt_source(args.prompts, args.prompts_path, args.prompts_field, args.both_turns))
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
+    ignore_eos, graphs = not args.both_turns, device.type == "cuda"
+    if args.both_turns:
+        _, first_answers = bench_engine(target, device, prompts, args.max_new_tokens, graphs, ignore_eos=False)
+        prompts += second_turn_prompts(tokenizer, turns, first_answers)
     with tempfile.TemporaryDirectory() as tmp:
         export = (args.export or random_export(target, Path(tmp))) if args.smoke else args.export
         if export is None:
             ap.error("--export is required unless --smoke")
-        base_tok_s, base_out = bench_engine(target, device, prompts, args.max_new_tokens,
-                                            cuda_graphs=device.type == "cuda")
+        base_tok_s, base_out = bench_engine(target, device, prompts, args.max_new_tokens, graphs,
+                                            ignore_eos=ignore_eos)
         hf_tok_s = None
         if not args.no_hf:
             model = load_hf_model(target, device, compute_dtype(device))
@@ -142,13 +167,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     prefix_reuse=False) as engine:
             for point in parse_sweep(args.sweep):
                 try:
-                    metrics, outs = bench_point(engine, export, point, prompts, args.max_new_tokens, device)
+                    metrics, outs = bench_point(engine, export, point, prompts, args.max_new_tokens, device,
+                                                ignore_eos)
                 except Exception as e:  # one point failing must not lose the others' figures
                     print(json.dumps({"point": point.name, "error": f"{type(e).__name__}: {e}"[:400]}), flush=True)
                     continue
                 metrics.update(engine_tok_s=base_tok_s, hf_tok_s=hf_tok_s, speedup=metrics["tok_s"] / base_tok_s,
                                output_match=sum(o == b for o, b in zip(outs, base_out)) / len(prompts),
-                               prompts=len(prompts), max_new_tokens=args.max_new_tokens, device=str(device))
+                               prompts=len(prompts), max_new_tokens=args.max_new_tokens, device=str(device),
+                               turns=2 if args.both_turns else 1)
                 print(json.dumps(metrics), flush=True)
                 rows.append(metrics)
     results = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
@@ -162,6 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   + "; ".join(f"{r['point']} τ {r['tau']:.2f} {r['tok_s']:.0f} tok/s" for r in rows))
         hf = f", HF generate {hf_tok_s:.1f} tok/s" if hf_tok_s else ""
         name = "MT-bench" if args.prompts_path is None else args.prompts_path.name
+        name += ", both turns, EOS stops" if args.both_turns else ", first turns, EOS ignored"
         append_result_row(results, f"spec_decode ({name}, batch 1, greedy)", hardware_name(device), command, result,
                           f"engine non-spec {base_tok_s:.1f} tok/s{hf}")
     return rows
