@@ -8,10 +8,12 @@ e.g. held-out training conversations, to see how much τ owes to the prompt dist
 batch 1, greedy, exactly --max-new-tokens tokens per prompt (EOS ignored, so every path does equal work).
 --both-turns follows the bench stage's MT-bench protocol instead: every first turn, then every second turn on top of
 the engine's own greedy first answer, each stopping at EOS or --max-new-tokens (greedy outputs are the same on
-every path, so the work is still equal; tokens/s counts the tokens actually made). For each sweep point (num_steps, topk, num_draft_tokens in
-SGLang semantics) it reports τ = generated tokens / verification rounds, the acceptance rate per draft position,
+every path, so the work is still equal; tokens/s counts the tokens actually made). For each sweep point
+(num_steps, topk, num_draft_tokens in SGLang semantics) it reports τ = generated tokens / verification rounds, the acceptance rate per draft position,
 decode tok/s, the speedup over the engine's non-speculative decode, and whether every output equals the
-baseline's token for token. Prints one JSON line per point; appends rows to benchmarks/RESULTS.md unless --smoke.
+baseline's token for token (where not, `mismatches` names the prompts and the first differing position, and
+`same_as_first_point` tells a baseline-side difference, shared by every point, from a per-point one). Prints one
+JSON line per point; appends rows to benchmarks/RESULTS.md unless --smoke.
 --smoke without --export builds a random EAGLE-3 drafter (τ near 1: a plumbing check, not a measurement).
 """
 from __future__ import annotations
@@ -121,6 +123,18 @@ def bench_point(engine: Engine, export: Path, point: SpecConfig, prompts: list[l
             "acceptance_per_position": [round(a, 4) for a in stats.acceptance_rates()]}, [r.token_ids for r in results]
 
 
+def mismatches(outputs: list[list[int]], baseline: list[list[int]], limit: int = 8) -> list[dict]:
+    """The first `limit` prompts whose output differs from the baseline's: prompt index, first differing position
+    and the two tokens there (None past an output's end)."""
+    found = []
+    for i, (out, base) in enumerate(zip(outputs, baseline)):
+        if out != base and len(found) < limit:
+            at = next((j for j, (x, y) in enumerate(zip(out, base)) if x != y), min(len(out), len(base)))
+            found.append({"prompt": i, "position": at, "spec": out[at] if at < len(out) else None,
+                          "baseline": base[at] if at < len(base) else None})
+    return found
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_drafter_args(ap)
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             hf_tok_s, _ = bench_hf(model, device, prompts, args.max_new_tokens)
             del model
         max_len = max(len(p) for p in prompts) + args.max_new_tokens + 64
-        rows = []
+        rows, first_outputs = [], None
         with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=False,
                     prefix_reuse=False) as engine:
             for point in parse_sweep(args.sweep):
@@ -172,8 +186,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 except Exception as e:  # one point failing must not lose the others' figures
                     print(json.dumps({"point": point.name, "error": f"{type(e).__name__}: {e}"[:400]}), flush=True)
                     continue
+                first_outputs = outs if first_outputs is None else first_outputs
                 metrics.update(engine_tok_s=base_tok_s, hf_tok_s=hf_tok_s, speedup=metrics["tok_s"] / base_tok_s,
                                output_match=sum(o == b for o, b in zip(outs, base_out)) / len(prompts),
+                               mismatches=mismatches(outs, base_out),
+                               same_as_first_point=outs == first_outputs,
                                prompts=len(prompts), max_new_tokens=args.max_new_tokens, device=str(device),
                                turns=2 if args.both_turns else 1)
                 print(json.dumps(metrics), flush=True)
