@@ -109,6 +109,10 @@ class SpeculativeGenerator:
         k, steps = self.spec.topk, self.spec.num_steps
         self._cand_depths = torch.tensor([1] * k + [d + 1 for d in range(1, steps) for _ in range(k * k)], device=dev)
         self._d2t = getattr(self.drafter, "d2t", None) if self.eagle3 else None
+        # the root's place in a fused tree expansion: score 0, no parent candidate, no scratch node seen
+        self._root_scores = torch.zeros(runner.max_slots, 1, device=dev)
+        self._root_cand = torch.full((runner.max_slots, 1), -1, dtype=torch.long, device=dev)
+        self._root_visible = torch.zeros(runner.max_slots, 1, 0, dtype=torch.long, device=dev)
         if graph_rounds is None:
             graph_rounds = dev.type == "cuda" and os.environ.get("EAGLEPIPE_GRAPH_ROUNDS", "1") != "0"
         self.round_graph = None
@@ -156,15 +160,27 @@ class SpeculativeGenerator:
     def _drafter_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         return draft_logprobs(logits, self.loaded.hot_ids)
 
+    def _topk_kernel(self) -> bool:
+        """Whether the drafter's top-k runs as one Triton launch (`topk_logprobs`): with the fast drafter and no
+        token map, unless EAGLEPIPE_TOPK_KERNEL=0."""
+        fast = self.draft.fast
+        return fast is not None and self.loaded.hot_ids is None \
+            and self.loaded.config.draft_vocab_size <= fast.kernels.topk.MAX_VOCAB \
+            and os.environ.get("EAGLEPIPE_TOPK_KERNEL", "1") != "0"
+
+    def _tree_kernels(self) -> bool:
+        """Whether a tree's bookkeeping runs as the draft-tree kernels (`tree_grow` per depth, `tree_select`): with
+        the top-k kernel, unless EAGLEPIPE_TREE_KERNELS=0."""
+        return self._topk_kernel() and os.environ.get("EAGLEPIPE_TREE_KERNELS", "1") != "0"
+
     def _draft_topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The drafter's `topk` best tokens at each of F nodes: (log-probs, draft ids) [B, F, topk]. With the
         fast drafter, one Triton launch (`topk_logprobs`) instead of a log-softmax and PyTorch's top-k (unless
         EAGLEPIPE_TOPK_KERNEL=0)."""
-        k, fast = self.spec.topk, self.draft.fast
+        k = self.spec.topk
         b, f, v = logits.shape
-        if fast is not None and self.loaded.hot_ids is None and v <= fast.kernels.topk.MAX_VOCAB \
-                and os.environ.get("EAGLEPIPE_TOPK_KERNEL", "1") != "0":
-            values, ids = fast.kernels.topk_logprobs(logits.reshape(b * f, v), k)
+        if self._topk_kernel():
+            values, ids = self.draft.fast.kernels.topk_logprobs(logits.reshape(b * f, v), k)
             return values.view(b, f, k), ids.view(b, f, k)
         return self._drafter_logprobs(logits).topk(k, dim=-1)
 
@@ -238,7 +254,10 @@ class SpeculativeGenerator:
                     slots_t: torch.Tensor, lengths: torch.Tensor, max_length: int, keep: int,
                     span: slice | None) -> VerifyTree:
         """Propose candidates for every row and keep the best `keep` of them (EAGLE-2). Between drafter steps the
-        bookkeeping runs as compiled functions on CUDA (`grow`, `tree_rows`, `select_tree`)."""
+        bookkeeping runs as the draft-tree kernels (`_draft_tree_fused`) or else as compiled functions on CUDA
+        (`grow`, `tree_rows`, `select_tree`)."""
+        if keep and self._tree_kernels():
+            return self._draft_tree_fused(roots, draft_hidden, draft_logits, slots_t, lengths, max_length, keep)
         k, steps, dev = self.spec.topk, self.spec.num_steps, self.runner.device
         b = roots.shape[0]
         ids, scores = expand(torch.zeros(b, 1, device=dev), *self._draft_topk(draft_logits[:, None]))
@@ -263,6 +282,29 @@ class SpeculativeGenerator:
         cands = Candidates(torch.cat(tokens, 1), torch.cat(all_scores, 1), torch.cat(parents, 1),
                            self._cand_depths.expand(b, -1))
         return select_tree(cands, roots, keep, steps)
+
+    def _draft_tree_fused(self, roots: torch.Tensor, draft_hidden: torch.Tensor, draft_logits: torch.Tensor,
+                          slots_t: torch.Tensor, lengths: torch.Tensor, max_length: int, keep: int) -> VerifyTree:
+        """`_draft_tree` with the fast drafter and two kernels of bookkeeping: per depth the drafter's top-k, then
+        `tree_grow` (the candidates written in place, the next frontier and its token rows), and at the end
+        `tree_select`. Each depth is two launches besides the drafter's own."""
+        kn, k, steps = self.draft.fast.kernels, self.spec.topk, self.spec.num_steps
+        b, dev = roots.shape[0], roots.device
+        n_cand = self._cand_depths.numel()
+        cand = (torch.empty(b, n_cand, dtype=torch.long, device=dev),
+                torch.empty(b, n_cand, dtype=torch.float32, device=dev),
+                torch.empty(b, n_cand, dtype=torch.long, device=dev))
+        values, ids = kn.topk_logprobs(draft_logits, k)
+        front = kn.tree_grow(self._root_scores[:b], values[:, None], ids[:, None], self._d2t, draft_hidden[:, None],
+                             self._root_cand[:b], self._root_visible[:b], slots_t, lengths, *cand, 0, 0)
+        for depth in range(1, steps):
+            node_start = (depth - 1) * k
+            h, lg = self.draft.fast.step(self.draft.k, self.draft.v, *front.rows(), max_length + node_start + k)
+            values, ids = kn.topk_logprobs(lg, k)
+            front = kn.tree_grow(front.scores, values.view(b, k, k), ids.view(b, k, k), self._d2t, h.view(b, k, -1),
+                                 front.cand, front.visible.view(b, k, depth), slots_t, lengths, *cand,
+                                 node_start * k + k, depth * k)
+        return VerifyTree(*kn.tree_select(*cand, self._cand_depths, roots, keep, steps))
 
     def _verify(self, rows: _Rows, tree: VerifyTree, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The target's forward over the tree nodes, attending over the tightest span (`max_length` = the longest

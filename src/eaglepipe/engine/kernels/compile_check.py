@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention, linear, rope_cache, topk
+from . import attention, draft_tree, linear, rope_cache, topk
 
 
 def _sig(pointers: dict[str, str], ints: list[str], floats: list[str], constexprs: dict[str, Any]) -> tuple:
@@ -60,6 +60,29 @@ def variants(dtype: str) -> list[tuple[Any, dict, dict]]:
     out.append((topk._topk_logprob_kernel, *_sig(
         {"x_ptr": f"*{dtype}", "val_ptr": "*fp32", "idx_ptr": "*i64"}, ["V", "stride_x"], [],
         {"K": 8, "BLOCK": topk.MAX_VOCAB})))
+    grow_pointers = {n: "*fp32" for n in ("fscore_ptr", "lp_ptr")} | {n: "*i64" for n in ("ids_ptr", "d2t_ptr")}
+    grow_pointers |= {"hid_ptr": f"*{dtype}"} | {n: "*i64" for n in ("fcand_ptr", "vis_ptr", "slot_ptr", "len_ptr",
+                                                                    "ctok_ptr")}
+    grow_pointers |= {"cscore_ptr": "*fp32", "cpar_ptr": "*i64"}
+    grow_ints = ["n_cand", "first_new", "next_start"]
+    grow_outputs = {"o_score_ptr": "*fp32"} | {n: "*i64" for n in ("o_cand_ptr", "o_slot_ptr", "o_ids_ptr")}
+    grow_outputs |= {"o_hid_ptr": f"*{dtype}"} | {n: "*i64" for n in ("o_pos_ptr", "o_write_ptr", "o_prefix_ptr",
+                                                                      "o_vis_ptr", "o_count_ptr")}
+    strides = ["H", "s_fs", "s_lp_b", "s_lp_f", "s_ids_b", "s_ids_f", "s_hid_b", "s_hid_f", "s_fc", "s_vis_b",
+               "s_vis_f"]
+    for f, d, d2t in [(1, 0, True), (8, 3, True), (8, 5, False)]:  # the root's expansion, then later depths
+        signature = dict(grow_pointers)
+        signature.update({n: "i32" for n in grow_ints})
+        signature.update(grow_outputs)
+        signature.update({n: "i32" for n in strides})
+        constexprs = {"F": f, "K": 8, "D": d, "HAS_D2T": d2t, "NB": 8 * f, "HB": 1024, "DB": 1 << d.bit_length()}
+        signature.update({n: "constexpr" for n in constexprs})
+        out.append((draft_tree._grow_kernel, signature, constexprs))
+    select_pointers = {"score_ptr": "*fp32"} | {n: "*i64" for n in ("tok_ptr", "par_ptr", "depth_ptr", "root_ptr",
+                                                                    "pos_ptr", "o_tok_ptr", "o_par_ptr",
+                                                                    "o_depth_ptr")}
+    out.append((draft_tree._select_kernel, *_sig(select_pointers | {"o_anc_ptr": "*i8"}, ["C", "keep", "max_depth"],
+                                                 [], {"CB": 512, "SB": 32})))
     return out
 
 
