@@ -3,7 +3,8 @@
 #   results.tgz (RESULTS.md, logs, stats, metrics, plots, sweep tables, export configs) and the exported
 #   SGLang drafter weights in 15 MiB parts (drafter.part-aa, ...; `cat drafter.part-* > model.safetensors`), and the
 #   regenerated conversations (regen.part-aa, ...; `cat regen.part-* | tar xJ` gives regen/), so that a later lease
-#   can train on them (or warm-start from the drafter with train.init_from) without regenerating.
+#   can train on them (or warm-start from the drafter with train.init_from) without regenerating
+#   (`bash benchmarks/gpu_restore.sh DIR` puts the conversations back where Snakemake leaves them alone).
 # Usage: bash benchmarks/gpu_collect.sh DEST   (run from the job's repo copy)
 set -u
 DEST=$1
