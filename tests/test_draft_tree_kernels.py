@@ -81,3 +81,43 @@ def test_equal_scores_keep_the_lower_candidate_first():
         assert torch.equal(tokens[:, 1:], cand[0][:, :keep])
         assert (parents[:, 1:] < torch.arange(1, keep + 1)).all()  # every parent placed before its child
         assert anc[:, :, 0].all() and anc.diagonal(dim1=1, dim2=2).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_accept_and_compaction_match_the_pytorch_acceptance(seed):
+    """`tree_accept` gives `greedy_accept_device` + `path_nodes`'s path, count and bonus token on trees where the
+    target agrees with some branches, and `compact_path_kv` moves the same K/V as `_compact_kv`'s indexing."""
+    from eaglepipe.engine.kernels import compact_path_kv, tree_accept
+    from eaglepipe.spec.accept import greedy_accept_device, path_nodes
+
+    b, k, steps, vocab = 3, 3, 4, 6  # a small vocabulary, so that random drafts are often right
+    cand, depths = _grow_all(b, k, steps, 4, vocab, None, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    keep = 9
+    verify = tree.select_tree(tree.Candidates(*cand, depths.expand(b, -1)), torch.arange(b), keep, steps)
+    verify.tokens.remainder_(vocab)
+    logits = torch.randn(b, keep + 1, vocab, generator=gen)
+    # make the target agree with the first child of some nodes
+    for r in range(b):
+        for node in range(1, keep + 1):
+            if torch.rand((), generator=gen) < 0.6:
+                logits[r, verify.parents[r, node], verify.tokens[r, node]] += 10.0
+    width = steps + 1
+    want = greedy_accept_device(verify, logits)
+    want_path = path_nodes(want, width)
+    path, count, bonus = tree_accept(verify.tokens, verify.parents, verify.depths, verify.ancestors,
+                                     logits.argmax(-1), width)
+    assert torch.equal(path, want_path) and torch.equal(count, want.count) and torch.equal(bonus, want.bonus)
+    assert (count > 1).any()  # some drafts were accepted, so the check is not only about the root
+
+    layers, slots, heads, positions, d = 2, 4, 3, 24, 5
+    k_cache = torch.randn(layers, slots, heads, positions, d, generator=gen)
+    v_cache = torch.randn(layers, slots, heads, positions, d, generator=gen)
+    row_slots, lengths = torch.tensor([2, 0, 3]), torch.tensor([4, 0, 9])
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    src, dst = lengths[:, None] + path, lengths[:, None] + torch.arange(width)
+    rows = row_slots[:, None].expand(b, width)
+    for cache in (want_k, want_v):
+        cache[:, rows, :, dst] = cache[:, rows, :, src]
+    compact_path_kv(k_cache, v_cache, row_slots, lengths, path)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)

@@ -382,7 +382,12 @@ class SpeculativeGenerator:
     def _compact_kv(self, slots_t: torch.Tensor, lengths: torch.Tensor, path: torch.Tensor) -> None:
         """Move the target's K/V of the accepted path (verify-order nodes `path` [B, W], root first) to consecutive
         cache positions after each row's committed length, on the device with static shapes. Columns past a
-        path's end copy its deepest node past the new committed end, where nothing reads it."""
+        path's end copy its deepest node past the new committed end, where nothing reads it. With the tree
+        kernels, one launch (`compact_path_kv`)."""
+        if self._tree_kernels():
+            self.draft.fast.kernels.compact_path_kv(self.runner.k_cache, self.runner.v_cache, slots_t, lengths,
+                                                    path.contiguous())
+            return
         b, w = path.shape
         src = lengths[:, None] + path
         dst = lengths[:, None] + self._cols[:w]

@@ -7,10 +7,10 @@ alone, in a batch, or as a node of a draft tree, which is what makes greedy spec
 Import this package only where Triton is wanted: `TRITON_INTERPRET=1` (the CPU tests) must be set before.
 """
 from .attention import virtual_attention
-from .draft_tree import tree_grow, tree_select
+from .draft_tree import compact_path_kv, tree_accept, tree_grow, tree_select
 from .linear import norm_gate_up, norm_linear
 from .rope_cache import rope_write_kv
 from .topk import topk_logprobs
 
-__all__ = ["norm_gate_up", "norm_linear", "rope_write_kv", "topk_logprobs", "tree_grow", "tree_select",
-           "virtual_attention"]
+__all__ = ["compact_path_kv", "norm_gate_up", "norm_linear", "rope_write_kv", "topk_logprobs", "tree_accept",
+           "tree_grow", "tree_select", "virtual_attention"]

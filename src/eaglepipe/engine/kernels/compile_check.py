@@ -83,6 +83,12 @@ def variants(dtype: str) -> list[tuple[Any, dict, dict]]:
                                                                     "o_depth_ptr")}
     out.append((draft_tree._select_kernel, *_sig(select_pointers | {"o_anc_ptr": "*i8"}, ["C", "keep", "max_depth"],
                                                  [], {"CB": 512, "SB": 32})))
+    out.append((draft_tree._accept_kernel, *_sig(
+        {n: "*i64" for n in ("tok_ptr", "par_ptr", "depth_ptr")} | {"anc_ptr": "*i8", "choice_ptr": "*i64"}
+        | {n: "*i64" for n in ("o_path_ptr", "o_count_ptr", "o_bonus_ptr")}, ["S", "W"], [], {"SB": 32, "WB": 8})))
+    out.append((draft_tree._compact_kernel, *_sig(
+        {"kc_ptr": f"*{dtype}", "vc_ptr": f"*{dtype}"} | {n: "*i64" for n in ("slot_ptr", "len_ptr", "path_ptr")},
+        ["W", "stride_l", "stride_s", "stride_h", "stride_p"], [], {"HEADS": 3, "D": 64, "WB": 8, "DB": 64})))
     return out
 
 

@@ -1,11 +1,13 @@
-"""An EAGLE-2 draft tree's bookkeeping in two kernels: growing one depth, and selecting the tree to verify.
+"""An EAGLE-2 draft tree's bookkeeping in a few kernels: growing one depth, selecting the tree to verify, and,
+after the target's forward, accepting a path and moving its K/V into place.
 
 In PyTorch (compiled by Inductor) a (6,8,32) draft spends about 75 of its 137 launches here: ten per depth to
 score the children, pick the next frontier, gather its hidden states and build the drafter's token rows, then
 about 18 to select and lay out the verify tree. Inside a CUDA graph each launch costs ~4 µs whatever it does.
 Here each depth is one launch (`tree_grow`) and the selection another (`tree_select`), one program per batch row.
 They compute what `spec.tree.grow` + `spec.draft_runner.tree_rows` and `spec.tree.select_tree` compute, with
-the same tie rule as a stable sort: among equal scores, the lower candidate number first.
+the same tie rule as a stable sort: among equal scores, the lower candidate number first. Acceptance
+(`tree_accept`, `compact_path_kv`) is three launches with the target's argmax, where compiled PyTorch took 15.
 """
 from __future__ import annotations
 
@@ -176,3 +178,84 @@ def tree_select(cand_tokens: torch.Tensor, cand_scores: torch.Tensor, cand_paren
     _select_kernel[(b,)](cand_scores, cand_tokens, cand_parents, cand_depths, roots, pos, tokens, parents, depths,
                          anc, c, keep, max_depth, CB=triton.next_power_of_2(c), SB=triton.next_power_of_2(s))
     return tokens, parents, depths, anc.view(torch.bool)
+
+
+@triton.jit
+def _accept_kernel(tok_ptr, par_ptr, depth_ptr, anc_ptr, choice_ptr, o_path_ptr, o_count_ptr, o_bonus_ptr,
+                   S, W, SB: tl.constexpr, WB: tl.constexpr):
+    b = tl.program_id(0)
+    i = tl.arange(0, SB)
+    live = i < S
+    choice = tl.load(choice_ptr + b * S + i, mask=live, other=-1)
+    parent = tl.load(par_ptr + b * S + i, mask=live, other=0)
+    correct = (tl.load(tok_ptr + b * S + i, mask=live, other=0) == tl.load(choice_ptr + b * S + parent, mask=live,
+                                                                            other=-1)) | (i == 0)
+    anc = tl.load(anc_ptr + b * S * S + i[:, None] * S + i[None, :], mask=live[:, None] & live[None, :], other=0) != 0
+    # node i is accepted when every node on its path from the root (its ancestors, itself) matches
+    wrong = (correct.to(tl.int32) == 0)[None, :]
+    ok = tl.sum((anc & wrong).to(tl.int32), axis=1) == 0
+    score = tl.where(live & ok, tl.load(depth_ptr + b * S + i, mask=live, other=0), -1)
+    top = tl.max(score, axis=0)
+    best = tl.min(tl.where(score == top, i, SB), axis=0)  # the deepest accepted node (first of equals)
+    on_path = tl.sum(tl.where(i[:, None] == best, anc.to(tl.int32), 0), axis=0) != 0  # row `best` of anc
+    tl.store(o_bonus_ptr + b, tl.sum(tl.where(i == best, choice, 0), axis=0))
+    tl.store(o_count_ptr + b, tl.sum(on_path.to(tl.int64), axis=0))
+    t = tl.arange(0, WB)
+    tl.store(o_path_ptr + b * W + t, tl.full((WB,), 0, dtype=tl.int64) + best, mask=t < W)
+    tl.debug_barrier()
+    slot_of = tl.cumsum(on_path.to(tl.int32), axis=0) - 1  # path nodes ascending: parents before children
+    tl.store(o_path_ptr + b * W + slot_of, i.to(tl.int64), mask=on_path & (slot_of < W))
+
+
+def tree_accept(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor,
+                choice: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy acceptance of a verify tree in one launch, after the target's argmax `choice` [B, S] at every node:
+    (the accepted path's verify-order nodes [B, width], root first, padded with the deepest; its length [B], root
+    included; the bonus token [B]). What `spec.accept.greedy_accept_device` + `path_nodes` give. tokens, parents,
+    depths [B, S] and ancestors bool [B, S, S], contiguous; width >= every path's length."""
+    b, s = tokens.shape
+    if not all(x.is_contiguous() for x in (tokens, parents, depths, ancestors, choice)):
+        raise ValueError("tree_accept takes contiguous tensors")
+    dev = tokens.device
+    path = torch.empty(b, width, dtype=torch.long, device=dev)
+    count, bonus = torch.empty(b, dtype=torch.long, device=dev), torch.empty(b, dtype=torch.long, device=dev)
+    _accept_kernel[(b,)](tokens, parents, depths, ancestors.view(torch.int8), choice, path, count, bonus, s, width,
+                         SB=triton.next_power_of_2(s), WB=triton.next_power_of_2(width))
+    return path, count, bonus
+
+
+@triton.jit
+def _compact_kernel(kc_ptr, vc_ptr, slot_ptr, len_ptr, path_ptr, W, stride_l, stride_s, stride_h, stride_p,
+                    HEADS: tl.constexpr, D: tl.constexpr, WB: tl.constexpr, DB: tl.constexpr):
+    b = tl.program_id(0)
+    layer = tl.program_id(1)
+    t = tl.arange(0, WB)
+    d = tl.arange(0, DB)
+    live = t < W
+    keep = live[:, None] & (d[None, :] < D)
+    slot = tl.load(slot_ptr + b)
+    length = tl.load(len_ptr + b)
+    src = length + tl.load(path_ptr + b * W + t, mask=live, other=0)
+    dst = length + t
+    for h in tl.static_range(HEADS):
+        base = layer * stride_l + slot * stride_s + h * stride_h
+        k = tl.load(kc_ptr + base + src[:, None] * stride_p + d[None, :], mask=keep)
+        v = tl.load(vc_ptr + base + src[:, None] * stride_p + d[None, :], mask=keep)
+        tl.debug_barrier()  # every source read before any destination (a later node's source) is written
+        tl.store(kc_ptr + base + dst[:, None] * stride_p + d[None, :], k, mask=keep)
+        tl.store(vc_ptr + base + dst[:, None] * stride_p + d[None, :], v, mask=keep)
+
+
+def compact_path_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                    path: torch.Tensor) -> None:
+    """Move the K/V of each row's accepted path (verify-order nodes `path` [B, W], root first) to consecutive
+    positions after its committed length, in every layer: one launch per (row, layer). Caches [layers, slots,
+    kv_heads, positions, head_dim] with a unit last stride; nodes past a path's end repeat its deepest node, whose
+    copies land past the new committed end."""
+    layers, _, heads, _, d = k_cache.shape
+    b, w = path.shape
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or not path.is_contiguous():
+        raise ValueError("compact_path_kv takes two caches of one layout and a contiguous path")
+    _compact_kernel[(b, layers)](k_cache, v_cache, slots, lengths, path, w, k_cache.stride(0), k_cache.stride(1),
+                                 k_cache.stride(2), k_cache.stride(3), HEADS=heads, D=d,
+                                 WB=triton.next_power_of_2(w), DB=triton.next_power_of_2(d))
