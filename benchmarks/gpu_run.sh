@@ -10,7 +10,8 @@
 #   STORE=/root/store PIPELINE_SECONDS=720 setsid nohup bash benchmarks/gpu_run.sh &
 # Each step runs under a time limit and a failure does not stop the next one. A step that fails on a fast path
 # is retried once without it: a crash in the Triton token path turns it off for every later step
-# (EAGLEPIPE_TOKEN_PATH=0), and a failed speculative step is retried with eager rounds (EAGLEPIPE_GRAPH_ROUNDS=0).
+# (EAGLEPIPE_TOKEN_PATH=0), and a failed speculative step (or sweep point) is retried with eager rounds and PyTorch
+# tree bookkeeping (EAGLEPIPE_GRAPH_ROUNDS=0 EAGLEPIPE_TREE_KERNELS=0).
 # STEPS (default: all) picks steps by name, e.g. STEPS="fetch_target prefill pipeline spec_decode"; SPEC_PROMPTS,
 # SPEC_TOKENS and SPEC_SWEEP ("steps,topk,draft_tokens ...") set the speculative-decoding benchmark's prompts and points;
 # ROUND_SWEEP sets round_profile's points (where each speculative round's time goes);
@@ -54,10 +55,12 @@ step regen_bench 420 python3 benchmarks/regen.py --model "$T" --max-batch-size 7
   --multi-turn 1000 --max-model-len 4096
 step pipeline "${PIPELINE_SECONDS:-172800}" snakemake --cores all --rerun-incomplete "$R/export"
 step pipeline_bench 420 snakemake --cores all --rerun-incomplete \
-  || EAGLEPIPE_GRAPH_ROUNDS=0 step pipeline_bench_eager 420 snakemake --cores all --rerun-incomplete
+  || EAGLEPIPE_GRAPH_ROUNDS=0 EAGLEPIPE_TREE_KERNELS=0 step pipeline_bench_eager 420 \
+     snakemake --cores all --rerun-incomplete
 spec=(python3 benchmarks/spec_decode.py --target "$T" --export "$R/export" --prompts "${SPEC_PROMPTS:-8}"
       --max-new-tokens "${SPEC_TOKENS:-128}" ${SPEC_SWEEP:+--sweep "$SPEC_SWEEP"})
-step spec_decode 300 "${spec[@]}" || EAGLEPIPE_GRAPH_ROUNDS=0 step spec_decode_eager 300 "${spec[@]}"
+{ step spec_decode 300 "${spec[@]}" && ! grep -q '"error"' "$LOGS/spec_decode.log"; } \
+  || EAGLEPIPE_GRAPH_ROUNDS=0 EAGLEPIPE_TREE_KERNELS=0 step spec_decode_eager 300 "${spec[@]}"
 step round_profile 300 python3 benchmarks/round_profile.py --target "$T" --export "$R/export" \
   --out "$LOGS/round_profile.jsonl" ${ROUND_SWEEP:+--sweep "$ROUND_SWEEP"}
 step replay_check 300 python3 benchmarks/replay_check.py --target "$T" --export "$R/export" --tokens "$R/data/tokens" \
