@@ -2,8 +2,9 @@
 
 PyTorch's `topk` on a few rows of a 16,384-token draft vocabulary runs a single-block radix select per row
 (55 µs a call on an H200, the largest cost of a tree round). Here one program holds a whole row in registers,
-takes its log-sum-exp, then picks the k largest by k max-reductions (ties: the lowest index first).
-Its speed on a GPU has not been measured yet; EAGLEPIPE_TOPK_KERNEL=0 goes back to PyTorch's top-k.
+takes its log-sum-exp, then picks the k largest by k max-reductions (ties: the lowest index first). On the
+H200 it took 11 µs a call, and a (6,8,32) draft 0.52 ms against 0.79 with PyTorch's top-k
+(benchmarks/RESULTS.md, sixth lease); EAGLEPIPE_TOPK_KERNEL=0 goes back to PyTorch's top-k.
 """
 from __future__ import annotations
 
