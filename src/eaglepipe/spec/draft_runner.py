@@ -127,8 +127,8 @@ class DraftRunner:
         b, f = ids.shape
         past_len = max_length + node_start
         if self.fast is not None:  # the committed prefix, then the visible scratch nodes
-            rows = tree_rows(slots, lengths, ids, hidden, visible, node_start)
-            out, logits = self.fast.step(self.k, self.v, *rows, past_len + f)
+            out, logits = self.tree_step_rows(tree_rows(slots, lengths, ids, hidden, visible, node_start), max_length,
+                                              node_start, f)
             return out.view(b, f, -1), logits.view(b, f, -1)
         ancestors = torch.zeros(b, f, node_start + f, dtype=torch.bool, device=ids.device).scatter_(2, visible, True)
         rel = self._cols[:past_len][None, :] - lengths[:, None]  # [B, past_len]
@@ -140,6 +140,13 @@ class DraftRunner:
         positions = (lengths + depth - 1)[:, None].expand(b, f)
         write = lengths[:, None] + node_start + self._cols[:f][None, :]
         return self._run(slots, ids, hidden, positions, past_len, allowed, write, span)
+
+    def tree_step_rows(self, rows: tuple[torch.Tensor, ...], max_length: int, node_start: int,
+                       f: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`tree_step` through the fast drafter on its flat token rows (`tree_rows`' layout, or what the draft-tree
+        kernels build): F frontier nodes per batch row, stored as scratch nodes node_start.. after committed
+        lengths <= max_length. Returns (hidden_out [B*F, H], fp32 logits [B*F, V_d])."""
+        return self.fast.step(self.k, self.v, *rows, max_length + node_start + f)
 
 
 @compiled_on_cuda

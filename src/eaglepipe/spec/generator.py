@@ -299,7 +299,7 @@ class SpeculativeGenerator:
                              self._root_cand[:b], self._root_visible[:b], slots_t, lengths, *cand, 0, 0)
         for depth in range(1, steps):
             node_start = (depth - 1) * k
-            h, lg = self.draft.fast.step(self.draft.k, self.draft.v, *front.rows(), max_length + node_start + k)
+            h, lg = self.draft.tree_step_rows(front.rows(), max_length, node_start, k)
             values, ids = kn.topk_logprobs(lg, k)
             front = kn.tree_grow(front.scores, values.view(b, k, k), ids.view(b, k, k), self._d2t, h.view(b, k, -1),
                                  front.cand, front.visible.view(b, k, depth), slots_t, lengths, *cand,
