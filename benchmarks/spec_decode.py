@@ -75,10 +75,14 @@ def prompt_source(num_prompts: int, path: Path | None, field: str, multi_turn: b
                       multi_turn=multi_turn)
 
 
+def render_first_turns(tokenizer, turns: list[list[str]]) -> list[list[int]]:
+    """Token ids of each prompt's first user turn, rendered with the target's chat template."""
+    return [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
+
+
 def first_turn_prompts(tokenizer, num_prompts: int, path: Path | None, field: str) -> list[list[int]]:
     """Token ids of `prompt_source`'s first user turns, rendered with the target's chat template."""
-    turns = load_prompts(prompt_source(num_prompts, path, field))
-    return [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
+    return render_first_turns(tokenizer, load_prompts(prompt_source(num_prompts, path, field)))
 
 
 def second_turn_prompts(tokenizer, turns: list[list[str]], first_answers: list[list[int]]) -> list[list[int]]:
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     target = resolve_model_dir(args.target)
     tokenizer = load_tokenizer(target)
     turns = load_prompts(prompt_source(args.prompts, args.prompts_path, args.prompts_field, args.both_turns))
-    prompts = [render_chat(tokenizer, [{"role": "user", "content": t[0]}]) for t in turns]
+    prompts = render_first_turns(tokenizer, turns)
     ignore_eos, graphs = not args.both_turns, device.type == "cuda"
     if args.both_turns:
         _, first_answers = bench_engine(target, device, prompts, args.max_new_tokens, graphs, ignore_eos=False)
