@@ -5,6 +5,7 @@
 #   regenerated conversations (regen.part-aa, ...; `cat regen.part-* | tar xJ` gives regen/), so that a later lease
 #   can train on them (or warm-start from the drafter with train.init_from) without regenerating
 #   (`bash benchmarks/gpu_restore.sh DIR` puts the conversations back where Snakemake leaves them alone).
+#   COLLECT_REGEN=0 skips the conversations (a lease that restored them already has them here).
 # Usage: bash benchmarks/gpu_collect.sh DEST   (run from the job's repo copy)
 set -u
 DEST=$1
@@ -25,7 +26,7 @@ weights=$R/export/sglang/model.safetensors
 if [ -f "$weights" ]; then
   split -b 15M "$weights" "$DEST/drafter.part-"
 fi
-if [ -d "$R/data/regen" ]; then
+if [ -d "$R/data/regen" ] && [ "${COLLECT_REGEN:-1}" = 1 ]; then
   tar cf - -C "$R/data" regen | xz -T0 -6 | split -b 15M - "$DEST/regen.part-"
 fi
 ls -la "$DEST"
