@@ -13,6 +13,8 @@ Per sweep point, batch 1, greedy, MT-bench first turns:
     their summed run time and the top kernel names. The gap between summed kernel time and graph time is what
     each launch inside a graph costs.
 The difference decode - graph is the host's share per round (launch, copy, Python) left after pipelining.
+  - `first_token_ms` (and `base_first_token_ms`): prefill and the first token per request through the engine;
+    `prefill_ms` splits the speculative one into pieces timed alone (`prefill_breakdown`).
 Prints one JSON line per point, writes them all to --out, and appends a row to benchmarks/RESULTS.md unless --smoke.
 On CPU (--smoke) the phases run eagerly and only wall-clock times are given.
 """
@@ -25,6 +27,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -143,6 +146,38 @@ def eager_phases(gen: SpeculativeGenerator, prompt: list[int], rounds: int) -> d
     return {name: {"wall_ms": round(spent[i] / rounds * 1000, 3)} for i, (name, _) in enumerate(phases)}
 
 
+def prefill_breakdown(gen: SpeculativeGenerator, prompts: list[list[int]]) -> dict:
+    """Mean ms per request, each piece timed on its own between device syncs (slot 0, after the warm-up):
+    `target` the plain prefill and first token (what the engine alone does), `target_capture` the same with the
+    drafter's aux layers captured, `drafter` the aux fusion and the drafter's prefill over the prompt, and
+    `spec_prefill` the speculative path's whole `_prefill`. What the engine's first-token time holds beyond
+    `spec_prefill` is request handling around it."""
+    runner, dev = gen.runner, gen.runner.device
+    greedy = [SamplingParams(max_new_tokens=10 ** 6, ignore_eos=True)]
+    spent: dict[str, float] = defaultdict(float)
+
+    def piece(name: str, fn: Callable[[], object]) -> object:
+        sync(dev)
+        start = time.perf_counter()
+        out = fn()
+        sync(dev)
+        spent[name] += time.perf_counter() - start
+        return out
+
+    with torch.inference_mode():
+        for prompt in prompts:
+            piece("target", lambda: runner.prefill([prompt], [0]).last_logits.argmax(-1).tolist())
+            out = piece("target_capture", lambda: runner.prefill([prompt], [0], capture_layers=gen.capture))
+            tok = int(out.last_logits.argmax(-1)[0])
+            ids = torch.tensor([list(prompt[1:]) + [tok]], dtype=torch.long, device=dev)
+            zero, slot = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+            piece("drafter", lambda: gen.draft.extend(slot, zero, 0, ids, gen._draft_hidden(out.aux_hidden[0][None]),
+                                                      slice(0, 1)))
+            piece("spec_prefill", lambda: gen._prefill([prompt], greedy, [0], [None], [lambda _: False], {0: 0}))
+            runner.release(0)
+    return {name: round(seconds / len(prompts) * 1000, 3) for name, seconds in spent.items()}
+
+
 def profile_point(engine: Engine, export: Path, point: SpecConfig, prompts: list[list[int]], new_tokens: int,
                   rounds: int, top: int) -> dict:
     """Every figure of one sweep point (see the module doc)."""
@@ -153,7 +188,9 @@ def profile_point(engine: Engine, export: Path, point: SpecConfig, prompts: list
     seconds, first_s, tokens, verify = engine_wall(engine, prompts, params)
     row = {"point": point.name, "tau": round(tokens / max(verify, 1), 3),
            "wall_ms_round": round(seconds / max(verify, 1) * 1000, 4),
-           "decode_ms_round": round((seconds - first_s) / max(verify, 1) * 1000, 4)}
+           "decode_ms_round": round((seconds - first_s) / max(verify, 1) * 1000, 4),
+           "first_token_ms": round(first_s / len(prompts) * 1000, 3),
+           "prefill_ms": prefill_breakdown(gen, prompts)}
     if cuda:
         row["graph_ms_round"] = round(gpu_round_ms(gen, prompts[0], rounds), 4)
         row["phases"] = phase_profile(gen, prompts[0], rounds, top)
@@ -196,11 +233,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             seconds, first_s, tokens, _ = engine_wall(engine, prompts, params)
             base_ms = round(seconds / tokens * 1000, 4)
             base_decode_ms = round((seconds - first_s) / (tokens - len(prompts)) * 1000, 4)
+            base_first_ms = round(first_s / len(prompts) * 1000, 3)
         with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=False,
                     prefix_reuse=False) as engine:
             for point in points:
                 row = profile_point(engine, export, point, prompts, args.max_new_tokens, args.rounds, args.top)
                 row["base_ms_token"], row["base_decode_ms_token"] = base_ms, base_decode_ms
+                row["base_first_token_ms"] = base_first_ms
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.out is not None:
@@ -211,12 +250,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parts = []
         for r in rows:
             ph = "; ".join(f"{n} {p['graph_ms']:.3f} ms/{p['kernels']:.0f} kernels" for n, p in r["phases"].items())
+            pre = ", ".join(f"{n} {ms:.2f}" for n, ms in r["prefill_ms"].items())
             parts.append(f"{r['point']}: τ {r['tau']:.2f}, wall {r['wall_ms_round']:.3f} ms/round (decode "
                          f"{r['decode_ms_round']:.3f}), graph "
-                         f"{r['graph_ms_round']:.3f} ({ph})")
+                         f"{r['graph_ms_round']:.3f} ({ph}); first token {r['first_token_ms']:.2f} ms "
+                         f"(synced pieces: {pre})")
         append_result_row(results, "round_profile (MT-bench, batch 1, greedy)", hardware_name(device), command,
                           " · ".join(parts), f"engine plain decode {base_ms:.3f} ms/token (after prefill "
-                          f"{rows[0]['base_decode_ms_token']:.3f})")
+                          f"{rows[0]['base_decode_ms_token']:.3f}), first token {base_first_ms:.2f} ms")
     sync(device)
     return rows
 
