@@ -1,8 +1,8 @@
 """`compiled_on_cuda`: run a pure tensor function through torch.compile when its tensors are on CUDA.
 
 A draft tree's bookkeeping (log-probs, top-k, cumulative scores, parents, the next frontier, the rows the
-drafter's kernels read) is dozens of tiny kernels per depth in eager PyTorch, and inside a CUDA graph each costs
-about 3.5 µs whatever it does: more than the drafter's own step. Compiled, Inductor fuses each function into a
+drafter's kernels read) is dozens of tiny kernels per depth in eager PyTorch, each a launch and a pass over
+memory of its own. Compiled, Inductor fuses each function into a
 few kernels. They compile only inside `compile_scope`, which the static round body opens. The functions stay
 plain PyTorch: outside it, off CUDA, or with EAGLEPIPE_COMPILE_DRAFT=0, they run eagerly
 (the CPU tests run them so; `compile_everywhere()` makes them compile on CPU too, for a test of the compiled
