@@ -10,7 +10,8 @@
 #   STORE=/root/store PIPELINE_SECONDS=720 setsid nohup bash benchmarks/gpu_run.sh &
 # Each step runs under a time limit and a failure does not stop the next one. A step that fails on a fast path
 # is retried once without it: a crash in the Triton token path turns it off for every later step
-# (EAGLEPIPE_TOKEN_PATH=0), and a failed speculative step (or sweep point) is retried with eager rounds and PyTorch
+# (EAGLEPIPE_TOKEN_PATH=0), a failed prefill benchmark turns the CUDA-graph prefill off (EAGLEPIPE_PREFILL_GRAPHS=0),
+# and a failed speculative step (or sweep point) is retried with eager rounds and PyTorch
 # tree bookkeeping (EAGLEPIPE_GRAPH_ROUNDS=0 EAGLEPIPE_TREE_KERNELS=0).
 # STEPS (default: all) picks steps by name, e.g. STEPS="fetch_target prefill pipeline spec_decode"; SPEC_PROMPTS,
 # SPEC_TOKENS and SPEC_SWEEP ("steps,topk,draft_tokens ...") set the speculative-decoding benchmark's prompts and points;
@@ -48,7 +49,9 @@ if [ $rc -ne 0 ] && [ $rc -ne 2 ]; then  # 2: ran, but some bits differ (recorde
   echo "token path off for the rest of the job (check rc=$rc)" >> "$LOGS/steps.txt"
   export EAGLEPIPE_TOKEN_PATH=0
 fi
-step prefill 120 python3 benchmarks/prefill.py --model "$T"
+step prefill 150 python3 benchmarks/prefill.py --model "$T" \
+  || { echo "CUDA-graph prefill off for the rest of the job (prefill step failed)" >> "$LOGS/steps.txt"
+       export EAGLEPIPE_PREFILL_GRAPHS=0; }
 step prefix_reuse 180 python3 benchmarks/prefix_reuse_check.py --model "$T"
 step decode 240 python3 benchmarks/decode.py --model "$T" --hf-prompts 2 --no-engine-compile --no-hf-compile
 step regen_bench 420 python3 benchmarks/regen.py --model "$T" --max-batch-size 768 --concurrency 4096 --hf-prompts 512 \

@@ -9,7 +9,9 @@ length never seen before. On an H200, cuDNN's SDPA made the first prefill of eac
   * the same in packs padded up to a multiple of `--bucket` tokens (shapes repeat, so the cost is paid once per
     bucket);
   * profiler tables (top ops by self CPU and self device time) of one new-length call and one repeat;
-  * packed throughput (prompt tokens/s) at a repeated shape, for a few prompt sizes.
+  * packed throughput (prompt tokens/s) at a repeated shape, for a few prompt sizes;
+  * a lone prompt's prefill (what batch-1 serving and speculative decoding do) eager against `PrefillGraphs`
+    (padded, replayed from a CUDA graph per bucket), on the same prompts after each bucket has been captured.
 
     python benchmarks/prefill.py --model results/<exp>/target        # on a GPU; appends to RESULTS.md
     python benchmarks/prefill.py --model <tiny HF dir> --smoke       # CPU check with tiny settings
@@ -35,6 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from decode import append_result_row, hardware_name, sync  # noqa: E402
 from eaglepipe.engine.model import LlamaRunner  # noqa: E402
+from eaglepipe.engine.prefill_graphs import PrefillGraphs  # noqa: E402
 from eaglepipe.utils.device import pick_device  # noqa: E402
 
 
@@ -95,6 +98,21 @@ def profile_tables(runner: LlamaRunner, new_length: int, vocab: int, rng: random
     return out
 
 
+def lone_prompt_eager_vs_graphs(runner: LlamaRunner, lengths: list[int], vocab: int, rng: random.Random) -> dict:
+    """Median ms of a lone prompt's prefill at each length, eager and through `PrefillGraphs` (each bucket
+    captured and each prompt run once before the timed pass)."""
+    prompts = [random_prompt(rng, n, vocab) for n in lengths]
+    out = {"lengths": lengths}
+    for name, graphs in (("eager", None), ("graphs", PrefillGraphs(runner))):
+        runner.prefill_graphs = graphs
+        for p in prompts:
+            timed_prefill(runner, [p])
+        out[f"{name}_median_ms"] = round(statistics.median(timed_prefill(runner, [p]) for p in prompts), 3)
+    runner.prefill_graphs = None
+    out["speedup"] = round(out["eager_median_ms"] / out["graphs_median_ms"], 2)
+    return out
+
+
 def packed_throughput(runner: LlamaRunner, pack_tokens: int, prompt_len: int, vocab: int, rng: random.Random,
                       repeats: int) -> dict:
     """Prompt tokens/s of packs of `pack_tokens` made of prompts of `prompt_len` tokens, at a repeated shape."""
@@ -121,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.lengths, args.max_len, args.bucket, args.pack_tokens = 4, 128, 32, 96
     device = pick_device(args.device)
-    runner = LlamaRunner(args.model, device=device, max_slots=16, max_len=args.max_len)
+    runner = LlamaRunner(args.model, device=device, max_slots=16, max_len=args.max_len, prefill_graphs=False)
     vocab = runner.spec.vocab_size
     rng = random.Random(0)
     timed_prefill(runner, [random_prompt(rng, 17, vocab)])  # first call of the process
@@ -134,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     report["profile"] = profile_tables(runner, lengths[-1], vocab, rng, top=8)
     sizes = [s for s in (64, 256, 1024, 2048) if s <= args.pack_tokens] or [args.pack_tokens]
     report["throughput"] = [packed_throughput(runner, args.pack_tokens, s, vocab, rng, 5) for s in sizes]
+    lone = [n for n in (20, 45, 70, 100, 150, 230, 350, 500) if n <= args.max_len]
+    report["lone_prompt"] = lone_prompt_eager_vs_graphs(runner, lone, vocab, rng)
     print(json.dumps(report))
     if not args.smoke or args.results:
         u, p = report["unpadded"], report["padded"]
@@ -141,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
         result = (f"first prefill of a new length {u['first_median_ms']} ms (median; first quarter "
                   f"{u['first_median_ms_first_quarter']}, last {u['first_median_ms_last_quarter']}), repeat "
                   f"{u['repeat_median_ms']} ms; padded to {p['bucket']}: {p['median_ms']} ms; packed "
-                  f"{best['tokens_per_s']:,} prompt tok/s ({best['prompts']} x {best['prompt_len']})")
+                  f"{best['tokens_per_s']:,} prompt tok/s ({best['prompts']} x {best['prompt_len']}); lone prompt "
+                  f"(20-500 tokens) eager {report['lone_prompt']['eager_median_ms']} ms, CUDA-graph prefill "
+                  f"{report['lone_prompt']['graphs_median_ms']} ms ({report['lone_prompt']['speedup']}x)")
         append_result_row(args.results or REPO / "benchmarks" / "RESULTS.md", "prefill.py", report["device"],
                           "python " + " ".join(["benchmarks/prefill.py"] + (argv or sys.argv[1:])), result,
                           "(none: diagnostic)")

@@ -132,6 +132,21 @@ def test_greedy_is_exact(runner, references, exported, algo: str, spec: dict) ->
     assert batched == references
 
 
+@pytest.mark.parametrize("spec", CONFIGS, ids=lambda s: f"s{s['num_steps']}_k{s['topk']}_n{s['num_draft_tokens']}")
+def test_greedy_is_exact_after_a_padded_prefill(runner, references, exported, spec: dict) -> None:
+    """The target and drafter prefilled through `PrefillGraphs` (the padded body CUDA graphs capture)."""
+    from eaglepipe.engine.prefill_graphs import PrefillGraphs
+    from eaglepipe.spec import SpeculativeGenerator
+
+    gen = SpeculativeGenerator(runner, exported["eagle3"], spec)
+    runner.prefill_graphs = PrefillGraphs(runner)
+    try:
+        outs = [run_spec(gen, [p])[0][0] for p in PROMPTS]
+    finally:
+        runner.prefill_graphs = None
+    assert outs == references
+
+
 def test_tree_select_keeps_parents_and_orders_nodes() -> None:
     from eaglepipe.spec.tree import Candidates, select_tree
 

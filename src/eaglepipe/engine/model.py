@@ -8,6 +8,7 @@ which is how a verified draft tree is rolled back to its accepted path.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..target.info import resolve_model_dir
 from ..utils.device import compute_dtype, pick_device
+from .prefill_graphs import PrefillGraphs
 from .spec import ModelSpec, read_model_spec, rope_tables
 from .token_path import MAX_ROWS, TokenPath, token_kernels_default, verify_rows
 from .weights import LayerWeights, load_weights
@@ -65,11 +67,13 @@ class LlamaRunner:
     `token_path`: run decode steps and verify forwards of up to MAX_ROWS tokens through the row-invariant Triton
     kernels (default: on CUDA when Triton is there, unless EAGLEPIPE_TOKEN_PATH=0; True on CPU needs
     TRITON_INTERPRET=1, for tests).
+    `prefill_graphs`: prefill a lone prompt from a CUDA graph per padded length (`PrefillGraphs`; default on
+    CUDA unless EAGLEPIPE_PREFILL_GRAPHS=0).
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, max_slots: int = 8, max_len: int = 2048,
-                 token_path: bool | None = None):
+                 token_path: bool | None = None, prefill_graphs: bool | None = None):
         self.model_dir = resolve_model_dir(model_dir)
         self.spec: ModelSpec = read_model_spec(self.model_dir)
         self.device = torch.device(device) if device is not None else pick_device("auto")
@@ -93,6 +97,9 @@ class LlamaRunner:
         self.token_path = TokenPath(self) if token_path else None
         self._self_only = torch.zeros(max_slots, 1, dtype=torch.long, device=self.device)  # pending index 0
         self._one_each = torch.ones(max_slots, dtype=torch.long, device=self.device)
+        if prefill_graphs is None:
+            prefill_graphs = self.device.type == "cuda" and os.environ.get("EAGLEPIPE_PREFILL_GRAPHS", "1") != "0"
+        self.prefill_graphs = PrefillGraphs(self) if prefill_graphs else None
 
     # ------------------------------------------------------------------ core
     def _attention_block(self, i: int, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -165,7 +172,8 @@ class LlamaRunner:
                 reused: Sequence[int] | None = None) -> PrefillOutput:
         """Start sequences: run several prompts packed into one forward (each attends causally to itself).
 
-        Every prompt token is committed to its slot. `reused[i]` (default 0) leading tokens of prompt i are
+        Every prompt token is committed to its slot. A lone prompt with nothing reused and no `all_logits` goes
+        through `prefill_graphs` when the runner has them. `reused[i]` (default 0) leading tokens of prompt i are
         already in slot i's cache, left there by an earlier sequence with the same prefix: only the rest of the
         prompt is computed, attending to them. Anything else the slot held is discarded. `capture_layers` and
         `all_logits` return values for the computed tokens, so they need nothing reused.
@@ -185,6 +193,10 @@ class LlamaRunner:
         layers = self._check_capture(capture_layers)
         if any(skip) and (layers or all_logits):
             raise ValueError("capture_layers and all_logits need every prompt token computed (reused all 0)")
+        if self.prefill_graphs is not None and len(prompts) == 1 and not any(skip) and not all_logits:
+            out = self.prefill_graphs.prefill(prompts[0], slots[0], layers)
+            self.lengths[slots[0]] = sizes[0]
+            return out
         dev = self.device
         lens = [size - n for size, n in zip(sizes, skip)]  # computed tokens per prompt
         lens_t = torch.tensor(lens, device=dev)

@@ -1,0 +1,113 @@
+"""`PrefillGraphs`: a single prompt's prefill replayed from a CUDA graph per padded length.
+
+An eager prefill of a small target is bound by the host: SmolLM2-135M's 30 layers launch about 900 kernels, which
+took 8 to 19 ms per request on an H200 box (benchmarks/RESULTS.md, seventh lease), several times the GPU's
+work. Here the prompt is padded to the next bucket (32, 64, ... up to the runner's max_len) and the forward is
+captured once per (bucket, captured layers). Pad tokens sit after the prompt, so causal attention keeps them out
+of every real token's result; they write K/V past the prompt's end, where nothing reads before a later write.
+Outputs are those of the eager prefill up to GEMM rounding (the padded shapes may pick other kernels); every
+request of a runner goes through the same path, so speculative and plain decoding still start from the same
+state. Off CUDA, or with `use_cuda_graph=False`, the same padded body runs eagerly (the tests run it so).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+if TYPE_CHECKING:
+    from .model import LlamaRunner, PrefillOutput
+
+
+def prefill_buckets(max_len: int, smallest: int = 32) -> list[int]:
+    """Padded prompt lengths: smallest, 2*smallest, ... below max_len, then max_len."""
+    size, sizes = min(smallest, max_len), []
+    while size < max_len:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_len]
+
+
+class PrefillGraphs:
+    """Captured single-prompt prefills of `runner`, one per (bucket, capture layers), sharing one memory pool."""
+
+    def __init__(self, runner: "LlamaRunner", smallest: int = 32, use_cuda_graph: bool | None = None):
+        dev = runner.device
+        self.use_cuda_graph = dev.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        if self.use_cuda_graph and dev.type != "cuda":
+            raise ValueError("CUDA graphs need a runner on a CUDA device")
+        self.runner = runner
+        self.buckets = prefill_buckets(runner.max_len, smallest)
+        n = self.buckets[-1]
+        self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
+        self.positions = torch.arange(n, device=dev)[None]
+        self.slots = torch.zeros(1, n, dtype=torch.long, device=dev)
+        self.last = torch.zeros(1, dtype=torch.long, device=dev)  # the prompt's last index
+        self.graphs: dict[tuple[int, tuple[int, ...]], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.pool = None
+
+    def bucket(self, size: int) -> int:
+        """The padded length for a prompt of `size` tokens (at most the runner's max_len)."""
+        for b in self.buckets:
+            if b >= size:
+                return b
+        raise ValueError(f"a {size}-token prompt is longer than max_len={self.buckets[-1]}")
+
+    def prefill(self, prompt: Sequence[int], slot: int, layers: list[int]) -> "PrefillOutput":
+        """Prefill `prompt` (1..max_len tokens) into `slot`; the caller commits its length. Returns the last
+        token's logits and the captured layers' hidden states, as copies."""
+        from .model import PrefillOutput
+
+        size = len(prompt)
+        bucket = self.bucket(size)
+        host = torch.zeros(1, bucket, dtype=torch.long)
+        host[0, :size] = torch.as_tensor(list(prompt), dtype=torch.long)
+        self.ids[:, :bucket].copy_(host)
+        self.slots.fill_(slot)
+        self.last.fill_(size - 1)
+        key = (bucket, tuple(layers))
+        if not self.use_cuda_graph:
+            logits, aux = self._body(bucket, layers)
+        else:
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(bucket, layers)
+            self.graphs[key].replay()
+            logits, aux = self.outputs[key]
+        return PrefillOutput(logits.clone(), None, [aux[:size].clone()] if aux is not None else None)
+
+    def _body(self, bucket: int, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The padded forward on the static buffers: (last token's logits [1, V], aux [bucket, n_aux * H] or None)."""
+        from .model import PREFILL_SDPA_BACKENDS
+
+        runner = self.runner
+        pos, slots = self.positions[:, :bucket], self.slots[:, :bucket]
+
+        def attend(_: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=runner.scale, enable_gqa=True)
+            return out.transpose(1, 2).reshape(1, bucket, -1)
+
+        with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+            hidden, captured = runner._run(self.ids[:, :bucket], pos, slots, pos, attend, layers)
+        logits = F.linear(hidden[0].index_select(0, self.last), runner.weights.lm_head)
+        aux = runner._gather_aux(captured, layers)
+        return logits, aux[0] if aux is not None else None
+
+    def _capture(self, bucket: int, layers: list[int]) -> torch.cuda.CUDAGraph:
+        """Warm the body up on a side stream (it writes only the current slot, which this prefill replaces), then
+        capture it into the shared pool; the outputs stay in `self.outputs`."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._body(bucket, layers)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs[(bucket, tuple(layers))] = self._body(bucket, layers)
+        return graph
