@@ -8,8 +8,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
-from eaglepipe.engine.kernels import (norm_gate_up, norm_linear, rope_write_kv, topk_logprobs,  # noqa: E402
-                                      virtual_attention)
+from eaglepipe.engine.kernels import (embed_hidden_linear, norm_gate_up, norm_linear,  # noqa: E402
+                                      rope_write_kv, topk_logprobs, virtual_attention)
 
 
 def _rms(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
@@ -31,6 +31,20 @@ def test_norm_gate_up_matches_torch():
     x, w, g, b = torch.randn(7, 48), torch.randn(2 * 20, 48), torch.rand(48) + 0.5, torch.randn(40)
     gate, up = F.linear(_rms(x, g, 1e-6), w, b).chunk(2, -1)
     torch.testing.assert_close(norm_gate_up(x, w, norm_weight=g, bias=b), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("h", [40, 64, 160])
+def test_embed_hidden_linear_is_one_gemm_over_the_normed_concatenation(h):
+    torch.manual_seed(4)
+    embed, hidden, w = torch.randn(50, h), torch.randn(9, h), torch.randn(24, 2 * h)
+    ge, gh, ids = torch.rand(h) + 0.5, torch.rand(h) + 0.5, torch.randint(0, 50, (9,))
+    ref = torch.cat([_rms(embed[ids], ge, 1e-6), _rms(hidden, gh, 1e-6)], dim=-1) @ w.T
+    torch.testing.assert_close(embed_hidden_linear(ids, embed, ge, hidden, gh, w, 1e-6), ref, rtol=1e-5, atol=1e-5)
+    full = embed_hidden_linear(ids, embed, ge, hidden, gh, w, 1e-6)
+    for rows in ([4], [0, 8], list(range(2, 9))):  # a row's bits do not depend on the rows beside it
+        assert torch.equal(embed_hidden_linear(ids[rows], embed, ge, hidden[rows], gh, w, 1e-6), full[rows])
+    with pytest.raises(ValueError):
+        embed_hidden_linear(ids, embed, ge, hidden, gh, w[:, :h], 1e-6)
 
 
 def test_rows_are_invariant_to_their_neighbours():
@@ -111,7 +125,7 @@ def test_topk_logprobs_matches_log_softmax_topk(vocab, k):
 
 def test_kernels_compile_for_hopper():
     """The real compiler (not the interpreter this module runs under) accepts every kernel for sm_90: the token
-    path's 9 launch variants and the draft-tree kernels' 6, each for bf16 and fp32."""
+    path's 10 launch variants and the draft-tree kernels' 6, each for bf16 and fp32."""
     import subprocess
     import sys
 
@@ -119,4 +133,4 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, "-m", "eaglepipe.engine.kernels.compile_check", "--arch", "90"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("bytes of cubin") == 30
+    assert done.stdout.count("bytes of cubin") == 32

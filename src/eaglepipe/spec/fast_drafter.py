@@ -1,8 +1,8 @@
 """The EAGLE-3 / EAGLE-3.1 drafter step through the token path's row-invariant Triton kernels.
 
-A drafter step in PyTorch is ~40 small kernels; here it is eleven launches: the embedding, the qkv projection
-as two fused norm+GEMMs (input_layernorm over the embedding, then hidden_norm over the hidden state with the
-first half as its residual, so the concatenation is never materialised), RoPE + the K/V write straight into the
+A drafter step in PyTorch is ~40 small kernels; here it is nine launches: the qkv projection as one fused
+norm+GEMM over both inputs (`embed_hidden_linear`: input_layernorm over the embedding rows, read in place, and
+hidden_norm over the hidden state, summed as one GEMM over their concatenation, which is never materialised), RoPE + the K/V write straight into the
 `DraftRunner`'s cache, virtual attention (chunks + merge), o_proj + residual h, post-norm + gate/up + SiLU,
 down + residual, and the final norm fused into an fp32 draft lm_head (plus the final norm alone for EAGLE-3.1's
 norm_output). Static shapes, no host syncs: capturable in a CUDA graph.
@@ -10,7 +10,6 @@ norm_output). Static shapes, no host syncs: capturable in a CUDA graph.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..models.eagle3 import Eagle3Drafter
 
@@ -30,7 +29,6 @@ class FastDrafter:
         self.eps = cfg.rms_norm_eps
         self.scale = cfg.head_dim ** -0.5  # SDPA's default, as `cached_attention` uses
         self.norm_output = bool(cfg.norm_output)
-        h = cfg.hidden_size
         layer, attn = drafter.midlayer, drafter.midlayer.self_attn
 
         def w(t: torch.Tensor) -> torch.Tensor:
@@ -38,8 +36,7 @@ class FastDrafter:
 
         with torch.no_grad():
             self.embed = w(drafter.embed_tokens.weight)
-            qkv = w(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))  # [(Hq+2Hkv)D, 2H]
-            self.qkv_embed, self.qkv_hidden = qkv[:, :h], qkv[:, h:]  # row-major column halves (stride 2H)
+            self.qkv = w(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))  # [(Hq+2Hkv)D, 2H]
             self.input_norm = w(layer.input_layernorm.weight)
             self.hidden_norm = w(layer.hidden_norm.weight)
             self.o = w(attn.o_proj.weight)
@@ -66,9 +63,7 @@ class FastDrafter:
         if any(x.dim() != 1 or x.stride(0) != 1 for x in per_row) or pending.stride(-1) != 1:
             raise ValueError("token rows must be contiguous 1-D tensors (the kernels index them by row)")
         kn, eps = self.kernels, self.eps
-        emb = F.embedding(ids, self.embed)
-        qkv = kn.norm_linear(emb, self.qkv_embed, norm_weight=self.input_norm, eps=eps)
-        qkv = kn.norm_linear(hidden, self.qkv_hidden, norm_weight=self.hidden_norm, eps=eps, residual=qkv)
+        qkv = kn.embed_hidden_linear(ids, self.embed, self.input_norm, hidden, self.hidden_norm, self.qkv, eps)
         q = kn.rope_write_kv(qkv, self.cos, self.sin, positions, slots, write_pos, k_cache, v_cache,
                              self.heads, self.kv_heads, self.head_dim)
         attn = kn.virtual_attention(q, k_cache, v_cache, slots, prefix_lens, pending, pending_count, max_keys,

@@ -38,6 +38,10 @@ def variants(dtype: str) -> list[tuple[Any, dict, dict]]:
             pointers, ["M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym"], ["eps"],
             {"HAS_NORM": norm, "HAS_BIAS": bias, "HAS_RES": res, "GATE_UP": gate_up, "USE_DOT": True,
              "BM": linear.ROW_TILE, "BN": 32, "BK": 256})))
+    pointers = {"ids_ptr": "*i64"} | {n: f"*{dtype}" for n in ("e_ptr", "ge_ptr", "h_ptr", "gh_ptr", "w_ptr", "y_ptr")}
+    out.append((linear._embed_hidden_linear_kernel, *_sig(
+        pointers, ["M", "N", "H", "stride_e", "stride_h", "stride_wn", "stride_ym"], ["eps"],
+        {"USE_DOT": True, "BM": linear.ROW_TILE, "BN": 32, "BK": 256})))
     for qk_norm in (False, True):
         pointers = {n: f"*{dtype}" for n in ("qkv_ptr", "cos_ptr", "sin_ptr")}
         pointers |= {"pos_ptr": "*i64", "slot_ptr": "*i64", "wpos_ptr": "*i64"}
