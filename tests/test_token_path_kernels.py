@@ -109,23 +109,25 @@ def test_virtual_attention_matches_torch_and_is_chunking_stable():
     assert torch.equal(again, out[[2, 0]])
 
 
-@pytest.mark.parametrize("vocab,k", [(1000, 4), (16384, 8)])
+@pytest.mark.parametrize("vocab,k", [(1000, 4), (16384, 8), (40000, 10)])
 def test_topk_logprobs_matches_log_softmax_topk(vocab, k):
     gen = torch.Generator().manual_seed(vocab)
     logits = torch.randn(3, vocab, generator=gen) * 4
     logits[1, :5] = 30.0  # a tie at the top: the lowest indices come first
+    logits[2, [7, vocab - 1]] = 25.0  # a tie across chunks
     values, indices = topk_logprobs(logits, k)
     ref_values, ref_indices = F.log_softmax(logits, dim=-1).topk(k, dim=-1)
     torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
-    assert indices[0].tolist() == ref_indices[0].tolist() and indices[2].tolist() == ref_indices[2].tolist()
+    assert indices[0].tolist() == ref_indices[0].tolist() and indices[2, 2:].tolist() == ref_indices[2, 2:].tolist()
     assert indices[1, :min(k, 5)].tolist() == list(range(min(k, 5)))
+    assert indices[2, :2].tolist() == [7, vocab - 1]
     with pytest.raises(ValueError):
-        topk_logprobs(torch.zeros(1, 16385), 2)
+        topk_logprobs(torch.zeros(1, 65537), 2)
 
 
 def test_kernels_compile_for_hopper():
     """The real compiler (not the interpreter this module runs under) accepts every kernel for sm_90: the token
-    path's 10 launch variants and the draft-tree kernels' 6, each for bf16 and fp32."""
+    path's 11 launch variants and the draft-tree kernels' 6, each for bf16 and fp32."""
     import subprocess
     import sys
 
@@ -133,4 +135,4 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, "-m", "eaglepipe.engine.kernels.compile_check", "--arch", "90"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("bytes of cubin") == 32
+    assert done.stdout.count("bytes of cubin") == 34

@@ -161,11 +161,12 @@ class SpeculativeGenerator:
         return draft_logprobs(logits, self.loaded.hot_ids)
 
     def _topk_kernel(self) -> bool:
-        """Whether the drafter's top-k runs as one Triton launch (`topk_logprobs`): with the fast drafter and no
+        """Whether the drafter's top-k runs as the Triton kernels (`topk_logprobs`): with the fast drafter and no
         token map, unless EAGLEPIPE_TOPK_KERNEL=0."""
         fast = self.draft.fast
         return fast is not None and self.loaded.hot_ids is None \
             and self.loaded.config.draft_vocab_size <= fast.kernels.topk.MAX_VOCAB \
+            and self.spec.topk <= fast.kernels.topk.CHUNK \
             and os.environ.get("EAGLEPIPE_TOPK_KERNEL", "1") != "0"
 
     def _tree_kernels(self) -> bool:
@@ -175,8 +176,8 @@ class SpeculativeGenerator:
 
     def _draft_topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The drafter's `topk` best tokens at each of F nodes: (log-probs, draft ids) [B, F, topk]. With the
-        fast drafter, one Triton launch (`topk_logprobs`) instead of a log-softmax and PyTorch's top-k (unless
-        EAGLEPIPE_TOPK_KERNEL=0)."""
+        fast drafter, two short Triton launches (`topk_logprobs`) instead of a log-softmax and PyTorch's top-k
+        (unless EAGLEPIPE_TOPK_KERNEL=0)."""
         k = self.spec.topk
         b, f, v = logits.shape
         if self._topk_kernel():

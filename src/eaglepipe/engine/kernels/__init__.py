@@ -12,5 +12,5 @@ from .linear import embed_hidden_linear, norm_gate_up, norm_linear
 from .rope_cache import rope_write_kv
 from .topk import topk_logprobs
 
-__all__ = ["compact_path_kv", "embed_hidden_linear", "norm_gate_up", "norm_linear", "rope_write_kv", "topk_logprobs", "tree_accept",
-           "tree_grow", "tree_select", "virtual_attention"]
+__all__ = ["compact_path_kv", "embed_hidden_linear", "norm_gate_up", "norm_linear", "rope_write_kv",
+           "topk_logprobs", "tree_accept", "tree_grow", "tree_select", "virtual_attention"]

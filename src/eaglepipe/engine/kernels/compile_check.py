@@ -61,9 +61,11 @@ def variants(dtype: str) -> list[tuple[Any, dict, dict]]:
     out.append((attention._merge_kernel, *_sig(
         pointers, ["stride_sm", "stride_sh", "stride_om", "stride_oh", "stride_oc", "stride_out"], [],
         {"D": 64, "DP": 64, "C": attention.CHUNK})))
-    out.append((topk._topk_logprob_kernel, *_sig(
-        {"x_ptr": f"*{dtype}", "val_ptr": "*fp32", "idx_ptr": "*i64"}, ["V", "stride_x"], [],
-        {"K": 8, "BLOCK": topk.MAX_VOCAB})))
+    chunk_out = {"cval_ptr": "*fp32", "cidx_ptr": "*i64", "cmax_ptr": "*fp32", "csum_ptr": "*fp32"}
+    out.append((topk._chunk_topk_kernel, *_sig(
+        {"x_ptr": f"*{dtype}"} | chunk_out, ["V", "stride_x", "C"], [], {"K": 8, "BLOCK": topk.CHUNK})))
+    out.append((topk._merge_topk_kernel, *_sig(
+        chunk_out | {"val_ptr": "*fp32", "idx_ptr": "*i64"}, ["C"], [], {"K": 8, "CP": 16, "NP": 128})))
     grow_pointers = {n: "*fp32" for n in ("fscore_ptr", "lp_ptr")} | {n: "*i64" for n in ("ids_ptr", "d2t_ptr")}
     grow_pointers |= {"hid_ptr": f"*{dtype}"} | {n: "*i64" for n in ("fcand_ptr", "vis_ptr", "slot_ptr", "len_ptr",
                                                                     "ctok_ptr")}
