@@ -9,16 +9,25 @@ from eaglepipe.engine import Engine, LlamaRunner, SamplingParams
 from eaglepipe.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 
 
-def test_buckets_double_up_to_max_len():
+def test_buckets_double_up_to_the_largest_or_max_len():
     assert prefill_buckets(256) == [32, 64, 128, 256]
     assert prefill_buckets(200) == [32, 64, 128, 200]
     assert prefill_buckets(20) == [20]
+    assert prefill_buckets(4096) == [32, 64, 128, 256, 512, 1024]
+    assert prefill_buckets(4096, largest=100) == [32, 64, 100]
 
 
-def test_a_prompt_longer_than_max_len_is_refused(tiny_llama_dir):
-    runner = LlamaRunner(tiny_llama_dir, device="cpu", max_slots=1, max_len=64, prefill_graphs=True)
-    with pytest.raises(ValueError, match="max_len"):
+def test_prompts_past_the_largest_bucket_stay_eager(tiny_llama_dir):
+    eager = LlamaRunner(tiny_llama_dir, device="cpu", max_slots=1, max_len=96, prefill_graphs=False)
+    runner = LlamaRunner(tiny_llama_dir, device="cpu", max_slots=1, max_len=96, prefill_graphs=False)
+    runner.prefill_graphs = PrefillGraphs(runner, largest=64)
+    assert runner.prefill_graphs.fits(64) and not runner.prefill_graphs.fits(65)
+    with pytest.raises(ValueError, match="largest bucket"):
         runner.prefill_graphs.bucket(65)
+    prompt = list(range(3, 83))
+    runner.prefill_graphs.prefill = None  # any call would fail: an 80-token prompt must not come here
+    torch.testing.assert_close(runner.prefill([prompt], [0]).last_logits, eager.prefill([prompt], [0]).last_logits)
+    assert runner.lengths == [80]
 
 
 @pytest.mark.parametrize("size", [1, 7, 32, 33, 100, 128])

@@ -172,8 +172,8 @@ class LlamaRunner:
                 reused: Sequence[int] | None = None) -> PrefillOutput:
         """Start sequences: run several prompts packed into one forward (each attends causally to itself).
 
-        Every prompt token is committed to its slot. A lone prompt with nothing reused and no `all_logits` goes
-        through `prefill_graphs` when the runner has them. `reused[i]` (default 0) leading tokens of prompt i are
+        Every prompt token is committed to its slot. A lone prompt of up to 1,024 tokens with nothing reused and no
+        `all_logits` goes through `prefill_graphs` when the runner has them. `reused[i]` (default 0) leading tokens of prompt i are
         already in slot i's cache, left there by an earlier sequence with the same prefix: only the rest of the
         prompt is computed, attending to them. Anything else the slot held is discarded. `capture_layers` and
         `all_logits` return values for the computed tokens, so they need nothing reused.
@@ -193,7 +193,8 @@ class LlamaRunner:
         layers = self._check_capture(capture_layers)
         if any(skip) and (layers or all_logits):
             raise ValueError("capture_layers and all_logits need every prompt token computed (reused all 0)")
-        if self.prefill_graphs is not None and len(prompts) == 1 and not any(skip) and not all_logits:
+        graphed = self.prefill_graphs is not None and len(prompts) == 1 and self.prefill_graphs.fits(sizes[0])
+        if graphed and not any(skip) and not all_logits:
             out = self.prefill_graphs.prefill(prompts[0], slots[0], layers)
             self.lengths[slots[0]] = sizes[0]
             return out

@@ -2,8 +2,9 @@
 
 An eager prefill of a small target is bound by the host: SmolLM2-135M's 30 layers launch about 900 kernels, which
 took 8 to 19 ms per request on an H200 box (benchmarks/RESULTS.md, seventh lease), several times the GPU's
-work. Here the prompt is padded to the next bucket (32, 64, ... up to the runner's max_len) and the forward is
-captured once per (bucket, captured layers). Pad tokens sit after the prompt, so causal attention keeps them out
+work. Here the prompt is padded to the next bucket (32, 64, ... up to 1,024 tokens or the runner's max_len) and the
+forward is captured once per (bucket, captured layers). Longer prompts stay eager: there the GPU's work dominates,
+and padding could nearly double it. Pad tokens sit after the prompt, so causal attention keeps them out
 of every real token's result; they write K/V past the prompt's end, where nothing reads before a later write.
 Outputs are those of the eager prefill up to GEMM rounding (the padded shapes may pick other kernels); every
 request of a runner goes through the same path, so speculative and plain decoding still start from the same
@@ -21,25 +22,28 @@ if TYPE_CHECKING:
     from .model import LlamaRunner, PrefillOutput
 
 
-def prefill_buckets(max_len: int, smallest: int = 32) -> list[int]:
-    """Padded prompt lengths: smallest, 2*smallest, ... below max_len, then max_len."""
-    size, sizes = min(smallest, max_len), []
-    while size < max_len:
+def prefill_buckets(max_len: int, smallest: int = 32, largest: int = 1024) -> list[int]:
+    """Padded prompt lengths: smallest, 2*smallest, ... up to `largest`, none past max_len (max_len itself when
+    it falls below `largest`)."""
+    top = min(largest, max_len)
+    size, sizes = min(smallest, top), []
+    while size < top:
         sizes.append(size)
         size *= 2
-    return sizes + [max_len]
+    return sizes + [top]
 
 
 class PrefillGraphs:
     """Captured single-prompt prefills of `runner`, one per (bucket, capture layers), sharing one memory pool."""
 
-    def __init__(self, runner: "LlamaRunner", smallest: int = 32, use_cuda_graph: bool | None = None):
+    def __init__(self, runner: "LlamaRunner", smallest: int = 32, largest: int = 1024,
+                 use_cuda_graph: bool | None = None):
         dev = runner.device
         self.use_cuda_graph = dev.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         if self.use_cuda_graph and dev.type != "cuda":
             raise ValueError("CUDA graphs need a runner on a CUDA device")
         self.runner = runner
-        self.buckets = prefill_buckets(runner.max_len, smallest)
+        self.buckets = prefill_buckets(runner.max_len, smallest, largest)
         n = self.buckets[-1]
         self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
         self.positions = torch.arange(n, device=dev)[None]
@@ -49,16 +53,20 @@ class PrefillGraphs:
         self.outputs: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.pool = None
 
+    def fits(self, size: int) -> bool:
+        """Whether a prompt of `size` tokens goes through a bucket (else the eager prefill takes it)."""
+        return 1 <= size <= self.buckets[-1]
+
     def bucket(self, size: int) -> int:
-        """The padded length for a prompt of `size` tokens (at most the runner's max_len)."""
+        """The padded length for a prompt of `size` tokens."""
         for b in self.buckets:
             if b >= size:
                 return b
-        raise ValueError(f"a {size}-token prompt is longer than max_len={self.buckets[-1]}")
+        raise ValueError(f"a {size}-token prompt is longer than the largest bucket ({self.buckets[-1]})")
 
     def prefill(self, prompt: Sequence[int], slot: int, layers: list[int]) -> "PrefillOutput":
-        """Prefill `prompt` (1..max_len tokens) into `slot`; the caller commits its length. Returns the last
-        token's logits and the captured layers' hidden states, as copies."""
+        """Prefill `prompt` (it `fits`) into `slot`; the caller commits its length. Returns the last token's logits
+        and the captured layers' hidden states, as copies."""
         from .model import PrefillOutput
 
         size = len(prompt)
