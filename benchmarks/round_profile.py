@@ -249,11 +249,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         command = "python benchmarks/round_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
         parts = []
         for r in rows:
-            ph = "; ".join(f"{n} {p['graph_ms']:.3f} ms/{p['kernels']:.0f} kernels" for n, p in r["phases"].items())
+            if "graph_ms_round" in r:
+                ph = "; ".join(f"{n} {p['graph_ms']:.3f} ms/{p['kernels']:.0f} kernels" for n, p in r["phases"].items())
+                rounds = f"graph {r['graph_ms_round']:.3f} ({ph})"
+            else:  # off CUDA: eager phases, wall-clock only
+                ph = "; ".join(f"{n} {p['wall_ms']:.3f} ms" for n, p in r["phases"].items())
+                rounds = f"eager phases ({ph})"
             pre = ", ".join(f"{n} {ms:.2f}" for n, ms in r["prefill_ms"].items())
             parts.append(f"{r['point']}: τ {r['tau']:.2f}, wall {r['wall_ms_round']:.3f} ms/round (decode "
-                         f"{r['decode_ms_round']:.3f}), graph "
-                         f"{r['graph_ms_round']:.3f} ({ph}); first token {r['first_token_ms']:.2f} ms "
+                         f"{r['decode_ms_round']:.3f}), {rounds}; first token {r['first_token_ms']:.2f} ms "
                          f"(synced pieces: {pre})")
         append_result_row(results, "round_profile (MT-bench, batch 1, greedy)", hardware_name(device), command,
                           " · ".join(parts), f"engine plain decode {base_ms:.3f} ms/token (after prefill "

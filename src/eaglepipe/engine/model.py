@@ -175,8 +175,8 @@ class LlamaRunner:
         Every prompt token is committed to its slot. A lone prompt of up to 1,024 tokens with nothing reused and no
         `all_logits` goes through `prefill_graphs` when the runner has them. `reused[i]` (default 0) leading
         tokens of prompt i are already in slot i's cache, left there by an earlier sequence with the same prefix:
-        only the rest of the prompt is computed, attending to them. Anything else the slot held is discarded. `capture_layers` and
-        `all_logits` return values for the computed tokens, so they need nothing reused.
+        only the rest of the prompt is computed, attending to them. Anything else the slot held is discarded.
+        `capture_layers` and `all_logits` return values for the computed tokens, so they need nothing reused.
         """
         if len(prompts) != len(slots) or not prompts:
             raise ValueError("prefill needs one slot per prompt and at least one prompt")

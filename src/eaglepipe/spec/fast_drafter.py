@@ -2,10 +2,10 @@
 
 A drafter step in PyTorch is ~40 small kernels; here it is nine launches: the qkv projection as one fused
 norm+GEMM over both inputs (`embed_hidden_linear`: input_layernorm over the embedding rows, read in place, and
-hidden_norm over the hidden state, summed as one GEMM over their concatenation, which is never materialised), RoPE + the K/V write straight into the
-`DraftRunner`'s cache, virtual attention (chunks + merge), o_proj + residual h, post-norm + gate/up + SiLU,
-down + residual, and the final norm fused into an fp32 draft lm_head (plus the final norm alone for EAGLE-3.1's
-norm_output). Static shapes, no host syncs: capturable in a CUDA graph.
+hidden_norm over the hidden state, summed as one GEMM over their concatenation, which is never materialised),
+RoPE + the K/V write straight into the `DraftRunner`'s cache, virtual attention (chunks + merge), o_proj +
+residual h, post-norm + gate/up + SiLU, down + residual, and the final norm fused into an fp32 draft lm_head (plus
+the final norm alone for EAGLE-3.1's norm_output). Static shapes, no host syncs: capturable in a CUDA graph.
 """
 from __future__ import annotations
 

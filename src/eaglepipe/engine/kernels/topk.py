@@ -52,7 +52,8 @@ def _merge_topk_kernel(cval_ptr, cidx_ptr, cmax_ptr, csum_ptr, val_ptr, idx_ptr,
     n = tl.arange(0, NP)
     n_ok = n < C * K
     v = tl.load(cval_ptr + row * C * K + n, mask=n_ok, other=float("-inf"))
-    for i in tl.static_range(K):  # candidates lie in (chunk, rank) order: the first of equal values has the lowest index
+    # candidates lie in (chunk, rank) order, so the first of equal values has the lowest index
+    for i in tl.static_range(K):
         best, arg = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
         tl.store(val_ptr + row * K + i, (best - top) - log_sum)
         tl.store(idx_ptr + row * K + i, tl.load(cidx_ptr + row * C * K + arg))
