@@ -15,6 +15,8 @@ SCRIPTS = {
     "decode": ["--model"],
     "prefill": ["--model"],
     "prefix_reuse_check": ["--model"],
+    "regen": ["--model"],
+    "train": ["--model"],
     "spec_decode": ["--target"],
     "spec_decode_both_turns": ["--target", "--both-turns", "--no-hf"],
     "round_profile": ["--target"],
