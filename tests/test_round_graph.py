@@ -318,6 +318,23 @@ def test_rounds_are_pipelined_and_the_round_in_flight_is_dropped_for_stopped_row
                                                                 reverse=True)
 
 
+def test_no_round_is_wasted_when_max_new_tokens_ends_the_request(runner, references, exported, monkeypatch) -> None:
+    """Once a row's max_new_tokens could be reached by the round in flight, that round is waited for before the
+    next is launched: a request that ends on its length runs exactly its verification rounds."""
+    from eaglepipe.engine.sampling import SamplingParams
+
+    _, graph = generators(runner, exported["eagle3"], SPECS[0])
+    bodies = record_calls(monkeypatch, graph.round_graph, "_body")
+    limits = [NEW_TOKENS, 9, 23]
+    params = [SamplingParams(max_new_tokens=n) for n in limits]
+    out, cts = decode(graph, [PROMPTS[0]], limits[:1], [0], params[:1])
+    assert out == [references[0]] and len(bodies) == cts[0]
+    bodies.clear()
+    out, cts = decode(graph, PROMPTS, limits, [0, 1, 2], params)
+    assert out == [ref[:n] for ref, n in zip(references, limits)]
+    assert len(bodies) == max(cts)
+
+
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[3]], ids=spec_id)
 def test_compiled_bookkeeping_matches_eager(runner, references, exported, spec: dict) -> None:
     """The round's bookkeeping functions compiled by torch.compile (as on CUDA; here Inductor's CPU backend)

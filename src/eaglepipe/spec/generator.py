@@ -68,6 +68,7 @@ class _Rows:
     lengths: torch.Tensor  # [B] committed lengths on the device (the host copy is runner.lengths)
     slots_t: torch.Tensor  # [B] `slots` on the device
     span: slice | None = None  # `slots` as a slice when consecutive (cache rows read as views)
+    left: list[int] = field(default_factory=list)  # tokens each row may still emit by its max_new_tokens
 
 
 def _span(slots: list[int]) -> slice | None:
@@ -219,7 +220,7 @@ class SpeculativeGenerator:
         return _Rows(kept, [params[i] for i in keep], [gens[i] for i in keep], [on_tokens[i] for i in keep],
                      verify_ct, torch.stack(hidden), torch.stack(logits), first_t[idx],
                      torch.tensor([self.runner.lengths[s] for s in kept], device=dev), torch.tensor(kept, device=dev),
-                     _span(kept))
+                     _span(kept), [params[i].max_new_tokens - 1 for i in keep])
 
     def _draft(self, roots: torch.Tensor, draft_hidden: torch.Tensor, draft_logits: torch.Tensor,
                slots_t: torch.Tensor, lengths: torch.Tensor, max_length: int, keep: int,
@@ -350,6 +351,7 @@ class SpeculativeGenerator:
             runner.commit(slot, len(paths[r]))  # K/V already in place: only the host length moves
             rows.verify_ct[slot] += 1
         self._count([len(p) for p in paths])
+        rows.left = [left - len(p) for left, p in zip(rows.left, paths)]
         new_tokens = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
         ids = emitted_tokens(tree.tokens, idx, n, roots)
         rows.draft_hidden, rows.draft_logits = self._extend_draft(rows.slots_t, rows.lengths, max_length, ids, aux,
@@ -431,4 +433,4 @@ def _select(rows: _Rows, keep: list[int]) -> _Rows:
     slots = pick(rows.slots)
     return _Rows(slots, pick(rows.params), pick(rows.generators), pick(rows.on_tokens), rows.verify_ct,
                  rows.draft_hidden[idx], rows.draft_logits[idx], rows.roots[idx], rows.lengths[idx],
-                 rows.slots_t[idx], _span(slots))
+                 rows.slots_t[idx], _span(slots), pick(rows.left))

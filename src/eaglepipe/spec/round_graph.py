@@ -106,10 +106,20 @@ class RoundGraph:
         Rounds are pipelined: round k+1 is launched before round k's tokens reach the host, so the host's work
         (the graph launch, the copy, committing and streaming) overlaps the device's. When a row stops, the
         round already in flight is drained: its tokens go to the rows that go on and are dropped for the rows
-        that stopped (never counted as their verification). Only the round after the last stop is wasted whole."""
+        that stopped (never counted as their verification). Only the round after the last stop is wasted whole,
+        and not when a row's max_new_tokens could end with the round in flight: then that round is waited for
+        before the next one is launched."""
         self._load(rows)
         inflight: Callable[[], list[list[int]]] | None = None
         while True:
+            if inflight is not None and any(left <= self.width for left in rows.left):  # in flight: maybe the last
+                alive = self._emit(rows, inflight())
+                inflight = None
+                if len(alive) < len(rows.slots):
+                    rows = self._drain(rows, alive, None) if alive else None
+                    if rows is None:
+                        return None
+                continue
             ctx = self._bucket(rows.slots, ahead=inflight is not None)
             launched = self._launch(len(rows.slots), ctx, rows.span) if ctx is not None else None
             if inflight is not None:
@@ -180,6 +190,7 @@ class RoundGraph:
             gen.runner.commit(slot, n)  # the K/V are in place: only the host length moves
             rows.verify_ct[slot] += 1
         gen._count(counts)
+        rows.left = [left - n for left, n in zip(rows.left, counts)]
         return [r for r, (row, n) in enumerate(zip(emitted, counts)) if not rows.on_tokens[r](row[:n])]
 
     def _state(self, b: int) -> tuple[torch.Tensor, ...]:
