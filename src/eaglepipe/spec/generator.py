@@ -198,21 +198,25 @@ class SpeculativeGenerator:
     def _prefill(self, prompts: Sequence[Sequence[int]], params: list[SamplingParams], slots: list[int],
                  gens: list[torch.Generator | None], on_tokens: list[OnTokens],
                  verify_ct: dict[int, int]) -> _Rows | None:
-        """Prefill the target (capturing the drafter's inputs), emit the first token, prefill the drafter."""
+        """Prefill the target (capturing the drafter's inputs) and the drafter, then emit the first token. The
+        drafter's work is queued before the host waits for the first token, so on a GPU its launches overlap the
+        target's prefill; every host-to-device copy comes before the target's forward, where it waits on nothing."""
+        dev = self.runner.device
+        shifted = [torch.tensor(list(p[1:]), dtype=torch.long, device=dev) for p in prompts]
+        slots_t = torch.tensor(list(slots), device=dev)
+        zero = torch.zeros(1, dtype=torch.long, device=dev)
         out = self.runner.prefill(prompts, slots, capture_layers=self.capture)
         first_t = sample_rows(out.last_logits, params, gens)
-        first = first_t.tolist()
-        dev = self.runner.device
-        hidden, logits, keep = [], [], []
-        for i, (prompt, slot, tok) in enumerate(zip(prompts, slots, first)):
-            ids = torch.tensor([list(prompt[1:]) + [tok]], dtype=torch.long, device=dev)
+        drafted = []
+        for i, slot in enumerate(slots):
+            ids = torch.cat([shifted[i], first_t[i:i + 1]])[None]  # the drafter's tokens: one ahead of the target's
             fused = self._draft_hidden(out.aux_hidden[i][None])
-            h, lg = self.draft.extend(torch.tensor([slot], device=dev), torch.zeros(1, dtype=torch.long, device=dev),
-                                      0, ids, fused, slice(slot, slot + 1))
-            if not on_tokens[i]([tok]):
-                keep.append(i)
-                hidden.append(h[0, -1])
-                logits.append(lg[0, -1])
+            h, lg = self.draft.extend(slots_t[i:i + 1], zero, 0, ids, fused, slice(slot, slot + 1))
+            drafted.append((h[0, -1], lg[0, -1]))
+        first = first_t.tolist()
+        keep = [i for i, tok in enumerate(first) if not on_tokens[i]([tok])]
+        hidden = [drafted[i][0] for i in keep]
+        logits = [drafted[i][1] for i in keep]
         if not keep:
             return None
         kept = [slots[i] for i in keep]
