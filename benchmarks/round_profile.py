@@ -157,11 +157,8 @@ def prefill_breakdown(gen: SpeculativeGenerator, prompts: list[list[int]]) -> di
     spent: dict[str, float] = defaultdict(float)
 
     def piece(name: str, fn: Callable[[], object]) -> object:
-        sync(dev)
-        start = time.perf_counter()
-        out = fn()
-        sync(dev)
-        spent[name] += time.perf_counter() - start
+        seconds, out = timed(dev, fn)
+        spent[name] += seconds
         return out
 
     with torch.inference_mode():

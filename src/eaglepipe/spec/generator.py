@@ -354,8 +354,7 @@ class SpeculativeGenerator:
         for r, slot in enumerate(rows.slots):
             runner.commit(slot, len(paths[r]))  # K/V already in place: only the host length moves
             rows.verify_ct[slot] += 1
-        self._count([len(p) for p in paths])
-        rows.left = [left - len(p) for left, p in zip(rows.left, paths)]
+        self._count(rows, [len(p) for p in paths])
         new_tokens = [[tree_tokens[r][i] for i in path[1:]] + [bonus[r]] for r, path in enumerate(paths)]
         ids = emitted_tokens(tree.tokens, idx, n, roots)
         rows.draft_hidden, rows.draft_logits = self._extend_draft(rows.slots_t, rows.lengths, max_length, ids, aux,
@@ -413,8 +412,10 @@ class SpeculativeGenerator:
         last = (count - 1)[:, None, None]
         return h.gather(1, last.expand(-1, 1, h.shape[-1]))[:, 0], lg.gather(1, last.expand(-1, 1, lg.shape[-1]))[:, 0]
 
-    def _count(self, path_lengths: list[int]) -> None:
-        """Count one round per row; a path of n nodes (the root included) emits n tokens: n-1 drafts + the bonus."""
+    def _count(self, rows: _Rows, path_lengths: list[int]) -> None:
+        """Count one round per row; a path of n nodes (the root included) emits n tokens: n-1 drafts + the bonus,
+        which come off each row's `left`."""
+        rows.left = [left - n for left, n in zip(rows.left, path_lengths)]
         for n in path_lengths:
             self.stats.rounds += 1
             self.stats.tokens += n

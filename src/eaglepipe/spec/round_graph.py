@@ -189,8 +189,7 @@ class RoundGraph:
         for slot, n in zip(rows.slots, counts):
             gen.runner.commit(slot, n)  # the K/V are in place: only the host length moves
             rows.verify_ct[slot] += 1
-        gen._count(counts)
-        rows.left = [left - n for left, n in zip(rows.left, counts)]
+        gen._count(rows, counts)
         return [r for r, (row, n) in enumerate(zip(emitted, counts)) if not rows.on_tokens[r](row[:n])]
 
     def _state(self, b: int) -> tuple[torch.Tensor, ...]:

@@ -34,6 +34,19 @@ def _tile_product(a, w, acc, USE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _row_rstd(ptr, row_off, row_ok, K, eps, BM: tl.constexpr, BK: tl.constexpr):
+    """1 / RMS of each row of a [rows, K] operand, in fp32."""
+    ks = tl.arange(0, BK)
+    sum_sq = tl.zeros([BM], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + ks
+        xa = tl.load(ptr + row_off[:, None] + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :],
+                     other=0.0).to(tl.float32)
+        sum_sq += tl.sum(xa * xa, axis=1)
+    return 1.0 / tl.sqrt(sum_sq / K + eps)
+
+
+@triton.jit
 def _norm_linear_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
                         stride_xm, stride_wn, stride_rm, stride_ym, eps,
                         HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
@@ -47,13 +60,7 @@ def _norm_linear_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
     x_dtype = x_ptr.dtype.element_ty
     w_dtype = w_ptr.dtype.element_ty
     if HAS_NORM:
-        sum_sq = tl.zeros([BM], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + ks
-            xa = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
-                         mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-            sum_sq += tl.sum(xa * xa, axis=1)
-        rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
+        rstd = _row_rstd(x_ptr, rows * stride_xm, row_ok, K, eps, BM, BK)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     acc_up = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -125,19 +132,6 @@ def norm_gate_up(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Te
     if weight.shape[0] % 2:
         raise ValueError("a fused gate/up weight has an even number of rows")
     return _launch(x, weight, weight.shape[0] // 2, norm_weight, eps, bias, None, None, gate_up=True)
-
-
-@triton.jit
-def _row_rstd(ptr, row_off, row_ok, K, eps, BM: tl.constexpr, BK: tl.constexpr):
-    """1 / RMS of each row of a [rows, K] operand, in fp32."""
-    ks = tl.arange(0, BK)
-    sum_sq = tl.zeros([BM], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + ks
-        xa = tl.load(ptr + row_off[:, None] + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :],
-                     other=0.0).to(tl.float32)
-        sum_sq += tl.sum(xa * xa, axis=1)
-    return 1.0 / tl.sqrt(sum_sq / K + eps)
 
 
 @triton.jit
