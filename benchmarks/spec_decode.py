@@ -9,11 +9,13 @@ batch 1, greedy, exactly --max-new-tokens tokens per prompt (EOS ignored, so eve
 --both-turns follows the bench stage's MT-bench protocol instead: every first turn, then every second turn on top of
 the engine's own greedy first answer, each stopping at EOS or --max-new-tokens (greedy outputs are the same on
 every path, so the work is still equal; tokens/s counts the tokens actually made). For each sweep point
-(num_steps, topk, num_draft_tokens in SGLang semantics) it reports τ = generated tokens / verification rounds, the acceptance rate per draft position,
-decode tok/s, the speedup over the engine's non-speculative decode, and whether every output equals the
-baseline's token for token (where not, `mismatches` names the prompts and the first differing position, and
-`same_as_first_point` tells a baseline-side difference, shared by every point, from a per-point one). Prints one
-JSON line per point; appends rows to benchmarks/RESULTS.md unless --smoke.
+(num_steps, topk, num_draft_tokens in SGLang semantics) it reports τ = generated tokens / verification rounds, the
+acceptance rate per draft position, decode tok/s, the speedup over the engine's non-speculative decode, and whether
+every output equals the baseline's token for token (where not, `mismatches` names the prompts and the first
+differing position, and `same_as_first_point` tells a baseline-side difference, shared by every point, from a
+per-point one). Prints one JSON line per point; appends rows to benchmarks/RESULTS.md unless --smoke.
+HF generate is timed on first turns only, on the first --hf-prompts of them if given (eager HF is ~30x slower than
+the engine, so a few prompts suffice).
 --smoke without --export builds a random EAGLE-3 drafter (τ near 1: a plumbing check, not a measurement).
 """
 from __future__ import annotations
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="MT-bench as the bench stage runs it: both turns, each stopping at EOS")
     ap.add_argument("--sweep", default=DEFAULT_SWEEP, help=f"points 'steps,topk,draft_tokens ...' ({DEFAULT_SWEEP})")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    ap.add_argument("--hf-prompts", type=int, default=None,
+                    help="time HF generate on the first N prompts only (it is ~30x slower than the engine)")
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: 2 prompts, 8 tokens, 2 points")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
     args = ap.parse_args(argv)
@@ -174,10 +178,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ap.error("--export is required unless --smoke")
         base_tok_s, base_out = bench_engine(target, device, prompts, args.max_new_tokens, graphs,
                                             ignore_eos=ignore_eos)
-        hf_tok_s = None
+        hf_tok_s, hf_prompts = None, prompts[:args.hf_prompts or len(prompts)]
         if not args.no_hf:
             model = load_hf_model(target, device, compute_dtype(device))
-            hf_tok_s, _ = bench_hf(model, device, prompts, args.max_new_tokens)
+            hf_tok_s, _ = bench_hf(model, device, hf_prompts, args.max_new_tokens)
             del model
         max_len = max(len(p) for p in prompts) + args.max_new_tokens + 64
         rows, first_outputs = [], None
@@ -191,7 +195,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(json.dumps({"point": point.name, "error": f"{type(e).__name__}: {e}"[:400]}), flush=True)
                     continue
                 first_outputs = outs if first_outputs is None else first_outputs
-                metrics.update(engine_tok_s=base_tok_s, hf_tok_s=hf_tok_s, speedup=metrics["tok_s"] / base_tok_s,
+                metrics.update(engine_tok_s=base_tok_s, hf_tok_s=hf_tok_s,
+                               hf_prompts=len(hf_prompts) if hf_tok_s else 0, speedup=metrics["tok_s"] / base_tok_s,
                                output_match=sum(o == b for o, b in zip(outs, base_out)) / len(prompts),
                                mismatches=mismatches(outs, base_out),
                                same_as_first_point=outs == first_outputs,
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         result = (f"best {best['point']}: {best['tok_s']:.1f} tok/s, τ {best['tau']:.2f}, "
                   f"{best['speedup']:.2f}× engine, match {best['output_match']:.0%}; all: "
                   + "; ".join(f"{r['point']} τ {r['tau']:.2f} {r['tok_s']:.0f} tok/s" for r in rows))
-        hf = f", HF generate {hf_tok_s:.1f} tok/s" if hf_tok_s else ""
+        hf = f", HF generate {hf_tok_s:.1f} tok/s ({len(hf_prompts)} of the prompts)" if hf_tok_s else ""
         name = "MT-bench" if args.prompts_path is None else args.prompts_path.name
         name += ", both turns, EOS stops" if args.both_turns else ", first turns, EOS ignored"
         append_result_row(results, f"spec_decode ({name}, batch 1, greedy)", hardware_name(device), command, result,

@@ -17,7 +17,7 @@ SCRIPTS = {
     "prefix_reuse_check": ["--model"],
     "regen": ["--model"],
     "train": ["--model"],
-    "spec_decode": ["--target"],
+    "spec_decode": ["--target", "--hf-prompts", "1"],
     "spec_decode_both_turns": ["--target", "--both-turns", "--no-hf"],
     "round_profile": ["--target"],
 }
