@@ -112,15 +112,9 @@ class RoundGraph:
         self._load(rows)
         inflight: Callable[[], list[list[int]]] | None = None
         while True:
-            if inflight is not None and any(left <= self.width for left in rows.left):  # in flight: maybe the last
-                alive = self._emit(rows, inflight())
-                inflight = None
-                if len(alive) < len(rows.slots):
-                    rows = self._drain(rows, alive, None) if alive else None
-                    if rows is None:
-                        return None
-                continue
-            ctx = self._bucket(rows.slots, ahead=inflight is not None)
+            # with a round in flight that could end a row on max_new_tokens, launch nothing until it is read
+            last = inflight is not None and any(left <= self.width for left in rows.left)
+            ctx = None if last else self._bucket(rows.slots, ahead=inflight is not None)
             launched = self._launch(len(rows.slots), ctx, rows.span) if ctx is not None else None
             if inflight is not None:
                 alive = self._emit(rows, inflight())
@@ -135,7 +129,7 @@ class RoundGraph:
                     inflight = None
                     continue
             if launched is None:
-                if inflight is not None:  # only the lag said no: try again once the host has caught up
+                if inflight is not None:  # the round in flight said no: try again once the host has read it
                     inflight = None
                     continue
                 self._store(rows)
