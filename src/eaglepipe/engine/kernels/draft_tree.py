@@ -43,6 +43,14 @@ class Frontier(NamedTuple):
 
 
 @triton.jit
+def _take_best(score, avail, idx, NONE: tl.constexpr):
+    """The best score among `avail` and its index (ties: the lowest index first), and `avail` without it."""
+    best = tl.max(tl.where(avail, score, float("-inf")), axis=0)
+    pick = tl.min(tl.where(avail & (score == best), idx, NONE), axis=0)
+    return best, pick, avail & (idx != pick)
+
+
+@triton.jit
 def _grow_kernel(fscore_ptr, lp_ptr, ids_ptr, d2t_ptr, hid_ptr, fcand_ptr, vis_ptr, slot_ptr, len_ptr,
                  ctok_ptr, cscore_ptr, cpar_ptr, n_cand, first_new, next_start,
                  o_score_ptr, o_cand_ptr, o_slot_ptr, o_ids_ptr, o_hid_ptr, o_pos_ptr, o_write_ptr, o_prefix_ptr,
@@ -69,9 +77,7 @@ def _grow_kernel(fscore_ptr, lp_ptr, ids_ptr, d2t_ptr, hid_ptr, fcand_ptr, vis_p
     d = tl.arange(0, DB)
     avail = valid
     for i in tl.static_range(K):  # the K best new candidates, best first
-        best = tl.max(tl.where(avail, score, float("-inf")), axis=0)
-        pick = tl.min(tl.where(avail & (score == best), n, NB), axis=0)
-        avail = avail & (n != pick)
+        best, pick, avail = _take_best(score, avail, n, NB)
         src = pick // K  # the frontier node it descends from
         row = b * K + i
         tl.store(o_score_ptr + row, best)
@@ -135,9 +141,7 @@ def _select_kernel(score_ptr, tok_ptr, par_ptr, depth_ptr, root_ptr, pos_ptr, o_
     avail = valid
     kept = c < 0
     for _ in range(keep):  # the best `keep` candidates (ties: the lower number first)
-        best = tl.max(tl.where(avail, score, float("-inf")), axis=0)
-        pick = tl.min(tl.where(avail & (score == best), c, CB), axis=0)
-        avail = avail & (c != pick)
+        _, pick, avail = _take_best(score, avail, c, CB)
         kept = kept | (c == pick)
     # kept candidates in candidate order take verify positions 1..keep; pos[0] stands for the root (parent -1)
     pos = tl.cumsum(kept.to(tl.int64), axis=0)
