@@ -193,8 +193,8 @@ class LlamaRunner:
         layers = self._check_capture(capture_layers)
         if any(skip) and (layers or all_logits):
             raise ValueError("capture_layers and all_logits need every prompt token computed (reused all 0)")
-        graphed = self.prefill_graphs is not None and len(prompts) == 1 and self.prefill_graphs.fits(sizes[0])
-        if graphed and not any(skip) and not all_logits:
+        if self.prefill_graphs is not None and len(prompts) == 1 and not skip[0] and not all_logits \
+                and self.prefill_graphs.fits(sizes[0]):
             out = self.prefill_graphs.prefill(prompts[0], slots[0], layers)
             self.lengths[slots[0]] = sizes[0]
             return out
