@@ -114,6 +114,15 @@ class SpeculativeGenerator:
         self._root_scores = torch.zeros(runner.max_slots, 1, device=dev)
         self._root_cand = torch.full((runner.max_slots, 1), -1, dtype=torch.long, device=dev)
         self._root_visible = torch.zeros(runner.max_slots, 1, 0, dtype=torch.long, device=dev)
+        # fixed for the generator's life: the drafter's top-k as the Triton kernels (`topk_logprobs`), with the fast
+        # drafter and no token map, unless EAGLEPIPE_TOPK_KERNEL=0; and with them, a tree's bookkeeping as the
+        # draft-tree kernels (`tree_grow` per depth, `tree_select`, `tree_accept`, `compact_path_kv`), unless
+        # EAGLEPIPE_TREE_KERNELS=0
+        fast = self.draft.fast
+        self._topk_kernel = fast is not None and self.loaded.hot_ids is None \
+            and cfg.draft_vocab_size <= fast.kernels.topk.MAX_VOCAB and k <= fast.kernels.topk.CHUNK \
+            and os.environ.get("EAGLEPIPE_TOPK_KERNEL", "1") != "0"
+        self._tree_kernels = self._topk_kernel and os.environ.get("EAGLEPIPE_TREE_KERNELS", "1") != "0"
         if graph_rounds is None:
             graph_rounds = dev.type == "cuda" and os.environ.get("EAGLEPIPE_GRAPH_ROUNDS", "1") != "0"
         self.round_graph = None
@@ -161,27 +170,13 @@ class SpeculativeGenerator:
     def _drafter_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         return draft_logprobs(logits, self.loaded.hot_ids)
 
-    def _topk_kernel(self) -> bool:
-        """Whether the drafter's top-k runs as the Triton kernels (`topk_logprobs`): with the fast drafter and no
-        token map, unless EAGLEPIPE_TOPK_KERNEL=0."""
-        fast = self.draft.fast
-        return fast is not None and self.loaded.hot_ids is None \
-            and self.loaded.config.draft_vocab_size <= fast.kernels.topk.MAX_VOCAB \
-            and self.spec.topk <= fast.kernels.topk.CHUNK \
-            and os.environ.get("EAGLEPIPE_TOPK_KERNEL", "1") != "0"
-
-    def _tree_kernels(self) -> bool:
-        """Whether a tree's bookkeeping runs as the draft-tree kernels (`tree_grow` per depth, `tree_select`): with
-        the top-k kernel, unless EAGLEPIPE_TREE_KERNELS=0."""
-        return self._topk_kernel() and os.environ.get("EAGLEPIPE_TREE_KERNELS", "1") != "0"
-
     def _draft_topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The drafter's `topk` best tokens at each of F nodes: (log-probs, draft ids) [B, F, topk]. With the
         fast drafter, two short Triton launches (`topk_logprobs`) instead of a log-softmax and PyTorch's top-k
         (unless EAGLEPIPE_TOPK_KERNEL=0)."""
         k = self.spec.topk
         b, f, v = logits.shape
-        if self._topk_kernel():
+        if self._topk_kernel:
             values, ids = self.draft.fast.kernels.topk_logprobs(logits.reshape(b * f, v), k)
             return values.view(b, f, k), ids.view(b, f, k)
         return self._drafter_logprobs(logits).topk(k, dim=-1)
@@ -262,7 +257,7 @@ class SpeculativeGenerator:
         """Propose candidates for every row and keep the best `keep` of them (EAGLE-2). Between drafter steps the
         bookkeeping runs as the draft-tree kernels (`_draft_tree_fused`) or else as compiled functions on CUDA
         (`grow`, `tree_rows`, `select_tree`)."""
-        if keep and self._tree_kernels():
+        if keep and self._tree_kernels:
             return self._draft_tree_fused(roots, draft_hidden, draft_logits, slots_t, lengths, max_length, keep)
         k, steps, dev = self.spec.topk, self.spec.num_steps, self.runner.device
         b = roots.shape[0]
@@ -390,7 +385,7 @@ class SpeculativeGenerator:
         cache positions after each row's committed length, on the device with static shapes. Columns past a
         path's end copy its deepest node past the new committed end, where nothing reads it. With the tree
         kernels, one launch (`compact_path_kv`)."""
-        if self._tree_kernels():
+        if self._tree_kernels:
             self.draft.fast.kernels.compact_path_kv(self.runner.k_cache, self.runner.v_cache, slots_t, lengths,
                                                     path.contiguous())
             return

@@ -249,7 +249,7 @@ class RoundGraph:
         if self.gen.chain:
             accepted, bonus = chain_accept(tree.tokens, logits)
             return torch.minimum(self.cols, accepted[:, None]), accepted + 1, bonus
-        if self.gen._tree_kernels():
+        if self.gen._tree_kernels:
             return self.gen.draft.fast.kernels.tree_accept(tree.tokens, tree.parents, tree.depths, tree.ancestors,
                                                            logits.argmax(dim=-1), self.width)
         acc = greedy_accept_device(tree, logits)
