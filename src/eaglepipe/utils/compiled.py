@@ -2,11 +2,10 @@
 
 A draft tree's bookkeeping (log-probs, top-k, cumulative scores, parents, the next frontier, the rows the
 drafter's kernels read) is dozens of tiny kernels per depth in eager PyTorch, each a launch and a pass over
-memory of its own. Compiled, Inductor fuses each function into a
-few kernels. They compile only inside `compile_scope`, which the static round body opens. The functions stay
-plain PyTorch: outside it, off CUDA, or with EAGLEPIPE_COMPILE_DRAFT=0, they run eagerly
-(the CPU tests run them so; `compile_everywhere()` makes them compile on CPU too, for a test of the compiled
-form). A function whose compilation fails runs eagerly from then on, with one warning.
+memory of its own. Compiled, Inductor fuses each function into a few kernels. They compile only inside
+`compile_scope`, which the static round body opens. The functions stay plain PyTorch: outside it, off CUDA, or
+with EAGLEPIPE_COMPILE_DRAFT=0, they run eagerly (the CPU tests run them so; `compile_everywhere()` makes them
+compile on CPU too, for a test of the compiled form). A function whose compilation fails runs eagerly from then on, with one warning.
 """
 from __future__ import annotations
 
