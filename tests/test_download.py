@@ -58,6 +58,49 @@ def test_unclosed_array_is_reported(tmp_path):
     assert report.truncated and "not closed" in report.truncation_reason
 
 
+MALFORMED = '{"id": "bad", "conversations": [}'
+# a broken element holding whole turns: a reader must not resume on one of them as if it were an element
+MALFORMED_WITH_TURNS = ('{"id": "bad", "conversations": [{"from": "human", "value": "a"}, '
+                        '{"from": "gpt", "value": "b"}, {"from": "human", "value": "c"} }')
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
+@pytest.mark.parametrize("indent", [None, 2])
+@pytest.mark.parametrize("at,bad", [(0, MALFORMED), (2, MALFORMED), (2, MALFORMED_WITH_TURNS), (5, MALFORMED)])
+def test_malformed_element_is_passed_on_and_reading_resumes(tmp_path, monkeypatch, chunk, indent, at, bad):
+    monkeypatch.setattr(json_stream, "CHUNK_CHARS", chunk)
+    texts = [json.dumps(c, indent=indent) for c in CONVS[:6]]
+    texts[at] = bad
+    path = tmp_path / "six.json"
+    path.write_text("[\n" + ",\n".join(texts) + "\n]\n")
+    report = StreamReport()
+    got = list(iter_json_array(path, report))
+    assert [v for v, _ in got] == [None if i == at else c for i, c in enumerate(CONVS[:6])]
+    assert got[at][1] == bad
+    assert (report.complete_records, report.malformed_elements, report.truncated) == (5, 1, False)
+
+
+def test_truncated_file_keeps_its_lost_text(tmp_path):
+    path = tmp_path / "cut.json"
+    _truncated_array(path, 3)
+    report = StreamReport()
+    assert len(list(iter_json_array(path, report))) == 3
+    assert report.truncated and report.malformed_elements == 0
+    assert path.read_text()[report.truncated_at_char:] == report.truncated_text
+    assert report.truncated_text.lstrip().startswith('{\n    "id": "c3"')
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(c) + "\n" for c in CONVS[:3]).encode())
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(CONVS[:3]).encode())
+    for path in (lines, array):
+        recs = read_files("bom", [path])
+        assert [json.loads(r) for r in recs.records] == CONVS[:3], path.name
+        assert recs.notes == []
+
+
 def test_not_an_array_is_an_error(tmp_path):
     path = tmp_path / "obj.json"
     path.write_text('{"a": 1}')

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -118,8 +119,8 @@ def test_good_and_bad_rows(tmp_path):
     stats = json.loads((chat / "stats.json").read_text())
     assert stats["rows_in"] == len(lines) and stats["rows_out"] == len(GOOD)
     assert stats["rows_rejected"] == len(BAD)
-    assert sum(stats["rejected_by_reason"].values()) == len(BAD)
-    assert stats["rejected_by_reason"]["empty content"] == 2
+    assert sum(stats["dropped"].values()) == len(BAD)
+    assert stats["dropped"]["empty content"] == 2
     assert stats["repairs"] == {"dropped_trailing_user_turns": 1, "dropped_leading_assistant_turns": 1,
                                 "merged_consecutive_turns": 2}
 
@@ -157,3 +158,60 @@ def test_all_rows_invalid_fails_naming_the_problem(tmp_path, capsys):
     assert "all 5 rows are invalid" in err
     assert "no column `messages` or `conversations`; columns are ['answer', 'prompt']" in err
     assert not (tmp_path / "chat").exists()
+
+
+def _six_conversations(bad_at: int | None = None) -> list[str]:
+    texts = [json.dumps({"id": f"c{i}", "conversations": [{"from": "human", "value": f"q{i}"},
+                                                          {"from": "gpt", "value": f"a{i}"}]}, indent=2)
+             for i in range(6)]
+    if bad_at is not None:
+        texts[bad_at] = '{"id": "bad", "conversations": [}'
+    return texts
+
+
+def test_malformed_element_of_a_json_array_loses_no_good_row(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    src = tmp_path / "six.json"
+    src.write_text("[\n" + ",\n".join(_six_conversations(bad_at=2)) + "\n]\n")
+    params = write_params(tmp_path / "params.yaml", max_samples=None,
+                          sources=[{"name": "arr", "kind": "local", "path": str(src)}])
+    chat = run_download_normalize(tmp_path, params)
+    assert [r["id"] for r in read_conversations(chat)] == ["arr:0", "arr:1", "arr:3", "arr:4", "arr:5"]
+    rejects = [json.loads(x) for x in (chat / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"]) for r in rejects] == [("arr:2", "malformed JSON")]
+    raw_stats = json.loads((tmp_path / "raw" / "stats.json").read_text())
+    assert (raw_stats["rows_in"], raw_stats["rows_out"], raw_stats["malformed_passed_on"]) == (6, 6, 1)
+    stats = json.loads((chat / "stats.json").read_text())
+    assert (stats["rows_in"], stats["rows_out"], stats["dropped"]) == (6, 5, {"malformed JSON": 1})
+    assert "1 malformed array elements kept for normalize to reject" in caplog.text
+    assert "kept 5 of 6 rows" in caplog.text and "dropped 1 (1 x malformed JSON" in caplog.text
+
+
+def test_truncated_json_array_shows_its_loss(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    src = tmp_path / "cut.json"
+    text = "[\n" + ",\n".join(_six_conversations()) + "\n]\n"
+    cut = text.rindex('"a5"') + 2  # the file ends inside the last record's last string
+    src.write_text(text[:cut])
+    params = write_params(tmp_path / "params.yaml", max_samples=None,
+                          sources=[{"name": "arr", "kind": "local", "path": str(src)}])
+    chat = run_download_normalize(tmp_path, params)
+    assert len(list(read_conversations(chat))) == 5
+    reason = "incomplete record at the end of a truncated file"
+    raw_stats = json.loads((tmp_path / "raw" / "stats.json").read_text())
+    assert (raw_stats["rows_in"], raw_stats["rows_out"], raw_stats["dropped"]) == (6, 5, {reason: 1})
+    (aside,) = [json.loads(x) for x in (tmp_path / "raw" / "rejects.jsonl").read_text().splitlines()]
+    assert aside["reason"] == reason and aside["source"] == "arr" and aside["text"] == text[aside["char"]:cut]
+    assert '"id": "c5"' in aside["text"] and "incomplete" in aside["detail"]
+    assert f"dropped 1 (1 x {reason}; written to rejects.jsonl)" in caplog.text
+
+
+def test_jsonl_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD["sharegpt"]) + "\n" + json.dumps(GOOD["messages"]) + "\n")
+                    .encode())
+    params = write_params(tmp_path / "params.yaml", max_samples=None,
+                          sources=[{"name": "bom", "kind": "local", "path": str(src)}])
+    chat = run_download_normalize(tmp_path, params)
+    assert [r["id"] for r in read_conversations(chat)] == ["bom:0", "bom:1"]
+    assert (chat / "rejects.jsonl").read_text() == ""

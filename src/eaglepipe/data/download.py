@@ -1,7 +1,9 @@
 """The download stage's logic: read every source, subsample and mix them, write raw parquet parts."""
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import DataCfg, SourceCfg
+from ..utils.atomic import atomic_write_json, atomic_write_text
 from .mix import allocate, choose_rows
 from .sources import SourceRecords, data_files, packaged_sharegpt_path, read_files
 
@@ -30,6 +33,11 @@ def read_source(src: SourceCfg) -> SourceRecords:
     raise ValueError(f"unknown source kind {src.kind!r}")
 
 
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """One JSON object per line (an empty file for no records)."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def write_raw_parts(out_dir: Path, rows: list[tuple[str, int, str]]) -> list[str]:
     """Write `(source, row, record)` tuples as `part-NNNNN.parquet` files of at most PART_ROWS rows."""
     names = []
@@ -45,7 +53,11 @@ def write_raw_parts(out_dir: Path, rows: list[tuple[str, int, str]]) -> list[str
 
 
 def download(data: DataCfg, out_dir: Path) -> dict[str, Any]:
-    """Read, subsample and mix `data.sources` into `out_dir`; returns the manifest."""
+    """Read, subsample and mix `data.sources` into `out_dir`; returns the manifest.
+
+    Also writes `rejects.jsonl` (the incomplete last record of each truncated file, with its text and reason)
+    and `stats.json` (rows in and out, and what was dropped, by reason).
+    """
     read = []
     for src in data.sources:
         log.info("reading source %s (%s %s)", src.name, src.kind, src.path or "packaged")
@@ -68,8 +80,36 @@ def download(data: DataCfg, out_dir: Path) -> dict[str, Any]:
     if not rows:
         raise ValueError("the configured sources hold no records")
     parts = write_raw_parts(out_dir, rows)
+    tails = [t for r in read for t in r.truncated_tails]
+    write_jsonl(out_dir / "rejects.jsonl", tails)
+    stats = download_stats(manifest_sources, tails)
+    atomic_write_json(out_dir / "stats.json", stats)
     manifest = {"seed": data.seed, "max_samples": data.max_samples, "total": len(rows), "parts": parts,
                 "sources": manifest_sources}
     log.info("wrote %d rows (%s) in %d parts", len(rows),
              ", ".join(f"{n}: {s['taken']}" for n, s in manifest_sources.items()), len(parts))
+    log.info("%s", describe_stats(stats))
     return manifest
+
+
+def download_stats(sources: dict[str, dict[str, Any]], tails: list[dict[str, Any]]) -> dict[str, Any]:
+    """stats.json: rows found (complete, malformed and incomplete), written, left out by sampling, and dropped."""
+    available = sum(s["available"] for s in sources.values())
+    taken = sum(s["taken"] for s in sources.values())
+    malformed = sum(f.get(k, 0) for s in sources.values() for f in s["files"]
+                    for k in ("malformed_lines", "malformed_elements"))
+    return {"rows_in": available + len(tails), "rows_out": taken, "not_sampled": available - taken,
+            "malformed_passed_on": malformed, "dropped": dict(Counter(t["reason"] for t in tails)),
+            "by_source": {n: {"available": s["available"], "taken": s["taken"]} for n, s in sources.items()}}
+
+
+def describe_stats(stats: dict[str, Any]) -> str:
+    """The stage's summary line: rows in and out, sampling, what was dropped and why."""
+    dropped = stats["dropped"]
+    line = (f"read {stats['rows_in']} rows, wrote {stats['rows_out']} ({stats['not_sampled']} left out by "
+            f"sampling); dropped {sum(dropped.values())}")
+    if dropped:
+        line += " (" + ", ".join(f"{n} x {r}" for r, n in dropped.items()) + "; written to rejects.jsonl)"
+    if stats["malformed_passed_on"]:
+        line += f"; {stats['malformed_passed_on']} malformed records passed on for normalize to reject"
+    return line

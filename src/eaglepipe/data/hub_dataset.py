@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from .json_stream import StreamReport
-from .sources import DATA_SUFFIXES, SourceRecords, iter_file_records
+from .sources import DATA_SUFFIXES, SourceRecords, add_file, iter_file_records
 from .split_spec import parse_split
 
 log = logging.getLogger("eaglepipe.data")
@@ -71,12 +71,7 @@ def read_hub_dataset(name: str, repo_id: str, split: str, revision: Optional[str
             out.records.append(text)
             if limit is not None and len(out.records) >= limit:
                 break
-        entry = {"path": f"hf://datasets/{repo_id}@{sha}/{filename}", "records": len(out.records) - before}
-        if report.truncated:
-            entry["notes"] = [f"{filename} is truncated ({report.truncation_reason})"]
-        if report.malformed_lines:
-            entry["malformed_lines"] = report.malformed_lines
-        out.files.append(entry)
+        add_file(out, f"hf://datasets/{repo_id}@{sha}/{filename}", report, len(out.records) - before)
     start, stop = spec.bounds(len(out.records))
     out.records = out.records[start:stop]
     out.first_row = start

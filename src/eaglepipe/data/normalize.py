@@ -52,7 +52,7 @@ class NormalizeStats:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready stats."""
         return {"rows_in": self.rows_in, "rows_out": self.rows_out, "rows_rejected": sum(self.rejected.values()),
-                "rejected_by_reason": dict(self.rejected.most_common()), "repairs": dict(self.repairs),
+                "dropped": dict(self.rejected.most_common()), "repairs": dict(self.repairs),
                 "roles_seen": dict(self.roles_seen.most_common()), "by_source": self.by_source,
                 "turns_out": self.turns_out, "assistant_turns_out": self.assistant_turns_out}
 

@@ -14,6 +14,7 @@ log = logging.getLogger("eaglepipe.data")
 
 SHAREGPT_RELPATH = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+TRUNCATED_REASON = "incomplete record at the end of a truncated file"
 
 
 @dataclass
@@ -25,6 +26,8 @@ class SourceRecords:
     files: list[dict[str, Any]] = field(default_factory=list)
     # row index (within the whole split) of records[0], when a slice skipped rows
     first_row: int = 0
+    # the incomplete last record of each truncated file: dropped here, written aside by download
+    truncated_tails: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def notes(self) -> list[str]:
@@ -44,7 +47,7 @@ def packaged_sharegpt_path() -> Path:
 
 
 def _first_char(path: Path) -> str:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         while True:
             chunk = f.read(4096)
             if not chunk:
@@ -66,7 +69,7 @@ def _iter_parquet(path: Path, report: StreamReport) -> Iterator[str]:
 def iter_file_records(path: Path, report: StreamReport) -> Iterator[str]:
     """Original-text records of one file: a JSON array, JSON Lines, or parquet.
 
-    Malformed JSON lines are yielded as their raw text (normalize rejects them with a reason).
+    Malformed JSON lines and array elements are yielded as their raw text (normalize rejects them with a reason).
     """
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -95,25 +98,39 @@ def data_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"dataset path {path} does not exist")
 
 
+def add_file(out: SourceRecords, label: str, report: StreamReport, records: int) -> None:
+    """Record one read file in `out`: its record count, and (logged as warnings) truncation and malformed records.
+
+    A truncated file's incomplete last record goes to `out.truncated_tails` with its text and reason.
+    """
+    info: dict[str, Any] = {"path": label, "records": records}
+    name = label.rsplit("/", 1)[-1]
+    notes = []
+    if report.truncated:
+        notes.append(f"{name} is truncated at character {report.truncated_at_char} ({report.truncation_reason}); "
+                     f"kept the {report.complete_records} complete records and dropped the incomplete one")
+        info["truncated_at_char"] = report.truncated_at_char
+        out.truncated_tails.append({"source": out.name, "file": label, "char": report.truncated_at_char,
+                                    "reason": TRUNCATED_REASON, "detail": report.truncation_reason,
+                                    "text": report.truncated_text})
+    for key, count, what in (("malformed_lines", report.malformed_lines, "malformed JSON lines"),
+                             ("malformed_elements", report.malformed_elements, "malformed array elements")):
+        if count:
+            notes.append(f"{name}: {count} {what} kept for normalize to reject")
+            info[key] = count
+    for note in notes:
+        log.warning("source %s: %s", out.name, note)
+    if notes:
+        info["notes"] = notes
+    out.files.append(info)
+
+
 def read_files(name: str, files: list[Path]) -> SourceRecords:
-    """Read every record of `files` in order, logging truncations and malformed lines."""
+    """Read every record of `files` in order."""
     out = SourceRecords(name)
     for path in files:
         report = StreamReport()
         before = len(out.records)
         out.records.extend(iter_file_records(path, report))
-        info: dict[str, Any] = {"path": str(path), "records": len(out.records) - before}
-        notes = []
-        if report.truncated:
-            notes.append(f"{path.name} is truncated at character {report.truncated_at_char} "
-                         f"({report.truncation_reason}); kept the {report.complete_records} complete records")
-            info["truncated_at_char"] = report.truncated_at_char
-        if report.malformed_lines:
-            notes.append(f"{path.name}: {report.malformed_lines} malformed JSON lines kept for normalize to reject")
-            info["malformed_lines"] = report.malformed_lines
-        for note in notes:
-            log.warning("source %s: %s", name, note)
-        if notes:
-            info["notes"] = notes
-        out.files.append(info)
+        add_file(out, str(path), report, len(out.records) - before)
     return out

@@ -49,8 +49,10 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
         write_conversations(tmp / "chat.parquet", rows)
         atomic_write_text(tmp / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
         atomic_write_json(tmp / "stats.json", {**stats.as_dict(), "system_prompt": cfg.data.system_prompt})
-    log.info("kept %d of %d rows (%d assistant turns); rejected %d: %s; repairs: %s", stats.rows_out, stats.rows_in,
-             stats.assistant_turns_out, len(rejects), dict(stats.rejected), dict(stats.repairs))
+    dropped = ", ".join(f"{n} x {r}" for r, n in stats.rejected.most_common())
+    log.info("kept %d of %d rows (%d assistant turns); dropped %d%s; repairs: %s", stats.rows_out, stats.rows_in,
+             stats.assistant_turns_out, len(rejects), f" ({dropped}; see rejects.jsonl)" if dropped else "",
+             dict(stats.repairs))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
