@@ -16,6 +16,9 @@ differing position, and `same_as_first_point` tells a baseline-side difference, 
 per-point one). Prints one JSON line per point; appends rows to benchmarks/RESULTS.md unless --smoke.
 HF generate is timed on first turns only, on the first --hf-prompts of them if given (eager HF is ~30x slower than
 the engine, so a few prompts suffice).
+--export takes the export stage's output, its sglang/ dir, or any SGLang-format EAGLE drafter dir (NeMo AutoModel's,
+SpecForge's, a published one); it is validated as SGLang would load it before anything runs, and every JSON line and
+the RESULTS row name it.
 --smoke without --export builds a random EAGLE-3 drafter (τ near 1: a plumbing check, not a measurement).
 """
 from __future__ import annotations
@@ -33,11 +36,13 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from decode import append_result_row, bench_engine, bench_hf, hardware_name, timed, warm_up  # noqa: E402
+from eaglepipe.bench.drafter import checked_drafter  # noqa: E402
 from eaglepipe.bench.prompts import load_prompts, render_chat  # noqa: E402
 from eaglepipe.config import PromptsCfg  # noqa: E402
 from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
 from eaglepipe.spec import SpecConfig, SpeculativeGenerator  # noqa: E402
 from eaglepipe.target.info import load_hf_model, load_tokenizer, resolve_model_dir  # noqa: E402
+from eaglepipe.utils.cli import StageError  # noqa: E402
 from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402
 
 DEFAULT_SWEEP = "3,1,4 5,1,6 7,1,8 4,2,8 5,4,8 6,8,32"
@@ -104,7 +109,8 @@ def add_drafter_args(ap: argparse.ArgumentParser) -> None:
     """--target, --export (optional: --smoke makes a random drafter) and --device, as the speculative benchmarks
     take them."""
     ap.add_argument("--target", required=True, type=Path, help="fetch_target output dir or HF model dir")
-    ap.add_argument("--export", type=Path, default=None, help="export dir (or its sglang/ dir) of the drafter")
+    ap.add_argument("--export", type=Path, default=None,
+                    help="export dir, its sglang/ dir, or any SGLang-format EAGLE drafter dir")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
@@ -169,13 +175,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     turns = load_prompts(prompt_source(args.prompts, args.prompts_path, args.prompts_field, args.both_turns))
     prompts = render_first_turns(tokenizer, turns)
     ignore_eos, graphs = not args.both_turns, device.type == "cuda"
-    if args.both_turns:
-        _, first_answers = bench_engine(target, device, prompts, args.max_new_tokens, graphs, ignore_eos=False)
-        prompts += second_turn_prompts(tokenizer, turns, first_answers)
     with tempfile.TemporaryDirectory() as tmp:
-        export = (args.export or random_export(target, Path(tmp))) if args.smoke else args.export
+        export = args.export or (random_export(target, Path(tmp)) if args.smoke else None)
         if export is None:
             ap.error("--export is required unless --smoke")
+        try:
+            draft = checked_drafter(export, args.target, "--export").path
+        except StageError as e:
+            raise SystemExit(str(e)) from None
+        if args.both_turns:
+            _, first_answers = bench_engine(target, device, prompts, args.max_new_tokens, graphs, ignore_eos=False)
+            prompts += second_turn_prompts(tokenizer, turns, first_answers)
         base_tok_s, base_out = bench_engine(target, device, prompts, args.max_new_tokens, graphs,
                                             ignore_eos=ignore_eos)
         hf_tok_s, hf_prompts = None, prompts[:args.hf_prompts or len(prompts)]
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     prefix_reuse=False) as engine:
             for point in parse_sweep(args.sweep):
                 try:
-                    metrics, outs = bench_point(engine, export, point, prompts, args.max_new_tokens, device,
+                    metrics, outs = bench_point(engine, draft, point, prompts, args.max_new_tokens, device,
                                                 ignore_eos)
                 except Exception as e:  # one point failing must not lose the others' figures
                     print(json.dumps({"point": point.name, "error": f"{type(e).__name__}: {e}"[:400]}), flush=True)
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                mismatches=mismatches(outs, base_out),
                                same_as_first_point=outs == first_outputs,
                                prompts=len(prompts), max_new_tokens=args.max_new_tokens, device=str(device),
-                               turns=2 if args.both_turns else 1)
+                               turns=2 if args.both_turns else 1, drafter=str(draft))
                 print(json.dumps(metrics), flush=True)
                 rows.append(metrics)
     results = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
@@ -210,8 +220,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if results is not None:
         best = max(rows, key=lambda r: r["tok_s"])
         command = "python benchmarks/spec_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        result = (f"best {best['point']}: {best['tok_s']:.1f} tok/s, τ {best['tau']:.2f}, "
-                  f"{best['speedup']:.2f}× engine, match {best['output_match']:.0%}; all: "
+        result = (f"drafter `{best['drafter']}`; best {best['point']}: {best['tok_s']:.1f} tok/s, "
+                  f"τ {best['tau']:.2f}, {best['speedup']:.2f}× engine, match {best['output_match']:.0%}; all: "
                   + "; ".join(f"{r['point']} τ {r['tau']:.2f} {r['tok_s']:.0f} tok/s" for r in rows))
         hf = f", HF generate {hf_tok_s:.1f} tok/s ({len(hf_prompts)} of the prompts)" if hf_tok_s else ""
         name = "MT-bench" if args.prompts_path is None else args.prompts_path.name

@@ -299,7 +299,7 @@ def test_stage_rejects_an_export_without_a_drafter(tiny_llama_dir: Path, tmp_pat
                            "--out", str(tmp_path / "bench")],
                           cwd=REPO, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "the output of the export stage?" in proc.stderr
+    assert proc.returncode == 2 and f"{tmp_path / 'nothing' / 'sglang' / 'config.json'} not found" in proc.stderr
     assert not (tmp_path / "bench").exists()
 
 
@@ -434,6 +434,9 @@ def test_bench_stage_end_to_end_native_tiny(tiny_llama_dir: Path, tiny_export: P
     metrics = check_bench_outputs(out, names)
     assert metrics["all_outputs_match"] is True and metrics["temperature"] == 0.0
     assert metrics["best_tau_config"] in ("s3_k1_n4", "s2_k2_n4") and metrics["baseline_tok_s"] > 0
+    draft = str((tiny_export / "sglang").resolve())
+    assert metrics["drafter"] == {"path": draft, "source": "--export", "warnings": []}
+    assert f"drafter `{draft}` (from the export stage)" in (out / "README.md").read_text()
     assert (out / "plots" / "temperature.png").exists()
     rows = {r["name"]: r for r in csv.DictReader((out / "sweep.csv").open())}
     assert rows["s3_k1_n4_t1.0"]["outputs_match"] == "n/a" and rows["s3_k1_n4_t0.0"]["outputs_match"] == "true"

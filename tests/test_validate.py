@@ -69,7 +69,9 @@ FAULTS = {
     "wrong shape": ("sglang", _reshape, None, ["tensor fc.weight has shape [64, 128], expected [64, 192]"]),
     "missing draft_vocab_size": ("sglang", None, lambda c: c.pop("draft_vocab_size"), ["draft_vocab_size must be present"]),
     "off-by-one aux ids": ("sglang", None, _off_by_one, ["aux ids disagree"]),
-    "aux ids shifted in both conventions": ("sglang", None, _shifted_aux, ["differ from the drafter's training aux layers"]),
+    "aux ids shifted in both conventions": ("sglang", None, _shifted_aux,
+                                            ["aux_layers is [3, 4, 4] as SGLang reads this config, but the drafter "
+                                             "was trained with [2, 3, 3]"]),
     "d2t out of range": ("sglang", _d2t_out_of_range, None, ["d2t out of range at 1 draft ids"]),
     "d2t not increasing": ("sglang", _d2t_not_increasing, None, ["strictly increasing target ids"]),
     "vllm norm_before_residual missing": ("vllm", None, lambda c: c.pop("norm_before_residual"),
@@ -87,9 +89,10 @@ FAULTS = {
 def test_clean_export_passes(clean_export: Path, tiny_llama_dir: Path) -> None:
     from eaglepipe.validate import validate_export
 
-    report = validate_export(clean_export, tiny_llama_dir, expect_aux=[2, 3, 3], expect_dtype="bfloat16")
+    report = validate_export(clean_export, tiny_llama_dir, expect_dtype="bfloat16")
     assert report.ok, report.problems
-    assert set(report.checked) == {"sglang", "vllm"}
+    assert set(report.checked) == {"sglang", "vllm"} and not report.warnings
+    assert report.reference == str(clean_export / "drafter_config.json")
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
@@ -103,7 +106,7 @@ def test_planted_fault_is_caught(clean_export: Path, tiny_llama_dir: Path, tmp_p
         _edit_weights(export / fmt, edit_weights)
     if edit_config:
         _edit_config(export / fmt, edit_config)
-    report = validate_export(export, tiny_llama_dir, expect_aux=[2, 3, 3], expect_dtype="bfloat16")
+    report = validate_export(export, tiny_llama_dir, expect_dtype="bfloat16")
     assert not report.ok
     for text in expected:
         assert any(text in p for p in report.problems), (text, report.problems)
@@ -129,8 +132,7 @@ def test_cli_lists_all_problems_and_exits_nonzero(clean_export: Path, tiny_llama
     shutil.copytree(clean_export, export)
     _edit_weights(export / "sglang", _rename)
     _edit_config(export / "sglang", lambda c: c.pop("draft_vocab_size"))
-    cmd = [sys.executable, "-m", "eaglepipe.validate", str(export), "--target", str(tiny_llama_dir),
-           "--aux-layers", "2,3,3"]
+    cmd = [sys.executable, "-m", "eaglepipe.validate", str(export), "--target", str(tiny_llama_dir)]
     env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 1

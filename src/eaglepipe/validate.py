@@ -1,15 +1,28 @@
-"""Check an exported drafter against its target before any server sees it.
+"""Check a drafter against its target before any server sees it.
 
     python -m eaglepipe.validate results/default/export --target results/default/target
+    python -m eaglepipe.validate path/to/drafter --target results/default/target --external
 
 PATH is an export dir (with sglang/ and optionally vllm/) or one format dir. Every problem is listed and the
 exit status is 1 when there is any, because SGLang silently skips unknown weight names and loads a drafter
 that then accepts nothing.
+
+One set of checks at two levels:
+- strict (the default, and the export stage): what we ship loads as it is on every SGLang build and on vLLM,
+  and its configs equal the training checkpoint's drafter config (`drafter_config.json`, which the export
+  stage writes beside sglang/) on every field that changes the drafter's output.
+- external (`--external`, and the bench for any drafter dir): the drafter as SGLang 0.5.23 loads it. What that
+  build accepts but older builds or vLLM may not (`layers.0.*` names, RoPE only in `rope_parameters`, a
+  shipped embedding) is a warning; what breaks serving stays a problem.
+Without `drafter_config.json` (a drafter trained elsewhere) the configs are compared with the target only.
+Every tensor must be finite at both levels.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +31,30 @@ from typing import Any, Sequence
 import torch
 from safetensors import safe_open
 
-from .export.layout import (CONFIG_FILE, DTYPES, SGLANG_EAGLE1_ARCH, SGLANG_EAGLE3_ARCH, TOKEN_MAP_FILE,
-                            VLLM_EAGLE3_ARCH, WEIGHTS_FILE, Shapes, expected_tensors)
-from .target.info import describe_model, resolve_model_dir
+from .export.layout import (CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, EAGLE3_ALGOS, SGLANG_EAGLE1_ARCH,
+                            SGLANG_EAGLE3_ARCH, TOKEN_MAP_FILE, VLLM_EAGLE3_ARCH, WEIGHTS_FILE, Shapes,
+                            expected_tensors)
+from .export.served import (AUX_IDS_KEY, default_aux_layers, layer_config, nested_aux_ids, served_aux_layers,
+                            served_config, served_name, served_num_aux)
+from .models.config import DrafterConfig
+from .target.info import describe_model, read_target_info, resolve_model_dir
 
+FORMATS = ("sglang", "vllm")
+ENGINE = {"sglang": "SGLang", "vllm": "vLLM"}
 LLAMA_INT_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                     "vocab_size", "max_position_embeddings")
+# LlamaConfig derives or defaults these, so a drafter from elsewhere may leave them out
+DERIVED_INT_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+# fields that change the drafter's output, compared with the training checkpoint's drafter config
+COMPARED_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                   "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "vocab_size",
+                   "hidden_act")
+EAGLE3_COMPARED_FIELDS = ("draft_vocab_size", "target_hidden_size", "aux_layers", "fc_norm", "norm_output")
+# fields a drafter usually shares with its target; a difference is right only if the drafter was trained so
+TARGET_SHARED_FIELDS = ("rms_norm_eps", "rope_theta", "rope_scaling")
+# layouts SGLang 0.5.23 can build but eaglepipe's drafter cannot
+UNSUPPORTED_FLAGS = ("norm_before_fc", "bias")
+_FLOAT_TAGS = ("BF16", "F16", "F32", "F64")
 # safetensors dtype tags of the tensor kinds in export.layout
 _SAFETENSORS_TAGS = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", "int64": "I64",
                      "bool": "BOOL"}
@@ -38,36 +69,82 @@ class ValidationReport:
     checked: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    strict: bool = True
+    # the drafter_config.json the configs were compared with; None = compared with the target only
+    reference: str | None = None
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checked": self.checked, "problems": self.problems, "warnings": self.warnings}
+        return {"ok": self.ok, "strict": self.strict, "reference": self.reference, "checked": self.checked,
+                "problems": self.problems, "warnings": self.warnings}
+
+    def moved(self, src: Path, dst: Path) -> "ValidationReport":
+        """The report with the paths under `src` (a temp dir about to be renamed) given under `dst`."""
+        def move(p: str) -> str:
+            path = Path(p)
+            return str(dst / path.relative_to(src)) if path.is_relative_to(src) else p
+
+        return dataclasses.replace(self, checked={k: move(v) for k, v in self.checked.items()},
+                                   reference=None if self.reference is None else move(self.reference))
 
 
 def target_facts(target: str | Path) -> dict[str, Any]:
-    """Depth, widths and vocab of the target (a fetch_target dir or an HF model dir)."""
-    return describe_model(resolve_model_dir(target))
+    """Depth, widths, vocab, RoPE and aux layers of the target: its target.json over the model's own config
+    (a fetch_target dir), or the model's config alone (an HF model dir)."""
+    facts = describe_model(resolve_model_dir(target))
+    if (Path(target) / "target.json").exists():
+        facts.update(read_target_info(target))
+    return facts
+
+
+def reference_path(path: Path) -> Path | None:
+    """The export stage's drafter_config.json for `path`: in an export dir, or beside a format dir of one."""
+    dirs = (path, path.parent) if path.name in FORMATS else (path,)
+    return next((d / DRAFTER_CONFIG_FILE for d in dirs if (d / DRAFTER_CONFIG_FILE).exists()), None)
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-class _DirCheck:
-    """Validation of one format directory; problems are prefixed with the format name."""
+def _is_positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
-    def __init__(self, path: Path, target: dict[str, Any], expect_aux: Sequence[int] | None,
-                 expect_dtype: str | None):
-        self.path, self.target, self.expect_aux, self.expect_dtype = path, target, expect_aux, expect_dtype
+
+def _int_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(_is_int(i) for i in v)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with floats compared to float32 precision (configs round-trip through float32 and JSON)."""
+    if _is_positive_number(a) and _is_positive_number(b):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
+class _DirCheck:
+    """Validation of one format directory; problems and warnings are prefixed with the format name."""
+
+    def __init__(self, path: Path, target: dict[str, Any], reference: dict[str, Any] | None,
+                 expect_dtype: str | None, strict: bool):
+        self.path, self.target, self.reference = path, target, reference
+        self.expect_dtype, self.strict = expect_dtype, strict
         self.fmt = path.name
         self.problems: list[str] = []
         self.warnings: list[str] = []
 
     def bad(self, msg: str) -> None:
         self.problems.append(f"{self.fmt}: {msg}")
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(f"{self.fmt}: {msg}")
+
+    def not_portable(self, msg: str) -> None:
+        """What SGLang 0.5.23 loads correctly but other builds or vLLM may not: fatal only in strict mode."""
+        (self.bad if self.strict else self.warn)(msg)
 
     # ------------------------------------------------------------------ config
     def run(self) -> None:
@@ -80,9 +157,10 @@ class _DirCheck:
             return self.bad(f"{cfg_path} is not valid JSON ({e})")
         arch = (cfg.get("architectures") or [None])[0]
         if arch not in _ARCH_FORMATS:
-            return self.bad(f"architectures {cfg.get('architectures')} is none of {sorted(_ARCH_FORMATS)}")
+            return self.bad(f"architectures {cfg.get('architectures')} is none of {sorted(_ARCH_FORMATS)} "
+                            "(SGLang picks the drafter's model class from it)")
         self.fmt, family = _ARCH_FORMATS[arch]
-        layer = cfg.get("transformer_layer_config") if self.fmt == "vllm" else cfg
+        layer = layer_config(cfg, self.fmt)
         if not isinstance(layer, dict):
             return self.bad("transformer_layer_config is missing or not a mapping")
         if not self._check_llama_fields(layer):
@@ -90,48 +168,76 @@ class _DirCheck:
         if self.fmt == "vllm":
             self._check_speculators(cfg)
         if family == "eagle3":
-            shapes = self._eagle3_shapes(cfg, layer)
-        else:
-            shapes = self._eagle1_shapes(layer)
+            self._check_eagle3_flags(cfg, layer)
+            if not self._check_aux_ids(cfg):
+                return
+        served = served_config(cfg, self.fmt, self.target["num_layers"])
+        self._compare(served)
+        shapes = self._eagle3_shapes(cfg, served) if family == "eagle3" else self._eagle1_shapes(served)
         if shapes is not None:
-            dtype = layer.get("torch_dtype") or cfg.get("torch_dtype")
-            self._check_weights(shapes, dtype)
-        if family == "eagle1":
+            self._check_weights(shapes, layer.get("torch_dtype") or cfg.get("torch_dtype"))
+        if family == "eagle3":
+            self._check_num_aux(layer, served["aux_layers"])
+            if (self.path / TOKEN_MAP_FILE).exists():
+                self.warn(f"{TOKEN_MAP_FILE} is ignored for EAGLE-3 drafters (d2t sets the draft vocabulary)")
+        else:
             self._check_token_map(layer)
 
     def _check_llama_fields(self, layer: dict[str, Any]) -> bool:
         ok = True
         for k in LLAMA_INT_FIELDS:
+            if k in DERIVED_INT_FIELDS and k not in layer and not self.strict:
+                continue
             if not _is_int(layer.get(k)) or layer[k] <= 0:
                 self.bad(f"{k} must be a positive int, got {layer.get(k)!r}")
                 ok = False
-        if layer.get("num_hidden_layers") != 1:
-            self.bad(f"num_hidden_layers must be 1 (old SGLang builds refuse others), got {layer.get('num_hidden_layers')!r}")
+        layers = layer.get("num_hidden_layers")
+        if layers != 1:
+            built = f" (SGLang 0.5.23 would build {layers - 1} more decoder layers that no weight fills)" \
+                if _is_int(layers) and layers > 1 else ""
+            self.bad(f"num_hidden_layers must be 1, got {layers!r}{built}; older SGLang builds refuse any other "
+                     "value")
         if layer.get("hidden_act", "silu") != "silu":
             self.bad(f"hidden_act must be silu, got {layer.get('hidden_act')!r}")
-        if not isinstance(layer.get("rms_norm_eps"), (int, float)):
-            self.bad("rms_norm_eps is missing")
-        theta = layer.get("rope_theta")
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-            self.bad(f"rope_theta must be written explicitly as a positive number (the drafter's trained RoPE), got {theta!r}")
-        if "rope_scaling" not in layer:
-            self.bad("rope_scaling must be written explicitly (null for plain RoPE)")
-        elif layer["rope_scaling"] is not None and not (
-                isinstance(layer["rope_scaling"], dict) and ("rope_type" in layer["rope_scaling"] or "type" in layer["rope_scaling"])):
-            self.bad(f"rope_scaling must be null or a mapping with rope_type, got {layer['rope_scaling']!r}")
-        if layer.get("tie_word_embeddings") is not False:
+        if not _is_positive_number(layer.get("rms_norm_eps")):
+            self.bad(f"rms_norm_eps must be a positive number, got {layer.get('rms_norm_eps')!r}")
+        self._check_rope_theta(layer)
+        self._check_rope_scaling(layer)
+        tie = layer.get("tie_word_embeddings")
+        if tie is True or (self.strict and tie is not False):
             self.bad("tie_word_embeddings must be false (true makes lm_head the full-vocab embedding)")
         if ok and layer["vocab_size"] != self.target["vocab_size"]:
             self.bad(f"vocab_size {layer['vocab_size']} != the target's {self.target['vocab_size']}")
-        if ok and layer["num_attention_heads"] % layer["num_key_value_heads"]:
+        if ok and layer["num_attention_heads"] % layer.get("num_key_value_heads", layer["num_attention_heads"]):
             self.bad("num_attention_heads must be a multiple of num_key_value_heads")
         return ok
+
+    def _check_rope_theta(self, layer: dict[str, Any]) -> None:
+        params = layer.get("rope_parameters")
+        if "rope_theta" in layer:
+            theta = layer["rope_theta"]
+        elif self.strict:
+            return self.bad("rope_theta must be written explicitly as a positive number (the drafter's trained RoPE)")
+        elif isinstance(params, dict) and "rope_theta" in params:
+            theta = params["rope_theta"]
+            self.warn("rope_theta is only in rope_parameters (transformers 5): SGLang 0.5.23 reads it there, "
+                      "builds on transformers 4 would use the default 10000")
+        else:
+            return self.warn("no rope_theta: the engines use the default 10000")
+        if not _is_positive_number(theta):
+            self.bad(f"rope_theta must be a positive number, got {theta!r}")
+
+    def _check_rope_scaling(self, layer: dict[str, Any]) -> None:
+        scaling = layer.get("rope_scaling")
+        if "rope_scaling" not in layer:
+            if self.strict:
+                self.bad("rope_scaling must be written explicitly (null for plain RoPE)")
+        elif scaling is not None and not (isinstance(scaling, dict) and ("rope_type" in scaling or "type" in scaling)):
+            self.bad(f"rope_scaling must be null or a mapping with rope_type, got {scaling!r}")
 
     def _check_speculators(self, cfg: dict[str, Any]) -> None:
         if cfg.get("speculators_model_type") != "eagle3":
             self.bad(f"speculators_model_type must be eagle3, got {cfg.get('speculators_model_type')!r}")
-        if cfg.get("norm_before_residual") is not False:
-            self.bad("norm_before_residual must be false explicitly (speculators defaults it to true)")
         sc = cfg.get("speculators_config")
         try:
             tokens = sc["proposal_methods"][0]["speculative_tokens"]
@@ -148,52 +254,101 @@ class _DirCheck:
         if not isinstance(verifier.get("architectures"), list) or not verifier["architectures"]:
             self.bad("speculators_config.verifier.architectures must list the target's architecture")
 
-    def _aux_ids(self, cfg: dict[str, Any]) -> list[int] | None:
-        """The aux layers as h-indices, after checking both conventions; None when unusable."""
+    def _check_eagle3_flags(self, cfg: dict[str, Any], layer: dict[str, Any]) -> None:
+        """The layout flags: the norm after the residual (SGLang's only layout), and no extras we cannot build."""
+        nbr = cfg.get("norm_before_residual")
+        if nbr is None and (self.strict or self.fmt == "vllm"):
+            default = "speculators defaults it to true" if self.fmt == "vllm" else \
+                "the export states the layout the drafter was trained with"
+            self.bad(f"norm_before_residual must be false explicitly ({default})")
+        elif nbr is not None and nbr is not False:
+            self.bad(f"norm_before_residual must be false, got {nbr!r}: SGLang and eaglepipe apply hidden_norm "
+                     "after taking the residual, so a drafter trained the other way would accept nothing")
+        for k in UNSUPPORTED_FLAGS:
+            if any(isinstance(c, dict) and c.get(k) for c in (cfg, layer, cfg.get("eagle_config"))):
+                self.bad(f"{k} is set: eaglepipe's drafter has no such layer (the plain EAGLE-3/3.1 layout only)")
+        if (cfg.get("eagle_config") or {}).get("use_aux_hidden_state") is False:
+            self.bad("eagle_config.use_aux_hidden_state is false: SGLang would not feed aux hidden states")
+
+    def _check_aux_ids(self, cfg: dict[str, Any]) -> bool:
+        """Both conventions are well-formed and agree; the engine's capture layers exist. False when unusable."""
         n = self.target["num_layers"]
-        top = cfg.get("eagle_aux_hidden_state_layer_ids")
-        if not (isinstance(top, list) and top and all(_is_int(i) for i in top)):
-            self.bad(f"top-level eagle_aux_hidden_state_layer_ids (vLLM, h-indices) must be a list of ints, got {top!r}")
-            return None
+        top, nested = cfg.get(AUX_IDS_KEY), nested_aux_ids(cfg)
+        for name, ids in ((f"top-level {AUX_IDS_KEY} (vLLM, h-indices)", top),
+                          (f"eagle_config.{AUX_IDS_KEY} (SGLang reads only this, h-index - 1)", nested)):
+            if ids is not None and not _int_list(ids):
+                self.bad(f"{name} must be a non-empty list of ints, got {ids!r}")
+                return False
+        if top is None and (self.strict or nested is not None):
+            self.not_portable(f"top-level {AUX_IDS_KEY} (vLLM, h-indices) is missing"
+                              + (": vLLM would read the nested ids without SGLang's +1" if nested else ""))
         if self.fmt == "sglang":
-            nested = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-            if not (isinstance(nested, list) and all(_is_int(i) for i in nested)):
-                self.bad("eagle_config.eagle_aux_hidden_state_layer_ids (SGLang reads only this) must be a list of ints")
-                return None
-            if [i + 1 for i in nested] != top:
+            if nested is None and self.strict:
+                self.bad(f"eagle_config.{AUX_IDS_KEY} (SGLang reads only this) must be a list of ints")
+            elif nested is None and top is not None and top != default_aux_layers(n):
+                self.bad(f"only the top-level aux ids {top} are given: SGLang reads only eagle_config's and would "
+                         f"capture the default {default_aux_layers(n)}")
+            elif nested is not None and top is not None and [i + 1 for i in nested] != top:
                 self.bad(f"aux ids disagree: nested eagle_config {nested} must equal top-level {top} minus 1 "
                          "(SGLang adds 1 to the nested ids; vLLM uses the top-level ids as they are)")
-            if (cfg.get("eagle_config") or {}).get("use_aux_hidden_state") is False:
-                self.bad("eagle_config.use_aux_hidden_state is false: SGLang would not feed aux hidden states")
-        out_of_range = [i for i in top if not 1 <= i <= n - 1]
+        aux = served_aux_layers(cfg, self.fmt, n)
+        out_of_range = [i for i in aux if not 1 <= i <= n - 1]
         if out_of_range:
             self.bad(f"aux h-indices {out_of_range} are outside 1..{n - 1} for a {n}-layer target")
-        if top != sorted(top):
-            self.warnings.append(f"{self.fmt}: aux h-indices {top} are not ascending (the convention is low, mid, high)")
-        if self.expect_aux is not None and list(self.expect_aux) != top:
-            self.bad(f"aux h-indices {top} differ from the drafter's training aux layers {list(self.expect_aux)}")
-        return top
+        if aux != sorted(aux):
+            self.warn(f"aux h-indices {aux} are not ascending (the convention is low, mid, high)")
+        return True
 
-    def _eagle3_shapes(self, cfg: dict[str, Any], layer: dict[str, Any]) -> Shapes | None:
+    def _check_num_aux(self, layer: dict[str, Any], aux: list[int]) -> None:
+        declared = layer.get("num_aux_hidden_states")
+        if declared is None and self.strict:
+            self.bad(f"num_aux_hidden_states must be written ({len(aux)}): without it vLLM sizes fc from the "
+                     "nested eagle_config ids, else for 3 aux hidden states")
+        elif declared is not None and not _is_int(declared):
+            self.bad(f"num_aux_hidden_states must be an int, got {declared!r}")
+        elif served_num_aux(layer) != len(aux):
+            self.bad(f"fc is sized for {served_num_aux(layer)} aux hidden states (num_aux_hidden_states, else the "
+                     f"nested eagle_config ids, else 3) but the engine captures {len(aux)} layers {aux}")
+
+    def _compare(self, served: dict[str, Any]) -> None:
+        """The drafter the engine would build against the training checkpoint's config, and against the target
+        on the fields a drafter shares with it."""
+        eagle3 = served["algorithm"] in EAGLE3_ALGOS
+        fields = COMPARED_FIELDS + (EAGLE3_COMPARED_FIELDS if eagle3 else ())
+        ref = self.reference
+        if ref is not None and (ref["algorithm"] in EAGLE3_ALGOS) != eagle3:
+            self.bad(f"the exported drafter is {served['algorithm']} but the training checkpoint is {ref['algorithm']}")
+        elif ref is not None:
+            for k in fields:
+                if not _same(served[k], ref[k]):
+                    self.bad(f"{k} is {served[k]!r} as {ENGINE[self.fmt]} reads this config, but the drafter was "
+                             f"trained with {ref[k]!r} ({DRAFTER_CONFIG_FILE})")
+        for k in TARGET_SHARED_FIELDS + (("aux_layers",) if eagle3 else ()):
+            if not _same(served[k], self.target[k]):
+                self.warn(f"{k} {served[k]!r} differs from the target's {self.target[k]!r}: right only if the "
+                          "drafter was trained so")
+
+    def _eagle3_shapes(self, cfg: dict[str, Any], served: dict[str, Any]) -> Shapes | None:
         dv, th = cfg.get("draft_vocab_size"), cfg.get("target_hidden_size")
         ok = True
-        if not _is_int(dv) or not 1 <= dv <= layer["vocab_size"]:
+        if not _is_int(dv) or not 1 <= dv <= served["vocab_size"]:
             self.bad(f"draft_vocab_size must be present and in 1..vocab_size (SGLang fails without it), got {dv!r}")
             dv = self._lm_head_rows()  # keep checking the other tensors against the shipped lm_head
             ok = dv is not None
+        if th is None and not self.strict:
+            th = served["hidden_size"]  # what both engines assume
         if not _is_int(th):
             self.bad(f"target_hidden_size must be present, got {th!r}")
             ok = False
         elif th != self.target["hidden_size"]:
             self.bad(f"target_hidden_size {th} != the target's hidden size {self.target['hidden_size']}")
-        aux = self._aux_ids(cfg)
-        if not ok or aux is None:
+        if not ok:
             return None
-        return Shapes(algorithm="eagle3.1" if cfg.get("fc_norm") else "eagle3", hidden_size=layer["hidden_size"],
-                      intermediate_size=layer["intermediate_size"], num_heads=layer["num_attention_heads"],
-                      num_kv_heads=layer["num_key_value_heads"], head_dim=layer["head_dim"],
-                      vocab_size=layer["vocab_size"], draft_vocab_size=dv, target_hidden_size=th, num_aux=len(aux),
-                      fc_norm=bool(cfg.get("fc_norm")))
+        return Shapes(algorithm=served["algorithm"], hidden_size=served["hidden_size"],
+                      intermediate_size=served["intermediate_size"], num_heads=served["num_attention_heads"],
+                      num_kv_heads=served["num_key_value_heads"], head_dim=served["head_dim"],
+                      vocab_size=served["vocab_size"], draft_vocab_size=dv, target_hidden_size=th,
+                      num_aux=len(served["aux_layers"]), fc_norm=served["fc_norm"])
 
     def _lm_head_rows(self) -> int | None:
         try:
@@ -202,49 +357,94 @@ class _DirCheck:
         except Exception:  # noqa: BLE001 - an unreadable file is reported by _check_weights
             return None
 
-    def _eagle1_shapes(self, layer: dict[str, Any]) -> Shapes:
-        h = layer["hidden_size"]
+    def _eagle1_shapes(self, served: dict[str, Any]) -> Shapes:
+        h = served["hidden_size"]
         if h != self.target["hidden_size"]:
             self.bad(f"an EAGLE-1/2 drafter must have the target's hidden size {self.target['hidden_size']}, got {h}")
-        return Shapes(algorithm="eagle1", hidden_size=h, intermediate_size=layer["intermediate_size"],
-                      num_heads=layer["num_attention_heads"], num_kv_heads=layer["num_key_value_heads"],
-                      head_dim=layer["head_dim"], vocab_size=layer["vocab_size"], draft_vocab_size=layer["vocab_size"],
-                      target_hidden_size=h, num_aux=1, fc_norm=False)
+        return Shapes(algorithm="eagle1", hidden_size=h, intermediate_size=served["intermediate_size"],
+                      num_heads=served["num_attention_heads"], num_kv_heads=served["num_key_value_heads"],
+                      head_dim=served["head_dim"], vocab_size=served["vocab_size"],
+                      draft_vocab_size=served["vocab_size"], target_hidden_size=h, num_aux=1, fc_norm=False)
 
     # ------------------------------------------------------------------ weights
     def _check_weights(self, shapes: Shapes, dtype_name: Any) -> None:
         path = self.path / WEIGHTS_FILE
         if not path.exists():
             return self.bad(f"{path} is missing")
-        if dtype_name not in DTYPES:
-            self.bad(f"torch_dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
-        elif self.expect_dtype and dtype_name != self.expect_dtype:
-            self.bad(f"torch_dtype {dtype_name} differs from the requested export dtype {self.expect_dtype}")
-        float_dtype = DTYPES.get(dtype_name)
+        float_dtype = None
+        if self.strict:
+            if dtype_name not in DTYPES:
+                self.bad(f"torch_dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
+            elif self.expect_dtype and dtype_name != self.expect_dtype:
+                self.bad(f"torch_dtype {dtype_name} differs from the requested export dtype {self.expect_dtype}")
+            float_dtype = DTYPES.get(dtype_name)
         expected = expected_tensors(shapes, self.fmt)
         try:
             f = safe_open(str(path), framework="pt")
         except Exception as e:  # noqa: BLE001 - any unreadable file is a problem to report, not a crash
             return self.bad(f"{path} cannot be read as safetensors ({e})")
         with f:
-            names = set(f.keys())
-            for name in sorted(names - set(expected)):
+            names = self._served_names(list(f.keys()), shapes.is_eagle3)
+            for name in sorted(set(names) - set(expected)):
+                if name == "embed_tokens.weight" and not self.strict:
+                    self._check_shipped_embedding(names[name], tuple(f.get_slice(names[name]).get_shape()))
+                    continue
                 hint = " (both engines share the target's embedding when hidden sizes match)" \
                     if name == "embed_tokens.weight" else ""
-                self.bad(f"unexpected tensor {name}: SGLang skips unknown names silently, vLLM refuses them{hint}")
-            for name in sorted(set(expected) - names):
+                self.bad(f"unexpected tensor {names[name]}: SGLang skips unknown names silently, vLLM refuses "
+                         f"them{hint}")
+            for name in sorted(set(expected) - set(names)):
+                if name == "t2d" and not self.strict:
+                    continue  # both engines ignore t2d
                 self.bad(f"missing tensor {name} {list(expected[name][0])}")
-            for name in sorted(names & set(expected)):
+            for name in sorted(set(names) & set(expected)):
                 shape, kind = expected[name]
-                sl = f.get_slice(name)
+                sl = f.get_slice(names[name])
                 got_shape = tuple(sl.get_shape())
                 if got_shape != shape:
-                    self.bad(f"tensor {name} has shape {list(got_shape)}, expected {list(shape)}")
-                want = _SAFETENSORS_TAGS.get(float_dtype if kind == "float" else kind)
-                if want is not None and sl.get_dtype() != want:
-                    self.bad(f"tensor {name} is {sl.get_dtype()}, expected {want}")
+                    self.bad(f"tensor {names[name]} has shape {list(got_shape)}, expected {list(shape)}")
+                if kind == "float" and float_dtype is None:
+                    if sl.get_dtype() not in _FLOAT_TAGS:
+                        self.bad(f"tensor {names[name]} is {sl.get_dtype()}, expected a float dtype")
+                else:
+                    want = _SAFETENSORS_TAGS.get(float_dtype if kind == "float" else kind)
+                    if want is not None and sl.get_dtype() != want:
+                        self.bad(f"tensor {names[name]} is {sl.get_dtype()}, expected {want}")
+            self._check_finite(f, names.values())
             if "d2t" in names and "d2t" in expected:
-                self._check_vocab_maps(f.get_tensor("d2t"), f.get_tensor("t2d") if "t2d" in names else None, shapes)
+                t2d = f.get_tensor(names["t2d"]) if "t2d" in names else None
+                self._check_vocab_maps(f.get_tensor(names["d2t"]), t2d, shapes)
+
+    def _served_names(self, stored: list[str], eagle3: bool) -> dict[str, str]:
+        """Served name -> stored name. Strict mode takes names as written; otherwise they resolve as the engine's
+        loader resolves them, with a warning for names old SGLang builds drop."""
+        if self.strict:
+            return {n: n for n in stored}
+        names: dict[str, str] = {}
+        for n in stored:
+            served = served_name(n, self.fmt, eagle3)
+            if served in names:
+                self.bad(f"tensors {names[served]} and {n} are both loaded as {served}")
+            names[served] = n
+        layers0 = [n for n in stored if n.removeprefix("model.").startswith("layers.0.")]
+        if layers0 and self.fmt == "sglang" and eagle3:
+            self.not_portable(f"{len(layers0)} tensors are named layers.0.* rather than midlayer.*: SGLang 0.5.23 "
+                              "loads them, older SGLang builds drop them silently and serve an untrained layer")
+        return names
+
+    def _check_shipped_embedding(self, name: str, shape: tuple[int, ...]) -> None:
+        target = (self.target["vocab_size"], self.target["hidden_size"])
+        if shape != target:
+            self.bad(f"shipped {name} has shape {list(shape)}, the target's embedding is {list(target)}")
+        else:
+            self.warn(f"{name} is shipped but unused: SGLang shares the target's embedding when hidden sizes match")
+
+    def _check_finite(self, f: Any, stored: Any) -> None:
+        for name in sorted(stored):
+            if f.get_slice(name).get_dtype() in _FLOAT_TAGS:
+                bad = int((~torch.isfinite(f.get_tensor(name))).sum())
+                if bad:
+                    self.bad(f"tensor {name} holds {bad} non-finite values (NaN or Inf)")
 
     def _check_vocab_maps(self, d2t: torch.Tensor, t2d: torch.Tensor | None, shapes: Shapes) -> None:
         if d2t.dim() != 1 or d2t.dtype.is_floating_point or d2t.dtype == torch.bool:
@@ -282,24 +482,38 @@ def format_dirs(path: Path) -> list[Path]:
     """The format dirs to check under `path`: sglang/ and vllm/ of an export dir, or `path` itself."""
     if (path / CONFIG_FILE).exists():
         return [path]
-    return [path / d for d in ("sglang", "vllm") if (path / d).is_dir()]
+    return [path / d for d in FORMATS if (path / d).is_dir()]
 
 
-def validate_export(path: str | Path, target: str | Path, expect_aux: Sequence[int] | None = None,
-                    expect_dtype: str | None = None) -> ValidationReport:
-    """Validate every format dir under `path` against the target; never raises on bad content."""
+def _read_reference(path: Path, report: ValidationReport) -> dict[str, Any] | None:
+    try:
+        return dataclasses.asdict(DrafterConfig.from_json(path))
+    except (OSError, ValueError, TypeError) as e:
+        report.problems.append(f"{path} cannot be read as a drafter config ({e})")
+        return None
+
+
+def validate_export(path: str | Path, target: str | Path, expect_dtype: str | None = None,
+                    strict: bool = True) -> ValidationReport:
+    """Validate every format dir under `path` against the target (and the training checkpoint's drafter config
+    when the export holds it; strict mode requires it); never raises on bad content."""
     path = Path(path)
-    report = ValidationReport()
+    ref_path = reference_path(path)
+    report = ValidationReport(strict=strict, reference=None if ref_path is None else str(ref_path))
     try:
         facts = target_facts(target)
     except (FileNotFoundError, ValueError, OSError) as e:
         report.problems.append(f"target: cannot read {target} ({e})")
         return report
+    reference = None if ref_path is None else _read_reference(ref_path, report)
+    if ref_path is None and strict:
+        report.problems.append(f"{path} has no {DRAFTER_CONFIG_FILE} (the training checkpoint's drafter config, "
+                               "written by the export stage): nothing to compare the exported configs with")
     dirs = format_dirs(path)
     if not dirs:
         report.problems.append(f"{path} holds neither config.json nor sglang/ or vllm/ export dirs")
     for d in dirs:
-        check = _DirCheck(d, facts, expect_aux, expect_dtype)
+        check = _DirCheck(d, facts, reference, expect_dtype, strict)
         check.run()
         report.checked[check.fmt] = str(d)
         report.problems += check.problems
@@ -309,29 +523,23 @@ def validate_export(path: str | Path, target: str | Path, expect_aux: Sequence[i
     return report
 
 
-def _parse_ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: print the problems and return 1 if there are any."""
     p = argparse.ArgumentParser(description="Validate an exported EAGLE drafter against its target.")
     p.add_argument("path", help="export dir (holding sglang/ and vllm/) or one format dir")
     p.add_argument("--target", required=True, help="fetch_target output dir or HF model dir of the target")
-    p.add_argument("--aux-layers", type=_parse_ints, default=None,
-                   help="expected aux layers as HF hidden_states indices, e.g. 2,15,27")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="expected weight dtype")
+    p.add_argument("--external", action="store_true",
+                   help="a drafter from elsewhere: check it as SGLang 0.5.23 loads it (portability issues warn)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
-    report = validate_export(args.path, args.target, args.aux_layers, args.dtype)
+    report = validate_export(args.path, args.target, args.dtype, strict=not args.external)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         for fmt, d in report.checked.items():
             print(f"checked {fmt}: {d}")
+        print(f"compared with {report.reference}" if report.reference else "compared with the target only")
         for w in report.warnings:
             print(f"warning: {w}")
         for prob in report.problems:

@@ -330,6 +330,9 @@ class BenchCfg:
     # native | sglang | url
     backend: str = "native"
     url: str = "http://127.0.0.1:30000"
+    # any SGLang-format EAGLE drafter dir to measure (ours, NeMo's, SpecForge's, a published one);
+    # null = this pipeline's export
+    drafter: Optional[str] = None
     prompts: PromptsCfg = field(default_factory=PromptsCfg)
     sweep: List[SweepPoint] = field(default_factory=lambda: [SweepPoint(3, 1, 4), SweepPoint(5, 4, 8)])
     temperatures: List[float] = field(default_factory=lambda: [0.0])
@@ -346,6 +349,7 @@ class BenchCfg:
 
     def check(self) -> None:
         _require(self.backend in ("native", "sglang", "url"), f"bench.backend must be native|sglang|url, got {self.backend!r}")
+        _require(self.drafter is None or bool(self.drafter), "bench.drafter must be a drafter dir or null")
         self.prompts.check()
         _require(len(self.sweep) > 0, "bench.sweep must list at least one point")
         _require(self.backend != "url" or len(self.sweep) == 1,

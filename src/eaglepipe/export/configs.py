@@ -47,6 +47,7 @@ def sglang_config(dc: dict[str, Any], dtype: str) -> dict[str, Any]:
         "target_hidden_size": int(dc.get("target_hidden_size") or dc["hidden_size"]),
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": sglang_aux_ids(aux), "use_aux_hidden_state": True},
         "eagle_aux_hidden_state_layer_ids": aux,
+        "num_aux_hidden_states": len(aux),
         "norm_before_residual": False,
         "fc_norm": bool(dc.get("fc_norm", False)),
         "norm_output": bool(dc.get("norm_output", False)),
@@ -61,6 +62,8 @@ def vllm_config(dc: dict[str, Any], dtype: str, verifier_name: str, verifier_arc
         raise ValueError(f"the speculators format holds EAGLE-3 drafters, not {dc['algorithm']}")
     layer = _llama_fields(dc, dtype)
     layer["architectures"] = ["LlamaForCausalLM"]
+    # vLLM builds the drafter from this part and sizes fc from it (else from 3 aux states): the top level is not read
+    layer["num_aux_hidden_states"] = len(dc["aux_layers"])
     return {
         "architectures": [VLLM_EAGLE3_ARCH],
         "speculators_model_type": "eagle3",

@@ -18,6 +18,8 @@ VLLM_EAGLE3_ARCH = "Eagle3Speculator"
 TOKEN_MAP_FILE = "speculative_token_map.pt"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# the training checkpoint's DrafterConfig, written beside sglang/ and vllm/ so the exported configs can be checked
+DRAFTER_CONFIG_FILE = "drafter_config.json"
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -36,13 +36,14 @@ def export_state_dict(state: dict[str, torch.Tensor], d2t: torch.Tensor | None, 
                 raise StageError("checkpoint has no d2t map (neither in model.safetensors nor vocab.safetensors)")
             out[name] = d2t.to(torch.int64).contiguous()
         else:
-            out[name] = (t2d if t2d is not None else _t2d_from_d2t(d2t, shapes.vocab_size)).to(torch.bool).contiguous()
+            out[name] = (t2d if t2d is not None else t2d_from_d2t(d2t, shapes.vocab_size)).to(torch.bool).contiguous()
         if tuple(out[name].shape) != tuple(shape):
             raise StageError(f"checkpoint tensor {name} has shape {list(out[name].shape)}, expected {list(shape)}")
     return out
 
 
-def _t2d_from_d2t(d2t: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+def t2d_from_d2t(d2t: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """The bool map over the target vocab that marks the draft vocabulary's target ids."""
     if d2t is None:
         raise StageError("checkpoint has neither t2d nor d2t")
     t2d = torch.zeros(vocab_size, dtype=torch.bool)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,13 +11,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..utils.atomic import atomic_write_json, atomic_write_text
+from ..utils.atomic import atomic_write_json, atomic_write_text, default_file_mode
 from ..utils.cli import StageError
 from ..validate import validate_export
 from .checkpoint import Checkpoint
 from .commands import sglang_command, vllm_command
 from .configs import sglang_config, vllm_config
-from .layout import (CONFIG_FILE, DTYPES, EAGLE3_ALGOS, TOKEN_MAP_FILE, WEIGHTS_FILE, shapes_from_drafter_config)
+from .layout import (CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, EAGLE3_ALGOS, TOKEN_MAP_FILE, WEIGHTS_FILE,
+                     shapes_from_drafter_config)
 from .weights import export_state_dict, hot_token_ids
 
 log = logging.getLogger(__name__)
@@ -38,14 +40,16 @@ class ExportRequest:
 def _write_format(out: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    os.chmod(out / WEIGHTS_FILE, default_file_mode())  # safetensors creates it 0600; servers may run as others
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def export_checkpoint(ckpt: Checkpoint, target_dir: Path, out: Path, req: ExportRequest,
                       final_out: Path | None = None) -> dict[str, Any]:
-    """Write `out`/sglang (and vllm/ for EAGLE-3), validate them, write validation.json and commands.txt.
+    """Write `out`/sglang (and vllm/ for EAGLE-3) and the checkpoint's drafter_config.json, validate them against
+    it and the target, write validation.json and commands.txt.
 
-    `final_out` is where `out` will live after an atomic rename (used in the printed commands).
+    `final_out` is where `out` will live after an atomic rename (used in the commands and validation.json).
     Raises StageError listing every validator problem. Returns a summary dict.
     """
     dc = ckpt.drafter_config
@@ -63,8 +67,8 @@ def export_checkpoint(ckpt: Checkpoint, target_dir: Path, out: Path, req: Export
         _write_format(out / fmt, cfg, tensors)
     if algo not in EAGLE3_ALGOS and ckpt.d2t is not None and shapes.draft_vocab_size < shapes.vocab_size:
         torch.save(hot_token_ids(ckpt.d2t).tolist(), out / "sglang" / TOKEN_MAP_FILE)
-    expect_aux = dc.get("aux_layers") if algo in EAGLE3_ALGOS else None
-    report = validate_export(out, target_dir, expect_aux=expect_aux, expect_dtype=req.dtype)
+    atomic_write_json(out / DRAFTER_CONFIG_FILE, dc)
+    report = validate_export(out, target_dir, expect_dtype=req.dtype).moved(out, final_out)
     atomic_write_json(out / "validation.json", report.to_json())
     if not report.ok:
         raise StageError("the exported drafter failed validation:\n  " + "\n  ".join(report.problems))

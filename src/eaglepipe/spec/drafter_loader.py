@@ -1,4 +1,4 @@
-"""Loading an exported SGLang-format drafter (what users deploy) into the native drafter modules."""
+"""Loading an SGLang-format drafter (what users deploy, ours or another trainer's) into the native drafter modules."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ..export.layout import SGLANG_EAGLE1_ARCH, SGLANG_EAGLE3_ARCH, TOKEN_MAP_FILE, WEIGHTS_FILE
-from ..models.build import Drafter, load_drafter_weights
+from ..export.served import served_config, served_name
+from ..export.weights import t2d_from_d2t
+from ..models.build import Drafter, load_drafter_state
 from ..models.config import DrafterConfig
 from ..models.eagle1 import Eagle1Drafter
 from ..models.eagle3 import Eagle3Drafter
@@ -32,28 +35,14 @@ def sglang_dir(path: str | Path) -> Path:
 
 
 def drafter_config_from_sglang(cfg: dict, target_layers: int) -> DrafterConfig:
-    """Rebuild a DrafterConfig from an exported SGLang config.json."""
+    """The DrafterConfig of the drafter SGLang builds from an SGLang-format config.json (ours or another
+    trainer's: RoPE from `rope_parameters`, the default aux layers when none are named)."""
     arch = (cfg.get("architectures") or ["?"])[0]
-    common = dict(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-                  num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
-                  head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-                  rms_norm_eps=cfg["rms_norm_eps"], rope_theta=cfg.get("rope_theta", 10000.0),
-                  rope_scaling=cfg.get("rope_scaling"), max_position_embeddings=cfg["max_position_embeddings"],
-                  vocab_size=cfg["vocab_size"], hidden_act=cfg.get("hidden_act", "silu"))
-    if arch == SGLANG_EAGLE3_ARCH:
-        nested = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        aux = [i + 1 for i in nested] if nested is not None else cfg.get("eagle_aux_hidden_state_layer_ids")
-        if aux is None:  # SGLang's default when both keys are omitted
-            aux = [2, target_layers // 2, target_layers - 3]
-        fc_norm = bool(cfg.get("fc_norm", False))
-        return DrafterConfig(algorithm="eagle3.1" if fc_norm else "eagle3", draft_vocab_size=cfg["draft_vocab_size"],
-                             target_hidden_size=cfg.get("target_hidden_size") or cfg["hidden_size"],
-                             aux_layers=list(aux), fc_norm=fc_norm, norm_output=bool(cfg.get("norm_output", False)),
-                             **common)
-    if arch == SGLANG_EAGLE1_ARCH:
-        return DrafterConfig(algorithm="eagle1", draft_vocab_size=cfg["vocab_size"],
-                             target_hidden_size=cfg["hidden_size"], aux_layers=[target_layers], **common)
-    raise ValueError(f"{arch!r} is not an SGLang EAGLE drafter architecture")
+    if arch not in (SGLANG_EAGLE3_ARCH, SGLANG_EAGLE1_ARCH):
+        raise ValueError(f"{arch!r} is not an SGLang EAGLE drafter architecture")
+    if cfg.get("num_hidden_layers", 1) != 1:
+        raise ValueError(f"num_hidden_layers is {cfg['num_hidden_layers']}: an EAGLE drafter has one decoder layer")
+    return DrafterConfig(**served_config(cfg, "sglang", target_layers))
 
 
 def _target_tensor(model_dir: Path, names: tuple[str, ...]) -> torch.Tensor:
@@ -79,13 +68,30 @@ def _cast_keeping_rope_fp32(model: Drafter, device: torch.device, dtype: torch.d
     return model
 
 
+def _drafter_state(d: Path, dc: DrafterConfig, target_embed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The export's tensors under our names, as SGLang loads them: a shipped embedding the same shape as the
+    target's is dropped (SGLang shares the target's when hidden sizes match), a missing t2d follows from d2t."""
+    raw = load_file(str(d / WEIGHTS_FILE))
+    state = {served_name(k, "sglang", dc.is_eagle3): v for k, v in raw.items()}
+    embed = state.get("embed_tokens.weight")
+    if embed is not None and dc.hidden_size == dc.target_hidden_size:
+        if tuple(embed.shape) != tuple(target_embed.shape):
+            raise ValueError(f"{d}: the shipped embed_tokens has shape {tuple(embed.shape)}, the target's "
+                             f"{tuple(target_embed.shape)}")
+        del state["embed_tokens.weight"]
+    if dc.is_eagle3 and "t2d" not in state and "d2t" in state:
+        state["t2d"] = t2d_from_d2t(state["d2t"], dc.vocab_size)
+    return state
+
+
 def load_exported_drafter(export_sglang_dir: str | Path, target_dir: str | Path, device: str | torch.device,
                           dtype: torch.dtype, target_embed: torch.Tensor | None = None,
                           target_lm_head: torch.Tensor | None = None) -> LoadedDrafter:
-    """config.json + model.safetensors of an SGLang export -> drafter module on `device` in `dtype`.
+    """config.json + model.safetensors of an SGLang-format drafter -> drafter module on `device` in `dtype`.
 
-    The embedding (and EAGLE-1's lm_head) come from the target when the export omits them, as in SGLang;
-    pass `target_embed`/`target_lm_head` to reuse tensors already in memory. An EAGLE-1/2 export's
+    Any SGLang-format EAGLE drafter loads: ours, or another trainer's with `layers.0.*`/`model.*` weight names
+    and a shipped embedding. The embedding (and EAGLE-1's lm_head) come from the target, as in SGLang; pass
+    `target_embed`/`target_lm_head` to reuse tensors already in memory. An EAGLE-1/2 export's
     speculative_token_map.pt restricts its proposals to those ids, as SGLang's --speculative-token-map does.
     """
     d = sglang_dir(export_sglang_dir)
@@ -104,7 +110,7 @@ def load_exported_drafter(export_sglang_dir: str | Path, target_dir: str | Path,
         model = Eagle1Drafter(dc, target_lm_head.float())
     with torch.no_grad():
         model.embed_tokens.weight.copy_(target_embed.to(model.embed_tokens.weight.dtype))
-    load_drafter_weights(model, d / WEIGHTS_FILE)
+    load_drafter_state(model, _drafter_state(d, dc, target_embed), d / WEIGHTS_FILE)
     model = _cast_keeping_rope_fp32(model, torch.device(device), dtype).eval().requires_grad_(False)
     hot = None
     if (d / TOKEN_MAP_FILE).exists() and not dc.is_eagle3:

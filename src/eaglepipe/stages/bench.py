@@ -1,6 +1,9 @@
-"""Stage `bench`: sweep serving parameters of the exported drafter and report τ, acceptance, speedup and match.
+"""Stage `bench`: sweep serving parameters of a drafter and report τ, acceptance, speedup and match.
 
     python -m eaglepipe.stages.bench --params params.yaml --target T --export EXPORT --out BENCH
+
+The drafter is the export stage's (--export), or any SGLang-format EAGLE drafter dir named by `bench.drafter`;
+either is validated before any work starts.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import shlex
 from pathlib import Path
 
 from ..bench.backends import Backend, NativeBackend, ServerBackend
+from ..bench.drafter import MeasuredDrafter, checked_drafter
 from ..bench.metrics import PointSummary, overall_metrics
 from ..bench.plots import write_plots
 from ..bench.prompts import load_prompts
@@ -46,28 +50,42 @@ def best_command(rows: list[PointSummary], metrics: dict, cfg: Config, target_na
     return shlex.join(serve_command(target_name, draft_dir, point, cfg.export.dtype))
 
 
-def describe_run(cfg: Config, target_name: str, draft_dir: Path, algorithm: str, prompts: list[list[str]]) -> str:
+def describe_run(cfg: Config, target_name: str, drafter: MeasuredDrafter, algorithm: str,
+                 prompts: list[list[str]]) -> str:
     """One paragraph for the README: what was measured, where and how."""
     b = cfg.bench
     turns = sum(len(p) for p in prompts)
     where = f"native engine on {pick_device(cfg.device).type}" if b.backend == "native" else \
         ("SGLang launched per point" if b.backend == "sglang" else f"the server at {b.url}")
     source = "MT-bench" if b.prompts.source == "mtbench" else f"{b.prompts.source}:{b.prompts.path}"
-    return (f"Target `{target_name}` with the {algorithm.upper()} drafter `{draft_dir}`, measured on the {where}. "
-            f"{len(prompts)} {source} prompts ({turns} turns; later turns build on the same config's own answers), "
-            f"max_new_tokens {b.max_new_tokens}, batch size {b.batch_size}, {b.warmup_prompts} warmup prompt(s) "
-            f"excluded, temperatures {', '.join(f'{t:g}' for t in b.temperatures)}.")
+    origin = "named by bench.drafter" if drafter.source == "bench.drafter" else "from the export stage"
+    warned = "" if not drafter.warnings else \
+        f" The validator's warnings about the drafter: {'; '.join(drafter.warnings)}."
+    return (f"Target `{target_name}` with the {algorithm.upper()} drafter `{drafter.path}` ({origin}), measured on "
+            f"the {where}. {len(prompts)} {source} prompts ({turns} turns; later turns build on the same config's "
+            f"own answers), max_new_tokens {b.max_new_tokens}, batch size {b.batch_size}, {b.warmup_prompts} warmup "
+            f"prompt(s) excluded, temperatures {', '.join(f'{t:g}' for t in b.temperatures)}.{warned}")
+
+
+def measured_drafter(cfg: Config, export: str | None, target_dir: Path) -> MeasuredDrafter:
+    """bench.drafter when set, else the export stage's sglang/ dir; validated (StageError when not servable)."""
+    if cfg.bench.drafter is not None:
+        return checked_drafter(cfg.bench.drafter, target_dir, "bench.drafter")
+    if export is None:
+        raise StageError("give --export (the export stage's output) or set bench.drafter")
+    return checked_drafter(export, target_dir, "--export")
 
 
 def run(cfg: Config, args: argparse.Namespace) -> None:
     """Run the sweep and publish --out atomically; print the summary table and the best SGLang command."""
     target_dir, out = Path(args.target), Path(args.out)
-    draft_dir = (Path(args.export) / "sglang").resolve()
-    algorithm = drafter_algorithm(draft_dir)
     try:
         model_dir = resolve_model_dir(target_dir)
     except FileNotFoundError as e:
         raise StageError(str(e)) from e
+    drafter = measured_drafter(cfg, args.export, target_dir)
+    draft_dir = drafter.path
+    algorithm = drafter_algorithm(draft_dir)
     target_name, _ = verifier_identity(target_dir, cfg.export.verifier_name)
     if cfg.bench.backend == "sglang" and cfg.bench.sglang.dry_run:
         print("\n".join(sweep_commands(target_name, draft_dir, cfg.export.dtype, cfg.bench)))
@@ -81,18 +99,20 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
         backend.close()
     metrics = overall_metrics(rows)
     metrics["backend"] = cfg.bench.backend
+    metrics["drafter"] = drafter.to_json()
     command = best_command(rows, metrics, cfg, target_name, draft_dir)
     with atomic_dir(out) as tmp:
-        write_outputs(tmp, rows, metrics, command, describe_run(cfg, target_name, draft_dir, algorithm, prompts))
+        write_outputs(tmp, rows, metrics, command, describe_run(cfg, target_name, drafter, algorithm, prompts))
         write_plots(rows, tmp / "plots")
     print(summary_table(rows))
     print(f"\nBest SGLang command:\n{command or '(no speculative point was measured)'}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = stage_parser("Benchmark the exported drafter over a sweep of serving parameters.")
+    p = stage_parser("Benchmark a drafter over a sweep of serving parameters.")
     p.add_argument("--target", required=True, help="fetch_target output dir")
-    p.add_argument("--export", required=True, help="export stage output dir (reads export/sglang)")
+    p.add_argument("--export", default=None,
+                   help="export stage output dir (reads export/sglang); not read when bench.drafter is set")
     p.add_argument("--out", required=True, help="bench output dir")
     run_stage("bench", p, run, argv)
 

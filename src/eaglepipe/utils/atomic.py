@@ -1,4 +1,8 @@
-"""Atomic file and directory writes: write to a temp sibling, then rename."""
+"""Atomic file and directory writes: write to a temp sibling, then rename.
+
+The temp files and dirs are created private (mkstemp/mkdtemp use 0600/0700); they get the modes the umask gives
+new files and dirs before they are published, so servers running as other users can read the outputs.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +14,29 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def current_umask() -> int:
+    """The process umask, read from /proc where Linux exposes it (os.umask can only read it by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask."""
+    return 0o666 & ~current_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode `mkdir()` gives a new directory under the current umask."""
+    return 0o777 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old or the new file, never a torn one."""
     path = Path(path)
@@ -17,6 +44,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), default_file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -47,6 +75,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, default_dir_mode())
         yield tmp
         if final.exists():
             trash = final.with_name(f".{final.name}.old")
