@@ -138,6 +138,94 @@ def test_cli_lists_all_problems_and_exits_nonzero(clean_export: Path, tiny_llama
     assert proc.returncode == 1
     assert "draft_vocab_size must be present" in proc.stdout
     assert "missing tensor midlayer.hidden_norm.weight" in proc.stdout and "checked vllm" in proc.stdout
+    shifted = tmp_path / "shifted"
+    shutil.copytree(clean_export, shifted)
+    _edit_config(shifted / "sglang", _shifted_aux)
+    proc = subprocess.run([sys.executable, "-m", "eaglepipe.validate", str(shifted), "--target", str(tiny_llama_dir)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "as SGLang reads this config, but the drafter was trained with" in proc.stdout
     ok = subprocess.run([sys.executable, "-m", "eaglepipe.validate", str(clean_export), "--target",
                          str(tiny_llama_dir), "--json"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
+
+
+# ---------------------------------------------------------------------------- against the training checkpoint
+def _shift_top_aux(cfg: dict) -> None:
+    cfg["eagle_aux_hidden_state_layer_ids"] = [i + 1 for i in cfg["eagle_aux_hidden_state_layer_ids"]]
+
+
+def _set(key: str, value) -> Callable[[dict], None]:
+    return lambda cfg: cfg.__setitem__(key, value)
+
+
+def _times_ten(key: str) -> Callable[[dict], None]:
+    return lambda cfg: cfg.__setitem__(key, cfg[key] * 10)
+
+
+def _in_layer(edit: Callable[[dict], None]) -> Callable[[dict], None]:
+    return lambda cfg: edit(cfg["transformer_layer_config"])
+
+
+# mismatches every engine loads without complaint, yet the drafter then serves something it was not trained as;
+# found with no flag other than --target (the export holds the checkpoint's drafter_config.json)
+MISMATCHES = {
+    "norm_before_residual flipped in sglang": ("sglang", _set("norm_before_residual", True),
+                                               "norm_before_residual must be false, got True"),
+    "norm_before_residual missing in sglang": ("sglang", lambda c: c.pop("norm_before_residual"),
+                                               "norm_before_residual must be false explicitly"),
+    "aux ids shifted in both conventions": ("sglang", _shifted_aux,
+                                            "aux_layers is [3, 4, 4] as SGLang reads this config"),
+    "aux ids shifted at the vllm top level only": ("vllm", _shift_top_aux,
+                                                   "aux_layers is [3, 4, 4] as vLLM reads this config"),
+    "norm_output flipped": ("sglang", _set("norm_output", True), "norm_output is True as SGLang reads"),
+    "norm_output flipped in vllm": ("vllm", _set("norm_output", True), "norm_output is True as vLLM reads"),
+    "wrong rms_norm_eps": ("sglang", _times_ten("rms_norm_eps"), "rms_norm_eps is "),
+    "wrong rms_norm_eps in vllm": ("vllm", _in_layer(_times_ten("rms_norm_eps")), "rms_norm_eps is "),
+    "rope_theta x10": ("sglang", _times_ten("rope_theta"), "rope_theta is 100000.0 as SGLang reads"),
+    "rope_theta x10 in vllm": ("vllm", _in_layer(_times_ten("rope_theta")), "rope_theta is 100000.0 as vLLM reads"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_mismatch_with_the_training_checkpoint_is_caught_without_flags(clean_export: Path, tiny_llama_dir: Path,
+                                                                      tmp_path: Path, case: str) -> None:
+    from eaglepipe.validate import validate_export
+
+    fmt, edit, expected = MISMATCHES[case]
+    export = tmp_path / "export"
+    shutil.copytree(clean_export, export)
+    _edit_config(export / fmt, edit)
+    report = validate_export(export, tiny_llama_dir)
+    assert any(p.startswith(f"{fmt}: {expected}") for p in report.problems), report.problems
+    # the format dir alone finds the drafter config beside it
+    alone = validate_export(export / fmt, tiny_llama_dir)
+    assert alone.reference == str(export / "drafter_config.json") and not alone.ok
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_is_caught(clean_export: Path, tiny_llama_dir: Path, tmp_path: Path, value: float) -> None:
+    from eaglepipe.validate import validate_export
+
+    export = tmp_path / "export"
+    shutil.copytree(clean_export, export)
+
+    def plant(state: dict) -> None:
+        state["midlayer.mlp.down_proj.weight"][3, 5] = value
+    _edit_weights(export / "sglang", plant)
+    for strict in (True, False):
+        report = validate_export(export / "sglang", tiny_llama_dir, strict=strict)
+        assert report.problems == ["sglang: tensor midlayer.mlp.down_proj.weight holds 1 non-finite values "
+                                   "(NaN or Inf)"], report.problems
+
+
+def test_strict_validation_needs_the_checkpoint_config(clean_export: Path, tiny_llama_dir: Path,
+                                                       tmp_path: Path) -> None:
+    from eaglepipe.validate import validate_export
+
+    export = tmp_path / "export"
+    shutil.copytree(clean_export, export)
+    (export / "drafter_config.json").unlink()
+    strict = validate_export(export, tiny_llama_dir)
+    assert [p for p in strict.problems if "has no drafter_config.json" in p] and strict.reference is None
+    # a drafter from elsewhere has none: it is compared with the target only
+    assert validate_export(export, tiny_llama_dir, strict=False).ok
