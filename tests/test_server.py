@@ -23,10 +23,10 @@ MAX_MODEL_LEN = 256
 
 @contextlib.contextmanager
 def running_server(model_dir: Path, log_dir: Path, *extra: str, port: int | None = None,
-                   max_batch_size: int = 8) -> Iterator[ServerProcess]:
+                   max_batch_size: int = 8, max_model_len: int = MAX_MODEL_LEN) -> Iterator[ServerProcess]:
     """`python -m eaglepipe.serve` on 127.0.0.1 (CPU), stopped at exit."""
     port = port or free_port()
-    cmd = native_command(model_dir, port, max_batch_size=max_batch_size, max_model_len=MAX_MODEL_LEN, device="cpu")
+    cmd = native_command(model_dir, port, max_batch_size=max_batch_size, max_model_len=max_model_len, device="cpu")
     server = ServerProcess(cmd + list(extra), f"http://127.0.0.1:{port}", log_dir / f"server-{port}.log")
     server.start()
     try:
@@ -102,6 +102,26 @@ def test_health_and_models(server):
     status, body = call(server + "/v1/models")
     assert status == 200 and body["object"] == "list"
     assert body["data"][0]["object"] == "model" and body["data"][0]["max_model_len"] == MAX_MODEL_LEN
+
+
+def test_models_names_the_model_without_its_local_path(server, tiny_llama_dir):
+    """GET /v1/models serves the model directory's name; the absolute path on the server's disk stays private."""
+    status, body = call(server + "/v1/models")
+    assert status == 200 and body["data"][0]["id"] == tiny_llama_dir.name
+    assert str(tiny_llama_dir) not in json.dumps(body), body
+
+
+def test_default_model_name_of_fetched_targets(tmp_path):
+    """A fetch_target output is named by its configured hub id, or a local source's directory name."""
+    from eaglepipe.serve import default_model_name
+
+    hub, local = tmp_path / "hub" / "target", tmp_path / "local" / "target"
+    for target, source, name in ((hub, "hub", "org/Model-1B"), (local, "local", "/data/models/my-llama")):
+        target.mkdir(parents=True)
+        (target / "target.json").write_text(json.dumps({"model_path": "model", "source": source,
+                                                        "name_or_path": name}))
+    assert default_model_name(str(hub)) == "org/Model-1B"
+    assert default_model_name(str(local)) == "my-llama"
 
 
 def test_stats_count_each_request_once(server):
@@ -214,6 +234,10 @@ def test_sampling_with_seed_is_reproducible(server):
     first = call(server + "/v1/chat/completions", req)[1]["choices"][0]["message"]["content"]
     second = call(server + "/v1/chat/completions", req)[1]["choices"][0]["message"]["content"]
     assert first == second
+    largest = {**req, "seed": 2 ** 64 - 1}  # the top of the accepted range
+    answers = [call(server + "/v1/chat/completions", largest) for _ in range(2)]
+    assert [status for status, _ in answers] == [200, 200], answers
+    assert answers[0][1]["choices"][0]["message"] == answers[1][1]["choices"][0]["message"]
 
 
 @pytest.mark.parametrize("path, body, raw, words", [
@@ -236,6 +260,12 @@ def test_sampling_with_seed_is_reproducible(server):
     ("/generate", {"input_ids": list(range(5, 5 + MAX_MODEL_LEN))}, None, ["max_model_len"]),
     ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": -1}}, None, ["max_new_tokens"]),
     ("/generate", {"text": "a", "sampling_params": "greedy"}, None, ["sampling_params"]),
+    ("/v1/chat/completions", {"messages": MESSAGES, "seed": 2 ** 64}, None, ["'seed'", "[0, 2**64 - 1]"]),
+    ("/v1/completions", {"prompt": "a", "seed": 10 ** 30, "temperature": 0}, None, ["'seed'", "[0, 2**64 - 1]"]),
+    ("/generate", {"text": "a", "sampling_params": {"seed": -2 ** 63 - 1}}, None,
+     ["'sampling_params.seed'", "negative"]),
+    ("/generate", {"text": "a", "sampling_params": {"seed": -1}}, None, ["'sampling_params.seed'", "negative"]),
+    ("/generate", {"text": "a", "sampling_params": {"seed": 1.5}}, None, ["'sampling_params.seed'", "integer"]),
 ])
 def test_bad_requests_get_clear_4xx(server, path, body, raw, words):
     status, err = call(server + path, body, raw)

@@ -30,7 +30,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager decoding on GPU (debugging)")
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="recompute every prompt (default: a prompt that continues a finished sequence reuses its K/V)")
-    p.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: the --model path)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id in /v1/models (default: a fetched target's name_or_path, else the model "
+                        "directory's name; never a local path)")
     return p.parse_args(argv)
 
 
@@ -46,6 +48,18 @@ def speculative_config(args: argparse.Namespace) -> dict[str, int] | None:
     return given
 
 
+def default_model_name(model: str) -> str:
+    """The id /v1/models shows without --served-model-name: a fetch_target output's configured name (a hub id, or
+    a local source's directory name), else the model directory's name. Clients never see a local path."""
+    from .target.info import read_target_info
+
+    path = Path(model).expanduser().resolve()
+    if (path / "target.json").exists():
+        info = read_target_info(path)
+        return Path(info["name_or_path"]).name if info["source"] == "local" else info["name_or_path"]
+    return path.name
+
+
 def build_app(args: argparse.Namespace) -> web.Application:
     """Load the engine and wrap it in the aiohttp application."""
     from .engine import Engine
@@ -59,7 +73,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
                     max_model_len=args.max_model_len, cuda_graphs=not args.no_cuda_graphs,
                     draft_dir=args.draft, spec=speculative_config(args), max_queue=args.max_queue,
                     prefix_reuse=not args.no_prefix_reuse)
-    bridge = EngineBridge(engine, model_name=args.served_model_name or str(args.model), model_path=str(model_dir),
+    bridge = EngineBridge(engine, model_name=args.served_model_name or default_model_name(args.model),
                           has_draft=args.draft is not None)
     return create_app(bridge)
 
@@ -79,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("serving %s on http://%s:%d (max_batch_size=%d, max_model_len=%d)", Path(args.model), args.host,
              args.port, args.max_batch_size, args.max_model_len)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None,
-                backlog=4096, shutdown_timeout=5.0)
+                backlog=4096, shutdown_timeout=5.0, handler_cancellation=True)
 
 
 if __name__ == "__main__":

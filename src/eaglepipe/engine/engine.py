@@ -36,6 +36,10 @@ class EngineClosedError(RuntimeError):
     """The engine was closed before the request could finish."""
 
 
+class RequestAbortedError(RuntimeError):
+    """The request was stopped by `Engine.abort` before it finished."""
+
+
 def read_eos_token_ids(model_dir: Path, tokenizer: Any) -> list[int]:
     """EOS ids as HF generate uses them: generation_config.json, else config.json, else the tokenizer's."""
     for name in ("generation_config.json", "config.json"):
@@ -103,6 +107,7 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: dict[int, Request] = {}
+        self._aborting: set[Future] = set()  # futures of running requests to stop before the next step
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -175,6 +180,26 @@ class Engine:
                 f.add_done_callback(lambda _: bar.update(1))
             return [f.result() for f in futures]
 
+    def abort(self, future: Future) -> None:
+        """Stop the request behind `future` (from `submit`), from any thread: a waiting request leaves the queue,
+        a running one frees its slot before the engine's next step. Its future fails with RequestAbortedError
+        (unless it finished or was cancelled first)."""
+        error = RequestAbortedError("the request was aborted")
+        with self._cond:
+            waiting = next((r for r in self._waiting if r.future is future), None)
+            if waiting is not None:
+                self._waiting.remove(waiting)
+                if not future.done():
+                    future.set_exception(error)
+            elif not future.done():
+                self._aborting.add(future)
+                self._cond.notify()
+
+    def request_counts(self) -> dict[str, int]:
+        """How many requests hold a slot (`running_requests`) and how many wait for one (`waiting_requests`)."""
+        with self._cond:
+            return {"running_requests": len(self._active), "waiting_requests": len(self._waiting)}
+
     def close(self) -> None:
         """Stop the worker; waiting and running requests fail with EngineClosedError."""
         with self._cond:
@@ -200,6 +225,7 @@ class Engine:
                 if self._closed:
                     self._fail_all(EngineClosedError("the engine was closed"))
                     return
+                self._drop_aborted()
                 admitted = self._admit()
             try:
                 if self.speculator is not None:
@@ -222,6 +248,17 @@ class Engine:
                 req.future.set_exception(error)
         self._waiting.clear()
         self._active.clear()
+
+    def _drop_aborted(self) -> None:
+        """Free the slots of running requests that `abort` asked to stop (called with the lock held)."""
+        for req in [r for r in self._active.values() if r.future in self._aborting]:
+            self._release(req)
+            req.future.set_exception(RequestAbortedError(f"request {req.request_id} was aborted"))
+        self._aborting.clear()
+
+    def _abort_requested(self, req: Request) -> bool:
+        with self._cond:
+            return req.future in self._aborting
 
     def _admit(self) -> list[Request]:
         """Move waiting requests into every free slot. Filling all of them keeps the batch full under a steady
@@ -349,9 +386,11 @@ class Engine:
                 finished = self.tracker.feed(req, tokens)
                 if not finished:
                     self._emit(req, False)
-                return finished
+                return finished or self._abort_requested(req)
 
             req.spec_verify_ct = self.speculator.generate(req.prompt, req.params, req.slot, on_tokens)
+            if req.finish_reason is None and self._abort_requested(req):
+                continue  # the next `_drop_aborted` frees its slot and fails its future
             if req.finish_reason is None:
                 req.finish_reason = "length"
             self._emit(req, True)

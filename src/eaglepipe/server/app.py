@@ -31,11 +31,22 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         if e.status < 400:
             raise
         return ApiError(e.status, e.reason or "error", type="invalid_request_error").response()
-    except (asyncio.CancelledError, ConnectionResetError):
+    except asyncio.CancelledError:  # aiohttp cancels the handler of a client that disconnected
+        _log_disconnect(request)
         raise
+    except ConnectionResetError:  # a write to a client that disconnected
+        _log_disconnect(request)
+        return web.Response(status=499, reason="Client Closed Request")  # unsent: aiohttp drops it quietly
     except Exception as e:  # a bug must not take the server down; the client gets a 500
         log.exception("internal error on %s", request.path)
         return ApiError(500, f"internal server error: {type(e).__name__}: {e}", type="server_error").response()
+
+
+def _log_disconnect(request: web.Request) -> None:
+    """One line (no traceback) for a connection that closed before its response was complete; the bridge has
+    aborted the engine request by then."""
+    log.info("%s %s from %s: the connection closed before the response was complete; request aborted",
+             request.method, request.path, request.remote)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -65,7 +76,7 @@ async def models(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     return web.json_response({"object": "list", "data": [
         {"id": bridge.model_name, "object": "model", "created": bridge.started, "owned_by": "eaglepipe",
-         "root": bridge.model_path, "max_model_len": bridge.max_model_len}]})
+         "root": bridge.model_name, "max_model_len": bridge.max_model_len}]})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -192,18 +203,20 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def _sse(request: web.Request, events: AsyncIterator[dict]) -> web.StreamResponse:
     """Server-sent events: one `data: {json}` per event, then `data: [DONE]`.
 
-    Validation and admission errors raised before the first event still give a JSON 4xx/503.
+    Validation and admission errors raised before the first event still give a JSON 4xx/503. Closing `events`
+    early (the client went away, a write failed) aborts its engine request.
     """
     iterator = events.__aiter__()
-    first = await iterator.__anext__()
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
     try:
-        await resp.write(b"data: " + json.dumps(first).encode() + b"\n\n")
-        async for event in iterator:
-            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-    except ApiError as e:  # e.g. the engine failed mid-stream: report it in-band, as OpenAI does
-        await resp.write(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
+        first = await iterator.__anext__()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        try:
+            await resp.write(b"data: " + json.dumps(first).encode() + b"\n\n")
+            async for event in iterator:
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        except ApiError as e:  # e.g. the engine failed mid-stream: report it in-band, as OpenAI does
+            await resp.write(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
     finally:
         await iterator.aclose()
     await resp.write(b"data: [DONE]\n\n")

@@ -16,16 +16,17 @@ from .protocol import SamplingSpec
 class EngineBridge:
     """Wraps an Engine for the aiohttp handlers (which run on one event loop)."""
 
-    def __init__(self, engine: Engine, model_name: str, model_path: str, has_draft: bool = False):
+    def __init__(self, engine: Engine, model_name: str, has_draft: bool = False):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.eos_token_ids = frozenset(engine.eos_token_ids)
         self.vocab_size = engine.runner.spec.vocab_size
-        self.model_name, self.model_path, self.has_draft = model_name, model_path, has_draft
+        self.model_name, self.has_draft = model_name, has_draft
         self.started = int(time.time())
         self._closed = False
         self.tokenize_calls, self.tokenize_tokens, self.tokenize_seconds = 0, 0, 0.0
+        self.requests_aborted = 0
 
     def healthy(self) -> bool:
         """True until the bridge is closed."""
@@ -55,11 +56,13 @@ class EngineBridge:
         return ids
 
     def stats(self) -> dict[str, Any]:
-        """The engine's counters (`EngineStats.snapshot`) and the server's own tokenisation time, which runs on
-        the event loop (it releases the GIL, but no other request is handled meanwhile)."""
-        return {"engine": self.engine.stats.snapshot(),
+        """The engine's counters (`EngineStats.snapshot`) and request counts, the server's own tokenisation time,
+        which runs on the event loop (it releases the GIL, but no other request is handled meanwhile), and how many
+        requests were aborted because their client went away."""
+        return {"engine": {**self.engine.stats.snapshot(), **self.engine.request_counts()},
                 "server": {"tokenize_calls": self.tokenize_calls, "tokenize_tokens": self.tokenize_tokens,
                            "tokenize_seconds": round(self.tokenize_seconds, 3),
+                           "requests_aborted": self.requests_aborted,
                            "uptime_seconds": round(time.time() - self.started, 1)}}
 
     def check_ids(self, ids: Sequence[int]) -> list[int]:
@@ -105,9 +108,19 @@ class EngineBridge:
             return result
         return dataclasses.replace(result, spec_verify_ct=result.completion_tokens)
 
+    def abort(self, fut: Future) -> None:
+        """Stop the engine request behind `fut` unless it already finished (its client went away)."""
+        if fut.done() and not fut.cancelled():
+            return
+        self.requests_aborted += 1
+        self.engine.abort(fut)
+
     async def _await(self, fut: Future) -> GenerationResult:
         try:
             return self._finish(await asyncio.wrap_future(fut))
+        except asyncio.CancelledError:  # aiohttp cancels the handler when its client disconnects
+            self.abort(fut)
+            raise
         except EngineClosedError as e:
             raise ApiError(503, str(e), type="server_error") from None
         except Exception as e:  # the engine failed this request's step
@@ -141,11 +154,17 @@ class EngineBridge:
         fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(queue.put_nowait, None))
 
         async def deltas() -> AsyncIterator[StreamDelta]:
-            while (delta := await queue.get()) is not None:
-                if delta.finished and delta.result is not None:
-                    yield dataclasses.replace(delta, result=self._finish(delta.result))
-                    return
-                yield delta
-            await self._await(fut)  # the engine ended the request without a final delta: raise its error
-            raise ApiError(500, "generation ended without a result", type="server_error")
+            complete = False
+            try:
+                while (delta := await queue.get()) is not None:
+                    if delta.finished and delta.result is not None:
+                        complete = True
+                        yield dataclasses.replace(delta, result=self._finish(delta.result))
+                        return
+                    yield delta
+                await self._await(fut)  # the engine ended the request without a final delta: raise its error
+                raise ApiError(500, "generation ended without a result", type="server_error")
+            finally:
+                if not complete:  # closed early: the client went away or a write to it failed
+                    self.abort(fut)
         return deltas()
