@@ -9,6 +9,7 @@ from .errors import bad_request
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_STOP = 16
+MAX_SEED = 2 ** 64 - 1
 _MISSING = object()
 
 
@@ -136,6 +137,9 @@ def _sampling(body: dict, *, max_tokens_keys: tuple[str, ...], default_temperatu
                 raise bad_request(f"'{where}{key}' must be >= 1, got {max_new}", f"{where}{key}")
             break
     seed = _field(body, "seed", int, None, where=where)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise bad_request(f"'{where}seed' must be an integer in [0, 2**64 - 1] (the RNG's 64-bit seed), got "
+                          f"{'a negative number' if seed < 0 else 'a larger number'}", f"{where}seed")
     stop_ids = tuple(_token_ids(body["stop_token_ids"], f"{where}stop_token_ids", allow_empty=True)) \
         if body.get("stop_token_ids") is not None else ()
     return SamplingSpec(temperature=temperature, top_p=top_p, top_k=max(top_k, 0), max_new_tokens=max_new,
