@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_checkpoint(target_dir: Path, out: Path, algorithm: str, draft_vocab: int = 512, seed: int = 0,
-                    include_ids: list[int] | None = None) -> Path:
+                    include_ids: list[int] | None = None, aux_layers: list[int] | None = None) -> Path:
     """A real drafter checkpoint (random layer weights, the target's embedding) in train/checkpoints/ layout.
-    The draft vocabulary holds `include_ids` and random other ids."""
+    The draft vocabulary holds `include_ids` and random other ids; `aux_layers` default to the target's."""
     from eaglepipe.models.build import new_drafter, save_drafter
     from eaglepipe.models.config import DrafterConfig
     from eaglepipe.target.info import describe_model
 
     info = describe_model(target_dir)
-    cfg = DrafterConfig.from_target(info, algorithm, draft_vocab)
+    cfg = DrafterConfig.from_target(info, algorithm, draft_vocab, aux_layers=aux_layers)
     weights = load_file(str(target_dir / "model.safetensors"))
     embed = weights["model.embed_tokens.weight"]
     lm_head = weights.get("lm_head.weight", embed)
@@ -43,12 +45,12 @@ def make_checkpoint(target_dir: Path, out: Path, algorithm: str, draft_vocab: in
     return out
 
 
-def export_to(target_dir: Path, ckpt: Path, out: Path, dtype: str = "float32") -> dict:
+def export_to(target_dir: Path, ckpt: Path, out: Path, dtype: str = "float32", final_out: Path | None = None) -> dict:
     from eaglepipe.export.checkpoint import read_checkpoint
     from eaglepipe.export.writer import ExportRequest, export_checkpoint
 
     req = ExportRequest(dtype=dtype, verifier_name=str(target_dir), num_steps=3, topk=1, num_draft_tokens=4)
-    return export_checkpoint(read_checkpoint(ckpt), target_dir, out, req)
+    return export_checkpoint(read_checkpoint(ckpt), target_dir, out, req, final_out=final_out)
 
 
 def keys_of(path: Path) -> dict[str, tuple[list[int], str]]:
@@ -71,6 +73,9 @@ def test_eagle3_export_layout(tiny_llama_dir: Path, tmp_path: Path, algorithm: s
     assert sg["eagle_aux_hidden_state_layer_ids"] == aux
     assert sg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [i - 1 for i in aux]
     assert sg["fc_norm"] is (algorithm == "eagle3.1") and sg["norm_output"] is (algorithm == "eagle3.1")
+    assert sg["num_aux_hidden_states"] == 3
+    assert json.loads((tmp_path / "export/drafter_config.json").read_text()) == \
+        json.loads((ckpt / "drafter_config.json").read_text())
     keys = keys_of(tmp_path / "export/sglang/model.safetensors")
     assert "embed_tokens.weight" not in keys
     assert keys["fc.weight"] == ([64, 3 * 64], "BF16")
@@ -89,6 +94,7 @@ def test_eagle3_export_layout(tiny_llama_dir: Path, tmp_path: Path, algorithm: s
         "proposal_type": "greedy", "speculative_tokens": 3, "verifier_accept_k": 1, "accept_tolerance": 0.0}
     assert sc["verifier"] == {"name_or_path": str(tiny_llama_dir), "architectures": ["LlamaForCausalLM"]}
     assert vl["transformer_layer_config"]["num_hidden_layers"] == 1
+    assert vl["transformer_layer_config"]["num_aux_hidden_states"] == 3
     vkeys = keys_of(tmp_path / "export/vllm/model.safetensors")
     assert "layers.0.self_attn.q_proj.weight" in vkeys and not [k for k in vkeys if k.startswith("midlayer.")]
     assert set(vkeys) == {k.replace("midlayer.", "layers.0.") for k in keys}
@@ -165,7 +171,8 @@ def test_export_stage_cli(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "epoch_0_step_5" in proc.stderr and "epoch_0_step_10" not in proc.stderr
     assert "python -m sglang.launch_server --model-path" in proc.stdout and "vllm serve" in proc.stdout
-    assert json.loads((out / "validation.json").read_text())["ok"] is True
+    validation = json.loads((out / "validation.json").read_text())
+    assert validation["ok"] is True and validation["checked"]["sglang"] == f"{out.resolve()}/sglang"
     commands = (out / "commands.txt").read_text()
     assert f"--speculative-draft-model-path {out.resolve()}/sglang" in commands
     assert "--speculative-num-steps 3 --speculative-eagle-topk 1 --speculative-num-draft-tokens 4" in commands
@@ -181,3 +188,62 @@ def test_export_stage_missing_checkpoint(tiny_llama_dir: Path, tmp_path: Path) -
                           capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin"})
     assert proc.returncode == 2 and "BEST does not exist" in proc.stderr
     assert not (tmp_path / "export").exists()
+
+
+def test_four_aux_layers_export_and_validate_their_count(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """vLLM sizes fc from num_aux_hidden_states (in the layer config it builds from), else from nested ids, else
+    for 3: a 4-layer drafter must say so."""
+    from eaglepipe.validate import validate_export
+
+    ckpt = make_checkpoint(tiny_llama_dir, tmp_path / "ckpt", "eagle3", aux_layers=[1, 2, 3, 4])
+    export = tmp_path / "export"
+    assert export_to(tiny_llama_dir, ckpt, export)["validation"]["ok"]
+    sg = json.loads((export / "sglang/config.json").read_text())
+    vl = json.loads((export / "vllm/config.json").read_text())
+    assert sg["num_aux_hidden_states"] == 4 and sg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2, 3]
+    assert vl["transformer_layer_config"]["num_aux_hidden_states"] == 4
+    assert keys_of(export / "vllm/model.safetensors")["fc.weight"][0] == [64, 4 * 64]
+
+    del vl["transformer_layer_config"]["num_aux_hidden_states"]
+    (export / "vllm/config.json").write_text(json.dumps(vl))
+    strict = validate_export(export, tiny_llama_dir)
+    assert [p for p in strict.problems if p.startswith("vllm: num_aux_hidden_states must be written (4)")]
+    external = validate_export(export / "vllm", tiny_llama_dir, strict=False)
+    assert [p for p in external.problems if p.startswith("vllm: fc is sized for 3 aux hidden states")]
+    vl["transformer_layer_config"]["num_aux_hidden_states"] = 3
+    (export / "vllm/config.json").write_text(json.dumps(vl))
+    assert [p for p in validate_export(export, tiny_llama_dir).problems if "fc is sized for 3" in p]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_export_files_follow_the_umask(tiny_llama_dir: Path, tmp_path: Path, umask: int) -> None:
+    """As the export stage writes: into a temp dir published by atomic_dir. Servers running as other users must be
+    able to read what a 022 umask allows (safetensors and mkstemp/mkdtemp create private files and dirs)."""
+    from eaglepipe.utils.atomic import atomic_dir
+
+    ckpt = make_checkpoint(tiny_llama_dir, tmp_path / "ckpt", "eagle3")
+    out = tmp_path / "export"
+    before = os.umask(umask)
+    try:
+        with atomic_dir(out) as tmp:
+            export_to(tiny_llama_dir, ckpt, tmp, final_out=out)
+    finally:
+        os.umask(before)
+    dirs = [out, out / "sglang", out / "vllm"]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p: oct(stat.S_IMODE(p.stat().st_mode)) for p in dirs} == {p: oct(0o777 & ~umask) for p in dirs}
+    assert {p: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p: oct(0o666 & ~umask) for p in files}
+    assert {p.name for p in files} >= {"model.safetensors", "config.json", "validation.json", "commands.txt"}
+
+
+def test_validation_json_records_the_final_export_path(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from eaglepipe.utils.atomic import atomic_dir
+
+    ckpt = make_checkpoint(tiny_llama_dir, tmp_path / "ckpt", "eagle3")
+    out = tmp_path / "export"
+    with atomic_dir(out) as tmp:
+        summary = export_to(tiny_llama_dir, ckpt, tmp, final_out=out)
+    recorded = json.loads((out / "validation.json").read_text())
+    assert recorded == summary["validation"] and recorded["ok"] is True
+    assert recorded["checked"] == {"sglang": str(out / "sglang"), "vllm": str(out / "vllm")}
+    assert recorded["reference"] == str(out / "drafter_config.json")
