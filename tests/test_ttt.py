@@ -113,9 +113,22 @@ def _reference_logits(drafter, batch, fused, steps):
     return out
 
 
-@pytest.mark.parametrize("algorithm", ["eagle3", "eagle3.1"])
-@pytest.mark.parametrize("oov", ["drop", "keep"])
-def test_ttt_loss_and_metrics_equal_hand_computation(algorithm, oov):
+def _row_loss(draft_logits, target_logits, kind):
+    """The per-row draft loss and acceptance rate written out plainly."""
+    q, p = torch.softmax(draft_logits, -1), torch.softmax(target_logits, -1)
+    alpha = torch.minimum(p, q).sum(-1)
+    if kind == "soft_ce":
+        return -(p * torch.log(q)).sum(-1), alpha
+    if kind == "lk_alpha":
+        return -torch.log(alpha), alpha
+    lam = torch.exp(-3.0 * alpha)
+    return lam * (p * (torch.log(p) - torch.log(q))).sum(-1) + (1 - lam) * (1 - alpha), alpha
+
+
+@pytest.mark.parametrize("algorithm,oov,loss_kind", [("eagle3", "drop", "soft_ce"), ("eagle3", "keep", "soft_ce"),
+                                                     ("eagle3.1", "drop", "soft_ce"), ("eagle3.1", "keep", "soft_ce"),
+                                                     ("eagle3", "drop", "lk_alpha"), ("eagle3.1", "keep", "lk_lambda")])
+def test_ttt_loss_and_metrics_equal_hand_computation(algorithm, oov, loss_kind):
     steps = 3
     drafter = _drafter(algorithm)
     batch = collate([_samples([9, 12], seed=3), _samples([15], seed=4)], steps, pad_to=24)
@@ -133,7 +146,8 @@ def test_ttt_loss_and_metrics_equal_hand_computation(algorithm, oov):
         labels.argmax[row] = pred0[i]
     assert (draft_ids[ref[0].argmax(-1)] == pred0).all()
     denominators = [float(c) for c in batch.supervised_counts()]
-    loss, sums = ttt_loss(drafter, batch, drafter.fuse(aux), labels, Objective(ttt_steps=steps, out_of_vocab=oov),
+    loss, sums = ttt_loss(drafter, batch, drafter.fuse(aux), labels,
+                          Objective(ttt_steps=steps, out_of_vocab=oov, loss=loss_kind),
                           math_step0(document_causal_mask(batch.doc_ids)), denominators)
     got = summarize(sums, steps, 0.8)
 
@@ -143,13 +157,13 @@ def test_ttt_loss_and_metrics_equal_hand_computation(algorithm, oov):
     expected, tau = 0.0, 1.0
     for k in range(steps):
         slots, rows, lg = batch.step_slots[k], batch.step_rows[k], ref[k]
-        p = torch.softmax(labels.logits[rows], -1)
-        ce = -(p * torch.log_softmax(lg, -1)).sum(-1)
+        ce, alpha = _row_loss(lg, labels.logits[rows], loss_kind)
         keep = in_vocab[rows] if oov == "drop" else torch.ones_like(rows, dtype=torch.bool)
         expected += 0.8 ** k * (ce * keep).sum() / denominators[k]
         correct = drafter.to_target_ids(lg.argmax(-1)) == labels.argmax[rows]
         assert got[f"acc_{k}"] == pytest.approx((correct & keep).sum().item() / keep.sum().item())
         assert got[f"loss_{k}"] == pytest.approx(((ce * keep).sum() / keep.sum()).item())
+        assert got[f"alpha_{k}"] == pytest.approx(((alpha * keep).sum() / keep.sum()).item())
         dense = torch.zeros(b * t, dtype=torch.bool)
         dense[slots] = correct & in_vocab[rows]
         prev = prefix.sum().item()

@@ -212,6 +212,10 @@ class TrainCfg:
     token_loss_weight: float = 0.1
     hidden_loss: str = "smooth_l1"
     # drafter shape overrides (null = copy the target's)
+    # draft-token loss: soft_ce | lk_alpha (-log acceptance rate) | lk_lambda (adaptive KL/TV mix)
+    loss: str = "soft_ce"
+    # lk_lambda: lam = exp(-lk_eta * alpha) weights KL against TV per position
+    lk_eta: float = 3.0
     intermediate_size: Optional[int] = None
     log_every: int = 10
     eval_every: int = 100
@@ -251,6 +255,9 @@ class TrainCfg:
         _require(self.ttt_attention in ("auto", "flex", "math"), "train.ttt_attention must be auto|flex|math")
 
 
+        _require(self.loss in ("soft_ce", "lk_alpha", "lk_lambda"),
+                 f"train.loss must be soft_ce|lk_alpha|lk_lambda, got {self.loss!r}")
+        _require(self.lk_eta >= 0, f"train.lk_eta must be >= 0, got {self.lk_eta}")
 @dataclass
 class ExportCfg:
     """Conversion of the trained checkpoint for serving engines."""

@@ -120,7 +120,7 @@ class Trainer:
                 from .distributed import shard_target
                 shard_target(self.target.model)
         self.objective = Objective(tc.ttt_steps, tc.step_weight_decay, tc.out_of_vocab, tc.hidden_loss_weight,
-                                   tc.token_loss_weight, tc.hidden_loss)
+                                   tc.token_loss_weight, tc.hidden_loss, tc.loss, tc.lk_eta)
         self.module: torch.nn.Module = TTTModule(self.drafter, self.objective)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -194,7 +194,10 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=None if self.is_main else True)
         sums: dict[str, torch.Tensor] = {}
         tokens, flops, grad_norm = 0, 0.0, torch.zeros(())
-        t0 = time.perf_counter()
+        t0 = start = time.perf_counter()
+        start_step, run_tokens = self.step, 0
+        if self.device.type == "cuda":  # the peak of training itself, not of the matmul-peak measurement
+            torch.cuda.reset_peak_memory_stats(self.device)
         while self.step < end:
             micro = self.data.step_batches(self.step)
             batches = [self._micro(rows, self.train_samples) for rows in micro]
@@ -209,6 +212,7 @@ class Trainer:
                 for k, v in s.items():
                     sums[k] = sums.get(k, 0) + v
                 tokens += cpu_batch.num_tokens
+                run_tokens += cpu_batch.num_tokens
                 flops += self._flops(cpu_batch)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.drafter.parameters() if p.requires_grad],
                                                        tc.max_grad_norm)
@@ -229,8 +233,16 @@ class Trainer:
                 self._save()
         bar.close()
         if self.step >= self.total_steps:
-            return self._finish()
+            return self._finish(self._throughput(self.step - start_step, run_tokens, time.perf_counter() - start))
         return {"step": self.step}
+
+    def _throughput(self, steps: int, tokens: int, seconds: float) -> dict[str, Any]:
+        """This process's training speed since it started (or resumed): steps, real tokens on all ranks, wall
+        seconds (evaluation and checkpoints included), tokens/s and the peak GPU memory of this rank."""
+        total = float(self._reduce({"_tokens": torch.tensor(float(tokens))})["_tokens"])
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        return {"steps": steps, "tokens": int(total), "seconds": seconds, "tokens_per_s": total / max(seconds, 1e-9),
+                "peak_gpu_mem_gib": peak}
 
     def _flops(self, b: Batch) -> float:
         pairs = attention_pairs(b)
@@ -306,13 +318,14 @@ class Trainer:
             self._pending_best = False
         prune_checkpoints(self.work, self.cfg.train.keep_checkpoints)
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self, throughput: dict[str, Any]) -> dict[str, Any]:
         summary = {"steps": self.step, "latest": read_pointer(self.work, "LATEST"),
                    "best": read_pointer(self.work, "BEST") or read_pointer(self.work, "LATEST"),
                    "best_replay_tau": self.best_tau if self.best_tau > float("-inf") else None,
                    "algorithm": self.drafter.config.algorithm, "mode": self.mode, "work_dir": str(self.work)}
         last = {r["split"]: r for r in self.history.rows}
         summary["final"] = last
+        summary["this_run"] = throughput
         if self.is_main:
             self.paths.out.mkdir(parents=True, exist_ok=True)
             publish(self.work, self.paths.out)

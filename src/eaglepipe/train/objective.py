@@ -3,8 +3,8 @@
 Step k (0..K-1) feeds the drafter's step-(k-1) state (step 0: the fused target features), tokens shifted
 left by k and RoPE positions t+k; attention is step-0 keys (causal, same document) plus the diagonal keys
 of steps 1..k (see ttt_attention). Loss = sum_k decay^k * sum_{supervised slots} CE_k / denominator_k, where
-CE is the soft cross-entropy against softmax(target logits over the draft vocab) (EAGLE-3) and, for
-EAGLE-1, w_h * hidden regression + w_t * soft CE over the full vocab. `denominator_k` is the number of
+CE is `loss` (draft_losses: soft cross-entropy or an LK loss) against softmax(target logits over the draft
+vocab) (EAGLE-3) and, for EAGLE-1, w_h * hidden regression + w_t * that loss over the full vocab. `denominator_k` is the number of
 supervised slots of step k in the whole optimizer step (all micro-batches and ranks), so gradient
 accumulation and data parallelism give exactly the gradient of one big batch. Slots whose target argmax is
 outside the draft vocab contribute no loss with out_of_vocab=drop (they still count in the denominator,
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import Batch
+from .draft_losses import draft_loss
 from .ttt_attention import Step0Fn, ttt_attention
 
 
@@ -43,6 +44,9 @@ class Objective:
     hidden_loss_weight: float = 1.0
     token_loss_weight: float = 0.1
     hidden_loss: str = "smooth_l1"
+    # draft_losses.DRAFT_LOSSES: soft_ce | lk_alpha | lk_lambda
+    loss: str = "soft_ce"
+    lk_eta: float = 3.0
 
 
 @dataclass
@@ -53,34 +57,6 @@ class Labels:
     logits: torch.Tensor
     argmax: torch.Tensor
     features: Optional[torch.Tensor] = None
-
-
-class _SoftCrossEntropy(torch.autograd.Function):
-    """Row-wise -sum softmax(target) * log_softmax(draft); the gradient softmax(draft) - softmax(target)
-    is formed in the forward in chunks and kept in the logits' dtype, so no fp32 [N, V] tensor survives."""
-
-    @staticmethod
-    def forward(ctx, draft: torch.Tensor, target: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-        losses, grads = [], []
-        for s in range(0, draft.shape[0], chunk):
-            wide = torch.promote_types(draft.dtype, torch.float32)
-            d = draft[s:s + chunk].to(wide)
-            p = torch.softmax(target[s:s + chunk].to(wide), dim=-1)
-            logq = torch.log_softmax(d, dim=-1)
-            losses.append(-(p * logq).sum(-1))
-            grads.append((logq.exp() - p).to(draft.dtype))
-        ctx.save_for_backward(torch.cat(grads) if grads else draft.new_zeros(draft.shape))
-        return torch.cat(losses) if losses else draft.new_zeros(0, dtype=torch.promote_types(draft.dtype, torch.float32))
-
-    @staticmethod
-    def backward(ctx, grad_rows: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_rows[:, None].to(grad.dtype), None, None
-
-
-def soft_cross_entropy(draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-row soft cross-entropy of draft logits against softmax(target logits), fp32 [N]."""
-    return _SoftCrossEntropy.apply(draft, target)
 
 
 def replay_rounds(accepted: torch.Tensor, supervised: torch.Tensor, row_length: int
@@ -149,7 +125,7 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
         picked = out.reshape(b * t, -1).index_select(0, slots)
         logits = drafter.logits(picked)
         row_keep = keep.index_select(0, rows)
-        ce = soft_cross_entropy(logits, labels.logits.index_select(0, rows))
+        ce, alpha = draft_loss(logits, labels.logits.index_select(0, rows), objective.loss, objective.lk_eta)
         step_loss = (ce * row_keep).sum()
         if not eagle3:
             diff = picked.float() - labels.features.index_select(0, rows).float()
@@ -168,6 +144,7 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
             sums[f"count_{k}"] = row_keep.sum().float()
             sums[f"correct_{k}"] = correct.sum().float()
             sums[f"prefix_{k}"] = prefix.sum().float()
+            sums[f"alpha_{k}"] = (alpha * row_keep).sum().float()
             if k == 0:
                 sums["slots"] = torch.full((), float(slots.numel()), device=dev)  # a fill, no host->device copy
         if k + 1 < objective.ttt_steps:
@@ -184,13 +161,13 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
 
 def metric_keys(ttt_steps: int) -> list[str]:
     """Names of the metric sums `ttt_loss` returns (every rank reduces the same list)."""
-    per_step = [f"{m}_{k}" for k in range(ttt_steps) for m in ("loss", "count", "correct", "prefix")]
+    per_step = [f"{m}_{k}" for k in range(ttt_steps) for m in ("loss", "count", "correct", "prefix", "alpha")]
     return ["slots", "rounds", "round_tokens", "rounds_first", "round_tokens_first"] + per_step
 
 
 def summarize(sums: dict[str, torch.Tensor], ttt_steps: int, decay: float) -> dict[str, float]:
-    """Turn accumulated metric sums into loss (sum_k decay^k loss_k), loss_k, acc_k, cond_acc_k, the
-    simulated acceptance length sim_tau = 1 + sum_k P(steps 0..k all correct) over step-0 supervised slots,
+    """Turn accumulated metric sums into loss (sum_k decay^k loss_k), loss_k, acc_k, cond_acc_k, alpha_k (the
+    mean acceptance rate sum_v min(p_v, q_v) of step k's drafts), the simulated acceptance length sim_tau = 1 + sum_k P(steps 0..k all correct) over step-0 supervised slots,
     replay_tau = tokens / rounds of the replayed verification rounds (1.0 without any), and replay_tau_first,
     the same over each sample's first answer only."""
     v = {k: float(x) for k, x in sums.items()}
@@ -202,6 +179,7 @@ def summarize(sums: dict[str, torch.Tensor], ttt_steps: int, decay: float) -> di
         cnt = max(v.get(f"count_{k}", 0.0), 1.0)
         out[f"loss_{k}"] = v.get(f"loss_{k}", 0.0) / cnt
         out[f"acc_{k}"] = v.get(f"correct_{k}", 0.0) / cnt
+        out[f"alpha_{k}"] = v.get(f"alpha_{k}", 0.0) / cnt
         pre = v.get(f"prefix_{k}", 0.0)
         out[f"cond_acc_{k}"] = pre / prev if prev > 0 else 0.0
         prev = pre
