@@ -1,6 +1,7 @@
 """Config schemas: composition, presets, and rejection of typos and wrong types (also through DVC's Hydra path)."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -56,6 +57,57 @@ def test_compose_rejects_bad_overrides(override, message):
     assert message in str(err.value) or message in repr(err.value.__cause__)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=abc", "train.lr: expected a float, got 'abc'"),
+    ("data.seq_length=long", "data.seq_length: expected an int, got 'long'"),
+    ("data.sources=[{name:mine,kind:local,pth:a.jsonl}]", "data.sources[0]: unknown key(s) ['pth']"),
+    ("data.sources.0.kinf=local", "data.sources[0]: unknown key(s) ['kinf']"),
+    ("train.typo=1", "train: unknown key(s) ['typo']"),
+])
+def test_compose_errors_name_the_bad_key_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose_dict([override])
+    assert message in str(err.value)
+    assert compose_dict(["train.lr=1"])["train"]["lr"] == 1.0  # the schema (which makes it a float) is back
+
+
+def test_typo_in_a_source_entry_of_a_conf_file_names_the_key(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf)
+    (conf / "experiment" / "typo.yaml").write_text(
+        "# @package _global_\nexperiment: typo\ndata:\n  sources:\n    - name: a\n      kind: local\n"
+        "      paht: x.jsonl\n")
+    with pytest.raises(ConfigError, match=r"data.sources\[0\]: unknown key\(s\) \['paht'\]"):
+        compose_dict(["experiment=typo"], config_dir=conf)
+
+
+def test_compose_checks_local_paths_but_not_hub_ids(tmp_path):
+    (tmp_path / "chats.jsonl").write_text("{}\n")
+    (tmp_path / "model").mkdir()
+    ok = compose_dict(["target.source=local", "target.name_or_path=model",
+                       "data.sources=[{name:mine,kind:local,path:chats.jsonl}]"], base_dir=tmp_path)
+    assert ok["data"]["sources"][0]["path"] == "chats.jsonl"
+    with pytest.raises(ConfigError, match=f"target.name_or_path: local path {tmp_path}/nope does not exist"):
+        compose_dict(["target.source=local", "target.name_or_path=nope"], base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"data.sources\[mine\].path: local path /no/such.jsonl does not exist"):
+        compose_dict(["data.sources=[{name:mine,kind:local,path:/no/such.jsonl}]"], base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="bench.prompts.path: local path"):
+        compose_dict(["bench.prompts.source=local", "bench.prompts.path=q.jsonl"], base_dir=tmp_path)
+    # hub ids and packaged sources are never looked up on disk
+    compose_dict(["target.source=hub", "target.name_or_path=org/model",
+                  "data.sources=[{name:h,kind:hub,path:org/data}]"], base_dir=tmp_path)
+
+
+def test_compose_cli_refuses_a_missing_dataset_before_writing(tmp_path):
+    out = tmp_path / "params.yaml"
+    r = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "eaglepipe.compose", "--out", str(out),
+                        "data.sources=[{name:mine,kind:local,path:data/missing.jsonl}]"],
+                       cwd=REPO, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and not out.exists()
+    assert f"data.sources[mine].path: local path {tmp_path}/data/missing.jsonl does not exist" in r.stderr
+
+
 def test_loader_rejects_unknown_keys_and_types(tmp_path):
     good = compose_dict([])
     bad = dict(good, train=dict(good["train"], lr="fast"))
@@ -73,7 +125,7 @@ def test_compose_cli_reports_errors_cleanly():
                        cwd=REPO, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert "train.typo" in r.stderr
+    assert "compose: train: unknown key(s) ['typo']" in r.stderr
 
 
 def test_dvc_hydra_composition_validates_with_the_schema(tmp_path):
