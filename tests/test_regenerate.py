@@ -400,3 +400,81 @@ def test_context_overflow_truncates_later_turns_and_rejects_first(url_server, ti
     assert [r["id"] for r in kept] == ["c:late"] and [m["role"] for m in kept[0]["messages"]] == ["user", "assistant"]
     assert kept[0]["messages"][1]["content"] != "hello"
     assert [r["id"] for r in rejects] == ["c:early"] and "max_model_len" in rejects[0]["reason"]
+
+
+# ----------------------------------------------------------------------------- fitting the history
+def long_history_chat(chat_dir: Path) -> list[dict[str, Any]]:
+    """One short conversation, one whose history outgrows 256 tokens, one whose last question alone does."""
+    def words(tag: str, n: int) -> str:
+        return " ".join(f"{tag}{i}" for i in range(n))
+    long = [{"role": "system", "content": "Be brief."}]
+    for k in range(4):
+        long += [{"role": "user", "content": words(f"q{k}x", 40)}, {"role": "assistant", "content": words(f"a{k}y", 20)}]
+    long += [{"role": "user", "content": "And finally?"}, {"role": "assistant", "content": "Done."}]
+    rows = [{"id": "f:short", "source": "f", "messages": [{"role": "user", "content": "Hi?"},
+                                                           {"role": "assistant", "content": "Hello."}]},
+            {"id": "f:long", "source": "f", "messages": long},
+            {"id": "f:hopeless", "source": "f", "messages": [
+                {"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"},
+                {"role": "user", "content": words("z", 300)}, {"role": "assistant", "content": "no"}]}]
+    write_conversations(chat_dir / "chat.parquet", rows)
+    return rows
+
+
+def test_history_fit_drops_the_fewest_oldest_exchanges(tiny_llama_dir, tmp_path):
+    from eaglepipe.regen.fit import HistoryFit, prompt_counter
+    from eaglepipe.target.info import load_tokenizer
+
+    rows = long_history_chat(tmp_path)
+    count = prompt_counter(load_tokenizer(tiny_llama_dir))
+    fit = HistoryFit(TurnPolicy("last"), 248, count)
+    short = rows[0]["messages"]
+    assert fit(short) == (short, 0)
+    msgs, dropped = fit(rows[1]["messages"])
+    original = rows[1]["messages"]
+    assert dropped > 0 and dropped % 2 == 0 and msgs == original[:1] + original[1 + dropped:]
+    assert count(msgs[:-1]) <= 248 < count(original[:1] + original[dropped - 1:-1])  # one exchange more is too long
+    with pytest.raises(ConversationRejected, match="the last user turn alone needs") as err:
+        fit(rows[2]["messages"])
+    assert err.value.category == "prompt too long"
+
+
+def test_native_last_mode_trims_histories_and_counts_what_it_drops(tiny_llama_dir, tmp_path):
+    from eaglepipe.regen.fit import prompt_counter
+    from eaglepipe.target.info import load_tokenizer
+
+    chat_rows = long_history_chat(tmp_path / "chat")
+    params = write_params(tmp_path / "p.yaml", backend="native", mode="last", max_new_tokens=8, max_model_len=512,
+                          trim_history_to=256, concurrency=2)
+    out = tmp_path / "exp" / "data" / "regen"
+    res = run_stage(params, tiny_llama_dir, tmp_path / "chat", out)
+    assert res.returncode == 0, res.stderr
+    rows, rejects = published(out)
+    assert [r["id"] for r in rows] == ["f:short", "f:long"]
+    long, original = rows[1]["messages"], chat_rows[1]["messages"]
+    assert long[0] == original[0] and long[1:-1] == original[len(original) - len(long) + 1:-1]
+    assert len(long) < len(original) and prompt_counter(load_tokenizer(tiny_llama_dir))(long[:-1]) <= 248
+    assert long[-1]["content"] == hf_greedy_text(tiny_llama_dir, long[:-1], 8)
+    assert [(r["id"], r["category"]) for r in rejects] == [("f:hopeless", "prompt too long")]
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["rows_in"], stats["rows_out"], stats["dropped"]) == (3, 2, {"prompt too long": 1})
+    assert stats["trimmed"] == 1 and stats["trimmed_turns"] == len(original) - len(long)
+    assert stats["changed"] == {"history trimmed to fit": 1}
+    assert "2 of 3 conversations regenerated, dropped 1 (1 x prompt too long" in res.stderr
+    assert "1 histories trimmed to fit the context" in res.stderr
+
+
+def test_rerun_with_every_shard_done_keeps_the_server_command(tiny_llama_dir, tmp_path):
+    make_chat(tmp_path / "chat", 4)
+    params = write_params(tmp_path / "p.yaml", backend="native", max_new_tokens=4, shard_size=2, concurrency=2)
+    out = tmp_path / "exp" / "data" / "regen"
+    assert run_stage(params, tiny_llama_dir, tmp_path / "chat", out).returncode == 0
+    command = json.loads((out / "manifest.json").read_text())["backend_command"]
+    assert "eaglepipe.serve" in command
+
+    res = run_stage(params, tiny_llama_dir, tmp_path / "chat", out)
+    assert res.returncode == 0, res.stderr
+    assert "starting native server" not in res.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["run_conversations"] == 0 and stats["server_command"] == command
+    assert json.loads((out / "manifest.json").read_text())["backend_command"] == command

@@ -132,6 +132,9 @@ class RegenCfg:
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    # mode last: drop the oldest exchanges until the prompt plus max_new_tokens fits in this many tokens
+    # (native backend: also in max_model_len); null = send the whole history
+    trim_history_to: Optional[int] = None
     # keep | drop | default (insert default_system_prompt when none is present)
     system_prompt_policy: str = "keep"
     default_system_prompt: str = ""
@@ -157,6 +160,8 @@ class RegenCfg:
         _require(self.temperature >= 0, "regen.temperature must be >= 0")
         _require(0 < self.top_p <= 1, "regen.top_p must be in (0, 1]")
         _require(self.max_new_tokens > 0, "regen.max_new_tokens must be > 0")
+        _require(self.trim_history_to is None or self.trim_history_to > self.max_new_tokens,
+                 "regen.trim_history_to must be greater than regen.max_new_tokens, or null")
         _require(self.system_prompt_policy in ("keep", "drop", "default"),
                  "regen.system_prompt_policy must be keep|drop|default")
         _require(self.concurrency > 0 and self.shard_size > 0 and self.max_batch_size > 0,

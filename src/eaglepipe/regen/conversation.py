@@ -9,11 +9,13 @@ from .client import ChatClient, RequestFailed, Sampling
 
 
 class ConversationRejected(Exception):
-    """The conversation cannot be regenerated; `reason` goes to rejects.jsonl."""
+    """The conversation cannot be regenerated; `reason` (the detail) and `category` (a short name for the
+    stats) go to rejects.jsonl."""
 
-    def __init__(self, reason: str, *, transport: bool = False):
+    def __init__(self, reason: str, *, category: str, transport: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.category = category
         self.transport = transport
 
 
@@ -47,11 +49,11 @@ def plan_turns(messages: list[dict[str, str]], policy: TurnPolicy) -> tuple[list
     msgs = apply_system_policy(messages, policy)
     first_user = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
     if first_user is None:
-        raise ConversationRejected("no user turn")
+        raise ConversationRejected("no user turn", category="no user turn")
     msgs = [m for i, m in enumerate(msgs) if not (m["role"] == "assistant" and i < first_user)]
     assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     if not assistant:
-        raise ConversationRejected("no assistant turn after a user turn")
+        raise ConversationRejected("no assistant turn after a user turn", category="no assistant turn")
     msgs = msgs[:assistant[-1] + 1]
     return msgs, (assistant[-1:] if policy.mode == "last" else assistant)
 
@@ -81,10 +83,12 @@ async def regenerate_conversation(conv: dict[str, Any], client: ChatClient, poli
             if k > 0 and e.status in (400, 413):
                 msgs = msgs[:turns[k - 1] + 1]
                 break
-            raise ConversationRejected(f"assistant turn {turn}: {e}", transport=e.transport) from e
+            category = "refused by the server" if e.status in (400, 413) else "request failed"
+            raise ConversationRejected(f"assistant turn {turn}: {e}", category=category,
+                                       transport=e.transport) from e
         if not answer.text.strip():
             raise ConversationRejected(f"assistant turn {turn}: empty answer from the model "
-                                       f"(finish_reason={answer.finish_reason})")
+                                       f"(finish_reason={answer.finish_reason})", category="empty answer")
         msgs[turn] = {"role": "assistant", "content": answer.text}
         tokens += answer.completion_tokens
     return {"id": conv["id"], "source": conv["source"], "messages": msgs}, tokens

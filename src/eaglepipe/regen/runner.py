@@ -14,7 +14,8 @@ from .shards import ShardStore
 
 log = logging.getLogger(__name__)
 
-ProcessFn = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], int]]]
+# conversation -> (row, completion tokens, turns of history dropped to fit the context)
+ProcessFn = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], int, int]]]
 LivenessFn = Callable[[], Awaitable[bool]]
 
 
@@ -32,7 +33,7 @@ def chunked(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[st
 class ShardRunner:
     """Runs `process` over every conversation of every uncommitted shard with bounded concurrency.
 
-    `process(conv) -> (row, completion_tokens)` raises ConversationRejected for a conversation
+    `process(conv) -> (row, completion_tokens, trimmed_turns)` raises ConversationRejected for a conversation
     that goes to the rejects. When such a rejection comes from the transport and `liveness()`
     says the server is gone, the run stops with ServerGone; committed shards stay.
     """
@@ -89,23 +90,25 @@ class ShardRunner:
     async def _shard(self, index: int, convs: list[dict[str, Any]], sem: asyncio.Semaphore) -> None:
         t0 = time.monotonic()
         outcomes = await asyncio.gather(*(self._one(c, sem) for c in convs))
-        rows = [row for row, _, _ in outcomes if row is not None]
-        rejects = [rej for _, rej, _ in outcomes if rej is not None]
-        tokens = sum(tok for _, _, tok in outcomes)
+        rows = [row for row, _, _, _ in outcomes if row is not None]
+        rejects = [rej for _, rej, _, _ in outcomes if rej is not None]
+        trims = [n for _, _, _, n in outcomes if n]
         counts = {"conversations": len(convs), "regenerated": len(rows), "rejected": len(rejects),
-                  "completion_tokens": tokens, "seconds": round(time.monotonic() - t0, 3)}
+                  "completion_tokens": sum(tok for _, _, tok, _ in outcomes), "trimmed": len(trims),
+                  "trimmed_turns": sum(trims), "seconds": round(time.monotonic() - t0, 3)}
         await asyncio.to_thread(self.store.commit, index, rows, rejects, counts)
 
     async def _one(self, conv: dict[str, Any], sem: asyncio.Semaphore
-                   ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, int]:
+                   ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, int, int]:
         async with sem:
             try:
-                row, tokens = await self.process(conv)
-                outcome = (row, None, tokens)
+                row, tokens, trimmed = await self.process(conv)
+                outcome = (row, None, tokens, trimmed)
             except ConversationRejected as e:
                 if e.transport and self.liveness is not None and not await self.liveness():
                     raise ServerGone(f"the server stopped answering ({e.reason})") from e
-                outcome = (None, {"id": conv.get("id"), "source": conv.get("source"), "reason": e.reason}, 0)
+                outcome = (None, {"id": conv.get("id"), "source": conv.get("source"), "reason": e.reason,
+                                  "category": e.category}, 0, 0)
         self.finished += 1
         self.tokens += outcome[2]
         elapsed = max(time.monotonic() - self._start, 1e-9)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,6 +19,7 @@ from ..utils.cli import StageError
 
 # Manifest keys that must be identical for a resume to continue in the same work dir.
 RESUME_KEYS = ("fingerprint", "source_hash", "num_conversations", "shard_size", "params", "model", "backend")
+TRIMMED = "history trimmed to fit"
 
 
 def shard_name(index: int) -> str:
@@ -86,19 +88,35 @@ class ShardStore:
         """The meta record (rejects and counts) of a committed shard."""
         return json.loads((self.dir / f"shard-{index:05d}.meta.json").read_text())
 
+    def record_command(self, command: str) -> None:
+        """Remember the server command of the run committing shards here, so a later run that finds every
+        shard done still publishes where they came from."""
+        atomic_write_text(self.dir / "backend_command.txt", command + "\n")
+
+    def recorded_command(self) -> str | None:
+        """The last recorded server command, if a run here started a server."""
+        path = self.dir / "backend_command.txt"
+        return path.read_text().strip() if path.exists() else None
+
     def publish(self, out_dir: str | Path, num_shards: int, stats: dict[str, Any],
                 manifest_extra: dict[str, Any]) -> dict[str, Any]:
         """Atomically replace `out_dir` with the non-empty shards, manifest.json, rejects.jsonl and stats.json.
 
-        Returns the totals. Raises StageError when a shard is missing.
+        Returns the totals, including `dropped` (rejects by category) and `changed` (conversations whose
+        history was trimmed to fit). Raises StageError when a shard is missing.
         """
         missing = [i for i in range(num_shards) if not self.is_done(i)]
         if missing:
             raise StageError(f"cannot publish: {len(missing)} shard(s) not committed in {self.dir} "
                              f"(first: {shard_name(missing[0])})")
         metas = [self.read_meta(i) for i in range(num_shards)]
-        totals = {k: sum(int(m.get(k, 0)) for m in metas)
-                  for k in ("conversations", "regenerated", "rejected", "completion_tokens")}
+        totals: dict[str, Any] = {k: sum(int(m.get(k, 0)) for m in metas) for k in
+                                  ("conversations", "regenerated", "rejected", "completion_tokens", "trimmed",
+                                   "trimmed_turns")}
+        dropped = Counter(r.get("category", r["reason"]) for m in metas for r in m["rejects"])
+        totals.update(rows_in=totals["conversations"], rows_out=totals["regenerated"],
+                      dropped=dict(dropped.most_common()),
+                      changed={TRIMMED: totals["trimmed"]} if totals["trimmed"] else {})
         out_dir = Path(out_dir)
         for stale in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):  # a publish killed half-way
             shutil.rmtree(stale, ignore_errors=True)

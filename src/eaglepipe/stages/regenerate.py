@@ -15,14 +15,23 @@ from ..config import Config, fingerprint
 from ..regen.backends import Endpoint, launch_command, open_endpoint
 from ..regen.client import ChatClient, RequestFailed, Sampling
 from ..regen.conversation import TurnPolicy, regenerate_conversation
+from ..regen.fit import HistoryFit, prompt_counter
 from ..regen.identity import count_conversations, model_identity, source_hash
 from ..regen.launch import format_command
 from ..regen.runner import ServerGone, ShardRunner
 from ..regen.shards import ShardStore, work_dir_for
-from ..target.info import resolve_model_dir
+from ..target.info import load_tokenizer, resolve_model_dir
 from ..utils.cli import StageError, run_stage, stage_parser
 
 log = logging.getLogger("eaglepipe.regenerate")
+
+
+def max_prompt_tokens(r: Any) -> int | None:
+    """Mode `last`: the most prompt tokens before the regenerated answer (None: the whole history is sent)."""
+    if r.backend == "none" or r.mode != "last" or r.trim_history_to is None:
+        return None
+    total = min(r.trim_history_to, r.max_model_len) if r.backend == "native" else r.trim_history_to
+    return total - r.max_new_tokens
 
 
 def sampling_identity(cfg: Config) -> dict[str, Any]:
@@ -32,6 +41,8 @@ def sampling_identity(cfg: Config) -> dict[str, Any]:
         return {"mode": "none"}
     ident = {"mode": r.mode, "temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens,
              "system_prompt_policy": r.system_prompt_policy, "default_system_prompt": r.default_system_prompt}
+    if max_prompt_tokens(r) is not None:
+        ident["max_prompt_tokens"] = max_prompt_tokens(r)
     if r.temperature > 0:
         ident["seed"] = cfg.seed
     return ident
@@ -50,27 +61,34 @@ def served_model_id(regen: Any) -> str:
 
 
 async def run_shards(cfg: Config, store: ShardStore, chat_dir: Path, total: int,
-                     endpoint: Endpoint | None) -> dict[str, Any]:
+                     endpoint: Endpoint | None, model_dir: Path) -> dict[str, Any]:
     """Regenerate (or, for backend none, copy) every uncommitted shard."""
     from ..data.chat_io import read_conversations
 
     r = cfg.regen
     conversations = read_conversations(chat_dir)
     if endpoint is None:
-        async def copy(conv: dict[str, Any]) -> tuple[dict[str, Any], int]:
-            return {"id": conv["id"], "source": conv["source"], "messages": list(conv["messages"])}, 0
+        async def copy(conv: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
+            return {"id": conv["id"], "source": conv["source"], "messages": list(conv["messages"])}, 0, 0
         runner = ShardRunner(store, copy, shard_size=r.shard_size, concurrency=r.concurrency)
         return await runner.run(conversations, total)
 
     policy = TurnPolicy(r.mode, r.system_prompt_policy, r.default_system_prompt)
     sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens)
+    budget = max_prompt_tokens(r)
+    fit = None if budget is None else HistoryFit(policy, budget, prompt_counter(load_tokenizer(model_dir)))
     async with ChatClient(endpoint.url, concurrency=r.concurrency, timeout_s=r.timeout_s,
                           max_retries=r.max_retries, backoff_s=r.retry_backoff_s) as client:
         model = await client.served_model()
         log.info("endpoint %s serves model %r", endpoint.url, model)
 
-        async def regen(conv: dict[str, Any]) -> tuple[dict[str, Any], int]:
-            return await regenerate_conversation(conv, client, policy, sampling, base_seed=cfg.seed)
+        async def regen(conv: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
+            trimmed = 0
+            if fit is not None:
+                messages, trimmed = fit(list(conv["messages"]))
+                conv = {**conv, "messages": messages}
+            row, tokens = await regenerate_conversation(conv, client, policy, sampling, base_seed=cfg.seed)
+            return row, tokens, trimmed
 
         async def alive() -> bool:
             if endpoint.server is not None and not endpoint.server.alive():
@@ -112,6 +130,9 @@ def regenerate(cfg: Config, target: Path, chat_dir: Path, out: Path) -> dict[str
     model_dir = resolve_model_dir(target)
     log.info("backend: %s, mode: %s, max_new_tokens: %d, temperature: %g", r.backend, r.mode, r.max_new_tokens,
              r.temperature)
+    if max_prompt_tokens(r) is not None:
+        log.info("histories are trimmed of their oldest exchanges to prompts of at most %d tokens",
+                 max_prompt_tokens(r))
     if r.backend == "sglang":
         command = format_command(launch_command(r, model_dir, cfg.device, r.sglang.port))
         log.info("SGLang command: %s", command)
@@ -136,24 +157,37 @@ def regenerate(cfg: Config, target: Path, chat_dir: Path, out: Path) -> dict[str
     run_stats: dict[str, Any] = {"run_conversations": 0, "run_completion_tokens": 0, "run_seconds": 0.0,
                                  "resumed_conversations": total, "conversations_per_s": 0.0,
                                  "output_tokens_per_s": 0.0}
-    command = None
     if done < num_shards:
         with open_endpoint(r, model_dir, cfg.device, store.dir) as endpoint:
-            command = endpoint.command if endpoint else None
+            if endpoint is not None and endpoint.command is not None:
+                store.record_command(endpoint.command)
             try:
-                run_stats = asyncio.run(run_shards(cfg, store, chat_dir, total, endpoint))
+                run_stats = asyncio.run(run_shards(cfg, store, chat_dir, total, endpoint, model_dir))
             except ServerGone as e:
                 tail = f"; last lines of its log:\n{endpoint.server.log_tail()}" if endpoint and endpoint.server else ""
                 raise StageError(f"{e}. Committed shards are kept in {store.dir}; rerun to resume{tail}") from e
     check_not_all_rejected(store, num_shards)
+    command = store.recorded_command()
     stats = {"backend": r.backend, "server_command": command, "url": r.url if r.backend == "url" else None,
              **run_stats}
     totals = store.publish(out, num_shards, stats, {"backend_command": command})
-    log.info("published %s: %d regenerated, %d rejected of %d; this run: %d conversations, %d output tokens, "
-             "%.2f conv/s, %.1f output tok/s", out, totals["regenerated"], totals["rejected"], totals["conversations"],
-             run_stats["run_conversations"], run_stats["run_completion_tokens"], run_stats["conversations_per_s"],
-             run_stats["output_tokens_per_s"])
+    log.info("published %s: %s; this run: %d conversations, %d output tokens, %.2f conv/s, %.1f output tok/s",
+             out, describe_totals(totals), run_stats["run_conversations"], run_stats["run_completion_tokens"],
+             run_stats["conversations_per_s"], run_stats["output_tokens_per_s"])
     return {**totals, **stats}
+
+
+def describe_totals(totals: dict[str, Any]) -> str:
+    """Rows in and out, what was dropped and why, and how many histories were trimmed."""
+    line = f"{totals['regenerated']} of {totals['conversations']} conversations regenerated"
+    dropped = totals["dropped"]
+    line += f", dropped {sum(dropped.values())}"
+    if dropped:
+        line += " (" + ", ".join(f"{n} x {c}" for c, n in dropped.items()) + "; see rejects.jsonl)"
+    if totals["trimmed"]:
+        line += (f"; {totals['trimmed']} histories trimmed to fit the context ({totals['trimmed_turns']} old turns "
+                 "dropped)")
+    return line
 
 
 def main(argv: Sequence[str] | None = None) -> None:
