@@ -34,6 +34,7 @@ EXP = $(shell grep -m1 '^experiment:' params.yaml | awk '{print $$2}')
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" snakemake --cores $(CORES)
 	@echo; cat results/$(EXP)/bench/README.md; echo; echo "Best SGLang command:"; cat results/$(EXP)/bench/best_command.txt
+	@echo; PYTHONPATH=src $(PY) -m eaglepipe.data.dropped results/$(EXP)
 
 test: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q

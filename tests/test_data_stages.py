@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from eaglepipe.compose import compose_dict
+from eaglepipe.data import dropped
 from eaglepipe.data.chat_io import read_conversations
 from eaglepipe.data.tokens_io import read_tokens
 from eaglepipe.data.vocab import load_vocab
@@ -56,6 +57,19 @@ def test_data_stages_end_to_end(tmp_path, capsys):
     tstats = json.loads((r / "data/tokens/stats.json").read_text())
     assert tstats["samples"] == len(train) + len(val)
     assert tstats["samples"] + sum(tstats["dropped"].values()) == len(chat)
+
+    # every stage's stats.json says what it dropped, and one table shows them all
+    raw = json.loads((r / "data/raw/stats.json").read_text())
+    assert raw["dropped"] == {"incomplete record at the end of a truncated file": 1}
+    assert raw["rows_in"] == 17672 and raw["rows_out"] == 16 and raw["not_sampled"] == 17671 - 16
+    capsys.readouterr()
+    dropped.main([str(r)])
+    table = capsys.readouterr().out
+    assert ("| download | 17672 | 16 | 1 | 1 incomplete record at the end of a truncated file | "
+            "17655 left out by sampling (data.max_samples) |") in table
+    assert f"| normalize | 16 | {len(chat)} | {16 - len(chat)} |" in table
+    assert f"| tokenize | {len(chat)} | {tstats['samples']} |" in table
+    assert f"{tstats['samples']} of the 16 rows taken by download reached tokenize's output" in table
 
     vocab.main(p + ["--tokens", str(r / "data/tokens"), "--out", str(r / "vocab")])
     d2t, t2d = load_vocab(r / "vocab")

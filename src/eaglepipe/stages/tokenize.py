@@ -65,6 +65,8 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
     sample = next((s for s in train if s["loss_mask"].sum() and _turns(s) >= 2), train[0])
     rendered = mark_supervised(tokenizer, sample["input_ids"], sample["loss_mask"])
     stats = {"conversations_in": res.conversations_in, "samples": len(res.samples),
+             "rows_in": res.conversations_in, "rows_out": len(res.samples),
+             "changed": {"truncated to data.seq_length": res.truncated},
              "dropped": dict(res.dropped), "truncated": res.truncated, "seq_length": cfg.data.seq_length,
              "misaligned_boundary_tokens": res.misaligned_tokens, "end_of_turn_token": masker.end_of_turn,
              "chat_template_sha256": chat_template_sha256(tokenizer.chat_template), "vocab_size": vocab_size,
