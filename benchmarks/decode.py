@@ -44,22 +44,40 @@ RESULTS_HEADER = ("# Benchmark results\n\nRows are appended by the scripts in be
                   "|---|---|---|---|---|---|---|\n")
 
 
-def append_result_row(path: Path, benchmark: str, hardware: str, command: str, result: str, baselines: str) -> None:
-    """Append one row to a RESULTS.md table, creating the file with its header when missing."""
-    commit, dirty = os.environ.get("EAGLEPIPE_COMMIT", ""), ""  # set where the tree travels without .git
-    if not commit:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-    cells = [dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), benchmark, hardware,
-             commit + ("+dirty" if dirty else ""), f"`{command}`", result, baselines]
+def git_commit() -> str:
+    """The short commit of this checkout (+dirty with uncommitted tracked changes), or EAGLEPIPE_COMMIT where the
+    tree travels without .git."""
+    commit = os.environ.get("EAGLEPIPE_COMMIT", "")
+    if commit:
+        return commit
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return commit + ("+dirty" if dirty else "")
+
+
+def append_result_row(path: Path, benchmark: str, hardware: str, command: str, result: str, baselines: str,
+                      figures: dict | None = None, config: dict | None = None, baseline_figures: dict | None = None,
+                      name: str | None = None) -> None:
+    """Append one row to a RESULTS.md table (created with its header when missing) and the same measurement as a
+    JSON object to results.jsonl beside it: name, date, hardware, commit, command, config, figures and the
+    same-run baselines (structured where the caller gives them, else the row's text)."""
+    date = dt.datetime.now(dt.timezone.utc)
+    commit = git_commit()
+    cells = [date.strftime("%Y-%m-%d %H:%M"), benchmark, hardware, commit, f"`{command}`", result, baselines]
     row = "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         path.write_text(RESULTS_HEADER)
     with path.open("a") as f:
         f.write(row)
+    record = {"name": name or benchmark, "benchmark": benchmark, "date": date.isoformat(timespec="seconds"),
+              "hardware": hardware, "commit": commit, "command": command, "config": config or {},
+              "figures": figures if figures is not None else {"result": result},
+              "baselines": baseline_figures if baseline_figures is not None else {"result": baselines}}
+    with path.with_name("results.jsonl").open("a") as f:
+        f.write(json.dumps(record, sort_keys=False) + "\n")
 
 
 def hardware_name(device: torch.device) -> str:

@@ -1,0 +1,178 @@
+"""Ablation sweep through the pipeline's own stages: one arm = the base composition plus a few overrides.
+
+    python benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --work /tmp/arms --jobs 2
+    python benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --print-dvc   # the same sweep as DVC commands
+
+Each arm runs in its own copy of this checkout (code copied, results/ hard-linked: stages publish by rename, so
+no file is changed in place), with params.yaml composed from `base` + the arm's overrides. Snakemake then reruns
+only the stages whose params, code or inputs the overrides change. Arms train and export `--jobs` at a time (the
+GPU is shared, which changes no figure the table reports), then benchmark one at a time, so that their speedups
+are measured on an otherwise idle GPU. Where the checkout is a git repository with DVC, `--print-dvc` gives
+the equivalent `dvc exp run --queue` commands.
+
+The arms file (YAML): `base` (compose overrides shared by every arm), `arms` (name -> list of overrides) and
+optionally `points` (the sweep points the table reports; default all). Prints one Markdown table and appends one
+`ablation` row per arm to benchmarks/RESULTS.md and results.jsonl, with the base arm's figures as its baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from decode import REPO, append_result_row
+from peer_h2h import bench_points
+
+COPY_IGNORE = shutil.ignore_patterns(".git", "results", "logs", ".venv", "__pycache__", ".whl", ".gguf_*", ".peer")
+
+
+def load_arms(path: Path) -> dict:
+    """The arms file, checked: base and arms present, arm names plain."""
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict) or not isinstance(spec.get("arms"), dict) or not spec["arms"]:
+        raise SystemExit(f"{path}: needs `arms:` mapping arm names to lists of overrides")
+    for name, overrides in spec["arms"].items():
+        if not str(name).replace("_", "").replace("-", "").isalnum():
+            raise SystemExit(f"{path}: arm name {name!r} must be letters, digits, '_' or '-'")
+        if not isinstance(overrides, list):
+            raise SystemExit(f"{path}: arm {name} must list its overrides (an empty list for the base)")
+    spec.setdefault("base", [])
+    return spec
+
+
+def prepare_arm(work: Path, name: str, overrides: list[str]) -> Path:
+    """A copy of this checkout for the arm, with its params.yaml composed and the base's results hard-linked."""
+    arm = work / name
+    if not arm.exists():
+        shutil.copytree(REPO, arm, ignore=COPY_IGNORE, symlinks=True)
+        for shared in ("results", "logs"):
+            if (REPO / shared).exists():
+                subprocess.run(["cp", "-al", str(REPO / shared), str(arm / shared)], check=True)
+        if (REPO / ".snakemake").exists():  # Snakemake's records, so that unchanged stages are not rerun
+            shutil.copytree(REPO / ".snakemake", arm / ".snakemake", dirs_exist_ok=True, symlinks=True,
+                            ignore=shutil.ignore_patterns("locks", "incomplete", "log"))
+    run([sys.executable, "-m", "eaglepipe.compose", *overrides, "--out", str(arm / "params.yaml")], arm)
+    return arm
+
+
+def run(cmd: list[str], cwd: Path, log: Path | None = None) -> float:
+    """Run `cmd` in `cwd` with PYTHONPATH=src (appending its output to `log`); wall seconds; raises on failure."""
+    env = {**os.environ, "PYTHONPATH": "src"}
+    start = time.perf_counter()
+    if log is None:
+        subprocess.run(cmd, cwd=cwd, env=env, check=True)
+    else:
+        with log.open("a") as out:
+            subprocess.run(cmd, cwd=cwd, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
+    return time.perf_counter() - start
+
+
+def experiment_of(arm: Path) -> str:
+    return yaml.safe_load((arm / "params.yaml").read_text())["experiment"]
+
+
+def arm_figures(arm: Path, points: list[str] | None) -> dict:
+    """Validation and bench figures of one finished arm."""
+    exp = experiment_of(arm)
+    summary = json.loads((arm / "results" / exp / "train" / "summary.json").read_text())
+    val = summary.get("final", {}).get("val", {})
+    bench = bench_points(arm / "results" / exp / "bench")
+    metrics = json.loads((arm / "results" / exp / "bench" / "metrics.json").read_text())
+    shown = {p: v for p, v in bench.items() if points is None or p in points}
+    return {"val_replay_tau": val.get("replay_tau"), "val_replay_tau_first": val.get("replay_tau_first"),
+            "val_acc_0": val.get("acc_0"), "bench": shown, "best_speedup": metrics.get("best_speedup"),
+            "best_speedup_config": metrics.get("best_speedup_config"),
+            "all_outputs_match": metrics.get("all_outputs_match"), "train_steps": summary.get("steps")}
+
+
+def table(figures: dict[str, dict], points: list[str]) -> str:
+    """One Markdown row per arm: val replay τ, MT-bench τ at each point, best speedup, match."""
+    head = ["arm", "val replay τ", *[f"τ {p}" for p in points], "best speedup", "all match"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, f in figures.items():
+        val = f"{f['val_replay_tau']:.2f}" if f["val_replay_tau"] is not None else "–"
+        taus = [f"{f['bench'][p]['tau']:.2f}" if p in f["bench"] else "–" for p in points]
+        best = f"{f['best_speedup']:.2f}× ({f['best_speedup_config']})" if f["best_speedup"] else "–"
+        lines.append("| " + " | ".join([name, val, *taus, best, "yes" if f["all_outputs_match"] else "no"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("arms", type=Path, help="the arms file (YAML)")
+    ap.add_argument("--work", type=Path, default=REPO / ".arms", help="where the arms' checkouts go")
+    ap.add_argument("--only", default=None, help="comma-separated arm names (default: all)")
+    ap.add_argument("--base", nargs="*", default=[], help="overrides added to the file's base (e.g. a local path)")
+    ap.add_argument("--jobs", type=int, default=2, help="arms trained at once")
+    ap.add_argument("--hardware", default="unknown", help="the GPU, for the results rows")
+    ap.add_argument("--print-dvc", action="store_true", help="print the equivalent DVC queue commands and stop")
+    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    args = ap.parse_args(argv)
+    spec = load_arms(args.arms)
+    spec["base"] = [*spec["base"], *args.base]
+    names = [n for n in spec["arms"] if args.only is None or n in args.only.split(",")]
+    if args.print_dvc:
+        for name in names:
+            sets = " ".join(f"-S {shlex.quote(o)}" for o in [*spec["base"], *spec["arms"][name]])
+            print(f"dvc exp run --queue -n {name} {sets}")
+        print("dvc queue start -j 1")
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    arms = {n: prepare_arm(args.work, n, [*spec["base"], *spec["arms"][n]]) for n in names}
+
+    def train(name: str) -> None:
+        arm = arms[name]
+        run(["snakemake", "--cores", "all", f"results/{experiment_of(arm)}/export"], arm, arm / "ablation.log")
+
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        failures = {n: e for n, e in zip(names, pool.map(_capture(train), names))}
+    first = next(iter(spec["arms"]))
+    base_dir = args.work / first
+    done: dict[str, dict] = {}
+    for name in names:  # one at a time on the GPU; each arm's row is written as soon as it is measured
+        if failures[name] is None:
+            failures[name] = _capture(lambda n: run(["snakemake", "--cores", "all"], arms[n],
+                                                    arms[n] / "ablation.log"))(name)
+        if failures[name] is not None:
+            print(f"arm {name} failed: {failures[name]} (log: {arms[name] / 'ablation.log'})", file=sys.stderr)
+            continue
+        done[name] = f = arm_figures(arms[name], spec.get("points"))
+        base = done.get(first) or (arm_figures(base_dir, spec.get("points"))
+                                   if (base_dir / "params.yaml").exists() and name != first else None)
+        overrides = spec["arms"][name]
+        taus = ", ".join(f"{p} {v['tau']:.2f}" for p, v in f["bench"].items())
+        append_result_row(args.results, f"ablation arm {name} ({' '.join(overrides) or 'base'})", args.hardware,
+                          f"python benchmarks/ablation.py {args.arms} --only {name}",
+                          f"val replay τ {f['val_replay_tau']}; MT-bench τ {taus}; best speedup "
+                          f"{f['best_speedup']} ({f['best_speedup_config']}); all match {f['all_outputs_match']}",
+                          f"arm {first}, same setup and GPU", figures=f, baseline_figures=base,
+                          config={"base": spec["base"], "overrides": overrides}, name="ablation")
+        print(table({name: f}, spec.get("points") or list(f["bench"])), flush=True)
+    points = spec.get("points") or sorted({p for f in done.values() for p in f["bench"]})
+    print(table(done, points))
+    if any(e is not None for e in failures.values()):
+        raise SystemExit(1)
+
+
+def _capture(fn):
+    """fn wrapped to return None on success and the exception on failure (arms fail independently)."""
+    def wrapped(name: str):
+        try:
+            fn(name)
+        except (subprocess.CalledProcessError, OSError) as e:
+            return e
+        return None
+    return wrapped
+
+
+if __name__ == "__main__":
+    main()
