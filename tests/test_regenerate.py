@@ -459,7 +459,7 @@ def test_native_last_mode_trims_histories_and_counts_what_it_drops(tiny_llama_di
     stats = json.loads((out / "stats.json").read_text())
     assert (stats["rows_in"], stats["rows_out"], stats["dropped"]) == (3, 2, {"prompt too long": 1})
     assert stats["trimmed"] == 1 and stats["trimmed_turns"] == len(original) - len(long)
-    assert stats["changed"] == {"history trimmed to fit": 1}
+    assert stats["changed"] == {"trimmed to fit the context": 1}
     assert "2 of 3 conversations regenerated, dropped 1 (1 x prompt too long" in res.stderr
     assert "1 histories trimmed to fit the context" in res.stderr
 

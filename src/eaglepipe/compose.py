@@ -129,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.print:
         print(text, end="")
     else:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
 

@@ -19,7 +19,7 @@ from ..utils.cli import StageError
 
 # Manifest keys that must be identical for a resume to continue in the same work dir.
 RESUME_KEYS = ("fingerprint", "source_hash", "num_conversations", "shard_size", "params", "model", "backend")
-TRIMMED = "history trimmed to fit"
+TRIMMED = "trimmed to fit the context"
 
 
 def shard_name(index: int) -> str:
