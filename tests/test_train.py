@@ -126,7 +126,9 @@ def test_resume_after_a_kill_gives_bit_identical_weights(conversations, sharp_ta
     assert (a / "dvclive" / "plots" / "training_curves.png").stat().st_size > 0
     files = {p.name for p in (a / "checkpoints" / name).iterdir()}
     assert files == {"model.safetensors", "drafter_config.json", "vocab.safetensors", "optimizer.pt",
-                     "scheduler.pt", "state.json", "rng.pt"}
+                     "scheduler.pt", "state.json", "rng.pt", "log_windows.pt"}
+    ra, rb = (torch.load(p / "checkpoints" / name / "rng.pt", weights_only=False) for p in (a, b))
+    assert torch.equal(ra["torch"], rb["torch"])  # nothing drew from the RNG after the resume
 
 
 def test_bad_configs_are_rejected_before_work(conversations, sharp_target, tmp_path):

@@ -18,17 +18,17 @@ from tqdm import tqdm
 
 from ..config import Config, fingerprint, to_dict
 from ..models.target import TargetWithAux
-from ..utils.atomic import atomic_write_json
+from ..utils.atomic import atomic_write_json, remove_stale_temps
 from ..utils.device import pick_device
 from .batches import Batch, collate, pack_rows
-from .checkpoint import (checkpoint_name, load_checkpoint, prune_checkpoints, publish, read_pointer,
-                         resolve_checkpoint, save_checkpoint, set_best)
+from .checkpoint import (checkpoint_name, commit_checkpoint, load_checkpoint, publish, read_pointer,
+                         resolve_checkpoint, save_checkpoint)
 from .features import online_features
 from .flops import attention_pairs, drafter_flops, measure_matmul_peak, target_flops
 from .module import TTTModule
 from .objective import Objective, metric_keys, summarize
 from .offline import OfflineCache
-from .report import History, publish_metrics
+from .report import History, LogWindow, publish_metrics
 from .schedule import warmup_cosine
 from .schedule_data import DataSchedule
 from .setup import check_config_against_target, initial_drafter, load_target_model, target_info
@@ -135,11 +135,13 @@ class Trainer:
         self.scheduler = warmup_cosine(self.optimizer, self.total_steps, tc.warmup_ratio, tc.min_lr_ratio)
         self.work = work or work_dir(cfg, paths)
         self.step = 0
-        self.best_tau = float("-inf")
-        self._pending_best = False
+        self.best: Optional[dict[str, Any]] = None  # {"name", "replay_tau"} of the best validated checkpoint
+        self.window = LogWindow()
         self._resume()
         self.history = History(self.work / "history.jsonl", self.step)
-        self.peak = measure_matmul_peak(self.device, torch.bfloat16 if bf16 else torch.float32)
+        # forked: the measurement's random matrices must not move the RNG state that training continues from
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self.peak = measure_matmul_peak(self.device, torch.bfloat16 if bf16 else torch.float32)
 
     def _init_distributed(self) -> None:
         if not dist.is_initialized():
@@ -150,12 +152,20 @@ class Trainer:
             torch.cuda.set_device(self.device)
 
     def _resume(self) -> None:
+        """Continue from the configured checkpoint: its weights, optimizer, RNG, log window and BEST decision."""
+        if self.is_main:  # a kill mid-write leaves temp files; only the main rank writes here
+            for d in (self.work, self.work / "checkpoints"):
+                if d.is_dir():
+                    remove_stale_temps(d)
         path = resolve_checkpoint(self.work, self.cfg.train.resume) if self.cfg.train.resume else None
         if path is None:
             return
-        state = load_checkpoint(path, self.drafter, self.optimizer, self.scheduler)
+        state, windows = load_checkpoint(path, self.drafter, self.optimizer, self.scheduler)
         self.step = int(state["step"])
-        self.best_tau = float(state.get("best_tau", float("-inf")))
+        self.best = state["best"]
+        self.window.load_state_dict(windows[self.rank], self.device)
+        if self.is_main:  # redo the pointers and pruning that a kill may have cut short
+            commit_checkpoint(self.work, path.name, state, self.cfg.train.keep_checkpoints)
         log.info("resumed from %s at step %d", path.name, self.step)
 
     # ---- one micro-batch -------------------------------------------------------------------------------
@@ -192,8 +202,7 @@ class Trainer:
         tc = self.cfg.train
         end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=None if self.is_main else True)
-        sums: dict[str, torch.Tensor] = {}
-        tokens, flops, grad_norm = 0, 0.0, torch.zeros(())
+        grad_norm = torch.zeros(())
         t0 = start = time.perf_counter()
         start_step, run_tokens = self.step, 0
         if self.device.type == "cuda":  # the peak of training itself, not of the matmul-peak measurement
@@ -209,11 +218,8 @@ class Trainer:
                 with sync:
                     loss, s = self._forward(batch, denominators)
                     (loss * self.world).backward()
-                for k, v in s.items():
-                    sums[k] = sums.get(k, 0) + v
-                tokens += cpu_batch.num_tokens
+                self.window.add(s, cpu_batch.num_tokens, self._flops(cpu_batch))
                 run_tokens += cpu_batch.num_tokens
-                flops += self._flops(cpu_batch)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.drafter.parameters() if p.requires_grad],
                                                        tc.max_grad_norm)
             self.optimizer.step()
@@ -222,15 +228,14 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == end:
-                row = self._log_train(sums, tokens, flops, grad_norm, time.perf_counter() - t0)
+                row = self._log_train(grad_norm, time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc0=f"{row['acc_0']:.3f}",
                                 tok_s=f"{row['tokens_per_s']:.0f}")
-                sums, tokens, flops, t0 = {}, 0, 0.0, time.perf_counter()
-            evaluated = self.val_samples and (self.step % tc.eval_every == 0 or self.step == self.total_steps)
-            if evaluated:
-                self._evaluate()
-            if self.step % tc.save_every == 0 or self.step == end or evaluated:
-                self._save()
+                self.window, t0 = LogWindow(), time.perf_counter()
+            val = self._evaluate() if self.val_samples and (
+                self.step % tc.eval_every == 0 or self.step == self.total_steps) else None
+            if self.step % tc.save_every == 0 or self.step == end or val is not None:
+                self._save(val)
         bar.close()
         if self.step >= self.total_steps:
             return self._finish(self._throughput(self.step - start_step, run_tokens, time.perf_counter() - start))
@@ -258,8 +263,9 @@ class Trainer:
             dist.all_reduce(vec)
         return dict(zip(keys, vec.cpu()))
 
-    def _log_train(self, sums, tokens: int, flops: float, grad_norm: torch.Tensor, seconds: float) -> dict:
-        totals = self._reduce({**sums, "_tokens": torch.tensor(float(tokens)), "_flops": torch.tensor(flops)})
+    def _log_train(self, grad_norm: torch.Tensor, seconds: float) -> dict:
+        w = self.window
+        totals = self._reduce({**w.sums, "_tokens": torch.tensor(float(w.tokens)), "_flops": torch.tensor(w.flops)})
         row = summarize(totals, self.cfg.train.ttt_steps, self.cfg.train.step_weight_decay)
         tok = float(totals["_tokens"])
         row.update(step=self.step, split="train", grad_norm=float(grad_norm), lr=self.scheduler.get_last_lr()[0],
@@ -271,7 +277,7 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
-        """Validation metrics over the whole val split (shared across ranks); updates BEST."""
+        """Validation metrics over the whole val split (shared across ranks)."""
         tc = self.cfg.train
         self.module.eval()
         rows = pack_rows([len(s["input_ids"]) for s in self.val_samples], range(len(self.val_samples)),
@@ -296,32 +302,34 @@ class Trainer:
         row.update(step=self.step, split="val")
         if self.is_main:
             self.history.add(row)
-        # BEST follows the replayed-rounds tau: it is what a serving engine measures (sim_tau reads high)
-        self._pending_best = row["replay_tau"] > self.best_tau
-        if self._pending_best:
-            self.best_tau = row["replay_tau"]
         return row
 
     def _plain_module(self) -> TTTModule:
         return self.module.module if hasattr(self.module, "module") else self.module
 
-    def _save(self) -> None:
-        if not self.is_main:
-            return
+    def _save(self, val: Optional[dict[str, Any]]) -> None:
+        """Checkpoint this step with its BEST decision: this checkpoint when its validation `val` beats the best
+        so far on the replayed-rounds tau (what a serving engine measures; sim_tau reads high)."""
         epoch, _ = self.data.locate(self.step - 1)
         name = checkpoint_name(epoch, self.step)
+        if val is not None and (self.best is None or val["replay_tau"] > self.best["replay_tau"]):
+            self.best = {"name": name, "replay_tau": val["replay_tau"]}
+        windows = [self.window.state_dict()]  # each rank's, since the next history row reduces them all
+        if self.world > 1:
+            windows = [None] * self.world
+            dist.all_gather_object(windows, self.window.state_dict())
+        if not self.is_main:
+            return
         state = {"step": self.step, "epoch": epoch, "data_position": self.data.locate(self.step),
-                 "best_tau": self.best_tau, "config_fingerprint": self.work.name}
-        save_checkpoint(self.work, name, self.drafter, self.optimizer, self.scheduler, state)
-        if self._pending_best:
-            set_best(self.work, name, self.best_tau)
-            self._pending_best = False
-        prune_checkpoints(self.work, self.cfg.train.keep_checkpoints)
+                 "val_replay_tau": None if val is None else val["replay_tau"], "best": self.best,
+                 "config_fingerprint": self.work.name}
+        save_checkpoint(self.work, name, self.drafter, self.optimizer, self.scheduler, state, windows,
+                        self.cfg.train.keep_checkpoints)
 
     def _finish(self, throughput: dict[str, Any]) -> dict[str, Any]:
-        summary = {"steps": self.step, "latest": read_pointer(self.work, "LATEST"),
-                   "best": read_pointer(self.work, "BEST") or read_pointer(self.work, "LATEST"),
-                   "best_replay_tau": self.best_tau if self.best_tau > float("-inf") else None,
+        latest = read_pointer(self.work, "LATEST")
+        summary = {"steps": self.step, "latest": latest, "best": self.best["name"] if self.best else latest,
+                   "best_replay_tau": self.best["replay_tau"] if self.best else None,
                    "algorithm": self.drafter.config.algorithm, "mode": self.mode, "work_dir": str(self.work)}
         last = {r["split"]: r for r in self.history.rows}
         summary["final"] = last

@@ -1,10 +1,15 @@
-"""Metric history (resumable JSONL in the work dir) and its publication as dvclive metrics/plots and a PNG."""
+"""Metric history (resumable JSONL in the work dir), the sums of the steps since its last row, and its publication
+as dvclive metrics/plots and a PNG."""
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from ..utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -14,18 +19,54 @@ class History:
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
-        rows = []
-        if path.exists():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        self.rows = [r for r in rows if r["step"] <= resume_step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        self.rows = [r for r in _parse_rows(lines) if r["step"] <= resume_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def add(self, row: dict[str, Any]) -> None:
         """Record one row (`step`, `split` and metrics)."""
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _parse_rows(lines: list[str]) -> list[dict[str, Any]]:
+    """The rows of history.jsonl. A last line torn by a kill is dropped: every row is appended before the checkpoint
+    of its step is written, so a torn row always lies beyond the checkpoint a run resumes from."""
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return rows
+
+
+class LogWindow:
+    """Metric sums of the optimizer steps since the last history row. Each checkpoint saves it, so a run resumed
+    between two rows averages the same steps into its next row as an uninterrupted run does."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+        self.flops = 0.0
+
+    def add(self, sums: dict[str, torch.Tensor], tokens: int, flops: float) -> None:
+        """Accumulate one micro-batch's metric sums, real tokens and FLOPs."""
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.tokens += tokens
+        self.flops += flops
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums on the CPU, for a checkpoint."""
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "tokens": self.tokens, "flops": self.flops}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restore what `state_dict` saved, the sums on `device`."""
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.tokens, self.flops = state["tokens"], state["flops"]
 
 
 def publish_metrics(rows: list[dict[str, Any]], out_dir: Path, ttt_steps: int) -> None:

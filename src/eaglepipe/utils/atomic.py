@@ -88,3 +88,23 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temps(directory: str | Path) -> None:
+    """Remove the temp files and dirs (`.*.tmp`) that writes killed half-way left in `directory`; call it only
+    where no other process is writing."""
+    for path in Path(directory).glob(".*.tmp"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def atomic_rmtree(path: str | Path) -> None:
+    """Delete a directory so that a kill never leaves it half-deleted under its own name: it is renamed to a temp
+    name first (which `remove_stale_temps` clears after a kill)."""
+    path = Path(path)
+    trash = path.with_name(f".{path.name}.removed.tmp")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
