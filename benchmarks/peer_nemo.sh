@@ -34,19 +34,20 @@ step() {  # step NAME SECONDS CMD... -> the command's exit status (0 for a step 
   return $rc
 }
 
-compose() {
-  python3 -m eaglepipe.compose experiment=$EXP "data.sources=[{name: peer_rows, kind: local, path: $ROWS_ABS}]" "$@"
-}
+COMPOSE=(python3 -m eaglepipe.compose "experiment=$EXP" "data.sources=[{name: peer_rows, kind: local, path: $ROWS_ABS}]")
 
 nemo_layout() {  # the folder layout the kit's gpu_run.sh expects, under $NP
   mkdir -p "$NP"/{gpu_wheels,gguf,data,scripts,configs}
   cp "$KIT"/*.py "$KIT"/*.sh "$NP/scripts/" && cp "$KIT"/smollm2_eagle3.yaml "$NP/configs/"
   cp "$NEMO_WHEELS"/*.whl "$NP/gpu_wheels/" && cp "$GGUF" "$NP/gguf/"
   cp "$ROWS" "$NP/data/sharegpt_peer.jsonl" && cp "$VAL" "$NP/data/sharegpt_val200.jsonl"
+  # the kit's gpu_run.sh decompresses data/*.jsonl.xz that have no .jsonl beside them: give it the compressed rows
+  for f in "$ROWS" "$VAL"; do [ -f "$f.xz" ] || xz -1 -k -f "$f"; done
+  cp "$ROWS.xz" "$NP/data/sharegpt_peer.jsonl.xz" && cp "$VAL.xz" "$NP/data/sharegpt_val200.jsonl.xz"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.txt" 2>&1
-step compose 120 compose
+step compose 120 "${COMPOSE[@]}"
 step target 600 snakemake --cores all "$R/target"
 # eaglepipe's data stages use no GPU: they run beside the peer's training.
 step prep 1800 snakemake --cores 4 "$R/vocab" &
@@ -64,7 +65,7 @@ step unpack_raw 300 python3 "$KIT/unpack_returned_draft.py" "$STORE/nemo_ret/dra
 step validate_raw 120 python3 -m eaglepipe.validate "$STORE/nemo_raw" --target "$R/target"
 step unpack 300 python3 "$KIT/unpack_returned_draft.py" "$STORE/nemo_ret/draft" "$MODEL" "$STORE/nemo_sglang" --sglang
 step validate 120 python3 -m eaglepipe.validate "$STORE/nemo_sglang" --target "$R/target"
-step compose_nemo 120 compose "bench.drafter=$(realpath -m "$STORE/nemo_sglang")" --out "$STORE/params_nemo.yaml"
+step compose_nemo 120 "${COMPOSE[@]}" "bench.drafter=$(realpath -m "$STORE/nemo_sglang")" --out "$STORE/params_nemo.yaml"
 step bench_nemo 1800 python3 -m eaglepipe.stages.bench --params "$STORE/params_nemo.yaml" --target "$R/target" \
   --export "$R/export" --out "$R/bench_nemo"
 step report 120 python3 benchmarks/peer_h2h.py --experiment "$EXP" --nemo-stats "$NP/out_peer/peer_stats.json" \
