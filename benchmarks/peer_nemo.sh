@@ -54,7 +54,10 @@ step prep 1800 snakemake --cores 4 "$R/vocab" &
 prep=$!
 # The peer alone on the GPU. Its wheels go to its own site dir (it needs transformers 5.18); ours stay.
 case " $STEPS " in *" all "*|*" nemo "*) nemo_layout >> "$LOGS/nemo.log" 2>&1 ;; esac
-step nemo 3600 env DATA=peer NP="$NP" OUT="$STORE/nemo_ret" bash "$NP/scripts/gpu_run.sh"
+# The kit's config file says seq 512 and micro-batch 1; the comparison runs the peer at seq 2048 with the
+# micro-batch its README measured (4).
+step nemo 3600 env DATA=peer NP="$NP" OUT="$STORE/nemo_ret" \
+  EXTRA="--recipe_args.seq_length=2048 --recipe_args.micro_batch_size=${NEMO_MBS:-4}" bash "$NP/scripts/gpu_run.sh"
 wait $prep
 step ours 3600 snakemake --cores all "$R/export"
 step bench_ours 1800 snakemake --cores all
@@ -62,9 +65,9 @@ step bench_ours 1800 snakemake --cores all
 # validator must refuse) and once rewritten for SGLang by the kit's unpack step.
 MODEL=$(python3 -c "from eaglepipe.target.info import resolve_model_dir as r; print(r('$R/target'))" 2>/dev/null)
 step unpack_raw 300 python3 "$KIT/unpack_returned_draft.py" "$STORE/nemo_ret/draft" "$MODEL" "$STORE/nemo_raw"
-step validate_raw 120 python3 -m eaglepipe.validate "$STORE/nemo_raw" --target "$R/target"
+step validate_raw 120 python3 -m eaglepipe.validate --external "$STORE/nemo_raw" --target "$R/target"
 step unpack 300 python3 "$KIT/unpack_returned_draft.py" "$STORE/nemo_ret/draft" "$MODEL" "$STORE/nemo_sglang" --sglang
-step validate 120 python3 -m eaglepipe.validate "$STORE/nemo_sglang" --target "$R/target"
+step validate 120 python3 -m eaglepipe.validate --external "$STORE/nemo_sglang" --target "$R/target"
 step compose_nemo 120 "${COMPOSE[@]}" "bench.drafter=$(realpath -m "$STORE/nemo_sglang")" --out "$STORE/params_nemo.yaml"
 step bench_nemo 1800 python3 -m eaglepipe.stages.bench --params "$STORE/params_nemo.yaml" --target "$R/target" \
   --export "$R/export" --out "$R/bench_nemo"

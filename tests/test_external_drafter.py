@@ -29,13 +29,19 @@ def our_export(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def nemo_style(export: Path, target: Path, out: Path, layer_prefix: str = "model.layers.0.",
-               num_hidden_layers: int = 1, architecture: str = "LlamaForCausalLMEagle3") -> Path:
+               num_hidden_layers: int = 1, architecture: str = "LlamaForCausalLMEagle3",
+               draft_order: torch.Tensor | None = None) -> Path:
     """Our SGLang export as NeMo AutoModel 0.7.0 saves a draft (after its kit's unpack): decoder-layer weights
     under `layer_prefix` instead of midlayer., fc/norm with a model. prefix, the target's embedding shipped,
     RoPE only in transformers 5's rope_parameters, no aux ids (SGLang's defaults, which our export used), no
-    norm_before_residual, `dtype` for torch_dtype, and a speculative_token_map.pt."""
+    norm_before_residual, `dtype` for torch_dtype, and a speculative_token_map.pt. `draft_order` permutes the
+    draft vocab (lm_head rows and d2t together): NeMo's draft ids are not in ascending target-id order."""
     out.mkdir(parents=True)
     state = load_file(str(export / "sglang" / "model.safetensors"))
+    if draft_order is not None:
+        ids = (torch.arange(state["d2t"].numel()) + state["d2t"])[draft_order]
+        state["d2t"] = ids - torch.arange(ids.numel())
+        state["lm_head.weight"] = state["lm_head.weight"][draft_order].contiguous()
     renamed = {}
     for name, tensor in state.items():
         if name.startswith("midlayer."):
@@ -95,6 +101,32 @@ def test_nemo_style_drafter_validates_with_warnings_and_loads_as_the_original(
         (h_ours, logits_ours, _), (h_theirs, logits_theirs, _) = (
             m.model.step(ids, m.model.fuse(aux), positions) for m in (original, loaded))
     assert torch.equal(logits_ours, logits_theirs) and torch.equal(h_ours, h_theirs)
+
+
+def test_a_draft_vocab_in_any_order_is_served_with_a_warning(our_export: Path, tiny_llama_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """Both engines map draft id i to i + d2t[i] only, so a permuted vocab drafts the same target tokens."""
+    from eaglepipe.spec.drafter_loader import load_exported_drafter
+    from eaglepipe.validate import validate_export
+
+    order = torch.randperm(512, generator=torch.Generator().manual_seed(3))
+    nemo = nemo_style(our_export, tiny_llama_dir, tmp_path / "nemo", draft_order=order)
+    report = validate_export(nemo, tiny_llama_dir, strict=False)
+    assert report.ok, report.problems
+    assert any("d2t does not map draft ids to strictly increasing target ids" in w for w in report.warnings)
+    original = load_exported_drafter(our_export, tiny_llama_dir, "cpu", torch.float32)
+    loaded = load_exported_drafter(nemo, tiny_llama_dir, "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    aux, ids = torch.randn(1, 5, 3 * 64, generator=gen), torch.randint(0, 49152, (1, 5), generator=gen)
+    positions = torch.arange(5)[None]
+    by_target = []
+    for m in (original, loaded):
+        with torch.no_grad():
+            _, logits, _ = m.model.step(ids, m.model.fuse(aux), positions)
+        full = torch.full((*logits.shape[:-1], 49152), float("-inf"))
+        full[..., torch.arange(512) + m.model.d2t] = logits
+        by_target.append(full)
+    assert torch.equal(by_target[0], by_target[1])
 
 
 def test_nemo_raw_depth_and_architecture_are_problems(our_export: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
