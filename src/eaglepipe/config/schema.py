@@ -212,15 +212,15 @@ class TrainCfg:
     out_of_vocab: str = "drop"
     # target | random
     lm_head_init: str = "target"
+    # draft-token loss: soft_ce | lk_alpha (-log acceptance rate) | lk_lambda (adaptive KL/TV mix)
+    loss: str = "soft_ce"
+    # lk_lambda: lam = exp(-lk_eta * alpha) weights KL against TV per position
+    lk_eta: float = 3.0
     # EAGLE-1 loss weights
     hidden_loss_weight: float = 1.0
     token_loss_weight: float = 0.1
     hidden_loss: str = "smooth_l1"
     # drafter shape overrides (null = copy the target's)
-    # draft-token loss: soft_ce | lk_alpha (-log acceptance rate) | lk_lambda (adaptive KL/TV mix)
-    loss: str = "soft_ce"
-    # lk_lambda: lam = exp(-lk_eta * alpha) weights KL against TV per position
-    lk_eta: float = 3.0
     intermediate_size: Optional[int] = None
     log_every: int = 10
     eval_every: int = 100
@@ -255,14 +255,14 @@ class TrainCfg:
         _require(self.out_of_vocab in ("drop", "keep"), "train.out_of_vocab must be drop|keep")
         _require(self.lm_head_init in ("target", "random"), "train.lm_head_init must be target|random")
         _require(self.hidden_loss in ("smooth_l1", "mse"), "train.hidden_loss must be smooth_l1|mse")
+        _require(self.loss in ("soft_ce", "lk_alpha", "lk_lambda"),
+                 f"train.loss must be soft_ce|lk_alpha|lk_lambda, got {self.loss!r}")
+        _require(self.lk_eta >= 0, f"train.lk_eta must be >= 0, got {self.lk_eta}")
         _require(self.parallel in ("single", "ddp", "fsdp"), "train.parallel must be single|ddp|fsdp")
         _require(self.nproc_per_node >= 1, "train.nproc_per_node must be >= 1")
         _require(self.ttt_attention in ("auto", "flex", "math"), "train.ttt_attention must be auto|flex|math")
 
 
-        _require(self.loss in ("soft_ce", "lk_alpha", "lk_lambda"),
-                 f"train.loss must be soft_ce|lk_alpha|lk_lambda, got {self.loss!r}")
-        _require(self.lk_eta >= 0, f"train.lk_eta must be >= 0, got {self.lk_eta}")
 @dataclass
 class ExportCfg:
     """Conversion of the trained checkpoint for serving engines."""
