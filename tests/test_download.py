@@ -1,19 +1,23 @@
-"""Download: truncation-tolerant JSON streaming, local file kinds, split slices, hub file choice, mixing."""
+"""Download: truncation-tolerant JSON streaming, local file kinds, hub datasets through `datasets` (split slices,
+data_files, offline cache), mixing."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from eaglepipe.config import DataCfg, SourceCfg
+from eaglepipe.config import Config, ConfigError, DataCfg, SourceCfg, to_dict
 from eaglepipe.data.download import download
-from eaglepipe.data.hub_dataset import split_files
 from eaglepipe.data.json_stream import StreamReport, iter_json_array
 from eaglepipe.data.mix import allocate, choose_rows
 from eaglepipe.data.sources import packaged_sharegpt_path, read_files
-from eaglepipe.data.split_spec import parse_split
 import eaglepipe.data.json_stream as json_stream
 
 CONVS = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"question {i} " + "x" * (i * 37)},
@@ -180,36 +184,122 @@ def test_choose_rows_is_seeded_per_source():
     assert list(choose_rows(5, 10, 0, "a")) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("spec,total,expected", [
-    ("train", 50, ("train", 0, 50)),
-    ("train[:200000]", 1000, ("train", 0, 1000)),
-    ("train[:20]", 1000, ("train", 0, 20)),
-    ("train[10%:20%]", 1000, ("train", 100, 200)),
-    ("train_sft[5:]", 8, ("train_sft", 5, 8)),
-    ("test[-10:]", 100, ("test", 90, 100)),
-    ("train[:-25%]", 100, ("train", 0, 75)),
-])
-def test_parse_split(spec, total, expected):
-    s = parse_split(spec)
-    assert (s.name, *s.bounds(total)) == expected
+@pytest.mark.parametrize("split", ["train", "train[:200000]", "train[10%:20%]", "train_sft[5:]", "test[-10:]",
+                                   "train[:-25%]"])
+def test_hub_split_is_checked_by_datasets_at_config_time(split):
+    SourceCfg(name="h", kind="hub", path="org/data", split=split).check()
 
 
-@pytest.mark.parametrize("spec", ["train[a:b]", "train[:10", "train[150%:]", "[:10]", "train[1:2:3]"])
-def test_parse_split_rejects_bad_specs(spec):
-    with pytest.raises(ValueError, match="split"):
-        parse_split(spec)
+@pytest.mark.parametrize("split", ["train[a:b]", "train[:10", "train[150%:]", "[:10]", "train[1:2:3]", "train+test"])
+def test_bad_hub_split_is_a_config_error(split):
+    with pytest.raises(ConfigError, match=r"data.sources\[h\].split"):
+        SourceCfg(name="h", kind="hub", path="org/data", split=split).check()
 
 
-def test_split_files_picks_the_split():
-    files = ["README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
-             "data/train_sft-00000-of-00001.parquet", "data/test-00000-of-00001.parquet", ".gitattributes"]
-    assert split_files(files, "train") == files[1:3]
-    assert split_files(files, "train_sft") == ["data/train_sft-00000-of-00001.parquet"]
-    assert split_files(["default/train/0000.parquet", "default/test/0000.parquet"], "train") == \
-        ["default/train/0000.parquet"]
-    single = ["ShareGPT_V3_unfiltered_cleaned_split.json", "sg_90k_part1.json"]
-    assert split_files(single, "train") == sorted(single)
-    assert split_files(single, "test") == []
-    assert split_files(["a/train.jsonl", "b/train.jsonl"], "train", data_files="b/*") == ["b/train.jsonl"]
-    assert split_files(single + ["ShareGPT_V4.3_unfiltered_cleaned_split.json"], "train",
-                       data_files="ShareGPT_V4.3_*.json") == ["ShareGPT_V4.3_unfiltered_cleaned_split.json"]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dataset_repo(root: Path) -> Path:
+    """A dataset repo laid out as on the hub: two train shards (20 rows), a train_sft and a test split."""
+    data = root / "data"
+    data.mkdir(parents=True)
+    for shard in range(2):
+        pq.write_table(pa.Table.from_pylist([{"k": f"train{i}"} for i in range(shard * 10, shard * 10 + 10)]),
+                       data / f"train-{shard:05d}-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist([{"k": f"train_sft{i}"} for i in range(4)]),
+                   data / "train_sft-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist([{"k": f"test{i}"} for i in range(3)]), data / "test-00000-of-00001.parquet")
+    return root
+
+
+def _run_download(tmp_path: Path, name: str, sources: list[dict], cache: Path) -> subprocess.CompletedProcess:
+    """The download CLI as the pipeline runs it, offline, with its own datasets cache."""
+    params = to_dict(Config())
+    params["data"].update(sources=sources, max_samples=None)
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "eaglepipe.stages.download", "--params", str(tmp_path / f"{name}.yaml"),
+                           "--out", str(tmp_path / name)], env=env, cwd=tmp_path, capture_output=True, text=True)
+
+
+def _rows_by_source(out: Path) -> dict[str, list[tuple[int, str]]]:
+    rows: dict[str, list[tuple[int, str]]] = {}
+    for r in pq.read_table(out / "part-00000.parquet").to_pylist():
+        rows.setdefault(r["source"], []).append((r["row"], json.loads(r["record"])["k"]))
+    return rows
+
+
+def test_hub_dataset_splits_slices_and_data_files(tmp_path):
+    repo = _dataset_repo(tmp_path / "repo")
+    versions = tmp_path / "sharegpt"  # several ShareGPT versions side by side; data_files picks one
+    versions.mkdir()
+    for v, n in (("V3", 2), ("V4.3", 3)):
+        (versions / f"ShareGPT_{v}_unfiltered_cleaned_split.json").write_text(
+            json.dumps([{"k": f"{v}-{i}"} for i in range(n)]))
+    hub = {"kind": "hub", "path": str(repo)}
+    r = _run_download(tmp_path, "raw", [
+        {**hub, "name": "head", "split": "train[:3]"},            # streamed
+        {**hub, "name": "window", "split": "train[8:12]"},        # streamed across the shard boundary
+        {**hub, "name": "pct", "split": "train[10%:20%]"},        # prepared in the cache, then sliced
+        {**hub, "name": "sft", "split": "train_sft"},
+        {"kind": "hub", "path": str(versions), "name": "v43", "data_files": "ShareGPT_V4.3_*.json"}],
+        tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    rows = _rows_by_source(tmp_path / "raw")
+    assert rows["head"] == [(i, f"train{i}") for i in range(3)]
+    assert rows["window"] == [(i, f"train{i}") for i in range(8, 12)]
+    assert rows["pct"] == [(2, "train2"), (3, "train3")]
+    assert rows["sft"] == [(i, f"train_sft{i}") for i in range(4)]
+    assert rows["v43"] == [(i, f"V4.3-{i}") for i in range(3)]
+    sources = json.loads((tmp_path / "raw" / "manifest.json").read_text())["sources"]
+    assert [Path(f["path"]).name for f in sources["window"]["files"]] == \
+        ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    assert (sources["pct"]["split"], sources["pct"]["first_row"]) == ("train[10%:20%]", 2)
+    assert [Path(f["path"]).name for f in sources["v43"]["files"]] == ["ShareGPT_V4.3_unfiltered_cleaned_split.json"]
+
+
+def test_hub_dataset_loads_offline_from_the_datasets_cache(tmp_path):
+    import datasets
+
+    # the cache an earlier online load of the hub dataset `user/repo` leaves behind: prepared from a copy of its files,
+    # under the folder datasets gives a hub id (namespace___name)
+    cache = tmp_path / "cache"
+    datasets.load_dataset_builder(str(_dataset_repo(tmp_path / "repo")), cache_dir=str(cache)).download_and_prepare()
+    (cache / "repo").rename(cache / "user___repo")
+    hub = {"kind": "hub", "path": "user/repo"}
+    r = _run_download(tmp_path, "raw", [{**hub, "name": "tail", "split": "train[-3:]"},
+                                        {**hub, "name": "head", "split": "train[:2]"},
+                                        {**hub, "name": "test", "split": "test"}], cache)
+    assert r.returncode == 0, r.stderr
+    rows = _rows_by_source(tmp_path / "raw")
+    assert rows["tail"] == [(i, f"train{i}") for i in range(17, 20)]
+    assert rows["head"] == [(0, "train0"), (1, "train1")]
+    assert rows["test"] == [(i, f"test{i}") for i in range(3)]
+
+    r = _run_download(tmp_path, "missing", [{**hub, "name": "x", "path": "user/other"}], cache)
+    assert r.returncode == 2 and not (tmp_path / "missing").exists()
+    assert "datasets could not load 'user/other'" in r.stderr
+    assert "HF_HUB_OFFLINE is set, so only datasets already in the datasets cache load" in r.stderr
+
+
+@pytest.mark.parametrize("split", ["valid", "valid[:3]"])
+def test_hub_dataset_unknown_split_is_a_clear_error(tmp_path, split):
+    repo = _dataset_repo(tmp_path / "repo")
+    r = _run_download(tmp_path, "raw", [{"kind": "hub", "path": str(repo), "name": "x", "split": split}],
+                      tmp_path / "cache")
+    assert r.returncode == 2 and "error: datasets could not load" in r.stderr
+    assert "valid" in r.stderr and "train_sft" in r.stderr  # names the splits there are
+    assert "kind: local" not in r.stderr
+
+
+@pytest.mark.parametrize("split", ["train", "train[:5]"])
+def test_hub_dataset_with_a_malformed_json_file_says_how_to_keep_its_rows(tmp_path, split):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "train.jsonl").write_text(json.dumps(CONVS[0]) + "\n{broken\n" + json.dumps(CONVS[1]) + "\n")
+    r = _run_download(tmp_path, "raw", [{"kind": "hub", "path": str(repo), "name": "x", "split": split}],
+                      tmp_path / "cache")
+    assert r.returncode == 2 and not (tmp_path / "raw").exists()
+    assert "datasets could not load" in r.stderr and "JSON parse error" in r.stderr
+    assert "kind: local, which passes malformed records on to normalize" in r.stderr

@@ -35,6 +35,9 @@ GOOD = {
                                             {"from": "human", "value": "more"}, {"from": "gpt", "value": "sure"}]},
     "consecutive": {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                                  {"role": "assistant", "content": "c"}, {"role": "assistant", "content": "d"}]},
+    # a row of a table whose rows mix both naming schemes: the other scheme's columns are null
+    "null_filled": {"messages": None, "conversations": [{"from": "human", "value": "q", "role": None, "content": None},
+                                                        {"from": None, "value": None, "role": "gpt", "content": "a"}]},
 }
 EXPECTED = {
     "sharegpt": [(U, "Hi"), (A, "Hello!"), (U, "Bye"), (A, "Bye.")],
@@ -45,6 +48,7 @@ EXPECTED = {
     "trailing_user": [(U, "q"), (A, "a")],
     "leading_assistant": [(U, "more"), (A, "sure")],
     "consecutive": [(U, "a\n\nb"), (A, "c\n\nd")],
+    "null_filled": [(U, "q"), (A, "a")],
 }
 BAD = [  # (JSONL line, expected reason)
     ('{"conversations": [{"from": "human", "value": "x"}', "malformed JSON"),
@@ -144,6 +148,22 @@ def test_parquet_source_with_messages_column(tmp_path):
     assert [r["id"] for r in read_conversations(chat)] == ["pq:0"]
     rejects = [json.loads(x) for x in (chat / "rejects.jsonl").read_text().splitlines()]
     assert [(r["id"], r["reason"]) for r in rejects] == [("pq:1", "no assistant turn")]
+
+
+def test_parquet_written_by_datasets_keeps_its_json_columns(tmp_path):
+    import datasets
+
+    # turns of two naming schemes and content of two types: datasets stores them as a Json column, which is text
+    # in the parquet file itself
+    rows = [GOOD["sharegpt"], {"conversations": GOOD["content_parts"]["messages"]}]
+    features = datasets.Features({"id": datasets.Value("string"), "conversations": datasets.List(datasets.Json())})
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "mixed.parquet"))
+    assert isinstance(pq.read_table(tmp_path / "mixed.parquet").to_pylist()[0]["conversations"][0], str)
+    params = write_params(tmp_path / "params.yaml", max_samples=None,
+                          sources=[{"name": "pq", "kind": "local", "path": str(tmp_path / "mixed.parquet")}])
+    chat = {r["id"]: r["messages"] for r in read_conversations(run_download_normalize(tmp_path, params))}
+    assert [(m["role"], m["content"]) for m in chat["pq:0"]] == EXPECTED["sharegpt"]
+    assert [(m["role"], m["content"]) for m in chat["pq:1"]] == EXPECTED["content_parts"]
 
 
 def test_all_rows_invalid_fails_naming_the_problem(tmp_path, capsys):

@@ -51,10 +51,12 @@ class SourceCfg:
     name: str = "sharegpt"
     # packaged_sharegpt | hub | local
     kind: str = "packaged_sharegpt"
+    # hub: a dataset id or a local copy of a dataset repo; local: a .jsonl/.json/.parquet file or a folder of them
     path: str = ""
+    # hub only, read by `datasets`: a split with an optional slice (train, train[:200000], train[10%:20%]), the
+    # revision (branch, tag or commit; null = main) and a glob over the repo's files that forms the train split
+    # (e.g. "ShareGPT_V4.3_*.json" or "en/*.parquet"; null = the repo's own splits)
     split: str = "train"
-    # hub only: dataset revision (branch, tag or commit; null = main) and a glob over the repo's file paths
-    # choosing the data files (e.g. "ShareGPT_V4.3_*.json" or "en/*.parquet"; null = the split's files)
     revision: Optional[str] = None
     data_files: Optional[str] = None
     # relative mixing weight (used when data.max_samples is set and samples is null)
@@ -71,12 +73,15 @@ class SourceCfg:
         _require(self.samples is None or self.samples > 0,
                  f"data.sources[{self.name}].samples must be > 0 or null")
         if self.kind == "hub":
-            from ..data.split_spec import parse_split
+            from datasets import ReadInstruction
 
+            _require("+" not in self.split, f"data.sources[{self.name}].split: one split per source, got "
+                     f"{self.split!r} (list a source per split to mix them)")
             try:
-                parse_split(self.split)
+                ReadInstruction.from_spec(self.split)
             except ValueError as e:
-                raise ConfigError(f"data.sources[{self.name}].split: {e}") from None
+                raise ConfigError(f"data.sources[{self.name}].split {self.split!r}: {e}; expected e.g. train, "
+                                  "train[:1000] or train[10%:20%]") from None
 
 
 @dataclass

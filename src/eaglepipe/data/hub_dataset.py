@@ -1,78 +1,80 @@
-"""A hub dataset source: pick the repo's files for a split, download them with huggingface_hub, and slice."""
+"""A `kind: hub` source: a Hugging Face dataset (a hub id, or a local copy of a dataset repo) read with `datasets`.
+
+`datasets` resolves the split and its slice, the data files, the revision and the file formats, and keeps the cache.
+Authentication, the cache's location and offline mode are its own (HF_TOKEN, HF_HOME, HF_DATASETS_CACHE,
+HF_HUB_OFFLINE: offline, a hub dataset loads from the datasets cache when it was loaded there before).
+"""
 from __future__ import annotations
 
-import fnmatch
-import logging
+import json
 import re
-from pathlib import Path, PurePosixPath
-from typing import Optional
+from typing import Any, Iterable, Optional
 
-from .json_stream import StreamReport
-from .sources import DATA_SUFFIXES, SourceRecords, add_file, iter_file_records
-from .split_spec import parse_split
+from tqdm import tqdm
 
-log = logging.getLogger("eaglepipe.data")
-PARQUET_BRANCH = "refs/convert/parquet"
+from .sources import SourceRecords
 
-
-def split_files(repo_files: list[str], split: str, data_files: Optional[str] = None) -> list[str]:
-    """The data files of `split` among a dataset repo's files (sorted).
-
-    `data_files` (a glob over repo paths) picks the files directly, whatever the split. Otherwise a file
-    belongs to the split when a folder in its path is named like the split or its name starts with the split
-    followed by '-', '.' or nothing (so `train` does not take `train_sft-*`). A repo without split-named files
-    is a single split, served only as `train`. Parquet wins when a split has both.
-    """
-    files = [f for f in repo_files if PurePosixPath(f).suffix.lower() in DATA_SUFFIXES
-             and not any(p.startswith(".") for p in PurePosixPath(f).parts)]
-    if data_files:
-        return sorted(f for f in files if fnmatch.fnmatch(f, data_files))
-    stem_re = re.compile(rf"^{re.escape(split)}(?:[-.].*)?$")
-    chosen = [f for f in files if split in PurePosixPath(f).parts[:-1]
-              or stem_re.match(PurePosixPath(f).name.split(".")[0])]
-    if not chosen and split == "train":
-        named = re.compile(r"^(train|validation|valid|val|test|dev)([-_.]|$)")
-        if not any(named.match(PurePosixPath(f).name) for f in files):
-            chosen = files
-    parquet = [f for f in chosen if f.lower().endswith(".parquet")]
-    return sorted(parquet or chosen)
+# `name[a:b]` with absolute, non-negative bounds: its rows are known without the split's length, so they stream
+_WINDOW = re.compile(r"^([\w.-]+)\[(\d*):(\d+)\]$")
+_MALFORMED_HINT = ("; datasets cannot read past a malformed record or the cut end of a truncated JSON file: download "
+                  "the files and read them with kind: local, which passes malformed records on to normalize and "
+                  "keeps a truncated file's complete records")
 
 
-def read_hub_dataset(name: str, repo_id: str, split: str, revision: Optional[str] = None,
+def _describe(path: str, split: str, e: Exception, reading: bool) -> str:
+    import datasets
+
+    msg = f"datasets could not load {path!r} split {split!r}: {type(e).__name__}: {e}"
+    if e.__cause__ is not None:
+        msg += f" (caused by {type(e.__cause__).__name__}: {e.__cause__})"
+    if reading:
+        msg += _MALFORMED_HINT
+    if isinstance(e, ConnectionError) and datasets.config.HF_HUB_OFFLINE:
+        msg += "; HF_HUB_OFFLINE is set, so only datasets already in the datasets cache load"
+    return msg
+
+
+def _rows(builder: Any, spec: str) -> tuple[Iterable[dict[str, Any]], str, int]:
+    """The rows of `spec` from `builder`, its split's name and the index of its first row within the split."""
+    import datasets
+
+    window = _WINDOW.match(spec)
+    if window:
+        start = int(window[2] or 0)
+        stream = builder.as_streaming_dataset(split=window[1])
+        return stream.skip(start).take(max(int(window[3]) - start, 0)), window[1], start
+    builder.download_and_prepare()
+    lengths = {n: s.num_examples for n, s in builder.info.splits.items()}
+    first = datasets.ReadInstruction.from_spec(spec).to_absolute(lengths)[0]
+    return builder.as_dataset(split=spec), first.splitname, first.from_
+
+
+def read_hub_dataset(name: str, path: str, split: str, revision: Optional[str] = None,
                      data_files: Optional[str] = None) -> SourceRecords:
-    """Download the files of `split` (with `[a:b]` slicing) from a hub dataset repo and read their records.
+    """The rows of `split` (`train`, `train[:1000]`, `train[10%:20%]`) as JSON text.
 
-    Authentication and the cache location follow huggingface_hub (HF_TOKEN, HF_HOME, HF_HUB_OFFLINE).
-    An absolute `[:N]` slice stops downloading once N records are read.
+    A fixed row window (`train[:N]`, `train[a:b]`) is streamed, so a large dataset is read only as far as needed.
+    Any other split (whole, percentages, negative bounds) is prepared in the datasets cache first, since its
+    bounds depend on the split's length. `data_files` (a glob over the repo's files) forms the `train` split.
     """
-    from huggingface_hub import HfApi, hf_hub_download
+    import datasets
 
-    spec = parse_split(split)
-    api = HfApi()
-    info = api.dataset_info(repo_id, revision=revision)
-    sha = info.sha
-    files = split_files(api.list_repo_files(repo_id, repo_type="dataset", revision=sha), spec.name, data_files)
-    if not files:
-        log.info("%s has no raw files for split %s; trying its parquet conversion", repo_id, spec.name)
-        sha = PARQUET_BRANCH
-        files = split_files(api.list_repo_files(repo_id, repo_type="dataset", revision=sha), spec.name, data_files)
-    if not files:
-        raise FileNotFoundError(f"dataset {repo_id} has no .parquet/.jsonl/.json files for split {spec.name!r}"
-                                + (f" matching {data_files!r}" if data_files else ""))
-    limit = None if spec.needs_total else spec.bounds(10**18)[1]
+    spec = split.replace(" ", "")
     out = SourceRecords(name)
-    for filename in files:
-        if limit is not None and len(out.records) >= limit:
-            break
-        local = Path(hf_hub_download(repo_id, filename, repo_type="dataset", revision=sha))
-        report = StreamReport()
-        before = len(out.records)
-        for text in iter_file_records(local, report):
-            out.records.append(text)
-            if limit is not None and len(out.records) >= limit:
-                break
-        add_file(out, f"hf://datasets/{repo_id}@{sha}/{filename}", report, len(out.records) - before)
-    start, stop = spec.bounds(len(out.records))
-    out.records = out.records[start:stop]
-    out.first_row = start
+    failures = (OSError, ValueError, datasets.exceptions.DatasetsError)
+    try:
+        builder = datasets.load_dataset_builder(path, revision=revision, data_files=data_files)
+        rows, split_name, out.first_row = _rows(builder, spec)
+    except failures as e:
+        reading = isinstance(e, datasets.exceptions.DatasetGenerationError)
+        raise ValueError(_describe(path, split, e, reading)) from e
+    try:
+        total = len(rows) if isinstance(rows, datasets.Dataset) else None
+        out.records = [json.dumps(row, ensure_ascii=False, default=str)
+                       for row in tqdm(rows, desc=f"source {name}", unit=" rows", total=total, disable=None)]
+    except failures as e:
+        raise ValueError(_describe(path, split, e, reading=True)) from e
+    resolved = (builder.config.data_files or {}).get(split_name, [])
+    out.files = [{"path": str(f)} for f in resolved]
     return out
+

@@ -3,6 +3,7 @@
 Accepted shapes: a `messages` list (OpenAI `role`/`content`) or a `conversations` list (ShareGPT
 `from`/`value`, or `role`/`content`). Roles map human/user → user, gpt/chatgpt/bing/bard/assistant/model →
 assistant, system → system. Content must be a non-empty string (a list of OpenAI text parts is joined).
+A key whose value is null counts as absent: tables whose rows mix both schemes hold nulls in the other's columns.
 
 Repairs (counted in stats, the row is kept):
 - consecutive turns of the same role are merged into one, joined by a blank line;
@@ -68,11 +69,17 @@ def _content_text(content: Any, turn: int) -> str:
     return content
 
 
+def _either(obj: dict[str, Any], key: str, alt: str) -> Any:
+    """`obj[key]`, else `obj[alt]`: a null counts as absent, as in tables whose rows mix both naming schemes."""
+    value = obj.get(key)
+    return obj.get(alt) if value is None else value
+
+
 def parse_turns(record: Any, stats: NormalizeStats) -> list[dict[str, str]]:
     """The record's turns as `{"role", "content"}` with canonical roles, validated one by one."""
     if not isinstance(record, dict):
         raise Rejected("not an object", f"record is a JSON {type(record).__name__}, not an object")
-    key = next((k for k in MESSAGE_KEYS if k in record), None)
+    key = next((k for k in MESSAGE_KEYS if record.get(k) is not None), None)
     if key is None:
         raise Rejected("missing messages column",
                        f"no column `messages` or `conversations`; columns are {sorted(record)}")
@@ -85,14 +92,14 @@ def parse_turns(record: Any, stats: NormalizeStats) -> list[dict[str, str]]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise Rejected("turn not an object", f"turn {i} is a {type(turn).__name__}, not an object")
-        raw_role = turn.get("role", turn.get("from"))
+        raw_role = _either(turn, "role", "from")
         if not isinstance(raw_role, str):
             raise Rejected("missing role", f"turn {i} has no string `role` or `from`")
         stats.roles_seen[raw_role] += 1
         role = ROLE_MAP.get(raw_role.strip().lower())
         if role is None:
             raise Rejected("unknown role", f"turn {i} has role {raw_role!r}; known roles are {sorted(ROLE_MAP)}")
-        content = turn["content"] if "content" in turn else turn.get("value")
+        content = _either(turn, "content", "value")
         out.append({"role": role, "content": _content_text(content, i)})
     return out
 

@@ -1,6 +1,11 @@
-"""Reading the records of one dataset source: the packaged ShareGPT, local files, or hub dataset files."""
+"""Reading the records of local dataset files (and the packaged ShareGPT) one by one.
+
+JSON and JSON Lines are read here, not by `datasets`: a malformed record is passed on as its text for normalize to
+reject, and a truncated file keeps its complete records, where `datasets` would read no row of either file.
+"""
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import logging
@@ -58,12 +63,13 @@ def _first_char(path: Path) -> str:
 
 
 def _iter_parquet(path: Path, report: StreamReport) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    """Rows of a parquet file, streamed by `datasets`, which decodes the feature types it recorded in the file's
+    metadata (a `Json` column, for one, is stored as text)."""
+    import datasets
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            report.complete_records += 1
-            yield json.dumps(row, ensure_ascii=False, default=str)
+    for row in datasets.load_dataset("parquet", data_files=glob.escape(str(path)), split="train", streaming=True):
+        report.complete_records += 1
+        yield json.dumps(row, ensure_ascii=False, default=str)
 
 
 def iter_file_records(path: Path, report: StreamReport) -> Iterator[str]:
@@ -98,7 +104,7 @@ def data_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"dataset path {path} does not exist")
 
 
-def add_file(out: SourceRecords, label: str, report: StreamReport, records: int) -> None:
+def _add_file(out: SourceRecords, label: str, report: StreamReport, records: int) -> None:
     """Record one read file in `out`: its record count, and (logged as warnings) truncation and malformed records.
 
     A truncated file's incomplete last record goes to `out.truncated_tails` with its text and reason.
@@ -132,5 +138,5 @@ def read_files(name: str, files: list[Path]) -> SourceRecords:
         report = StreamReport()
         before = len(out.records)
         out.records.extend(iter_file_records(path, report))
-        add_file(out, str(path), report, len(out.records) - before)
+        _add_file(out, str(path), report, len(out.records) - before)
     return out
