@@ -65,9 +65,9 @@ step bench_ours 1800 snakemake --cores all
 # validator must refuse) and once rewritten for SGLang by the kit's unpack step.
 MODEL=$(python3 -c "from eaglepipe.target.info import resolve_model_dir as r; print(r('$R/target'))" 2>/dev/null)
 step unpack_raw 300 python3 "$KIT/unpack_returned_draft.py" "$STORE/nemo_ret/draft" "$MODEL" "$STORE/nemo_raw"
-step validate_raw 120 python3 -m eaglepipe.validate --external "$STORE/nemo_raw" --target "$R/target"
+step validate_raw 120 python3 -m eaglepipe.export.validate --external "$STORE/nemo_raw" --target "$R/target"
 step unpack 300 python3 "$KIT/unpack_returned_draft.py" "$STORE/nemo_ret/draft" "$MODEL" "$STORE/nemo_sglang" --sglang
-step validate 120 python3 -m eaglepipe.validate --external "$STORE/nemo_sglang" --target "$R/target"
+step validate 120 python3 -m eaglepipe.export.validate --external "$STORE/nemo_sglang" --target "$R/target"
 step compose_nemo 120 "${COMPOSE[@]}" "bench.drafter=$(realpath -m "$STORE/nemo_sglang")" --out "$STORE/params_nemo.yaml"
 step bench_nemo 1800 python3 -m eaglepipe.stages.bench --params "$STORE/params_nemo.yaml" --target "$R/target" \
   --export "$R/export" --out "$R/bench_nemo"

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.lengths, args.max_len, args.bucket, args.pack_tokens = 4, 128, 32, 96
     device = pick_device(args.device)
     runner = LlamaRunner(args.model, device=device, max_slots=16, max_len=args.max_len, prefill_graphs=False)
-    vocab = runner.spec.vocab_size
+    vocab = runner.shapes.vocab_size
     rng = random.Random(0)
     timed_prefill(runner, [random_prompt(rng, 17, vocab)])  # first call of the process
     pool = list(range(16, args.max_len - args.bucket))

@@ -40,7 +40,7 @@ def user_message(conversation: int, turn: int, length: int, vocab: int) -> list[
 def run_conversations(engine: Engine, conversations: int, turns: int, user_tokens: int, params: SamplingParams
                       ) -> tuple[list[list[list[int]]], float]:
     """Answers[conversation][turn] and the wall time, with every conversation in flight at once."""
-    vocab = engine.runner.spec.vocab_size
+    vocab = engine.runner.shapes.vocab_size
     prompts = [user_message(c, 0, user_tokens, vocab) for c in range(conversations)]
     answers: list[list[list[int]]] = [[] for _ in range(conversations)]
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Regeneration throughput (output tok/s): the regen client through `eaglepipe.serve` vs HF batched generate.
+"""Regeneration throughput (output tok/s): the regen client through `eaglepipe.server.serve` vs HF batched generate.
 
     python benchmarks/regen.py --model results/<exp>/target            # on a GPU; appends to RESULTS.md
     python benchmarks/regen.py --model <tiny HF dir> --smoke           # quick CPU check
@@ -114,7 +114,7 @@ async def client_run(url: str, messages: list[list[dict[str, str]]], sampling: S
 @contextlib.contextmanager
 def warm_server(model_dir: Path, args: argparse.Namespace, warm: list[list[dict[str, str]]],
                 log_dir: Path) -> Iterator[tuple[ServerProcess, list[str]]]:
-    """`eaglepipe.serve` on a free port, healthy and warmed up with short answers to `warm`."""
+    """`eaglepipe.server.serve` on a free port, healthy and warmed up with short answers to `warm`."""
     port = free_port()
     cmd = native_command(model_dir, port, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                          device=args.device)
@@ -127,7 +127,7 @@ def warm_server(model_dir: Path, args: argparse.Namespace, warm: list[list[dict[
 
 def bench_server(model_dir: Path, args: argparse.Namespace, messages: list[list[dict[str, str]]],
                  log_dir: Path) -> dict[str, Any]:
-    """Time the regen client over every prompt through a warm `eaglepipe.serve`."""
+    """Time the regen client over every prompt through a warm `eaglepipe.server.serve`."""
     with warm_server(model_dir, args, messages, log_dir) as (server, cmd):
         sampling = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens, ignore_eos=True)
         before = asyncio.run(server_stats(server.base_url))

@@ -38,10 +38,10 @@ from eaglepipe.data.tokens_io import read_tokens, write_token_shards  # noqa: E4
 from eaglepipe.data.vocab import save_vocab  # noqa: E402
 from eaglepipe.engine.model import LlamaRunner  # noqa: E402
 from eaglepipe.models.build import read_sglang_config  # noqa: E402
-from eaglepipe.spec import SpeculativeGenerator  # noqa: E402
-from eaglepipe.spec.drafter_loader import drafter_config_from_sglang, sglang_dir  # noqa: E402
+from eaglepipe.speculative import SpeculativeGenerator  # noqa: E402
+from eaglepipe.speculative.drafter_loader import drafter_config_from_sglang, sglang_dir  # noqa: E402
 from eaglepipe.target.info import load_tokenizer, resolve_model_dir  # noqa: E402
-from eaglepipe.train.agreement import compare, replay_by_turn  # noqa: E402
+from eaglepipe.speculative.agreement import compare, replay_by_turn  # noqa: E402
 from eaglepipe.train.loop import Paths, Trainer  # noqa: E402
 from eaglepipe.train.setup import target_info  # noqa: E402
 from eaglepipe.utils.device import pick_device  # noqa: E402

@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from decode import append_result_row, hardware_name, sync, timed, warm_up  # noqa: E402
 from spec_decode import add_drafter_args, first_turn_prompts, parse_sweep, random_export  # noqa: E402
 from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
-from eaglepipe.spec import SpecConfig, SpeculativeGenerator  # noqa: E402
-from eaglepipe.spec.round_graph import RoundGraph  # noqa: E402
+from eaglepipe.speculative import SpecConfig, SpeculativeGenerator  # noqa: E402
+from eaglepipe.speculative.round_graph import RoundGraph  # noqa: E402
 from eaglepipe.target.info import load_tokenizer, resolve_model_dir  # noqa: E402
 from eaglepipe.utils.device import pick_device  # noqa: E402
 

@@ -40,7 +40,7 @@ from eaglepipe.bench.drafter import checked_drafter  # noqa: E402
 from eaglepipe.bench.prompts import load_prompts, render_chat  # noqa: E402
 from eaglepipe.config import PromptsCfg  # noqa: E402
 from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
-from eaglepipe.spec import SpecConfig, SpeculativeGenerator  # noqa: E402
+from eaglepipe.speculative import SpecConfig, SpeculativeGenerator  # noqa: E402
 from eaglepipe.target.info import load_hf_model, load_tokenizer, resolve_model_dir  # noqa: E402
 from eaglepipe.utils.cli import StageError  # noqa: E402
 from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402

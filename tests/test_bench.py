@@ -305,11 +305,11 @@ def test_stage_rejects_an_export_without_a_drafter(tiny_llama_dir: Path, tmp_pat
 
 # ---------------------------------------------------------------------------- /generate client, real servers
 def start_server(model: Path, log: Path, draft: Path | None = None):
-    """`python -m eaglepipe.serve` on a free 127.0.0.1 port (context manager yielding the URL)."""
+    """`python -m eaglepipe.server.serve` on a free 127.0.0.1 port (context manager yielding the URL)."""
     from eaglepipe.regen.launch import ServerProcess, free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "eaglepipe.serve", "--model", str(model), "--port", str(port),
+    cmd = [sys.executable, "-m", "eaglepipe.server.serve", "--model", str(model), "--port", str(port),
            "--device", "cpu", "--max-batch-size", "2"]
     if draft is not None:
         cmd += ["--draft", str(draft)]

@@ -9,9 +9,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-from eaglepipe.engine.kernels import tree_grow, tree_select  # noqa: E402
-from eaglepipe.spec import tree  # noqa: E402
-from eaglepipe.spec.draft_runner import tree_rows  # noqa: E402
+from eaglepipe.speculative.kernels import tree_grow, tree_select  # noqa: E402
+from eaglepipe.speculative import tree  # noqa: E402
+from eaglepipe.speculative.draft_runner import tree_rows  # noqa: E402
 
 
 def _grow_all(b: int, k: int, steps: int, h: int, vocab: int, d2t: torch.Tensor | None, seed: int):
@@ -87,8 +87,8 @@ def test_equal_scores_keep_the_lower_candidate_first():
 def test_accept_and_compaction_match_the_pytorch_acceptance(seed):
     """`tree_accept` gives `greedy_accept_device` + `path_nodes`'s path, count and bonus token on trees where the
     target agrees with some branches, and `compact_path_kv` moves the same K/V as `_compact_kv`'s indexing."""
-    from eaglepipe.engine.kernels import compact_path_kv, tree_accept
-    from eaglepipe.spec.accept import greedy_accept_device, path_nodes
+    from eaglepipe.speculative.kernels import compact_path_kv, tree_accept
+    from eaglepipe.speculative.accept import greedy_accept_device, path_nodes
 
     b, k, steps, vocab = 3, 3, 4, 6  # a small vocabulary, so that random drafts are often right
     cand, depths = _grow_all(b, k, steps, 4, vocab, None, seed=seed)

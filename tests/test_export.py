@@ -193,7 +193,7 @@ def test_export_stage_missing_checkpoint(tiny_llama_dir: Path, tmp_path: Path) -
 def test_four_aux_layers_export_and_validate_their_count(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """vLLM sizes fc from num_aux_hidden_states (in the layer config it builds from), else from nested ids, else
     for 3: a 4-layer drafter must say so."""
-    from eaglepipe.validate import validate_export
+    from eaglepipe.export.validate import validate_export
 
     ckpt = make_checkpoint(tiny_llama_dir, tmp_path / "ckpt", "eagle3", aux_layers=[1, 2, 3, 4])
     export = tmp_path / "export"

@@ -34,7 +34,7 @@ def drafters(target_dir: Path, runner, refs, tmp_path_factory: pytest.TempPathFa
 
 
 def _load(runner, export: Path):
-    from eaglepipe.spec.drafter_loader import load_exported_drafter
+    from eaglepipe.speculative.drafter_loader import load_exported_drafter
 
     return load_exported_drafter(export, runner.model_dir, runner.device, runner.dtype,
                                  target_embed=runner.weights.embed, target_lm_head=runner.weights.lm_head).model
@@ -42,7 +42,7 @@ def _load(runner, export: Path):
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_fast_steps_match_the_torch_path(runner, drafters, algo):
-    from eaglepipe.spec.draft_runner import DraftRunner
+    from eaglepipe.speculative.draft_runner import DraftRunner
 
     drafter = _load(runner, drafters[algo])
     slow = DraftRunner(drafter, 3, 40, runner.device, torch.float32, fast=False)
@@ -95,8 +95,8 @@ def test_fast_steps_match_the_torch_path(runner, drafters, algo):
                                        ("eagle3", dict(num_steps=2, topk=2, num_draft_tokens=4))],
                          ids=["chain-eagle3.1", "tree-eagle3"])
 def test_speculative_greedy_with_the_fast_drafter(runner, refs, drafters, algo, spec):
-    from eaglepipe.spec import SpeculativeGenerator
-    from eaglepipe.spec.draft_runner import DraftRunner
+    from eaglepipe.speculative import SpeculativeGenerator
+    from eaglepipe.speculative.draft_runner import DraftRunner
 
     slow = SpeculativeGenerator(runner, drafters[algo], spec, graph_rounds=True)
     fast = SpeculativeGenerator(runner, drafters[algo], spec, drafter=slow.loaded, graph_rounds=True)
@@ -115,7 +115,7 @@ def test_speculative_greedy_with_the_fast_drafter(runner, refs, drafters, algo, 
 def test_tree_rows_are_contiguous_for_one_row() -> None:
     """A batch of one makes [1, F] views whose plain reshape has stride 0: `tree_rows` must hand the kernels
     real per-row tensors (a stride-0 slot or prefix list read past its one element on the GPU)."""
-    from eaglepipe.spec.draft_runner import tree_rows
+    from eaglepipe.speculative.draft_runner import tree_rows
 
     visible = torch.tensor([[[0, 3], [1, 4], [0, 5]]])
     rows = tree_rows(torch.tensor([2]), torch.tensor([7]), torch.tensor([[5, 6, 9]]), torch.randn(1, 1, 4)

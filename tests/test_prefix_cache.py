@@ -61,7 +61,7 @@ def test_drop_put_and_oldest_keep_the_index_consistent():
 
 def test_runner_prefill_after_reused_tokens_equals_a_full_prefill(tiny_llama_dir):
     runner = LlamaRunner(tiny_llama_dir, device="cpu", max_slots=4, max_len=256)
-    prompt = torch.randint(3, runner.spec.vocab_size, (90,), generator=torch.Generator().manual_seed(5)).tolist()
+    prompt = torch.randint(3, runner.shapes.vocab_size, (90,), generator=torch.Generator().manual_seed(5)).tolist()
     full = runner.prefill([prompt], [0]).last_logits
     runner.prefill([prompt[:70], prompt[:20]], [1, 2])
     part = runner.prefill([prompt, prompt[:45]], [1, 2], reused=[70, 20]).last_logits

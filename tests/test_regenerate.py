@@ -170,13 +170,13 @@ def test_native_server_command_carries_prefix_reuse(tmp_path):
     """regen.prefix_reuse: false reaches the server as --no-prefix-reuse, which the server's parser accepts."""
     from eaglepipe.config import load_params
     from eaglepipe.regen.backends import launch_command
-    from eaglepipe.serve import parse_args
+    from eaglepipe.server.serve import parse_args
 
     for reuse in (True, False):
         cfg = load_params(write_params(tmp_path / f"p{reuse}.yaml", backend="native", prefix_reuse=reuse))
         cmd = launch_command(cfg.regen, tmp_path, "cpu", 30001)
         assert ("--no-prefix-reuse" in cmd) is not reuse
-        assert parse_args(cmd[cmd.index("eaglepipe.serve") + 1:]).no_prefix_reuse is not reuse
+        assert parse_args(cmd[cmd.index("eaglepipe.server.serve") + 1:]).no_prefix_reuse is not reuse
 
 def test_none_backend_copies_conversations_unchanged(tiny_llama_dir, tmp_path):
     chat_rows = make_chat(tmp_path / "chat", 9)
@@ -218,10 +218,10 @@ def test_native_backend_end_to_end_with_sigkill_leaves_no_server(tiny_llama_dir,
     for row in rows[:3]:
         assert row["messages"][-1]["content"] == hf_greedy_text(tiny_llama_dir, row["messages"][:-1], 8)
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["backend"] == "native" and "eaglepipe.serve" in stats["server_command"]
+    assert stats["backend"] == "native" and "eaglepipe.server.serve" in stats["server_command"]
     assert stats["resumed_conversations"] > 0 and stats["regenerated"] == len(rows)
     assert stats["output_tokens_per_s"] > 0
-    assert "backend: native" in res.stderr and "eaglepipe.serve" in res.stderr and "output tok/s" in res.stderr
+    assert "backend: native" in res.stderr and "eaglepipe.server.serve" in res.stderr and "output tok/s" in res.stderr
     engine = stats["server_stats"]["engine"]  # the resumed run's own server: its requests only
     assert 0 < engine["requests_finished"] <= stats["run_conversations"]
     tokenized = stats["server_stats"]["server"]["tokenize_tokens"]
@@ -470,7 +470,7 @@ def test_rerun_with_every_shard_done_keeps_the_server_command(tiny_llama_dir, tm
     out = tmp_path / "exp" / "data" / "regen"
     assert run_stage(params, tiny_llama_dir, tmp_path / "chat", out).returncode == 0
     command = json.loads((out / "manifest.json").read_text())["backend_command"]
-    assert "eaglepipe.serve" in command
+    assert "eaglepipe.server.serve" in command
 
     res = run_stage(params, tiny_llama_dir, tmp_path / "chat", out)
     assert res.returncode == 0, res.stderr

@@ -75,8 +75,8 @@ def fit_and_export(target_dir: Path, runner, seqs: list[list[int]], algos: list[
 def generators(runner, export: Path, spec: dict):
     """(eager, graph): the same drafter decoded by `_round` alone and by the static round. Trees score with
     `noisy_logprobs`, so that the target also accepts children that are not their parent's first."""
-    from eaglepipe.spec import SpeculativeGenerator
-    from eaglepipe.spec.round_graph import RoundGraph
+    from eaglepipe.speculative import SpeculativeGenerator
+    from eaglepipe.speculative.round_graph import RoundGraph
 
     eager = SpeculativeGenerator(runner, export, spec, graph_rounds=False)
     graph = SpeculativeGenerator(runner, export, spec, drafter=eager.loaded, graph_rounds=True)
@@ -103,7 +103,7 @@ def noisy_logprobs(logprobs):
 
 def record_paths(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(tree parents, accepted path mask) of every later static tree round."""
-    from eaglepipe.spec import round_graph
+    from eaglepipe.speculative import round_graph
 
     paths, inner = [], round_graph.greedy_accept_device
 
@@ -216,7 +216,7 @@ def test_cache_end_falls_back_to_the_eager_round(target_dir, exported, monkeypat
 
 
 def test_chain_accept_stops_at_the_first_mismatch() -> None:
-    from eaglepipe.spec.round_graph import chain_accept
+    from eaglepipe.speculative.round_graph import chain_accept
 
     tokens = torch.tensor([[9, 1, 2, 3], [9, 1, 5, 3], [9, 4, 2, 3], [9, 1, 2, 7]])
     targets = torch.tensor([1, 2, 3, 6])  # the target's argmax after the root and after each draft
@@ -229,8 +229,8 @@ def test_chain_accept_stops_at_the_first_mismatch() -> None:
 def test_device_acceptance_and_path_nodes() -> None:
     """The device-only greedy decision: the longest matching path as a mask, its deepest node, the bonus token and
     the path's length, and the path's nodes root first, padded with the deepest."""
-    from eaglepipe.spec.accept import greedy_accept, greedy_accept_device, path_nodes
-    from eaglepipe.spec.tree import VerifyTree, ancestor_matrix
+    from eaglepipe.speculative.accept import greedy_accept, greedy_accept_device, path_nodes
+    from eaglepipe.speculative.tree import VerifyTree, ancestor_matrix
 
     # row 0: root 5 -> 7 (node 2, the root's second child) -> 9 (node 4), bonus 3; row 1: no draft accepted
     parents = torch.tensor([[0, 0, 0, 1, 2], [0, 0, 0, 1, 2]])
@@ -249,7 +249,7 @@ def test_device_acceptance_and_path_nodes() -> None:
 
 def test_kv_compaction_moves_the_path_to_consecutive_positions(runner, exported) -> None:
     """Row r's path node i lands at position lengths[r] + i; the committed prefix stays as it was."""
-    from eaglepipe.spec import SpeculativeGenerator
+    from eaglepipe.speculative import SpeculativeGenerator
 
     gen = SpeculativeGenerator(runner, exported["eagle3"], SPECS[2], graph_rounds=False)
     before = [c.clone() for c in (runner.k_cache, runner.v_cache)]
@@ -273,7 +273,7 @@ def test_kv_compaction_moves_the_path_to_consecutive_positions(runner, exported)
 
 def test_graph_rounds_only_for_greedy_rows(runner, exported, monkeypatch) -> None:
     from eaglepipe.engine.sampling import SamplingParams
-    from eaglepipe.spec import SpeculativeGenerator
+    from eaglepipe.speculative import SpeculativeGenerator
 
     assert SpeculativeGenerator(runner, exported["eagle3"], SPECS[0]).round_graph is None  # default off on CPU
     params = [SamplingParams(), SamplingParams(temperature=1.0, seed=0)]  # one sampled row: the eager round
@@ -285,7 +285,7 @@ def test_graph_rounds_only_for_greedy_rows(runner, exported, monkeypatch) -> Non
 
 
 def test_prepare_refuses_slots_holding_sequences(runner, exported) -> None:
-    from eaglepipe.spec import SpeculativeGenerator
+    from eaglepipe.speculative import SpeculativeGenerator
 
     gen = SpeculativeGenerator(runner, exported["eagle3"], SPECS[0], graph_rounds=True)
     runner.prefill([PROMPTS[0]], [0])

@@ -24,7 +24,7 @@ MAX_MODEL_LEN = 256
 @contextlib.contextmanager
 def running_server(model_dir: Path, log_dir: Path, *extra: str, port: int | None = None,
                    max_batch_size: int = 8, max_model_len: int = MAX_MODEL_LEN) -> Iterator[ServerProcess]:
-    """`python -m eaglepipe.serve` on 127.0.0.1 (CPU), stopped at exit."""
+    """`python -m eaglepipe.server.serve` on 127.0.0.1 (CPU), stopped at exit."""
     port = port or free_port()
     cmd = native_command(model_dir, port, max_batch_size=max_batch_size, max_model_len=max_model_len, device="cpu")
     server = ServerProcess(cmd + list(extra), f"http://127.0.0.1:{port}", log_dir / f"server-{port}.log")
@@ -113,7 +113,7 @@ def test_models_names_the_model_without_its_local_path(server, tiny_llama_dir):
 
 def test_default_model_name_of_fetched_targets(tmp_path):
     """A fetch_target output is named by its configured hub id, or a local source's directory name."""
-    from eaglepipe.serve import default_model_name
+    from eaglepipe.server.serve import default_model_name
 
     hub, local = tmp_path / "hub" / "target", tmp_path / "local" / "target"
     for target, source, name in ((hub, "hub", "org/Model-1B"), (local, "local", "/data/models/my-llama")):
@@ -338,7 +338,7 @@ def test_smollm2_answers_through_the_chat_template(smollm2_dir, tmp_path):
 
 
 def test_speculative_flags_need_a_drafter_and_all_three_values(tiny_llama_dir):
-    proc = subprocess.run([sys.executable, "-m", "eaglepipe.serve", "--model", str(tiny_llama_dir),
+    proc = subprocess.run([sys.executable, "-m", "eaglepipe.server.serve", "--model", str(tiny_llama_dir),
                            "--speculative-num-steps", "3"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     assert proc.returncode == 2 and "--draft and all three" in proc.stderr

@@ -41,7 +41,7 @@ def fit_drafter(ckpt: Path, runner, sequences: list[list[int]], steps: int = 60)
     cfg = DrafterConfig.from_json(ckpt / "drafter_config.json")
     model = Eagle3Drafter(cfg) if cfg.is_eagle3 else Eagle1Drafter(cfg, runner.weights.lm_head.float().clone())
     load_drafter_weights(model, ckpt / "model.safetensors")
-    capture = cfg.aux_layers if cfg.is_eagle3 else [runner.spec.num_layers]
+    capture = cfg.aux_layers if cfg.is_eagle3 else [runner.shapes.num_layers]
     out = runner.prefill(sequences, list(range(len(sequences))), capture_layers=capture)
     for s in range(len(sequences)):
         runner.release(s)
@@ -49,7 +49,7 @@ def fit_drafter(ckpt: Path, runner, sequences: list[list[int]], steps: int = 60)
     for seq, aux in zip(sequences, out.aux_hidden):
         ids = torch.tensor(seq)
         aux = aux.clone()  # out of inference mode
-        hidden = aux[None] if cfg.is_eagle3 else rms_norm(aux, runner.weights.norm.clone(), runner.spec.rms_norm_eps)[None]
+        hidden = aux[None] if cfg.is_eagle3 else rms_norm(aux, runner.weights.norm.clone(), runner.shapes.rms_norm_eps)[None]
         labels = ids[2:]
         if cfg.is_eagle3:
             labels = torch.cumsum(model.t2d.long(), 0)[labels] - 1  # target id -> draft id
@@ -112,7 +112,7 @@ def run_spec(gen, prompts, params=None, limit=NEW_TOKENS, slots=None) -> tuple[l
 @pytest.mark.parametrize("algo", ["eagle3", "eagle3.1", "eagle1"])
 @pytest.mark.parametrize("spec", CONFIGS, ids=lambda s: f"s{s['num_steps']}_k{s['topk']}_n{s['num_draft_tokens']}")
 def test_greedy_is_exact(runner, references, exported, algo: str, spec: dict) -> None:
-    from eaglepipe.spec import SpeculativeGenerator
+    from eaglepipe.speculative import SpeculativeGenerator
 
     gen = SpeculativeGenerator(runner, exported[algo], spec)
     # batch 1
@@ -136,7 +136,7 @@ def test_greedy_is_exact(runner, references, exported, algo: str, spec: dict) ->
 def test_greedy_is_exact_after_a_padded_prefill(runner, references, exported, spec: dict) -> None:
     """The target and drafter prefilled through `PrefillGraphs` (the padded body CUDA graphs capture)."""
     from eaglepipe.engine.prefill_graphs import PrefillGraphs
-    from eaglepipe.spec import SpeculativeGenerator
+    from eaglepipe.speculative import SpeculativeGenerator
 
     gen = SpeculativeGenerator(runner, exported["eagle3"], spec)
     runner.prefill_graphs = PrefillGraphs(runner)
@@ -148,7 +148,7 @@ def test_greedy_is_exact_after_a_padded_prefill(runner, references, exported, sp
 
 
 def test_tree_select_keeps_parents_and_orders_nodes() -> None:
-    from eaglepipe.spec.tree import Candidates, select_tree
+    from eaglepipe.speculative.tree import Candidates, select_tree
 
     # candidates: 0,1 children of root; 2,3 children of 0; 4,5 children of 1
     scores = torch.tensor([[-0.1, -0.5, -0.3, -2.0, -0.6, -0.55]])
@@ -164,8 +164,8 @@ def test_tree_select_keeps_parents_and_orders_nodes() -> None:
 
 
 def test_greedy_accept_takes_longest_matching_path() -> None:
-    from eaglepipe.spec.accept import greedy_accept
-    from eaglepipe.spec.tree import VerifyTree, ancestor_matrix
+    from eaglepipe.speculative.accept import greedy_accept
+    from eaglepipe.speculative.tree import VerifyTree, ancestor_matrix
 
     parents = torch.tensor([[0, 0, 0, 1, 2]])
     tree = VerifyTree(torch.tensor([[5, 6, 7, 8, 9]]), parents, torch.tensor([[0, 1, 1, 2, 2]]),
@@ -192,7 +192,7 @@ def chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
 
 
 def test_sample_accept_row_matches_target_distribution() -> None:
-    from eaglepipe.spec.accept import sample_accept_row
+    from eaglepipe.speculative.accept import sample_accept_row
 
     gen = torch.Generator().manual_seed(0)
     probs = torch.tensor([[0.05, 0.30, 0.25, 0.10, 0.20, 0.10],   # root
@@ -253,7 +253,7 @@ def small_vocab_setup(tmp_path_factory: pytest.TempPathFactory):
                                   dict(num_steps=2, topk=2, num_draft_tokens=4)], ids=["chain", "tree"])
 def test_speculative_sampling_preserves_target_distribution(small_vocab_setup, spec: dict) -> None:
     from eaglepipe.engine.sampling import SamplingParams
-    from eaglepipe.spec import SpeculativeGenerator
+    from eaglepipe.speculative import SpeculativeGenerator
 
     model, runner, export = small_vocab_setup
     prompt = [1, 5, 2]

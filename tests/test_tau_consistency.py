@@ -31,11 +31,11 @@ import torch
 
 from eaglepipe.config import params_from_dict, to_dict
 from eaglepipe.config.schema import Config
-from eaglepipe.train.agreement import compare, first_slots_of_runs, replay_by_turn, training_unroll
+from eaglepipe.speculative.agreement import compare, first_slots_of_runs, replay_by_turn, training_unroll
 from eaglepipe.train.objective import replay_rounds, summarize
 
 if TYPE_CHECKING:
-    from eaglepipe.spec import SpeculativeGenerator
+    from eaglepipe.speculative import SpeculativeGenerator
     from eaglepipe.train.loop import Trainer
 
 VOCAB, DRAFT_VOCAB, ANSWER = 512, 256, 48
@@ -111,7 +111,7 @@ def train_and_serve(corpus: Corpus, out: Path, algorithm: str, ttt_steps: int, s
     from eaglepipe.engine.model import LlamaRunner
     from eaglepipe.export.checkpoint import read_checkpoint, resolve_checkpoint
     from eaglepipe.export.writer import ExportRequest, export_checkpoint
-    from eaglepipe.spec import SpeculativeGenerator
+    from eaglepipe.speculative import SpeculativeGenerator
     from eaglepipe.train.loop import Paths, Trainer
 
     d = to_dict(Config())
@@ -237,7 +237,7 @@ def test_replay_by_turn_splits_answers_and_agrees_with_training(served: Served, 
 def test_exported_drafter_logits_equal_the_training_module(served: Served, corpus: Corpus) -> None:
     """Steps 0 and 1 at every answer slot: the engine's drafter (loaded from the export, over its own KV
     cache) and the training module, fed the same target hidden states and tokens."""
-    from eaglepipe.spec.draft_runner import DraftRunner
+    from eaglepipe.speculative.draft_runner import DraftRunner
 
     sample = corpus.val[0]
     batch, _, logits, _ = training_unroll(served.trainer, sample, served.ttt_steps)

@@ -119,7 +119,7 @@ def test_large_batches_attend_with_the_chunked_kernel(tmp_path):
 def test_speculative_greedy_equals_plain_greedy_on_the_token_path(target_dir, exported, spec):
     """The static round body (chain and tree) verifying through the token path: the output is
     the token path's own plain greedy decode, with drafts accepted."""
-    from eaglepipe.spec import SpeculativeGenerator
+    from eaglepipe.speculative import SpeculativeGenerator
 
     fast = LlamaRunner(target_dir, device="cpu", dtype=torch.float32, max_slots=4, max_len=128, token_path=True)
     gen = SpeculativeGenerator(fast, exported["eagle3"], spec, graph_rounds=True)

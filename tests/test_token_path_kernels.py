@@ -9,7 +9,8 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 from eaglepipe.engine.kernels import (embed_hidden_linear, norm_gate_up, norm_linear,  # noqa: E402
-                                      rope_write_kv, topk_logprobs, virtual_attention)
+                                      rope_write_kv, virtual_attention)
+from eaglepipe.speculative.kernels import topk_logprobs  # noqa: E402
 
 
 def _rms(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:

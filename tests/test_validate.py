@@ -87,7 +87,7 @@ FAULTS = {
 
 
 def test_clean_export_passes(clean_export: Path, tiny_llama_dir: Path) -> None:
-    from eaglepipe.validate import validate_export
+    from eaglepipe.export.validate import validate_export
 
     report = validate_export(clean_export, tiny_llama_dir, expect_dtype="bfloat16")
     assert report.ok, report.problems
@@ -97,7 +97,7 @@ def test_clean_export_passes(clean_export: Path, tiny_llama_dir: Path) -> None:
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_planted_fault_is_caught(clean_export: Path, tiny_llama_dir: Path, tmp_path: Path, fault: str) -> None:
-    from eaglepipe.validate import validate_export
+    from eaglepipe.export.validate import validate_export
 
     fmt, edit_weights, edit_config, expected = FAULTS[fault]
     export = tmp_path / "export"
@@ -114,7 +114,7 @@ def test_planted_fault_is_caught(clean_export: Path, tiny_llama_dir: Path, tmp_p
 
 
 def test_aux_ids_beyond_target_depth(clean_export: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from eaglepipe.validate import validate_export
+    from eaglepipe.export.validate import validate_export
 
     export = tmp_path / "sglang"
     shutil.copytree(clean_export / "sglang", export)
@@ -132,7 +132,7 @@ def test_cli_lists_all_problems_and_exits_nonzero(clean_export: Path, tiny_llama
     shutil.copytree(clean_export, export)
     _edit_weights(export / "sglang", _rename)
     _edit_config(export / "sglang", lambda c: c.pop("draft_vocab_size"))
-    cmd = [sys.executable, "-m", "eaglepipe.validate", str(export), "--target", str(tiny_llama_dir)]
+    cmd = [sys.executable, "-m", "eaglepipe.export.validate", str(export), "--target", str(tiny_llama_dir)]
     env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 1
@@ -141,10 +141,10 @@ def test_cli_lists_all_problems_and_exits_nonzero(clean_export: Path, tiny_llama
     shifted = tmp_path / "shifted"
     shutil.copytree(clean_export, shifted)
     _edit_config(shifted / "sglang", _shifted_aux)
-    proc = subprocess.run([sys.executable, "-m", "eaglepipe.validate", str(shifted), "--target", str(tiny_llama_dir)],
+    proc = subprocess.run([sys.executable, "-m", "eaglepipe.export.validate", str(shifted), "--target", str(tiny_llama_dir)],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 1 and "as SGLang reads this config, but the drafter was trained with" in proc.stdout
-    ok = subprocess.run([sys.executable, "-m", "eaglepipe.validate", str(clean_export), "--target",
+    ok = subprocess.run([sys.executable, "-m", "eaglepipe.export.validate", str(clean_export), "--target",
                          str(tiny_llama_dir), "--json"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
 
@@ -189,7 +189,7 @@ MISMATCHES = {
 @pytest.mark.parametrize("case", sorted(MISMATCHES))
 def test_mismatch_with_the_training_checkpoint_is_caught_without_flags(clean_export: Path, tiny_llama_dir: Path,
                                                                       tmp_path: Path, case: str) -> None:
-    from eaglepipe.validate import validate_export
+    from eaglepipe.export.validate import validate_export
 
     fmt, edit, expected = MISMATCHES[case]
     export = tmp_path / "export"
@@ -204,7 +204,7 @@ def test_mismatch_with_the_training_checkpoint_is_caught_without_flags(clean_exp
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weight_is_caught(clean_export: Path, tiny_llama_dir: Path, tmp_path: Path, value: float) -> None:
-    from eaglepipe.validate import validate_export
+    from eaglepipe.export.validate import validate_export
 
     export = tmp_path / "export"
     shutil.copytree(clean_export, export)
@@ -220,7 +220,7 @@ def test_non_finite_weight_is_caught(clean_export: Path, tiny_llama_dir: Path, t
 
 def test_strict_validation_needs_the_checkpoint_config(clean_export: Path, tiny_llama_dir: Path,
                                                        tmp_path: Path) -> None:
-    from eaglepipe.validate import validate_export
+    from eaglepipe.export.validate import validate_export
 
     export = tmp_path / "export"
     shutil.copytree(clean_export, export)

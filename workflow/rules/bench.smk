@@ -2,7 +2,7 @@ rule bench:
     input:
         target=f"{R}/target",
         export=f"{R}/export",
-        code=stage_code("stages/bench.py", "bench", "engine"),
+        code=stage_code("stages/bench.py", "bench", "engine", "speculative"),
     output:
         points=directory(f"{R}/bench/points"),
         sweep=report(f"{R}/bench/sweep.csv", caption="../report/sweep.rst", category="Benchmark"),

@@ -4,7 +4,7 @@ rule export:
         checkpoints=f"{R}/train/checkpoints",
         latest=f"{R}/train/LATEST",
         best=f"{R}/train/BEST",
-        code=stage_code("stages/export.py", "export", "validate.py"),
+        code=stage_code("stages/export.py", "export"),
     output:
         directory(f"{R}/export"),
     params:

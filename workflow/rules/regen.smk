@@ -2,7 +2,7 @@ rule regenerate:
     input:
         target=f"{R}/target",
         chat=f"{R}/data/chat",
-        code=stage_code("stages/regenerate.py", "regen", "engine", "serve.py"),
+        code=stage_code("stages/regenerate.py", "regen", "engine", "server"),
     output:
         directory(f"{R}/data/regen"),
     params:

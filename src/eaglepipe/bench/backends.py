@@ -71,7 +71,7 @@ class NativeBackend:
     @contextlib.contextmanager
     def serving(self, point: SweepPoint | None) -> Iterator[None]:
         """Attach a speculative generator for `point` to the engine (none for the baseline)."""
-        from ..spec import SpeculativeGenerator
+        from ..speculative import SpeculativeGenerator
 
         self.point = point
         self.engine.speculator = None if point is None else \

@@ -1,4 +1,4 @@
-"""Client for SGLang's `/generate` (also served by `eaglepipe.serve`): one streamed request per generation.
+"""Client for SGLang's `/generate` (also served by `eaglepipe.server.serve`): one streamed request per generation.
 
 Streaming gives the time of the first token, so decode speed excludes prefill the same way as the native
 backend. Acceptance comes from the final event's `meta_info` (`completion_tokens`, `spec_verify_ct`) and,

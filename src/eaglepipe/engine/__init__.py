@@ -16,7 +16,7 @@ Public API (docs/CONTRACTS.md, "Engine API"):
   `QueueFullError` (HTTP 503), `EngineClosedError`.
 - `SamplingParams`, `GenerationResult`.
 
-Speculative decoding hook: `Engine(draft_dir=...)` builds `eaglepipe.spec.SpeculativeGenerator(runner, draft_dir,
+Speculative decoding hook: `Engine(draft_dir=...)` builds `eaglepipe.speculative.SpeculativeGenerator(runner, draft_dir,
 spec)` and, for each request, calls
     `generate(prompt_ids: list[int], params: SamplingParams, slot: int, on_tokens) -> int`
 which must prefill `prompt_ids` into `slot` of `runner`, decode, and pass every newly accepted batch of tokens to
@@ -27,7 +27,7 @@ from .engine import Engine, EngineClosedError, PromptTooLongError, QueueFullErro
 from .model import CacheFullError, LlamaRunner, PrefillOutput
 from .request import GenerationResult, StreamDelta
 from .sampling import SamplingParams
-from .spec import UnsupportedModelError
+from .shapes import UnsupportedModelError
 
 __all__ = ["CacheFullError", "Engine", "EngineClosedError", "GenerationResult", "LlamaRunner", "PrefillOutput",
            "PromptTooLongError", "QueueFullError", "SamplingParams", "StreamDelta", "UnsupportedModelError"]

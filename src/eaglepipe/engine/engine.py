@@ -72,7 +72,7 @@ class Engine:
     (called on the engine's worker thread). On GPU the decode step is replayed from CUDA graphs (`cuda_graphs`),
     optionally torch.compile'd first (`compile_decode`, slower start). `token_path` routes decode steps of up to
     64 rows and draft verification through the row-invariant Triton kernels (default: on CUDA). With `draft_dir`, requests are decoded
-    speculatively by `eaglepipe.spec.SpeculativeGenerator` (see the package docstring for that interface).
+    speculatively by `eaglepipe.speculative.SpeculativeGenerator` (see the package docstring for that interface).
     `prefix_reuse`: a finished sequence's K/V stay in its slot until the slot is needed, and a request whose prompt
     continues it (the next turn of a conversation) prefills only the new tokens (`SlotPrefixCache`). The reused
     K/V were computed by decode steps instead of a prefill: in bf16 a later token can differ from a full
@@ -101,7 +101,7 @@ class Engine:
         self.prefix_cache = SlotPrefixCache() if prefix_reuse else None
         self._speculator = None
         if draft_dir is not None:
-            from ..spec import SpeculativeGenerator  # written alongside the spec-decoding issue
+            from ..speculative import SpeculativeGenerator  # written alongside the spec-decoding issue
 
             self.speculator = SpeculativeGenerator(self.runner, draft_dir, spec)
         self._cond = threading.Condition()
@@ -131,7 +131,7 @@ class Engine:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("the prompt is empty")
-        vocab = self.runner.spec.vocab_size
+        vocab = self.runner.shapes.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(prompt) >= self.max_model_len:

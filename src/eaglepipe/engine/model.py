@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..target.info import resolve_model_dir
 from ..utils.device import compute_dtype, pick_device
 from .prefill_graphs import PrefillGraphs
-from .spec import ModelSpec, read_model_spec, rope_tables
+from .shapes import ModelShapes, read_model_shapes, rope_tables
 from .token_path import MAX_ROWS, TokenPath, token_kernels_default, verify_rows
 from .weights import LayerWeights, load_weights
 
@@ -75,16 +75,16 @@ class LlamaRunner:
                  dtype: torch.dtype | None = None, max_slots: int = 8, max_len: int = 2048,
                  token_path: bool | None = None, prefill_graphs: bool | None = None):
         self.model_dir = resolve_model_dir(model_dir)
-        self.spec: ModelSpec = read_model_spec(self.model_dir)
+        self.shapes: ModelShapes = read_model_shapes(self.model_dir)
         self.device = torch.device(device) if device is not None else pick_device("auto")
         self.dtype = dtype or compute_dtype(self.device)
         if max_slots < 1 or max_len < 2:
             raise ValueError(f"max_slots must be >= 1 and max_len >= 2 (got {max_slots}, {max_len})")
         self.max_slots, self.max_len = max_slots, max_len
-        self.weights = load_weights(self.model_dir, self.spec, self.device, self.dtype)
-        cos, sin = rope_tables(self.spec, max_len, self.device)
+        self.weights = load_weights(self.model_dir, self.shapes, self.device, self.dtype)
+        cos, sin = rope_tables(self.shapes, max_len, self.device)
         self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
-        s = self.spec
+        s = self.shapes
         shape = (s.num_layers, max_slots, s.num_kv_heads, max_len, s.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -104,7 +104,7 @@ class LlamaRunner:
     # ------------------------------------------------------------------ core
     def _attention_block(self, i: int, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          write_slots: torch.Tensor, write_pos: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        s = self.spec
+        s = self.shapes
         b, t = x.shape[:2]
         qkv = F.linear(rms_norm(x, w.input_norm, s.rms_norm_eps), w.qkv, w.qkv_bias)
         if s.qk_norm:
@@ -122,7 +122,7 @@ class LlamaRunner:
         return x + F.linear(attend(i, q, k, v), w.o, w.o_bias)
 
     def _mlp_block(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(rms_norm(x, w.post_norm, self.spec.rms_norm_eps), w.gate_up, w.gate_up_bias).chunk(2, -1)
+        gate, up = F.linear(rms_norm(x, w.post_norm, self.shapes.rms_norm_eps), w.gate_up, w.gate_up_bias).chunk(2, -1)
         return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
@@ -136,7 +136,7 @@ class LlamaRunner:
             x = self._mlp_block(w, x)
             if i + 1 in capture:
                 captured[i + 1] = x
-        return rms_norm(x, self.weights.norm, self.spec.rms_norm_eps), captured
+        return rms_norm(x, self.weights.norm, self.shapes.rms_norm_eps), captured
 
     def _cached_attention(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
                           mask: torch.Tensor) -> torch.Tensor:
@@ -156,9 +156,9 @@ class LlamaRunner:
 
     def _check_capture(self, capture_layers: Sequence[int] | None) -> list[int]:
         layers = list(capture_layers or [])
-        bad = [i for i in layers if not 0 <= i <= self.spec.num_layers]
+        bad = [i for i in layers if not 0 <= i <= self.shapes.num_layers]
         if bad:
-            raise ValueError(f"capture_layers {bad} out of range: h-indices go from 0 to {self.spec.num_layers}")
+            raise ValueError(f"capture_layers {bad} out of range: h-indices go from 0 to {self.shapes.num_layers}")
         return layers
 
     @staticmethod
@@ -207,7 +207,7 @@ class LlamaRunner:
         pos = torch.arange(ids.shape[1], device=dev) - pack_starts[seq] + torch.tensor(skip, device=dev)[seq]
         write_slots = torch.tensor(list(slots), device=dev)[seq]
         spans = [(a, a + n) for a, n in zip(itertools.accumulate([0] + lens[:-1]), lens)]
-        group = self.spec.num_heads // self.spec.num_kv_heads
+        group = self.shapes.num_heads // self.shapes.num_kv_heads
         masks = [self._after_reused_mask(n, m, group) if n else None for n, m in zip(skip, lens)]
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -242,7 +242,7 @@ class LlamaRunner:
         first `mask.shape[1]` cache positions. The query heads of each KV head are stacked along the sequence, so
         the slot's cache is read in place (no repeated K/V) by one masked fused call."""
         _, hq, n, d = q.shape
-        kvh = self.spec.num_kv_heads
+        kvh = self.shapes.num_kv_heads
         total = mask.shape[1]
         grouped = q.reshape(1, kvh, (hq // kvh) * n, d)
         k = self.k_cache[layer, slot, :, :total][None]

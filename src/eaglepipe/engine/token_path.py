@@ -72,7 +72,7 @@ class TokenPath:
 
         self.k = kernels
         self.runner = runner
-        s = runner.spec
+        s = runner.shapes
         self.qk_gain = [torch.cat([w.q_norm, w.k_norm]) if s.qk_norm else None for w in runner.weights.layers]
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, write_pos: torch.Tensor,
@@ -85,7 +85,7 @@ class TokenPath:
         per_row = (ids, positions, slots, write_pos, prefix_lens, pending_count)
         if any(x.dim() != 1 or x.stride(0) != 1 for x in per_row) or pending.stride(-1) != 1:
             raise ValueError("token rows must be contiguous 1-D tensors (the kernels index them by row)")
-        r, s, k = self.runner, self.runner.spec, self.k
+        r, s, k = self.runner, self.runner.shapes, self.k
         eps = s.rms_norm_eps
         x = F.embedding(ids, r.weights.embed)
         captured = {0: x} if 0 in capture else {}

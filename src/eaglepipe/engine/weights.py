@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .spec import ModelSpec
+from .shapes import ModelShapes
 
 
 @dataclass
@@ -74,7 +74,7 @@ def _prefix(source: _TensorSource) -> str:
     raise KeyError("no embed_tokens.weight found: is this a Llama-family checkpoint?")
 
 
-def load_weights(model_dir: str | Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> ModelWeights:
+def load_weights(model_dir: str | Path, shapes: ModelShapes, device: torch.device, dtype: torch.dtype) -> ModelWeights:
     """Read the checkpoint in `model_dir` and return fused weights on `device` in `dtype`."""
     source = _TensorSource(Path(model_dir))
     p = _prefix(source)
@@ -94,14 +94,14 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, device: torch.device, d
         return torch.cat(parts)
 
     layers = []
-    for i in range(spec.num_layers):
+    for i in range(shapes.num_layers):
         a, m = f"{p}layers.{i}.self_attn.", f"{p}layers.{i}.mlp."
         layers.append(LayerWeights(
             input_norm=get(f"{p}layers.{i}.input_layernorm.weight"),
             qkv=torch.cat([get(f"{a}q_proj.weight"), get(f"{a}k_proj.weight"), get(f"{a}v_proj.weight")]),
             qkv_bias=cat_maybe([f"{a}q_proj.bias", f"{a}k_proj.bias", f"{a}v_proj.bias"]),
-            q_norm=get(f"{a}q_norm.weight") if spec.qk_norm else None,
-            k_norm=get(f"{a}k_norm.weight") if spec.qk_norm else None,
+            q_norm=get(f"{a}q_norm.weight") if shapes.qk_norm else None,
+            k_norm=get(f"{a}k_norm.weight") if shapes.qk_norm else None,
             o=get(f"{a}o_proj.weight"),
             o_bias=maybe(f"{a}o_proj.bias"),
             post_norm=get(f"{p}layers.{i}.post_attention_layernorm.weight"),
@@ -111,5 +111,5 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, device: torch.device, d
             down_bias=maybe(f"{m}down_proj.bias"),
         ))
     embed = get(f"{p}embed_tokens.weight")
-    lm_head = embed if spec.tie_word_embeddings else get("lm_head.weight")
+    lm_head = embed if shapes.tie_word_embeddings else get("lm_head.weight")
     return ModelWeights(embed=embed, layers=layers, norm=get(f"{p}norm.weight"), lm_head=lm_head)

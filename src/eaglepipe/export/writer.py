@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from ..utils.atomic import atomic_write_json, atomic_write_text, default_file_mode
 from ..utils.cli import StageError
-from ..validate import validate_export
+from .validate import validate_export
 from .checkpoint import Checkpoint
 from .commands import sglang_command, vllm_command
 from .configs import sglang_config, vllm_config

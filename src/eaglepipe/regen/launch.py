@@ -29,8 +29,8 @@ def free_port(host: str = LOCALHOST) -> int:
 
 def native_command(model_dir: str | Path, port: int, *, max_batch_size: int, max_model_len: int,
                    device: str = "auto", host: str = LOCALHOST, prefix_reuse: bool = True) -> list[str]:
-    """`python -m eaglepipe.serve ...` for our own server."""
-    return [sys.executable, "-m", "eaglepipe.serve", "--model", str(model_dir), "--host", host, "--port", str(port),
+    """`python -m eaglepipe.server.serve ...` for our own server."""
+    return [sys.executable, "-m", "eaglepipe.server.serve", "--model", str(model_dir), "--host", host, "--port", str(port),
             "--max-batch-size", str(max_batch_size), "--max-model-len", str(max_model_len), "--device", device,
             *([] if prefix_reuse else ["--no-prefix-reuse"])]
 

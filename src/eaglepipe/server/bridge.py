@@ -21,7 +21,7 @@ class EngineBridge:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.eos_token_ids = frozenset(engine.eos_token_ids)
-        self.vocab_size = engine.runner.spec.vocab_size
+        self.vocab_size = engine.runner.shapes.vocab_size
         self.model_name, self.has_draft = model_name, has_draft
         self.started = int(time.time())
         self._closed = False

@@ -7,10 +7,7 @@ alone, in a batch, or as a node of a draft tree, which is what makes greedy spec
 Import this package only where Triton is wanted: `TRITON_INTERPRET=1` (the CPU tests) must be set before.
 """
 from .attention import virtual_attention
-from .draft_tree import compact_path_kv, tree_accept, tree_grow, tree_select
 from .linear import embed_hidden_linear, norm_gate_up, norm_linear
 from .rope_cache import rope_write_kv
-from .topk import topk_logprobs
 
-__all__ = ["compact_path_kv", "embed_hidden_linear", "norm_gate_up", "norm_linear", "rope_write_kv",
-           "topk_logprobs", "tree_accept", "tree_grow", "tree_select", "virtual_attention"]
+__all__ = ["embed_hidden_linear", "norm_gate_up", "norm_linear", "rope_write_kv", "virtual_attention"]

@@ -17,7 +17,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention, draft_tree, linear, rope_cache, topk
+from ...speculative.kernels import draft_tree, topk
+from . import attention, linear, rope_cache
 
 
 def _sig(pointers: dict[str, str], ints: list[str], floats: list[str], constexprs: dict[str, Any]) -> tuple:

@@ -250,7 +250,7 @@ class RoundGraph:
             accepted, bonus = chain_accept(tree.tokens, logits)
             return torch.minimum(self.cols, accepted[:, None]), accepted + 1, bonus
         if self.gen._tree_kernels:
-            return self.gen.draft.fast.kernels.tree_accept(tree.tokens, tree.parents, tree.depths, tree.ancestors,
+            return self.gen._kernels().tree_accept(tree.tokens, tree.parents, tree.depths, tree.ancestors,
                                                            logits.argmax(dim=-1), self.width)
         acc = greedy_accept_device(tree, logits)
         return path_nodes(acc, self.width), acc.count, acc.bonus

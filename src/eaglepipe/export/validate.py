@@ -1,7 +1,7 @@
 """Check a drafter against its target before any server sees it.
 
-    python -m eaglepipe.validate results/default/export --target results/default/target
-    python -m eaglepipe.validate path/to/drafter --target results/default/target --external
+    python -m eaglepipe.export.validate results/default/export --target results/default/target
+    python -m eaglepipe.export.validate path/to/drafter --target results/default/target --external
 
 PATH is an export dir (with sglang/ and optionally vllm/) or one format dir. Every problem is listed and the
 exit status is 1 when there is any, because SGLang silently skips unknown weight names and loads a drafter
@@ -31,13 +31,13 @@ from typing import Any, Sequence
 import torch
 from safetensors import safe_open
 
-from .export.layout import (CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, EAGLE3_ALGOS, SGLANG_EAGLE1_ARCH,
+from .layout import (CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, EAGLE3_ALGOS, SGLANG_EAGLE1_ARCH,
                             SGLANG_EAGLE3_ARCH, TOKEN_MAP_FILE, VLLM_EAGLE3_ARCH, WEIGHTS_FILE, Shapes,
                             expected_tensors)
-from .export.served import (AUX_IDS_KEY, default_aux_layers, layer_config, nested_aux_ids, served_aux_layers,
+from .served import (AUX_IDS_KEY, default_aux_layers, layer_config, nested_aux_ids, served_aux_layers,
                             served_config, served_name, served_num_aux)
-from .models.config import DrafterConfig
-from .target.info import describe_model, read_target_info, resolve_model_dir
+from ..models.config import DrafterConfig
+from ..target.info import describe_model, read_target_info, resolve_model_dir
 
 FORMATS = ("sglang", "vllm")
 ENGINE = {"sglang": "SGLang", "vllm": "vLLM"}

@@ -1,4 +1,4 @@
-"""`python -m eaglepipe.serve --model PATH [--draft PATH]`: OpenAI/SGLang-compatible server on the native engine."""
+"""`python -m eaglepipe.server.serve --model PATH [--draft PATH]`: OpenAI/SGLang-compatible server on the native engine."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from typing import Sequence
 
 from aiohttp import web
 
-from .server.limits import raise_open_file_limit
+from .limits import raise_open_file_limit
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -51,7 +51,7 @@ def speculative_config(args: argparse.Namespace) -> dict[str, int] | None:
 def default_model_name(model: str) -> str:
     """The id /v1/models shows without --served-model-name: a fetch_target output's configured name (a hub id, or
     a local source's directory name), else the model directory's name. Clients never see a local path."""
-    from .target.info import read_target_info
+    from ..target.info import read_target_info
 
     path = Path(model).expanduser().resolve()
     if (path / "target.json").exists():
@@ -62,11 +62,11 @@ def default_model_name(model: str) -> str:
 
 def build_app(args: argparse.Namespace) -> web.Application:
     """Load the engine and wrap it in the aiohttp application."""
-    from .engine import Engine
-    from .server.app import create_app
-    from .server.bridge import EngineBridge
-    from .target.info import resolve_model_dir
-    from .utils.device import pick_device
+    from ..engine import Engine
+    from .app import create_app
+    from .bridge import EngineBridge
+    from ..target.info import resolve_model_dir
+    from ..utils.device import pick_device
 
     model_dir = resolve_model_dir(args.model)
     engine = Engine(model_dir, device=pick_device(args.device), max_batch_size=args.max_batch_size,
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[serve] %(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     args = parse_args(argv)
-    log = logging.getLogger("eaglepipe.serve")
+    log = logging.getLogger("eaglepipe.server.serve")
     raise_open_file_limit()
     try:
         app = build_app(args)

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from .batches import Batch, collate
-from .objective import Labels, replay_rounds
+from ..train.batches import Batch, collate
+from ..train.objective import Labels, replay_rounds
 
 if TYPE_CHECKING:
-    from ..spec import SpeculativeGenerator
-    from .loop import Trainer
+    from .generator import SpeculativeGenerator
+    from ..train.loop import Trainer
 
 
 class Unroll(NamedTuple):
@@ -33,8 +33,8 @@ class Unroll(NamedTuple):
 
 def training_unroll(trainer: Trainer, sample: dict, ttt_steps: int) -> Unroll:
     """Run the training module (no gradients) over one sample, recording `drafter.logits` as it is called."""
-    from .module import TTTModule
-    from .ttt_attention import document_causal_mask, math_step0
+    from ..train.module import TTTModule
+    from ..train.ttt_attention import document_causal_mask, math_step0
 
     drafter = trainer.drafter
     batch = collate([[sample]], ttt_steps)

@@ -5,7 +5,7 @@ In PyTorch (compiled by Inductor) a (6,8,32) draft spends about 75 of its 137 la
 score the children, pick the next frontier, gather its hidden states and build the drafter's token rows, then
 about 18 to select and lay out the verify tree. Here each depth is one launch (`tree_grow`) and the selection
 another (`tree_select`), one program per batch row.
-They compute what `spec.tree.grow` + `spec.draft_runner.tree_rows` and `spec.tree.select_tree` compute, with
+They compute what `speculative.tree.grow` + `speculative.draft_runner.tree_rows` and `speculative.tree.select_tree` compute, with
 the same tie rule as a stable sort: among equal scores, the lower candidate number first. Acceptance
 (`tree_accept`, `compact_path_kv`) is three launches with the target's argmax, where compiled PyTorch took 15.
 Measured on an H200 (benchmarks/RESULTS.md, seventh lease): the (6,8,32) round went from 1.436 to 1.317 ms; the
@@ -170,7 +170,7 @@ def _select_kernel(score_ptr, tok_ptr, par_ptr, depth_ptr, root_ptr, pos_ptr, o_
 def tree_select(cand_tokens: torch.Tensor, cand_scores: torch.Tensor, cand_parents: torch.Tensor,
                 cand_depths: torch.Tensor, roots: torch.Tensor,
                 keep: int, max_depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`spec.tree.select_tree` in one launch: keep the best `keep` candidates [B, C] (contiguous) by score, lay
+    """`speculative.tree.select_tree` in one launch: keep the best `keep` candidates [B, C] (contiguous) by score, lay
     them out after the root in candidate order, and give (tokens, parents in verify positions, depths) [B, keep+1]
     and the ancestor matrix bool [B, keep+1, keep+1]. cand_depths [C] is the same for every row."""
     b, c = cand_scores.shape
@@ -217,7 +217,7 @@ def tree_accept(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tenso
                 choice: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy acceptance of a verify tree in one launch, after the target's argmax `choice` [B, S] at every node:
     (the accepted path's verify-order nodes [B, width], root first, padded with the deepest; its length [B], root
-    included; the bonus token [B]). What `spec.accept.greedy_accept_device` + `path_nodes` give. tokens, parents,
+    included; the bonus token [B]). What `speculative.accept.greedy_accept_device` + `path_nodes` give. tokens, parents,
     depths [B, S] and ancestors bool [B, S, S], contiguous; width >= every path's length."""
     b, s = tokens.shape
     if not all(x.is_contiguous() for x in (tokens, parents, depths, ancestors, choice)):

@@ -91,12 +91,12 @@ class SpeculativeGenerator:
                                                        target_embed=runner.weights.embed,
                                                        target_lm_head=runner.weights.lm_head)
         cfg = self.loaded.config
-        if cfg.vocab_size != runner.spec.vocab_size:
+        if cfg.vocab_size != runner.shapes.vocab_size:
             raise ValueError(f"the drafter's vocab ({cfg.vocab_size}) differs from the target's "
-                             f"({runner.spec.vocab_size})")
+                             f"({runner.shapes.vocab_size})")
         self.drafter = self.loaded.model
         self.eagle3 = cfg.is_eagle3
-        self.capture = list(cfg.aux_layers) if self.eagle3 else [runner.spec.num_layers]
+        self.capture = list(cfg.aux_layers) if self.eagle3 else [runner.shapes.num_layers]
         capacity = runner.max_len + self.spec.num_steps * self.spec.topk + self.spec.num_steps + 2
         self.draft = DraftRunner(self.drafter, runner.max_slots, capacity, runner.device, runner.dtype)
         self.stats = SpecStats(accepted_at=[0] * self.spec.num_steps)
@@ -120,7 +120,7 @@ class SpeculativeGenerator:
         # EAGLEPIPE_TREE_KERNELS=0
         fast = self.draft.fast
         self._topk_kernel = fast is not None and self.loaded.hot_ids is None \
-            and cfg.draft_vocab_size <= fast.kernels.topk.MAX_VOCAB and k <= fast.kernels.topk.CHUNK \
+            and cfg.draft_vocab_size <= self._kernels().topk.MAX_VOCAB and k <= self._kernels().topk.CHUNK \
             and os.environ.get("EAGLEPIPE_TOPK_KERNEL", "1") != "0"
         self._tree_kernels = self._topk_kernel and os.environ.get("EAGLEPIPE_TREE_KERNELS", "1") != "0"
         if graph_rounds is None:
@@ -132,6 +132,13 @@ class SpeculativeGenerator:
             self.round_graph = RoundGraph(self)
             if not any(runner.lengths[:1]):  # batch-1 rounds (the engine's speculative slot 0) captured up front
                 self.round_graph.prepare(1)
+
+    @staticmethod
+    def _kernels():
+        """The speculative-decoding Triton kernels (imported only when the fast drafter is used)."""
+        from . import kernels
+
+        return kernels
 
     def reset_stats(self) -> None:
         """Zero the round/acceptance counters."""
@@ -165,7 +172,7 @@ class SpeculativeGenerator:
         state (EAGLE-1/2, as the target's lm_head consumes it and as SGLang hands it over)."""
         if self.eagle3:
             return self.drafter.fuse(aux)
-        return rms_norm(aux, self.runner.weights.norm, self.runner.spec.rms_norm_eps)
+        return rms_norm(aux, self.runner.weights.norm, self.runner.shapes.rms_norm_eps)
 
     def _drafter_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         return draft_logprobs(logits, self.loaded.hot_ids)
@@ -177,7 +184,7 @@ class SpeculativeGenerator:
         k = self.spec.topk
         b, f, v = logits.shape
         if self._topk_kernel:
-            values, ids = self.draft.fast.kernels.topk_logprobs(logits.reshape(b * f, v), k)
+            values, ids = self._kernels().topk_logprobs(logits.reshape(b * f, v), k)
             return values.view(b, f, k), ids.view(b, f, k)
         return self._drafter_logprobs(logits).topk(k, dim=-1)
 
@@ -289,7 +296,7 @@ class SpeculativeGenerator:
         """`_draft_tree` with the fast drafter and two kernels of bookkeeping: per depth the drafter's top-k, then
         `tree_grow` (the candidates written in place, the next frontier and its token rows), and at the end
         `tree_select`. Each depth is two launches besides the drafter's own."""
-        kn, k, steps = self.draft.fast.kernels, self.spec.topk, self.spec.num_steps
+        kn, k, steps = self._kernels(), self.spec.topk, self.spec.num_steps
         b, dev = roots.shape[0], roots.device
         n_cand = self._cand_depths.numel()
         cand = (torch.empty(b, n_cand, dtype=torch.long, device=dev),
@@ -386,7 +393,7 @@ class SpeculativeGenerator:
         path's end copy its deepest node past the new committed end, where nothing reads it. With the tree
         kernels, one launch (`compact_path_kv`)."""
         if self._tree_kernels:
-            self.draft.fast.kernels.compact_path_kv(self.runner.k_cache, self.runner.v_cache, slots_t, lengths,
+            self._kernels().compact_path_kv(self.runner.k_cache, self.runner.v_cache, slots_t, lengths,
                                                     path.contiguous())
             return
         b, w = path.shape

@@ -16,7 +16,7 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelShapes:
     """Shapes and numerics of a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2)."""
 
     model_type: str
@@ -42,7 +42,7 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
 
-def read_model_spec(model_dir: str | Path) -> ModelSpec:
+def read_model_shapes(model_dir: str | Path) -> ModelShapes:
     """Parse and check the config of an HF Llama-family model directory."""
     from transformers import AutoConfig
 
@@ -64,7 +64,7 @@ def read_model_spec(model_dir: str | Path) -> ModelSpec:
             f"sliding-window attention (sliding_window={text.sliding_window}) is not supported by the native engine")
     heads = int(text.num_attention_heads)
     raw = json.loads((model_dir / "config.json").read_text())
-    return ModelSpec(
+    return ModelShapes(
         model_type=model_type,
         num_layers=int(text.num_hidden_layers),
         hidden_size=int(text.hidden_size),
@@ -81,13 +81,13 @@ def read_model_spec(model_dir: str | Path) -> ModelSpec:
     )
 
 
-def rope_tables(spec: ModelSpec, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(shapes: ModelShapes, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin tables [max_len, head_dim] for positions 0..max_len-1 (default, linear, llama3, yarn...)."""
-    params = dict(getattr(spec.hf_config, "rope_parameters", None) or {})
+    params = dict(getattr(shapes.hf_config, "rope_parameters", None) or {})
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
-        theta = float(params.get("rope_theta", getattr(spec.hf_config, "rope_theta", 10000.0)))
-        exponents = torch.arange(0, spec.head_dim, 2, dtype=torch.float) / spec.head_dim
+        theta = float(params.get("rope_theta", getattr(shapes.hf_config, "rope_theta", 10000.0)))
+        exponents = torch.arange(0, shapes.head_dim, 2, dtype=torch.float) / shapes.head_dim
         inv_freq, scaling = 1.0 / (theta ** exponents), 1.0
     elif rope_type == "dynamic":
         raise UnsupportedModelError("dynamic NTK RoPE depends on the sequence length and is not supported")
@@ -96,7 +96,7 @@ def rope_tables(spec: ModelSpec, max_len: int, device: torch.device) -> tuple[to
 
         if rope_type not in ROPE_INIT_FUNCTIONS:
             raise UnsupportedModelError(f"unknown rope_type {rope_type!r}")
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](spec.hf_config, torch.device("cpu"))
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](shapes.hf_config, torch.device("cpu"))
     positions = torch.arange(max_len, dtype=torch.float)
     freqs = positions[:, None] * inv_freq.float()[None, :]
     angles = torch.cat([freqs, freqs], dim=-1)
