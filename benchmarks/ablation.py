@@ -49,16 +49,17 @@ def load_arms(path: Path) -> dict:
     return spec
 
 
-def prepare_arm(work: Path, name: str, overrides: list[str]) -> Path:
-    """A copy of this checkout for the arm, with its params.yaml composed and the base's results hard-linked."""
+def prepare_arm(work: Path, name: str, overrides: list[str], source: Path) -> Path:
+    """A copy of this checkout for the arm, with its params.yaml composed and the results of `source` (a
+    checkout that already ran) hard-linked, with Snakemake's records, so that unchanged stages do not rerun."""
     arm = work / name
     if not arm.exists():
         shutil.copytree(REPO, arm, ignore=COPY_IGNORE, symlinks=True)
         for shared in ("results", "logs"):
-            if (REPO / shared).exists():
-                subprocess.run(["cp", "-al", str(REPO / shared), str(arm / shared)], check=True)
-        if (REPO / ".snakemake").exists():  # Snakemake's records, so that unchanged stages are not rerun
-            shutil.copytree(REPO / ".snakemake", arm / ".snakemake", dirs_exist_ok=True, symlinks=True,
+            if (source / shared).exists():
+                subprocess.run(["cp", "-al", str(source / shared), str(arm / shared)], check=True)
+        if (source / ".snakemake").exists():
+            shutil.copytree(source / ".snakemake", arm / ".snakemake", dirs_exist_ok=True, symlinks=True,
                             ignore=shutil.ignore_patterns("locks", "incomplete", "log"))
     run([sys.executable, "-m", "eaglepipe.compose", *overrides, "--out", str(arm / "params.yaml")], arm)
     return arm
@@ -127,25 +128,28 @@ def main(argv: list[str] | None = None) -> None:
         print("dvc queue start -j 1")
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    arms = {n: prepare_arm(args.work, n, [*spec["base"], *spec["arms"][n]]) for n in names}
-
-    def train(name: str) -> None:
-        arm = arms[name]
-        run(["snakemake", "--cores", "all", f"results/{experiment_of(arm)}/export"], arm, arm / "ablation.log")
-
-    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        failures = {n: e for n, e in zip(names, pool.map(_capture(train), names))}
     first = next(iter(spec["arms"]))
     base_dir = args.work / first
+
+    def train(name: str) -> None:
+        arm = prepare_arm(args.work, name, [*spec["base"], *spec["arms"][name]],
+                                       REPO if name == first else base_dir)
+        run(["snakemake", "--cores", "all", f"results/{experiment_of(arm)}/export"], arm, arm / "ablation.log")
+
+    # the first arm alone, then the others from its results (its data stages, regeneration included, are shared)
+    failures = {first: _capture(train)(first)} if (first in names or not (base_dir / "results").exists()) else {}
+    rest = [n for n in names if n != first]
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        failures.update(zip(rest, pool.map(_capture(train), rest)))
     done: dict[str, dict] = {}
     for name in names:  # one at a time on the GPU; each arm's row is written as soon as it is measured
+        arm = args.work / name
         if failures[name] is None:
-            failures[name] = _capture(lambda n: run(["snakemake", "--cores", "all"], arms[n],
-                                                    arms[n] / "ablation.log"))(name)
+            failures[name] = _capture(lambda n: run(["snakemake", "--cores", "all"], arm, arm / "ablation.log"))(name)
         if failures[name] is not None:
-            print(f"arm {name} failed: {failures[name]} (log: {arms[name] / 'ablation.log'})", file=sys.stderr)
+            print(f"arm {name} failed: {failures[name]} (log: {arm / 'ablation.log'})", file=sys.stderr)
             continue
-        done[name] = f = arm_figures(arms[name], spec.get("points"))
+        done[name] = f = arm_figures(arm, spec.get("points"))
         base = done.get(first) or (arm_figures(base_dir, spec.get("points"))
                                    if (base_dir / "params.yaml").exists() and name != first else None)
         overrides = spec["arms"][name]
