@@ -91,6 +91,26 @@ def wait_for(cond, proc: subprocess.Popen | None = None, timeout: float = 300.0)
     raise TimeoutError("condition not reached")
 
 
+def kill_at_random_points(params: Path, target: Path, chat: Path, out: Path, log: Path, rng: random.Random,
+                          attempts: int) -> int:
+    """Start the stage `attempts` times and SIGKILL each run: the first at a random moment (possibly before any
+    shard), later ones just after one or two more shards were committed. Returns how many runs were killed."""
+    kills = 0
+    for attempt in range(attempts):
+        proc = start_stage(params, target, chat, out, log)
+        if attempt == 0:
+            time.sleep(rng.uniform(0.1, 1.0))
+        else:
+            target_shards = committed(out) + rng.randint(1, 2)
+            wait_for(lambda: committed(out) >= target_shards, proc)
+            time.sleep(rng.uniform(0.0, 0.1))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    return kills
+
+
 def published(out: Path) -> tuple[list[dict], list[dict]]:
     rows = list(read_conversations(out))
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
@@ -291,20 +311,8 @@ def test_sigkill_at_random_points_then_resume_is_exact(url_server, tiny_llama_di
     assert res.returncode == 0, res.stderr
 
     out = tmp_path / "exp" / "data" / "regen"
-    rng = random.Random(1234)
-    kills = 0
-    for attempt in range(5):
-        proc = start_stage(params, tiny_llama_dir, tmp_path / "chat", out, tmp_path / "stage.log")
-        if attempt == 0:
-            time.sleep(rng.uniform(0.1, 1.0))  # possibly before any shard
-        else:
-            target = committed(out) + rng.randint(1, 2)
-            wait_for(lambda: committed(out) >= target, proc)
-            time.sleep(rng.uniform(0.0, 0.1))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
+    kills = kill_at_random_points(params, tiny_llama_dir, tmp_path / "chat", out, tmp_path / "stage.log",
+                                  random.Random(1234), attempts=5)
     assert kills >= 3
     res = run_stage(params, tiny_llama_dir, tmp_path / "chat", out)
     assert res.returncode == 0, res.stderr
@@ -478,3 +486,128 @@ def test_rerun_with_every_shard_done_keeps_the_server_command(tiny_llama_dir, tm
     stats = json.loads((out / "stats.json").read_text())
     assert stats["run_conversations"] == 0 and stats["server_command"] == command
     assert json.loads((out / "manifest.json").read_text())["backend_command"] == command
+
+
+# ----------------------------------------------------------------------------- several samples per prompt
+def sample_index(row_id: str) -> int:
+    return int(row_id.rsplit("#s", 1)[1]) if "#s" in row_id else 0
+
+
+def answers(row: dict) -> tuple[str, ...]:
+    return tuple(m["content"] for m in row["messages"] if m["role"] == "assistant")
+
+
+def test_config_refuses_several_samples_without_sampling(tmp_path):
+    from eaglepipe.compose import compose_dict
+    from eaglepipe.config import ConfigError, load_params
+
+    with pytest.raises(ConfigError, match="samples_per_prompt is 3, but regen.temperature is 0"):
+        load_params(write_params(tmp_path / "greedy.yaml", samples_per_prompt=3, temperature=0.0))
+    with pytest.raises(ConfigError, match="samples_per_prompt is 3, but regen.temperature is 0"):
+        compose_dict(["regen.samples_per_prompt=3"])
+    with pytest.raises(ConfigError, match="backend none keeps the dataset's answers"):
+        load_params(write_params(tmp_path / "none.yaml", backend="none", samples_per_prompt=2, temperature=0.8))
+    with pytest.raises(ConfigError, match="samples_per_prompt must be >= 1"):
+        load_params(write_params(tmp_path / "zero.yaml", samples_per_prompt=0))
+    assert load_params(write_params(tmp_path / "ok.yaml", samples_per_prompt=3, temperature=0.8)) \
+        .regen.samples_per_prompt == 3
+
+
+def test_split_by_source_keeps_the_samples_of_a_conversation_together():
+    import numpy as np
+
+    from eaglepipe.data.sample_ids import sample_id, source_id
+    from eaglepipe.data.tokenize import split_by_source, split_train_val
+
+    ids = [sample_id(f"c:{i}", k) for i in range(40) for k in range(3)] + ["odd#s2", "odd#s2#s1"]
+    is_val = split_by_source(ids, 0.2, seed=5)
+    val = {source_id(i) for i, v in zip(ids, is_val) if v}
+    train = {source_id(i) for i, v in zip(ids, is_val) if not v}
+    assert not val & train and len(val) == round(0.2 * 41)
+    assert np.array_equal(split_by_source(ids, 0.2, seed=5), is_val)
+    plain = [f"c:{i}" for i in range(40)]  # one row per conversation: the split it always was
+    assert np.array_equal(split_by_source(plain, 0.2, seed=5), split_train_val(40, 0.2, seed=5))
+
+
+def test_sampled_answers_per_prompt_are_distinct_reproducible_and_resume_exactly(url_server, tiny_llama_dir,
+                                                                                   tmp_path):
+    from eaglepipe.data.sample_ids import sample_id, source_id
+    from eaglepipe.data.tokens_io import read_tokens
+
+    chat_rows = make_chat(tmp_path / "chat", 12)
+    chat = tmp_path / "chat"
+    base = dict(backend="url", url=url_server, mode="all", max_new_tokens=8, shard_size=4, concurrency=2,
+                temperature=0.8)
+    params = write_params(tmp_path / "p3.yaml", **base, samples_per_prompt=3)
+    reference = tmp_path / "ref" / "data" / "regen"
+    res = run_stage(params, tiny_llama_dir, chat, reference)
+    assert res.returncode == 0, res.stderr
+    rows, rejects = published(reference)
+    answered = [c for c in chat_rows if c["id"] != "t:unanswered"]
+    assert [r["id"] for r in rows] == [sample_id(c["id"], k) for c in answered for k in range(3)]
+    assert [r["id"] for r in rejects] == [sample_id("t:unanswered", k) for k in range(3)]
+    for i, conv in enumerate(answered):
+        samples = rows[3 * i:3 * i + 3]
+        for s in samples:  # the same questions, each sample with its own answers
+            assert [m for m in s["messages"] if m["role"] != "assistant"] == \
+                [m for m in conv["messages"] if m["role"] != "assistant"]
+        assert len({answers(s) for s in samples}) == 3
+        assert len({answers(s)[-1] for s in samples}) == 3
+    stats = json.loads((reference / "stats.json").read_text())
+    assert (stats["source_conversations"], stats["samples_per_prompt"], stats["rows_in"], stats["rows_out"]) == \
+        (13, 3, 39, 36)
+    assert stats["dropped"] == {"no assistant turn": 3}
+    assert "36 of 39 conversations regenerated (13 x 3 samples)" in res.stderr
+    assert json.loads((reference / "manifest.json").read_text())["params"]["samples_per_prompt"] == 3
+
+    # a second run, killed at random points and resumed, draws the same samples, byte for byte
+    out = tmp_path / "exp" / "data" / "regen"
+    assert kill_at_random_points(params, tiny_llama_dir, chat, out, tmp_path / "stage.log", random.Random(17),
+                                 attempts=4) >= 3
+    res = run_stage(params, tiny_llama_dir, chat, out)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "stats.json").read_text())["resumed_conversations"] > 0
+    assert published(out) == published(reference)
+    assert [(p.name, p.read_bytes()) for p in sorted(out.glob("shard-*.parquet"))] == \
+        [(p.name, p.read_bytes()) for p in sorted(reference.glob("shard-*.parquet"))]
+
+    # sample k is the same whatever N is; with N = 1 the rows keep their ids and the work dir its old params
+    for n in (1, 2):
+        fewer = tmp_path / f"n{n}" / "data" / "regen"
+        res = run_stage(write_params(tmp_path / f"p{n}.yaml", **base, samples_per_prompt=n), tiny_llama_dir, chat,
+                        fewer)
+        assert res.returncode == 0, res.stderr
+        assert published(fewer)[0] == [r for r in rows if sample_index(r["id"]) < n]
+    assert "samples_per_prompt" not in json.loads((tmp_path / "n1/data/regen/manifest.json").read_text())["params"]
+
+    # tokenize never puts samples of one conversation on both sides of the train/val split
+    tok_params = yaml.safe_load(params.read_text())
+    tok_params["data"]["val_fraction"] = 0.3
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(tok_params))
+    tokens = tmp_path / "exp" / "data" / "tokens"
+    res = subprocess.run([sys.executable, "-m", "eaglepipe.stages.tokenize", "--params", str(tmp_path / "tok.yaml"),
+                          "--target", str(tiny_llama_dir), "--chat", str(out), "--out", str(tokens)],
+                         cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    train = {source_id(s["id"]) for s in read_tokens(tokens, "train")}
+    val = {source_id(s["id"]) for s in read_tokens(tokens, "val")}
+    assert train and val and not train & val and len(train | val) == len(answered)
+    assert len(read_tokens(tokens, "val")) == 3 * len(val)
+
+
+def test_native_backend_sends_each_sample_its_seed(url_server, tiny_llama_dir, tmp_path):
+    """The native backend's server draws the same samples as another server given the same seeds."""
+    make_chat(tmp_path / "chat", 6)
+    common = dict(mode="last", max_new_tokens=8, max_model_len=512, trim_history_to=256, concurrency=2,
+                  temperature=0.8, top_p=0.9, samples_per_prompt=2)
+    native = tmp_path / "native" / "data" / "regen"
+    res = run_stage(write_params(tmp_path / "n.yaml", backend="native", **common), tiny_llama_dir, tmp_path / "chat",
+                    native)
+    assert res.returncode == 0, res.stderr
+    url = tmp_path / "url" / "data" / "regen"
+    res = run_stage(write_params(tmp_path / "u.yaml", backend="url", url=url_server, **common), tiny_llama_dir,
+                    tmp_path / "chat", url)
+    assert res.returncode == 0, res.stderr
+    rows, _ = published(native)
+    assert len(rows) == 12 and published(native) == published(url)
+    assert all(answers(a) != answers(b) for a, b in zip(rows[::2], rows[1::2]))

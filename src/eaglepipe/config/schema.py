@@ -136,6 +136,8 @@ class RegenCfg:
     mode: str = "last"
     temperature: float = 0.0
     top_p: float = 1.0
+    # sampled versions of each conversation, each with its own answers (needs temperature > 0 when > 1)
+    samples_per_prompt: int = 1
     max_new_tokens: int = 64
     # mode last: drop the oldest exchanges until the prompt plus max_new_tokens fits in this many tokens
     # (native backend: also in max_model_len); null = send the whole history
@@ -164,6 +166,13 @@ class RegenCfg:
         _require(self.mode in ("last", "all"), f"regen.mode must be last|all, got {self.mode!r}")
         _require(self.temperature >= 0, "regen.temperature must be >= 0")
         _require(0 < self.top_p <= 1, "regen.top_p must be in (0, 1]")
+        _require(self.samples_per_prompt >= 1, "regen.samples_per_prompt must be >= 1")
+        _require(self.samples_per_prompt == 1 or self.backend != "none",
+                 f"regen.samples_per_prompt is {self.samples_per_prompt}, but regen.backend none keeps the "
+                 "dataset's answers: the samples would be identical copies; use 1")
+        _require(self.samples_per_prompt == 1 or self.temperature > 0,
+                 f"regen.samples_per_prompt is {self.samples_per_prompt}, but regen.temperature is 0: greedy "
+                 "decoding gives every sample the same answers; set regen.temperature > 0 (e.g. 0.8) or use 1")
         _require(self.max_new_tokens > 0, "regen.max_new_tokens must be > 0")
         _require(self.trim_history_to is None or self.trim_history_to > self.max_new_tokens,
                  "regen.trim_history_to must be greater than regen.max_new_tokens, or null")

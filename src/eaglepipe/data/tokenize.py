@@ -7,13 +7,14 @@ import multiprocessing
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from jinja2.exceptions import TemplateError
 from tqdm import tqdm
 
 from .loss_mask import ChatMasker, TemplateMismatch
+from .sample_ids import source_id
 
 log = logging.getLogger("eaglepipe.data")
 CHUNK = 256
@@ -121,6 +122,15 @@ def split_train_val(num_samples: int, val_fraction: float, seed: int) -> np.ndar
     is_val = np.zeros(num_samples, dtype=bool)
     is_val[np.random.default_rng(seed).permutation(num_samples)[:n_val]] = True
     return is_val
+
+
+def split_by_source(ids: Sequence[str], val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean array marking validation rows: `split_train_val` over the rows' source conversations
+    (`sample_ids.source_id`), so that the sampled versions of one conversation all land on the same side.
+    Rows with distinct sources split exactly as `split_train_val(len(ids), ...)` does."""
+    index: dict[str, int] = {}
+    group = np.array([index.setdefault(source_id(i), len(index)) for i in ids], dtype=np.int64)
+    return split_train_val(len(index), val_fraction, seed)[group]
 
 
 def split_stats(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
+from ..data.sample_ids import sample_id
 from .client import ChatClient, RequestFailed, Sampling
 
 
@@ -58,8 +59,20 @@ def plan_turns(messages: list[dict[str, str]], policy: TurnPolicy) -> tuple[list
     return msgs, (assistant[-1:] if policy.mode == "last" else assistant)
 
 
+def with_samples(conversations: Iterable[dict[str, Any]], n: int) -> Iterator[dict[str, Any]]:
+    """Each conversation `n` times in a row, as its samples 0..n-1 under their sample ids (`sample_ids`).
+
+    A sample's id keys its seeds (`turn_seed`), so sample k draws the same answers whatever `n` is, and
+    sample 0 is the conversation as a run without samples regenerates it.
+    """
+    for conv in conversations:
+        for k in range(n):
+            yield {**conv, "id": sample_id(str(conv["id"]), k)}
+
+
 def turn_seed(base_seed: int, conv_id: str, turn: int) -> int:
-    """A per-(conversation, turn) seed, so sampled runs are reproducible and resumable."""
+    """A per-(conversation, turn) seed, so sampled runs are reproducible and resumable: the first 31 bits of
+    sha256("<base_seed>:<conv_id>:<turn>"). For sample k > 0 `conv_id` is the sample's id `<id>#s<k>`."""
     digest = hashlib.sha256(f"{base_seed}:{conv_id}:{turn}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 

@@ -1,9 +1,10 @@
 """The resumable work dir of the regenerate stage: a manifest plus atomically committed shards.
 
-Shard k holds the outcome of input conversations [k*shard_size, (k+1)*shard_size): the regenerated
-ones in `shard-0000k.parquet` (in input order) and the rest in `shard-0000k.meta.json` (rejects and
-counts). The meta file is written first and the parquet last, so the parquet's presence means the
-shard is complete; a complete shard is never rewritten.
+Shard k holds the outcome of input rows [k*shard_size, (k+1)*shard_size): the regenerated ones in
+`shard-0000k.parquet` (in input order) and the rest in `shard-0000k.meta.json` (rejects and counts). The
+input rows are the conversations, or with regen.samples_per_prompt = N > 1 each conversation's N samples
+in turn; a meta's `conversations` counts rows. The meta file is written first and the parquet last, so the
+parquet's presence means the shard is complete; a complete shard is never rewritten.
 """
 from __future__ import annotations
 

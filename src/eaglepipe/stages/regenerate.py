@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from ..config import Config, fingerprint
 from ..regen.backends import Endpoint, launch_command, open_endpoint
 from ..regen.client import ChatClient, RequestFailed, Sampling
-from ..regen.conversation import TurnPolicy, regenerate_conversation
+from ..regen.conversation import TurnPolicy, regenerate_conversation, with_samples
 from ..regen.fit import HistoryFit, prompt_counter
 from ..regen.identity import count_conversations, model_identity, source_hash
 from ..regen.launch import format_command
@@ -45,6 +45,8 @@ def sampling_identity(cfg: Config) -> dict[str, Any]:
         ident["max_prompt_tokens"] = max_prompt_tokens(r)
     if r.temperature > 0:
         ident["seed"] = cfg.seed
+    if r.samples_per_prompt > 1:
+        ident["samples_per_prompt"] = r.samples_per_prompt
     return ident
 
 
@@ -62,11 +64,11 @@ def served_model_id(regen: Any) -> str:
 
 async def run_shards(cfg: Config, store: ShardStore, chat_dir: Path, total: int,
                      endpoint: Endpoint | None, model_dir: Path) -> dict[str, Any]:
-    """Regenerate (or, for backend none, copy) every uncommitted shard."""
+    """Regenerate (or, for backend none, copy) every uncommitted shard of the `total` input rows."""
     from ..data.chat_io import read_conversations
 
     r = cfg.regen
-    conversations = read_conversations(chat_dir)
+    conversations = with_samples(read_conversations(chat_dir), r.samples_per_prompt)
     if endpoint is None:
         async def copy(conv: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
             return {"id": conv["id"], "source": conv["source"], "messages": list(conv["messages"])}, 0, 0
@@ -128,8 +130,8 @@ def regenerate(cfg: Config, target: Path, chat_dir: Path, out: Path) -> dict[str
     """Run the stage; returns the published stats (or the dry-run command)."""
     r = cfg.regen
     model_dir = resolve_model_dir(target)
-    log.info("backend: %s, mode: %s, max_new_tokens: %d, temperature: %g", r.backend, r.mode, r.max_new_tokens,
-             r.temperature)
+    log.info("backend: %s, mode: %s, max_new_tokens: %d, temperature: %g, samples per prompt: %d", r.backend,
+             r.mode, r.max_new_tokens, r.temperature, r.samples_per_prompt)
     if max_prompt_tokens(r) is not None:
         log.info("histories are trimmed of their oldest exchanges to prompts of at most %d tokens",
                  max_prompt_tokens(r))
@@ -141,7 +143,8 @@ def regenerate(cfg: Config, target: Path, chat_dir: Path, out: Path) -> dict[str
             log.info("regen.sglang.dry_run is set: printed the command, doing no work")
             return {"dry_run": True, "command": command}
 
-    total = count_conversations(chat_dir)
+    conversations = count_conversations(chat_dir)
+    total = conversations * r.samples_per_prompt  # input rows: each conversation's samples in turn
     model = model_identity(target)
     if r.backend == "url":
         model = {**model, "served_by": {"url": r.url, "model": served_model_id(r)}}
@@ -149,10 +152,11 @@ def regenerate(cfg: Config, target: Path, chat_dir: Path, out: Path) -> dict[str
              "backend": r.backend}
     fp = fingerprint(ident)
     store = ShardStore(work_dir_for(out, fp))
-    store.prepare({**ident, "fingerprint": fp, "num_conversations": total, "shard_size": r.shard_size})
+    store.prepare({**ident, "fingerprint": fp, "num_conversations": conversations, "shard_size": r.shard_size})
     num_shards = math.ceil(total / r.shard_size)
     done = sum(store.is_done(i) for i in range(num_shards))
-    log.info("work dir %s: %d conversations, %d/%d shards already committed", store.dir, total, done, num_shards)
+    log.info("work dir %s: %d conversations%s, %d/%d shards already committed", store.dir, conversations,
+             f" x {r.samples_per_prompt} samples" if r.samples_per_prompt > 1 else "", done, num_shards)
 
     run_stats: dict[str, Any] = {"run_conversations": 0, "run_completion_tokens": 0, "run_seconds": 0.0,
                                  "resumed_conversations": total, "conversations_per_s": 0.0,
@@ -168,18 +172,22 @@ def regenerate(cfg: Config, target: Path, chat_dir: Path, out: Path) -> dict[str
                 raise StageError(f"{e}. Committed shards are kept in {store.dir}; rerun to resume{tail}") from e
     check_not_all_rejected(store, num_shards)
     command = store.recorded_command()
+    # the published counts are per input row; these two say how many conversations the rows sample
     stats = {"backend": r.backend, "server_command": command, "url": r.url if r.backend == "url" else None,
-             **run_stats}
-    totals = store.publish(out, num_shards, stats, {"backend_command": command})
+             "source_conversations": conversations, "samples_per_prompt": r.samples_per_prompt, **run_stats}
+    published = {**store.publish(out, num_shards, stats, {"backend_command": command}), **stats}
     log.info("published %s: %s; this run: %d conversations, %d output tokens, %.2f conv/s, %.1f output tok/s",
-             out, describe_totals(totals), run_stats["run_conversations"], run_stats["run_completion_tokens"],
+             out, describe_totals(published), run_stats["run_conversations"], run_stats["run_completion_tokens"],
              run_stats["conversations_per_s"], run_stats["output_tokens_per_s"])
-    return {**totals, **stats}
+    return published
 
 
 def describe_totals(totals: dict[str, Any]) -> str:
-    """Rows in and out, what was dropped and why, and how many histories were trimmed."""
+    """Rows in and out (and the conversations they sample), what was dropped and why, and how many histories
+    were trimmed."""
     line = f"{totals['regenerated']} of {totals['conversations']} conversations regenerated"
+    if totals["samples_per_prompt"] > 1:
+        line += f" ({totals['source_conversations']} x {totals['samples_per_prompt']} samples)"
     dropped = totals["dropped"]
     line += f", dropped {sum(dropped.values())}"
     if dropped:

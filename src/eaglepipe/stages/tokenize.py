@@ -13,7 +13,7 @@ from typing import Sequence
 from ..config import Config
 from ..data.chat_io import chat_files, read_conversations
 from ..data.loss_mask import ChatMasker, TemplateMismatch, mark_supervised
-from ..data.tokenize import pick_workers, split_stats, split_train_val, tokenize_conversations
+from ..data.tokenize import pick_workers, split_by_source, split_stats, tokenize_conversations
 from ..data.tokens_io import write_token_shards
 from ..target.info import chat_template_sha256, describe_model, load_tokenizer, read_target_info, resolve_model_dir
 from ..utils.atomic import atomic_dir, atomic_write_json, atomic_write_text
@@ -59,7 +59,8 @@ def body(cfg: Config, args: argparse.Namespace) -> None:
     if not res.samples:
         raise StageError(f"no conversation of {res.conversations_in} produced a supervised token "
                          f"(dropped: {dict(res.dropped)}); check the chat template and data.seq_length")
-    is_val = split_train_val(len(res.samples), cfg.data.val_fraction, cfg.seed)
+    # the sampled versions of one conversation (regen.samples_per_prompt) stay on one side of the split
+    is_val = split_by_source([s["id"] for s in res.samples], cfg.data.val_fraction, cfg.seed)
     train = [s for s, v in zip(res.samples, is_val) if not v]
     val = [s for s, v in zip(res.samples, is_val) if v]
     sample = next((s for s in train if s["loss_mask"].sum() and _turns(s) >= 2), train[0])
