@@ -1,4 +1,5 @@
-# eaglepipe workflow: the same stages as dvc.yaml, one shell line each.
+# eaglepipe workflow: the rules are built from the stage declarations in src/eaglepipe/workflow/pipeline.py,
+# the same ones dvc.yaml is generated from.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -11,12 +12,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/target.smk"
-include: "workflow/rules/data.smk"
-include: "workflow/rules/regen.smk"
-include: "workflow/rules/train.smk"
-include: "workflow/rules/export.smk"
-include: "workflow/rules/bench.smk"
+include: "workflow/rules/stages.smk"
 
 
 rule all:

@@ -1,19 +1,14 @@
-# Helpers shared by all rules. Rules stay thin: inputs, outputs, resources, one shell line.
+# Shared by the rules: where results and logs go, and the stage declarations with their code dependencies.
 import os
+import sys
 from pathlib import Path
 
-PY = "PYTHONPATH=src python -m"
+# The declarations come from this checkout's own src/, not from an installed copy of the package.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from eaglepipe.workflow.pipeline import PYTHON, STAGES, code_deps, command, gpu_count, params_values
+
 R = f"results/{config['experiment']}"
 LOGS = f"logs/{config['experiment']}"
-
-
-def stage_code(*packages):
-    """The stage's Python files, so that code edits rerun the rule (Snakemake hashes only shell text)."""
-    files = []
-    for pkg in packages:
-        p = Path("src/eaglepipe") / pkg
-        files += [str(f) for f in sorted(p.rglob("*.py"))] if p.is_dir() else [str(p)]
-    return files
 
 
 def stage_threads():
@@ -22,20 +17,12 @@ def stage_threads():
     return max(1, min(workflow.cores, len(os.sched_getaffinity(0))))
 
 
-def gpus_for(stage):
-    """GPUs a stage asks for: train uses train.nproc_per_node, others one when the config wants CUDA."""
-    if config["device"] == "cpu":
-        return 0
-    if stage == "train":
-        return int(config["train"]["nproc_per_node"])
-    return 1 if config["device"] == "cuda" else 0
-
-
-def output_parent(name):
-    """A params function giving the directory that holds output `name` (for stages writing a whole folder)."""
-    return lambda wildcards, output: str(Path(output[name]).parent)
-
-
-def input_parent(name):
-    """A params function giving the directory that holds input `name`."""
-    return lambda wildcards, input: str(Path(input[name]).parent)
+def rule_output(out):
+    """A declared output as a Snakemake output: flagged directory() and report() as declared."""
+    path = f"{R}/{out.path}"
+    if out.directory:
+        path = directory(path)
+    if out.report is not None:
+        path = report(path, caption=f"../report/{out.report.caption}", category=out.report.category,
+                      patterns=list(out.report.patterns))
+    return path
