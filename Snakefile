@@ -18,4 +18,4 @@ include: "workflow/rules/stages.smk"
 rule all:
     default_target: True
     input:
-        f"{R}/bench/metrics.json",
+        [f"{R}/{out.path}" for stage in STAGES for out in stage.outs],

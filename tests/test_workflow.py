@@ -11,7 +11,7 @@ import pytest
 
 from eaglepipe.workflow import dvcgen
 from eaglepipe.workflow.imports import module_file
-from eaglepipe.workflow.pipeline import PYTHON, STAGES, Stage, code_deps, command, gpu_count, stage
+from eaglepipe.workflow.pipeline import STAGES, Stage, code_deps, command, gpu_count, results_dir, stage
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -83,13 +83,13 @@ def test_snakemake_lint_is_clean():
 
 def test_snakemake_rules_are_the_declared_stages():
     jobs = _snakemake_jobs()
-    results = f"results/{_experiment()}"
+    results = results_dir(_experiment())
     assert set(jobs) - {"all"} == {s.name for s in STAGES}
     for s in STAGES:
         job = jobs[s.name]
         assert job["input"].split(", ") == _expected_inputs(s, results), s.name
         assert job["output"].split(", ") == [f"{results}/{o.path}" for o in s.outs], s.name
-        assert job["shell"] == f"{command(s, results, PYTHON)} > logs/{_experiment()}/{s.name}.log 2>&1", s.name
+        assert job["shell"] == f"{command(s, results)} > logs/{_experiment()}/{s.name}.log 2>&1", s.name
         assert job["benchmark"] == f"logs/{_experiment()}/times/{s.name}.tsv", s.name
 
 
@@ -97,7 +97,7 @@ def test_dvc_stages_are_the_declared_stages():
     from dvc.dependency.param import ParamsDependency
 
     stages = _dvc_stages()
-    results = f"results/{_experiment()}"
+    results = results_dir(_experiment())
     assert list(stages) == [s.name for s in STAGES]
     for s in STAGES:
         dvc = stages[s.name]
@@ -107,7 +107,7 @@ def test_dvc_stages_are_the_declared_stages():
         assert params == list(s.params), s.name
         outs = {os.path.relpath(o.fs_path, REPO): (o.metric, o.plot) for o in dvc.outs}
         assert outs == {f"{results}/{o.path}": (o.kind == "metrics", o.kind == "plots") for o in s.outs}, s.name
-        assert dvc.cmd == command(s, results, PYTHON), s.name
+        assert dvc.cmd == command(s, results), s.name
 
 
 def test_every_closure_holds_its_stage_cli():

@@ -5,9 +5,9 @@ from pathlib import Path
 
 # The declarations come from this checkout's own src/, not from an installed copy of the package.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from eaglepipe.workflow.pipeline import PYTHON, STAGES, code_deps, command, gpu_count, params_values
+from eaglepipe.workflow.pipeline import STAGES, code_deps, command, gpu_count, params_values, results_dir
 
-R = f"results/{config['experiment']}"
+R = results_dir(config["experiment"])
 LOGS = f"logs/{config['experiment']}"
 
 

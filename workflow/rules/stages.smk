@@ -13,7 +13,7 @@ for stage in STAGES:
             [rule_output(o) for o in stage.outs],
         params:
             # the shell line reads the loop's values through params: `shell:` is formatted when the job runs
-            cmd=command(stage, R, PYTHON),
+            cmd=command(stage, R),
             config=params_values(stage, config),
         log:
             f"{LOGS}/{stage.name}.log",

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from .pipeline import PYTHON, STAGES, Stage, code_deps, command
+from .pipeline import STAGES, Stage, code_deps, command, results_dir
 
 ROOT = Path(__file__).resolve().parents[3]
-RESULTS = "results/${experiment}"
+RESULTS = results_dir("${experiment}")
 HEADER = ("# Generated from src/eaglepipe/workflow/pipeline.py by `python -m eaglepipe.workflow.dvcgen`: edit the\n"
           "# declaration there, not this file. deps = the stage's data inputs and its module's import closure.\n")
 
@@ -24,7 +24,7 @@ HEADER = ("# Generated from src/eaglepipe/workflow/pipeline.py by `python -m eag
 def dvc_stage(s: Stage, root: Path) -> dict:
     """One stage of dvc.yaml."""
     entry: dict = {
-        "cmd": command(s, RESULTS, PYTHON),
+        "cmd": command(s, RESULTS),
         "deps": [f"{RESULTS}/{d}" for d in s.deps] + code_deps(s, root),
         "params": list(s.params),
     }

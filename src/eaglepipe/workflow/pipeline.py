@@ -111,10 +111,15 @@ def stage(name: str) -> Stage:
     raise KeyError(f"no stage {name!r}; stages: {[s.name for s in STAGES]}")
 
 
-def command(s: Stage, results: str, python: str = PYTHON) -> str:
-    """The stage's one shell line, with its paths under `results` (results/<experiment> or a template of it)."""
+def results_dir(experiment: str) -> str:
+    """Where an experiment's outputs go (`experiment` may be a template such as DVC's "${experiment}")."""
+    return f"results/{experiment}"
+
+
+def command(s: Stage, results: str) -> str:
+    """The stage's one shell line, with its paths under `results` (a `results_dir`)."""
     paths = " ".join(f"--{flag} {results}/{path}" for flag, path in s.args.items())
-    return f"{python} {s.module} --params {PARAMS_FILE} {paths}"
+    return f"{PYTHON} {s.module} --params {PARAMS_FILE} {paths}"
 
 
 def code_deps(s: Stage, root: Path) -> list[str]:
