@@ -1,10 +1,11 @@
-"""Batch-1 greedy decode speed: the native engine (Triton token path, and its PyTorch path, both in CUDA graphs)
-vs HF generate (eager) and HF static cache + torch.compile.
+"""Batch-1 greedy decode speed: the native engine (with the fast paths the flags leave on, and on GPU also its
+PyTorch decode path, both in CUDA graphs) vs HF generate (eager) and HF static cache + torch.compile.
 
     python benchmarks/decode.py --model results/<exp>/target            # on a GPU; appends to RESULTS.md
     python benchmarks/decode.py --model <tiny HF dir> --smoke           # CPU check with tiny settings
 
-Prints one JSON line. Without --smoke (or with --results PATH) a row is appended to benchmarks/RESULTS.md.
+Prints one JSON line. Without --smoke (or with --results PATH) a row is appended to benchmarks/RESULTS.md, with
+the engine's fast paths (resolved for the device) in its config.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,9 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
+from eaglepipe.engine import Engine, EngineOptions, SamplingParams, resolve_options  # noqa: E402
 from eaglepipe.target.info import load_hf_model, resolve_model_dir  # noqa: E402
 from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
 
 QUESTIONS = [
     "Explain how a hash table works and when it performs badly.",
@@ -135,16 +138,20 @@ def warm_up(engine: Engine, prompts: list[list[int]], params: SamplingParams,
         report.update(first_prefill_ms=first, repeat_prefill_ms=again, triton_variants=variants)
 
 
+def engine_options_config(options: EngineOptions, device: torch.device) -> dict:
+    """A results row's config entry for an engine run: its fast paths, resolved for `device` (what ran)."""
+    return asdict(resolve_options(options, device))
+
+
 def bench_engine(model_dir: Path, device: torch.device, prompts: list[list[int]], new_tokens: int,
-                 cuda_graphs: bool, compile_decode: bool = False,
-                 token_path: bool | None = None, report: dict | None = None,
+                 options: EngineOptions, report: dict | None = None,
                  ignore_eos: bool = True) -> tuple[float, list[list[int]]]:
-    """Tokens/s of the engine, one request at a time (batch 1); EOS ignored by default, so every prompt makes
-    new_tokens. `report` receives the warm-up's prefill timings (see `warm_up`)."""
+    """Tokens/s of the engine with the fast paths `options`, one request at a time (batch 1); EOS ignored by
+    default, so every prompt makes new_tokens. `report` receives the warm-up's prefill timings (see `warm_up`)."""
     max_len = max(len(p) for p in prompts) + new_tokens + 1
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=ignore_eos)
-    with Engine(model_dir, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=cuda_graphs,
-                compile_decode=compile_decode, token_path=token_path, prefix_reuse=False) as eng:
+    with Engine(model_dir, device=device, max_batch_size=1, max_model_len=max_len, options=options,
+                prefix_reuse=False) as eng:
         warm_up(eng, prompts, params, report)
         seconds, outs = timed(device, lambda: [eng.generate([p], params)[0].token_ids for p in prompts])
     return sum(len(o) for o in outs) / seconds, outs
@@ -176,7 +183,7 @@ def bench_hf_compiled(model, device: torch.device, prompts: list[list[int]],
     except Exception as e:
         print(f"[decode] HF compile reduce-overhead failed ({type(e).__name__}); trying the default mode",
               file=sys.stderr, flush=True)
-        torch._dynamo.reset()
+        torch.compiler.reset()
         model.forward = torch.compile(eager_forward, fullgraph=True)
         return bench_hf(model, device, prompts, new_tokens, cache_implementation="static")[0], "default"
 
@@ -197,12 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hf-prompts", type=int, default=None,
                     help="run the HF baselines on the first N prompts only (they are slow; default all)")
     ap.add_argument("--no-hf-compile", action="store_true", help="skip the HF static cache + torch.compile baseline")
-    ap.add_argument("--no-cuda-graphs", action="store_true", help="run the engine without CUDA graphs")
-    ap.add_argument("--no-engine-compile", action="store_true",
-                    help="on GPU, skip the extra engine run whose decode step is torch.compile'd before capture")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: 2 prompts, 8 tokens, no compile baseline")
     ap.add_argument("--results", type=Path, default=None,
                     help="RESULTS.md to append to (default benchmarks/RESULTS.md; --smoke writes only if given)")
+    add_engine_flags(ap)
     args = ap.parse_args(argv)
     if args.smoke:
         args.device, args.prompts, args.max_new_tokens, args.no_hf_compile = "cpu", 2, 8, True
@@ -215,16 +220,20 @@ def main(argv: list[str] | None = None) -> dict:
     questions = (QUESTIONS * (args.prompts // len(QUESTIONS) + 1))[:args.prompts]
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
                                        return_dict=False) for q in questions]
-    cuda_graphs = not args.no_cuda_graphs and device.type == "cuda"
+    options = options_from_args(args)
+    config = {"engine_options": engine_options_config(options, device)}
+    cuda_graphs = config["engine_options"]["cuda_graphs"]
 
     warm: dict = {}
-    engine_tps, engine_out = bench_engine(model_dir, device, prompts, args.max_new_tokens, cuda_graphs, report=warm)
+    engine_tps, engine_out = bench_engine(model_dir, device, prompts, args.max_new_tokens, options, report=warm)
     # progress on stderr, so that a run stopped in a slow baseline still shows the engine's figure
-    print(f"[decode] engine: {engine_tps:.1f} tok/s (CUDA graphs {'on' if cuda_graphs else 'off'})",
-          file=sys.stderr, flush=True)
+    print(f"[decode] engine: {engine_tps:.1f} tok/s ({config['engine_options']})", file=sys.stderr, flush=True)
     torch_path = None
-    if device.type == "cuda":  # the same engine with its PyTorch decode step, for the side-by-side ratio
-        torch_path = bench_engine(model_dir, device, prompts, args.max_new_tokens, cuda_graphs, token_path=False)
+    if device.type == "cuda" and config["engine_options"]["token_path"]:
+        # the same engine with its PyTorch decode step, for the side-by-side ratio
+        torch_options = replace(options, token_path=False)
+        config["torch_path_engine_options"] = engine_options_config(torch_options, device)
+        torch_path = bench_engine(model_dir, device, prompts, args.max_new_tokens, torch_options)
         print(f"[decode] engine, PyTorch path: {torch_path[0]:.1f} tok/s", file=sys.stderr, flush=True)
     hf = load_hf_model(model_dir, device, dtype)
     hf_set = prompts[:args.hf_prompts] if args.hf_prompts else prompts
@@ -232,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {
         "bench": "decode", "model": str(args.model), "device": hardware_name(device), "dtype": str(dtype),
         "batch_size": 1, "prompts": len(prompts), "hf_prompts": len(hf_set), "max_new_tokens": args.max_new_tokens,
-        "cuda_graphs": cuda_graphs,
+        "cuda_graphs": cuda_graphs, "engine_options": config["engine_options"],
         "engine_tok_s": round(engine_tps, 1), "hf_eager_tok_s": round(hf_tps, 1),
         "speedup_vs_hf_eager": round(engine_tps / hf_tps, 2),
         # tokens agreeing with HF eager greedy before the first difference (bf16 kernels may diverge late)
@@ -243,12 +252,6 @@ def main(argv: list[str] | None = None) -> dict:
     if torch_path is not None:
         record["engine_torch_path_tok_s"] = round(torch_path[0], 1)
         record["token_path_speedup_vs_torch_path"] = round(engine_tps / torch_path[0], 2)
-    if cuda_graphs and not args.no_engine_compile:
-        try:
-            tps, _ = bench_engine(model_dir, device, prompts, args.max_new_tokens, True, compile_decode=True)
-            record["engine_compiled_tok_s"] = round(tps, 1)
-        except Exception as e:
-            record["engine_compiled_error"] = f"{type(e).__name__}: {e}"[:300]
     if not args.no_hf_compile:
         try:
             tps, mode = bench_hf_compiled(hf, device, hf_set, args.max_new_tokens)
@@ -273,9 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{record['speedup_vs_hf_eager']}x HF eager")
         if "engine_torch_path_tok_s" in record:
             baselines += f"; engine PyTorch path (CUDA graphs) {record['engine_torch_path_tok_s']} tok/s"
-        if "engine_compiled_tok_s" in record:
-            result += f"; engine with compile_decode=True {record['engine_compiled_tok_s']} tok/s"
-        append_result_row(results, "decode (batch 1)", record["device"], command, result, baselines)
+        append_result_row(results, "decode (batch 1)", record["device"], command, result, baselines, config=config)
     return record
 
 

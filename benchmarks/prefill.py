@@ -16,7 +16,8 @@ length never seen before. On an H200, cuDNN's SDPA made the first prefill of eac
     python benchmarks/prefill.py --model results/<exp>/target        # on a GPU; appends to RESULTS.md
     python benchmarks/prefill.py --model <tiny HF dir> --smoke       # CPU check with tiny settings
 
-Prints one JSON line.
+Prints one JSON line. The engine flags (--token-path ...) set the runner's fast paths, all but its own prefill
+graphs (off, so that `LlamaRunner.prefill` is the eager one timed); the results row records them.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ from decode import append_result_row, hardware_name, sync  # noqa: E402
 from eaglepipe.engine.model import LlamaRunner  # noqa: E402
 from eaglepipe.engine.prefill_graphs import PrefillGraphs  # noqa: E402
 from eaglepipe.utils.device import pick_device  # noqa: E402
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
 
 
 def timed_prefill(runner: LlamaRunner, prompts: list[list[int]]) -> float:
@@ -103,7 +106,8 @@ def lone_prompt_eager_vs_graphs(runner: LlamaRunner, lengths: list[int], vocab: 
     captured and each prompt run once before the timed pass)."""
     prompts = [random_prompt(rng, n, vocab) for n in lengths]
     out = {"lengths": lengths}
-    for name, graphs in (("eager", None), ("graphs", PrefillGraphs(runner))):
+    for name, graphs in (("eager", None), ("graphs", PrefillGraphs(runner.padded_prefill, runner.max_len,
+                                                                     runner.device))):
         runner.prefill_graphs = graphs
         for p in prompts:
             timed_prefill(runner, [p])
@@ -135,18 +139,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pack-tokens", type=int, default=4096, help="tokens per pack in the throughput part")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default: the repo's)")
+    add_engine_flags(ap)
     args = ap.parse_args(argv)
     if args.smoke:
         args.lengths, args.max_len, args.bucket, args.pack_tokens = 4, 128, 32, 96
     device = pick_device(args.device)
-    runner = LlamaRunner(args.model, device=device, max_slots=16, max_len=args.max_len, prefill_graphs=False)
+    options = replace(options_from_args(args), prefill_graphs=False)
+    runner = LlamaRunner(args.model, device=device, max_slots=16, max_len=args.max_len, options=options)
     vocab = runner.shapes.vocab_size
     rng = random.Random(0)
     timed_prefill(runner, [random_prompt(rng, 17, vocab)])  # first call of the process
     pool = list(range(16, args.max_len - args.bucket))
     lengths = rng.sample(pool, 3 * args.lengths)
     report: dict = {"benchmark": "prefill", "device": hardware_name(device),
-                    "cuda_module_loading": os.environ.get("CUDA_MODULE_LOADING", "(default)")}
+                    "cuda_module_loading": os.environ.get("CUDA_MODULE_LOADING", "(default)"),
+                    "engine_options": asdict(runner.options)}
     report["unpadded"] = first_vs_repeat(runner, lengths[:args.lengths], vocab, rng)
     report["padded"] = padded_first_calls(runner, lengths[args.lengths:2 * args.lengths], args.bucket, vocab, rng)
     report["profile"] = profile_tables(runner, lengths[-1], vocab, rng, top=8)
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{report['lone_prompt']['graphs_median_ms']} ms ({report['lone_prompt']['speedup']}x)")
         append_result_row(args.results or REPO / "benchmarks" / "RESULTS.md", "prefill.py", report["device"],
                           "python " + " ".join(["benchmarks/prefill.py"] + (argv or sys.argv[1:])), result,
-                          "(none: diagnostic)")
+                          "(none: diagnostic)", config={"engine_options": report["engine_options"]})
     return report
 
 

@@ -4,7 +4,7 @@ Synthetic conversations run through the engine in-process the way the regenerate
 turn's prompt is the previous prompt, its greedy answer and a new user message (seeded random tokens), and a
 conversation's next turn is submitted as soon as its previous one finishes. The workload runs twice, on an
 engine with `prefix_reuse` and on one without, and the answers are compared turn by turn. On a GPU the decode
-graphs also run idle slots, so this checks that cached slots survive them (`Engine._decode_graphs`).
+graphs also run idle slots, so this checks that cached slots survive them (the engine's decode graphs).
 
     python benchmarks/prefix_reuse_check.py --model results/<exp>/target          # GPU; appends to RESULTS.md
     python benchmarks/prefix_reuse_check.py --model <tiny HF dir> --smoke         # CPU check
@@ -27,9 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from decode import append_result_row, hardware_name  # noqa: E402
+from decode import append_result_row, engine_options_config, hardware_name  # noqa: E402
 from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
 from eaglepipe.utils.device import pick_device  # noqa: E402
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
 
 
 def user_message(conversation: int, turn: int, length: int, vocab: int) -> list[int]:
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="at least --conversations, or the turns evict each other's cached slots")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default: the repo's)")
+    add_engine_flags(ap)
     args = ap.parse_args(argv)
     if args.smoke:
         args.conversations, args.turns, args.user_tokens, args.max_new_tokens, args.max_batch_size = 2, 3, 70, 6, 2
@@ -77,13 +79,15 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     max_len = args.turns * (args.user_tokens + args.max_new_tokens) + 1
+    options = options_from_args(args)
     report: dict = {"benchmark": "prefix_reuse_check", "device": hardware_name(device), "dtype": args.dtype,
-                    "conversations": args.conversations, "turns": args.turns}
+                    "conversations": args.conversations, "turns": args.turns,
+                    "engine_options": engine_options_config(options, device)}
     answers = {}
     strict = True
     for reuse in (False, True):
         with Engine(args.model, device=device, dtype=dtype, max_batch_size=args.max_batch_size,
-                    max_model_len=max_len, prefix_reuse=reuse) as engine:
+                    max_model_len=max_len, options=options, prefix_reuse=reuse) as engine:
             run_conversations(engine, 2, 2, args.user_tokens, params)  # warm-up
             before = engine.stats.snapshot()
             answers[reuse], seconds = run_conversations(engine, args.conversations, args.turns, args.user_tokens,
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
         append_result_row(args.results or REPO / "benchmarks" / "RESULTS.md", "prefix_reuse_check.py",
                           report["device"], "python " + " ".join(["benchmarks/prefix_reuse_check.py"] +
                                                                   (argv or sys.argv[1:])), result,
-                          f"no reuse: {report['no_reuse_seconds']} s, prefill {report['no_reuse_prefill_seconds']} s")
+                          f"no reuse: {report['no_reuse_seconds']} s, prefill {report['no_reuse_prefill_seconds']} s",
+                          config={"engine_options": report["engine_options"]})
     if strict and report["turns_identical"] != report["turns_total"]:
         sys.exit(2)
     return report

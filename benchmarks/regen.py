@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from decode import append_result_row, hardware_name, sync  # noqa: E402  (shared RESULTS.md table writer)
+from decode import append_result_row, engine_options_config, hardware_name, sync  # noqa: E402
 from eaglepipe.data.json_stream import StreamReport, iter_json_array  # noqa: E402
 from eaglepipe.data.sources import packaged_sharegpt_path  # noqa: E402
 from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
@@ -46,6 +46,7 @@ from eaglepipe.regen.conversation import (ConversationRejected, TurnPolicy, plan
 from eaglepipe.regen.launch import ServerProcess, format_command, free_port, native_command  # noqa: E402
 from eaglepipe.target.info import load_hf_model, load_tokenizer, resolve_model_dir  # noqa: E402
 from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
 
 
 def sharegpt_prompts(path: Path, n: int, tokenizer: Any, max_prompt_tokens: int
@@ -117,7 +118,7 @@ def warm_server(model_dir: Path, args: argparse.Namespace, warm: list[list[dict[
     """`eaglepipe.server.serve` on a free port, healthy and warmed up with short answers to `warm`."""
     port = free_port()
     cmd = native_command(model_dir, port, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                         device=args.device)
+                         device=args.device, engine_options=options_from_args(args))
     with ServerProcess(cmd, f"http://127.0.0.1:{port}", log_dir / "regen-bench-server.log") as server:
         server.wait_healthy(900)
         asyncio.run(client_run(server.base_url, warm[:args.max_batch_size], Sampling(0.0, 1.0, 8, True),
@@ -198,7 +199,7 @@ def bench_engine(model_dir: Path, device: torch.device, args: argparse.Namespace
     """Engine.generate over every prompt in-process (no HTTP)."""
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     with Engine(model_dir, device=device, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                cuda_graphs=device.type == "cuda") as engine:
+                options=options_from_args(args)) as engine:
         engine.generate(prompts[:args.max_batch_size], SamplingParams(max_new_tokens=8, ignore_eos=True))
         sync(device)
         start = time.perf_counter()
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: 12 prompts, 8 tokens, batch 4")
     ap.add_argument("--results", type=Path, default=None,
                     help="RESULTS.md to append to (default benchmarks/RESULTS.md; --smoke writes only if given)")
+    add_engine_flags(ap)
     args = ap.parse_args(argv)
     if args.smoke:
         args.device, args.prompts, args.max_new_tokens = "cpu", 12, 8
@@ -280,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bench": "regen", "model": str(args.model), "device": hardware_name(device),
         "dtype": str(compute_dtype(device)), "prompts": len(prompts),
         "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1), "max_new_tokens": args.max_new_tokens,
-        "max_batch_size": args.max_batch_size, "concurrency": args.concurrency, "hf_batch_size": args.hf_batch_size}
+        "max_batch_size": args.max_batch_size, "concurrency": args.concurrency, "hf_batch_size": args.hf_batch_size,
+        "engine_options": engine_options_config(options_from_args(args), device)}
     if "server" not in args.skip:
         with tempfile.TemporaryDirectory(prefix="regen-bench-") as log_dir:
             record.update(bench_server(model_dir, args, messages, Path(log_dir)))
@@ -316,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"HF batched generate (batch {args.hf_batch_size}, {record['hf_prompts']} of the prompts) "
             f"{record['hf_tok_s']} tok/s"
             if "hf_tok_s" in record else "") if part)
-        append_result_row(results, "regen throughput", record["device"], command, result, baselines or "none")
+        append_result_row(results, "regen throughput", record["device"], command, result, baselines or "none",
+                          config={"engine_options": record["engine_options"]})
     return record
 
 

@@ -13,7 +13,8 @@
    training log's `replay_tau` averages every turn of every answer, which can be far from what a benchmark
    of first turns and short answers measures.
 
-Prints one JSON line; appends a row to benchmarks/RESULTS.md (--results '' to skip).
+Prints one JSON line; appends a row to benchmarks/RESULTS.md (--results '' to skip), with the engine's fast paths
+(--token-path ... flags; resolved for the device) in its config.
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from decode import append_result_row, hardware_name  # noqa: E402
+from decode import append_result_row, engine_options_config, hardware_name  # noqa: E402
 from spec_decode import first_turn_prompts  # noqa: E402
 from eaglepipe.config import params_from_dict, to_dict  # noqa: E402
 from eaglepipe.config.schema import Config  # noqa: E402
 from eaglepipe.data.tokens_io import read_tokens, write_token_shards  # noqa: E402
 from eaglepipe.data.vocab import save_vocab  # noqa: E402
+from eaglepipe.engine import EngineOptions  # noqa: E402
 from eaglepipe.engine.model import LlamaRunner  # noqa: E402
 from eaglepipe.models.build import read_sglang_config  # noqa: E402
 from eaglepipe.speculative import SpeculativeGenerator  # noqa: E402
@@ -45,13 +47,14 @@ from eaglepipe.speculative.agreement import compare, replay_by_turn  # noqa: E40
 from eaglepipe.train.loop import Paths, Trainer  # noqa: E402
 from eaglepipe.train.setup import target_info  # noqa: E402
 from eaglepipe.utils.device import pick_device  # noqa: E402
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
 
 
 def greedy_samples(target: Path, prompts: list[list[int]], max_new_tokens: int, eos: int,
-                   device: torch.device) -> list[dict]:
+                   device: torch.device, options: EngineOptions) -> list[dict]:
     """Each prompt with the target's greedy answer (fp32 engine runner), loss mask on the answer."""
     runner = LlamaRunner(target, device=device, dtype=torch.float32, max_slots=1,
-                         max_len=max(map(len, prompts)) + max_new_tokens + 8)
+                         max_len=max(map(len, prompts)) + max_new_tokens + 8, options=options)
     samples = []
     for i, prompt in enumerate(prompts):
         tokens = [int(runner.prefill([prompt], [0]).last_logits.argmax(-1)[0])]
@@ -98,20 +101,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=Path, default=None, help="tokenize-stage output: split its val answers by turn")
     ap.add_argument("--val-samples", type=int, default=40)
     ap.add_argument("--results", default=None, help="RESULTS.md to append to ('' to skip)")
+    add_engine_flags(ap)
     args = ap.parse_args(argv)
     device = pick_device(args.device)
     target, export = args.target, sglang_dir(args.export)
     tokenizer = load_tokenizer(resolve_model_dir(target))
     prompts = first_turn_prompts(tokenizer, max(args.prompts, 1), args.prompts_path, args.prompts_field)
-    samples = greedy_samples(target, prompts, args.max_new_tokens, tokenizer.eos_token_id, device)
+    options = options_from_args(args)
+    samples = greedy_samples(target, prompts, args.max_new_tokens, tokenizer.eos_token_id, device, options)
     k = args.ttt_steps
     result: dict = {"target": str(args.target), "export": str(args.export), "ttt_steps": k, "device": str(device),
-                    "prompts": "MT-bench" if args.prompts_path is None else str(args.prompts_path)}
+                    "prompts": "MT-bench" if args.prompts_path is None else str(args.prompts_path),
+                    "engine_options": engine_options_config(options, device)}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = replay_trainer(target, export, samples, k, device, Path(tmp))
         if args.prompts > 0:
             runner = LlamaRunner(target, device=device, dtype=torch.float32, max_slots=1,
-                                 max_len=max(len(s["input_ids"]) for s in samples) + k + 8)
+                                 max_len=max(len(s["input_ids"]) for s in samples) + k + 8, options=options)
             generator = SpeculativeGenerator(runner, export, dict(num_steps=k, topk=1, num_draft_tokens=k + 1))
             result["agreement"] = {"samples": len(samples), **compare(trainer, generator, samples, k)}
         if args.tokens is not None:
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
                          f"later turns {v['later']['replay_tau']:.2f} ({v['samples']} samples)")
         command = "python benchmarks/replay_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
         append_result_row(results, f"replay_check (chain {k}, fp32)", hardware_name(device), command,
-                          "; ".join(parts), "(none: training vs serving on the same answers)")
+                          "; ".join(parts), "(none: training vs serving on the same answers)",
+                          config={"engine_options": result["engine_options"]})
     return result
 
 

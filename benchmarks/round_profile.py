@@ -9,14 +9,15 @@ Per sweep point, batch 1, greedy, MT-bench first turns:
     tokens by), next to `base_ms_token`, the engine's plain decode time per token in the same run;
     `decode_ms_round` and `base_decode_ms_token` leave out prefill and the first token (timed on their own);
   - `graph_ms_round`: back-to-back replays of the captured round (GPU time, no host work in between);
-  - `phases`: per phase, the GPU time of its own captured graph and, from the profiler, its kernels per round,
-    their summed run time and the top kernel names. The gap between summed kernel time and graph time is what
-    each launch inside a graph costs.
+  - `phases`: per phase, the GPU time of its own captured graph and, from the profiler (that graph replayed
+    alone), its kernels per round, their summed run time and the top kernel names. The gap between summed kernel
+    time and graph time is what each launch inside a graph costs.
 The difference decode - graph is the host's share per round (launch, copy, Python) left after pipelining.
   - `first_token_ms` (and `base_first_token_ms`): prefill and the first token per request through the engine;
     `prefill_ms` splits the speculative one into pieces timed alone (`prefill_breakdown`).
-Prints one JSON line per point, writes them all to --out, and appends a row to benchmarks/RESULTS.md unless --smoke.
-On CPU (--smoke) the phases run eagerly and only wall-clock times are given.
+Prints one JSON line per point, writes them all to --out, and appends a row to benchmarks/RESULTS.md unless --smoke,
+with the engine's fast paths in its config (the speculative engine always has `graph_rounds`: its round is what is
+profiled). On CPU (--smoke) the phases run eagerly and only wall-clock times are given.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,15 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from decode import append_result_row, hardware_name, sync, timed, warm_up  # noqa: E402
+from decode import append_result_row, engine_options_config, hardware_name, sync, timed, warm_up  # noqa: E402
 from spec_decode import add_drafter_args, first_turn_prompts, parse_sweep, random_export  # noqa: E402
 from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
 from eaglepipe.speculative import SpecConfig, SpeculativeGenerator  # noqa: E402
 from eaglepipe.speculative.round_graph import RoundGraph  # noqa: E402
 from eaglepipe.target.info import load_tokenizer, resolve_model_dir  # noqa: E402
 from eaglepipe.utils.device import pick_device  # noqa: E402
-
-MARKER = "spin_kernel"  # in the name of torch.cuda._sleep's kernel: launched between phases, it splits the trace
+from eaglepipe.utils.engine_flags import options_from_args  # noqa: E402
 
 
 def engine_wall(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, float, int, int]:
@@ -61,8 +62,8 @@ def start_rows(gen: SpeculativeGenerator, prompt: list[int], rounds: int) -> tup
     that holds `rounds` more rounds."""
     rg = gen.round_graph
     params = SamplingParams(max_new_tokens=10 ** 6, ignore_eos=True)
-    rows = gen._prefill([prompt], [params], [0], [None], [lambda _: False], {0: 0})
-    rg._load(rows)
+    rows = gen.start([prompt], [params], [0], [lambda _: False])
+    rg.load(rows)
     need = len(prompt) + (rounds + 1) * rg.width + rg.size  # a round commits at most `width` tokens
     ctx = next((c for c in rg.ctx_sizes if c >= need), None)
     if ctx is None:
@@ -73,7 +74,7 @@ def start_rows(gen: SpeculativeGenerator, prompt: list[int], rounds: int) -> tup
 def gpu_round_ms(gen: SpeculativeGenerator, prompt: list[int], rounds: int) -> float:
     """GPU ms per round of the single captured round graph, replayed back to back."""
     rg, ctx = start_rows(gen, prompt, rounds)
-    graph = rg._graph(1, ctx, slice(0, 1))
+    graph = rg.graph(1, ctx, slice(0, 1))
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -86,8 +87,8 @@ def gpu_round_ms(gen: SpeculativeGenerator, prompt: list[int], rounds: int) -> f
 
 
 def phase_profile(gen: SpeculativeGenerator, prompt: list[int], rounds: int, top: int) -> dict:
-    """Per phase: GPU ms of its own graph (events), and from the profiler its kernels per round, their summed
-    run time and the `top` kernel names by time."""
+    """Per phase: GPU ms of its own graph (events), and from the profiler (that graph replayed alone) its kernels
+    per round, their summed run time and the `top` kernel names by time."""
     rg, ctx = start_rows(gen, prompt, 2 * rounds + 1)
     phases = rg.capture_phases(1, ctx, slice(0, 1))
     for _, g in phases:  # one untimed round
@@ -102,22 +103,14 @@ def phase_profile(gen: SpeculativeGenerator, prompt: list[int], rounds: int, top
         marks[-1].synchronize()
         for i in range(len(phases)):
             elapsed[i] += marks[i].elapsed_time(marks[i + 1])
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(rounds):
-            for _, g in phases:
-                torch.cuda._sleep(10)
+    per_phase = []
+    for _, g in phases:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(rounds):
                 g.replay()
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+        per_phase.append([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA])
     gen.runner.release(0)
-    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: e.time_range.start)
-    per_phase: list[list] = [[] for _ in phases]
-    current = -1
-    for e in kernels:
-        if MARKER in e.name:
-            current = (current + 1) % len(phases)
-        elif current >= 0:
-            per_phase[current].append(e)
     out = {}
     for i, (name, _) in enumerate(phases):
         times: dict[str, float] = defaultdict(float)
@@ -150,7 +143,7 @@ def prefill_breakdown(gen: SpeculativeGenerator, prompts: list[list[int]]) -> di
     """Mean ms per request, each piece timed on its own between device syncs (slot 0, after the warm-up):
     `target` the plain prefill and first token (what the engine alone does), `target_capture` the same with the
     drafter's aux layers captured, `drafter` the aux fusion and the drafter's prefill over the prompt, and
-    `spec_prefill` the speculative path's whole `_prefill`. What the engine's first-token time holds beyond
+    `spec_prefill` the speculative path's whole `start`. What the engine's first-token time holds beyond
     `spec_prefill` is request handling around it."""
     runner, dev = gen.runner, gen.runner.device
     greedy = [SamplingParams(max_new_tokens=10 ** 6, ignore_eos=True)]
@@ -164,13 +157,14 @@ def prefill_breakdown(gen: SpeculativeGenerator, prompts: list[list[int]]) -> di
     with torch.inference_mode():
         for prompt in prompts:
             piece("target", lambda: runner.prefill([prompt], [0]).last_logits.argmax(-1).tolist())
-            out = piece("target_capture", lambda: runner.prefill([prompt], [0], capture_layers=gen.capture))
+            out = piece("target_capture", lambda: runner.prefill([prompt], [0], capture_layers=gen.steps.capture))
             tok = int(out.last_logits.argmax(-1)[0])
             ids = torch.tensor([list(prompt[1:]) + [tok]], dtype=torch.long, device=dev)
             zero, slot = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
-            piece("drafter", lambda: gen.draft.extend(slot, zero, 0, ids, gen._draft_hidden(out.aux_hidden[0][None]),
-                                                      slice(0, 1)))
-            piece("spec_prefill", lambda: gen._prefill([prompt], greedy, [0], [None], [lambda _: False], {0: 0}))
+            piece("drafter", lambda: gen.steps.draft.extend(slot, zero, 0, ids,
+                                                            gen.steps.draft_input(out.aux_hidden[0][None]),
+                                                            slice(0, 1)))
+            piece("spec_prefill", lambda: gen.start([prompt], greedy, [0], [lambda _: False]))
             runner.release(0)
     return {name: round(seconds / len(prompts) * 1000, 3) for name, seconds in spent.items()}
 
@@ -180,7 +174,7 @@ def profile_point(engine: Engine, export: Path, point: SpecConfig, prompts: list
     """Every figure of one sweep point (see the module doc)."""
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     cuda = engine.device.type == "cuda"
-    gen = SpeculativeGenerator(engine.runner, export, point, graph_rounds=True)  # off CUDA: the body, eagerly
+    gen = SpeculativeGenerator(engine.runner, export, point)  # the engine's options: graph_rounds on
     engine.speculator = gen
     seconds, first_s, tokens, verify = engine_wall(engine, prompts, params)
     row = {"point": point.name, "tau": round(tokens / max(verify, 1), 3),
@@ -220,23 +214,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     max_len = (max(len(p) for p in prompts) + max(p.num_draft_tokens for p in points)
                + max(args.max_new_tokens, longest_round * (2 * args.rounds + 2)) + 64)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    options = options_from_args(args)
+    spec_options = replace(options, cuda_graphs=False, graph_rounds=True)  # off CUDA: the round's body, eagerly
+    config = {"engine_options": engine_options_config(options, device),
+              "speculative_engine_options": engine_options_config(spec_options, device)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         export = (args.export or random_export(target, Path(tmp))) if args.smoke else args.export
         if export is None:
             ap.error("--export is required unless --smoke")
-        with Engine(target, device=device, max_batch_size=1, max_model_len=max_len,
-                    cuda_graphs=device.type == "cuda", prefix_reuse=False) as engine:
+        with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, options=options,
+                    prefix_reuse=False) as engine:
             seconds, first_s, tokens, _ = engine_wall(engine, prompts, params)
             base_ms = round(seconds / tokens * 1000, 4)
             base_decode_ms = round((seconds - first_s) / (tokens - len(prompts)) * 1000, 4)
             base_first_ms = round(first_s / len(prompts) * 1000, 3)
-        with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=False,
+        with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, options=spec_options,
                     prefix_reuse=False) as engine:
             for point in points:
                 row = profile_point(engine, export, point, prompts, args.max_new_tokens, args.rounds, args.top)
                 row["base_ms_token"], row["base_decode_ms_token"] = base_ms, base_decode_ms
                 row["base_first_token_ms"] = base_first_ms
+                row.update(config)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.out is not None:
@@ -258,7 +257,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          f"(synced pieces: {pre})")
         append_result_row(results, "round_profile (MT-bench, batch 1, greedy)", hardware_name(device), command,
                           " · ".join(parts), f"engine plain decode {base_ms:.3f} ms/token (after prefill "
-                          f"{rows[0]['base_decode_ms_token']:.3f}), first token {base_first_ms:.2f} ms")
+                          f"{rows[0]['base_decode_ms_token']:.3f}), first token {base_first_ms:.2f} ms", config=config)
     sync(device)
     return rows
 

@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from decode import append_result_row, bench_engine, bench_hf, hardware_name, timed, warm_up  # noqa: E402
+from decode import (append_result_row, bench_engine, bench_hf, engine_options_config, hardware_name,  # noqa: E402
+                    timed, warm_up)
 from eaglepipe.bench.drafter import checked_drafter  # noqa: E402
 from eaglepipe.bench.prompts import load_prompts, render_chat  # noqa: E402
 from eaglepipe.config import PromptsCfg  # noqa: E402
@@ -44,6 +46,7 @@ from eaglepipe.speculative import SpecConfig, SpeculativeGenerator  # noqa: E402
 from eaglepipe.target.info import load_hf_model, load_tokenizer, resolve_model_dir  # noqa: E402
 from eaglepipe.utils.cli import StageError  # noqa: E402
 from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
 
 DEFAULT_SWEEP = "3,1,4 5,1,6 7,1,8 4,2,8 5,4,8 6,8,32"
 
@@ -106,12 +109,13 @@ def second_turn_prompts(tokenizer, turns: list[list[str]], first_answers: list[l
 
 
 def add_drafter_args(ap: argparse.ArgumentParser) -> None:
-    """--target, --export (optional: --smoke makes a random drafter) and --device, as the speculative benchmarks
-    take them."""
+    """--target, --export (optional: --smoke makes a random drafter), --device and the engine's fast-path flags
+    (--token-path ...), as the speculative benchmarks take them."""
     ap.add_argument("--target", required=True, type=Path, help="fetch_target output dir or HF model dir")
     ap.add_argument("--export", type=Path, default=None,
                     help="export dir, its sglang/ dir, or any SGLang-format EAGLE drafter dir")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_engine_flags(ap)
 
 
 def parse_sweep(text: str) -> list[SpecConfig]:
@@ -174,7 +178,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tokenizer = load_tokenizer(target)
     turns = load_prompts(prompt_source(args.prompts, args.prompts_path, args.prompts_field, args.both_turns))
     prompts = render_first_turns(tokenizer, turns)
-    ignore_eos, graphs = not args.both_turns, device.type == "cuda"
+    ignore_eos, options = not args.both_turns, options_from_args(args)
+    spec_options = replace(options, cuda_graphs=False)  # speculative requests never replay the decode graphs
+    config = {"engine_options": engine_options_config(options, device),
+              "speculative_engine_options": engine_options_config(spec_options, device)}
     with tempfile.TemporaryDirectory() as tmp:
         export = args.export or (random_export(target, Path(tmp)) if args.smoke else None)
         if export is None:
@@ -184,9 +191,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except StageError as e:
             raise SystemExit(str(e)) from None
         if args.both_turns:
-            _, first_answers = bench_engine(target, device, prompts, args.max_new_tokens, graphs, ignore_eos=False)
+            _, first_answers = bench_engine(target, device, prompts, args.max_new_tokens, options, ignore_eos=False)
             prompts += second_turn_prompts(tokenizer, turns, first_answers)
-        base_tok_s, base_out = bench_engine(target, device, prompts, args.max_new_tokens, graphs,
+        base_tok_s, base_out = bench_engine(target, device, prompts, args.max_new_tokens, options,
                                             ignore_eos=ignore_eos)
         hf_tok_s, hf_prompts = None, prompts[:args.hf_prompts or len(prompts)]
         if not args.no_hf:
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             del model
         max_len = max(len(p) for p in prompts) + args.max_new_tokens + 64
         rows, first_outputs = [], None
-        with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, cuda_graphs=False,
+        with Engine(target, device=device, max_batch_size=1, max_model_len=max_len, options=spec_options,
                     prefix_reuse=False) as engine:
             for point in parse_sweep(args.sweep):
                 try:
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                mismatches=mismatches(outs, base_out),
                                same_as_first_point=outs == first_outputs,
                                prompts=len(prompts), max_new_tokens=args.max_new_tokens, device=str(device),
-                               turns=2 if args.both_turns else 1, drafter=str(draft))
+                               turns=2 if args.both_turns else 1, drafter=str(draft), **config)
                 print(json.dumps(metrics), flush=True)
                 rows.append(metrics)
     results = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name = "MT-bench" if args.prompts_path is None else args.prompts_path.name
         name += ", both turns, EOS stops" if args.both_turns else ", first turns, EOS ignored"
         append_result_row(results, f"spec_decode ({name}, batch 1, greedy)", hardware_name(device), command, result,
-                          f"engine non-spec {base_tok_s:.1f} tok/s{hf}")
+                          f"engine non-spec {base_tok_s:.1f} tok/s{hf}", config=config)
     return rows
 
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from decode import QUESTIONS, append_result_row, hardware_name  # noqa: E402
+from eaglepipe.engine import EngineOptions  # noqa: E402
 from eaglepipe.engine.model import LlamaRunner  # noqa: E402
 from eaglepipe.target.info import load_tokenizer, resolve_model_dir  # noqa: E402
 from eaglepipe.utils.device import pick_device  # noqa: E402
@@ -69,8 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
                                        return_dict=False) for q in QUESTIONS[:args.prompts]]
     max_len = max(len(p) for p in prompts) + 2 * args.steps + 8
-    fast = LlamaRunner(model_dir, device=device, max_slots=4, max_len=max_len, token_path=True)
-    slow = LlamaRunner(model_dir, device=device, max_slots=1, max_len=max_len, token_path=False)
+    fast = LlamaRunner(model_dir, device=device, max_slots=4, max_len=max_len, options=EngineOptions(token_path=True))
+    slow = LlamaRunner(model_dir, device=device, max_slots=1, max_len=max_len, options=EngineOptions(token_path=False))
+    config = {"engine_options": asdict(fast.options), "reference_engine_options": asdict(slow.options)}
     totals: dict[str, int] = {}
     for prompt in prompts:
         for key, value in check_prompt(fast, slow, prompt, args.steps).items():
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = (f"{totals['steps']} greedy steps: logits bit-identical alone/batched {totals['alone_vs_batched']}, "
                   f"alone/tree root {totals['alone_vs_tree_root']}, alone/tree child {totals['alone_vs_tree_child']}")
         append_result_row(results, "token path bit-identity", record["device"], command, result,
-                          f"argmax equal to the PyTorch path at {totals['argmax_agrees_with_torch_path']} steps")
+                          f"argmax equal to the PyTorch path at {totals['argmax_agrees_with_torch_path']} steps",
+                          config=config)
     if not identical:
         sys.exit(2)
     return record

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from eaglepipe.bench.backends import ServerBackend, round_histogram
+from eaglepipe.bench.engines import ServerEngine, round_histogram
 from eaglepipe.bench.client import GenerateClient
 from eaglepipe.bench.metrics import (PointResult, Sample, match_fraction, overall_metrics, position_acceptance,
                                      summarize, tau)
@@ -272,7 +272,7 @@ def test_render_chat_ends_with_the_generation_prompt(tiny_llama_dir: Path) -> No
 
 # ---------------------------------------------------------------------------- sglang dry run
 def test_sglang_dry_run_prints_one_launch_per_point(tiny_llama_dir: Path, tiny_export: Path, tmp_path: Path) -> None:
-    params = params_file(tmp_path, {"backend": "sglang", "sglang": {"dry_run": True, "port": 31234,
+    params = params_file(tmp_path, {"engine": "sglang", "sglang": {"dry_run": True, "port": 31234,
                                                                     "extra_args": ["--attention-backend", "fa3"]}})
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "eaglepipe.stages.bench", "--params", str(params),
@@ -351,18 +351,18 @@ def test_client_reports_a_dead_server_clearly() -> None:
         asyncio.run(go())
 
 
-def test_url_backend_against_real_servers_with_and_without_a_drafter(tiny_llama_dir: Path, tiny_export: Path,
+def test_url_engine_against_real_servers_with_and_without_a_drafter(tiny_llama_dir: Path, tiny_export: Path,
                                                                      tmp_path: Path) -> None:
     from eaglepipe.target.info import load_tokenizer
 
     prompts = load_prompts(PromptsCfg(num_prompts=2))
-    cfg = BenchCfg(backend="url", sweep=[SweepPoint(3, 1, 4)], max_new_tokens=10, batch_size=2, warmup_prompts=1)
+    cfg = BenchCfg(engine="url", sweep=[SweepPoint(3, 1, 4)], max_new_tokens=10, batch_size=2, warmup_prompts=1)
     with start_server(tiny_llama_dir, tmp_path / "plain.log") as plain, \
             start_server(tiny_llama_dir, tmp_path / "spec.log", draft=tiny_export / "sglang") as spec:
         plain.wait_healthy(120)
         spec.wait_healthy(120)
         cfg.url, cfg.baseline_url = spec.base_url, plain.base_url
-        rows = run_sweep(ServerBackend(cfg.url, cfg, baseline_url=cfg.baseline_url), load_tokenizer(tiny_llama_dir),
+        rows = run_sweep(ServerEngine(cfg.url, cfg, baseline_url=cfg.baseline_url), load_tokenizer(tiny_llama_dir),
                          prompts, cfg)
     base, point = rows
     assert base.config == "baseline" and point.config == "s3_k1_n4" and point.num_samples == 4
@@ -373,15 +373,15 @@ def test_url_backend_against_real_servers_with_and_without_a_drafter(tiny_llama_
     assert point.speedup is not None and point.speedup > 0
 
 
-def test_url_backend_without_a_baseline_reports_no_speedup(tiny_llama_dir: Path, tiny_export: Path,
+def test_url_engine_without_a_baseline_reports_no_speedup(tiny_llama_dir: Path, tiny_export: Path,
                                                            tmp_path: Path) -> None:
     from eaglepipe.target.info import load_tokenizer
 
-    cfg = BenchCfg(backend="url", sweep=[SweepPoint(3, 1, 4)], max_new_tokens=6, warmup_prompts=0,
+    cfg = BenchCfg(engine="url", sweep=[SweepPoint(3, 1, 4)], max_new_tokens=6, warmup_prompts=0,
                    prompts=PromptsCfg(num_prompts=1, multi_turn=False))
     with start_server(tiny_llama_dir, tmp_path / "spec.log", draft=tiny_export / "sglang") as spec:
         spec.wait_healthy(120)
-        rows = run_sweep(ServerBackend(spec.base_url, cfg), load_tokenizer(tiny_llama_dir),
+        rows = run_sweep(ServerEngine(spec.base_url, cfg), load_tokenizer(tiny_llama_dir),
                          load_prompts(cfg.prompts), cfg)
     (point,) = rows
     assert point.tau is not None and point.speedup is None and point.outputs_match is None
@@ -423,10 +423,13 @@ def check_bench_outputs(out: Path, names: list[str]) -> dict:
 
 
 def test_bench_stage_end_to_end_native_tiny(tiny_llama_dir: Path, tiny_export: Path, tmp_path: Path) -> None:
+    """The native engine with two fast paths forced on (on CPU: their static bodies run eagerly): every output
+    matches, and metrics.json records the paths that ran."""
     params = params_file(tmp_path, {"prompts": {"source": "mtbench", "num_prompts": 2, "multi_turn": True},
                                     "sweep": [{"num_steps": 3, "topk": 1, "num_draft_tokens": 4},
                                               {"num_steps": 2, "topk": 2, "num_draft_tokens": 4}],
-                                    "temperatures": [0.0, 1.0], "max_new_tokens": 10})
+                                    "temperatures": [0.0, 1.0], "max_new_tokens": 10,
+                                    "engine_options": {"prefill_graphs": True, "graph_rounds": True}})
     out = tmp_path / "results" / "bench"
     proc = run_bench_stage(params, tiny_llama_dir, tiny_export, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -436,7 +439,12 @@ def test_bench_stage_end_to_end_native_tiny(tiny_llama_dir: Path, tiny_export: P
     assert metrics["best_tau_config"] in ("s3_k1_n4", "s2_k2_n4") and metrics["baseline_tok_s"] > 0
     draft = str((tiny_export / "sglang").resolve())
     assert metrics["drafter"] == {"path": draft, "source": "--export", "warnings": []}
-    assert f"drafter `{draft}` (from the export stage)" in (out / "README.md").read_text()
+    assert metrics["engine"] == "native"
+    assert metrics["engine_options"] == {"token_path": False, "cuda_graphs": False, "prefill_graphs": True,
+                                         "graph_rounds": True}
+    readme = (out / "README.md").read_text()
+    assert f"drafter `{draft}` (from the export stage)" in readme
+    assert "native engine on cpu (fast paths: prefill_graphs, graph_rounds)" in readme
     assert (out / "plots" / "temperature.png").exists()
     rows = {r["name"]: r for r in csv.DictReader((out / "sweep.csv").open())}
     assert rows["s3_k1_n4_t1.0"]["outputs_match"] == "n/a" and rows["s3_k1_n4_t0.0"]["outputs_match"] == "true"

@@ -1,6 +1,7 @@
-"""The draft-tree kernels (`tree_grow`, `tree_select`) against the PyTorch bookkeeping they replace (`grow` +
-`tree_rows`, `select_tree`), run by Triton's interpreter on CPU: the same candidates, frontier, token rows and
-verify tree, bit for bit."""
+"""The draft-tree kernels (`tree_grow`, `tree_select`, `tree_accept`) against the PyTorch bookkeeping of the
+reference path (`grow`, `select_tree`, `greedy_accept_device`), run by Triton's interpreter on CPU: the same
+candidates, frontier, token rows, verify tree and accepted path, bit for bit; and the K/V compaction kernel
+(`compact_kv`) against indexing."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
@@ -9,9 +10,20 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-from eaglepipe.speculative.kernels import tree_grow, tree_select  # noqa: E402
 from eaglepipe.speculative import tree  # noqa: E402
-from eaglepipe.speculative.draft_runner import tree_rows  # noqa: E402
+from eaglepipe.speculative.kernels import tree_grow, tree_select  # noqa: E402
+
+
+def tree_rows(slots: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor,
+              visible: torch.Tensor, node_start: int) -> tuple[torch.Tensor, ...]:
+    """The token rows of a tree step as `tree_grow` builds them (`Frontier.rows`): frontier node f of batch row b
+    is row b*F + f, stored as scratch node node_start + f, at RoPE position length + depth - 1, seeing its
+    committed prefix and then its visible scratch nodes."""
+    b, f, depth = visible.shape
+    prefix = lengths.repeat_interleave(f)
+    return (slots.repeat_interleave(f), ids.reshape(-1).clone(), hidden.reshape(b * f, -1).clone(),
+            prefix + depth - 1, prefix + node_start + torch.arange(f).repeat(b), prefix,
+            visible.reshape(b * f, depth).clone(), torch.full_like(prefix, depth))
 
 
 def _grow_all(b: int, k: int, steps: int, h: int, vocab: int, d2t: torch.Tensor | None, seed: int):
@@ -86,9 +98,10 @@ def test_equal_scores_keep_the_lower_candidate_first():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_accept_and_compaction_match_the_pytorch_acceptance(seed):
     """`tree_accept` gives `greedy_accept_device` + `path_nodes`'s path, count and bonus token on trees where the
-    target agrees with some branches, and `compact_path_kv` moves the same K/V as `_compact_kv`'s indexing."""
-    from eaglepipe.speculative.kernels import compact_path_kv, tree_accept
+    target agrees with some branches, and `compact_kv` moves the same K/V as the runner's PyTorch indexing."""
+    from eaglepipe.engine.kernels import compact_kv
     from eaglepipe.speculative.accept import greedy_accept_device, path_nodes
+    from eaglepipe.speculative.kernels import tree_accept
 
     b, k, steps, vocab = 3, 3, 4, 6  # a small vocabulary, so that random drafts are often right
     cand, depths = _grow_all(b, k, steps, 4, vocab, None, seed=seed)
@@ -119,5 +132,5 @@ def test_accept_and_compaction_match_the_pytorch_acceptance(seed):
     rows = row_slots[:, None].expand(b, width)
     for cache in (want_k, want_v):
         cache[:, rows, :, dst] = cache[:, rows, :, src]
-    compact_path_kv(k_cache, v_cache, row_slots, lengths, path)
+    compact_kv(k_cache, v_cache, row_slots, lengths, path)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)

@@ -41,7 +41,7 @@ def tiny_hf(tiny_llama_dir):
     return hf_model(tiny_llama_dir)
 
 
-def _tiny_variant(out: Path, model_type: str, **extra) -> Path:
+def tiny_variant(out: Path, model_type: str, **extra) -> Path:
     """A random 3-layer model of another Llama-family architecture (vocab 512), saved as safetensors."""
     import transformers
 
@@ -86,7 +86,7 @@ def test_prefill_logits_and_hidden_states_match_hf(tiny_llama_dir, tiny_hf):
                                    "original_max_position_embeddings": 64}}),
 ])
 def test_other_architectures_match_hf(tmp_path, model_type, extra):
-    model_dir = _tiny_variant(tmp_path / model_type, model_type, **extra)
+    model_dir = tiny_variant(tmp_path / model_type, model_type, **extra)
     ref_model = hf_model(model_dir)
     runner = LlamaRunner(model_dir, device="cpu", max_slots=2, max_len=256)
     prompts = random_prompts(2, seed=2, max_len=120, vocab=512)
@@ -105,7 +105,7 @@ def test_other_architectures_match_hf(tmp_path, model_type, extra):
 
 
 def test_sliding_window_model_is_refused(tmp_path):
-    model_dir = _tiny_variant(tmp_path / "mistral", "mistral", sliding_window=32)
+    model_dir = tiny_variant(tmp_path / "mistral", "mistral", sliding_window=32)
     with pytest.raises(UnsupportedModelError, match="sliding"):
         LlamaRunner(model_dir, device="cpu")
 
@@ -117,7 +117,8 @@ def _tree() -> tuple[list[int], list[int]]:
     return parents, tokens
 
 
-def _paths(parents: list[int]) -> list[list[int]]:
+def tree_paths(parents: list[int]) -> list[list[int]]:
+    """Each node's path from the root of its tree (parents[i] = -1 for a root), root first."""
     paths = []
     for node in range(len(parents)):
         path, cur = [], node
@@ -133,7 +134,7 @@ def test_tree_verify_matches_plain_paths_and_rollback_is_exact(tiny_llama_dir):
     plain = LlamaRunner(tiny_llama_dir, device="cpu", max_slots=1, max_len=128)
     prompts = random_prompts(2, seed=3)
     parents, tokens = _tree()
-    paths = _paths(parents)
+    paths = tree_paths(parents)
     mask = torch.zeros(len(tokens), len(tokens), dtype=torch.bool)
     for node, path in enumerate(paths):
         mask[node, path] = True

@@ -48,8 +48,7 @@ def assert_aborted(fut: Future, deltas: list[StreamDelta]) -> None:
 @pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
 def test_abort_frees_running_and_waiting_requests(tiny_llama_dir, drafter_dir, speculative):
     draft = drafter_dir if speculative else None
-    with Engine(tiny_llama_dir, device="cpu", max_batch_size=1, max_model_len=MAX_MODEL_LEN, cuda_graphs=False,
-                draft_dir=draft) as engine:
+    with Engine(tiny_llama_dir, device="cpu", max_batch_size=1, max_model_len=MAX_MODEL_LEN, draft_dir=draft) as engine:
         running, deltas = submit_and_wait_for_a_token(engine, [1, 2, 3, 4])
         waiting = engine.submit([5, 6, 7], LONG)
         assert engine.request_counts() == {"running_requests": 1, "waiting_requests": 1}

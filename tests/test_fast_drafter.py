@@ -1,7 +1,8 @@
 """The drafter's token path (`FastDrafter`, Triton kernels under the CPU interpreter) against the PyTorch
-`DraftRunner`: the same (hidden, logits) and the same K/V written to the cache for `extend`, `chain_step` and
-`tree_step`, for EAGLE-3 and EAGLE-3.1; and speculative greedy decoding with it equals plain greedy decoding,
-reaching the PyTorch drafter's tau."""
+`DraftRunner`: the same (hidden, logits) and the same K/V written to the cache for `extend`, `chain_step` and a
+tree step (`tree_step_rows` on the token rows the draft-tree kernels build, against `tree_step`), for EAGLE-3 and
+EAGLE-3.1; and speculative greedy decoding with the fast drafter, its top-k and tree kernels equals plain greedy
+decoding, reaching the PyTorch drafter's tau."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
@@ -12,6 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+from eaglepipe.engine import EngineOptions  # noqa: E402
+from test_draft_tree_kernels import tree_rows  # noqa: E402
 from test_round_graph import decode, fit_and_export, runner, target_dir  # noqa: E402,F401
 from test_spec_decode import greedy_reference  # noqa: E402
 
@@ -86,9 +89,22 @@ def test_fast_steps_match_the_torch_path(runner, drafters, algo):
     # a tree: two children of the root (nodes 0, 1), then three grandchildren (nodes 2, 3, 4) of 0, 0 and 1; each
     # frontier node sees its ancestors' scratch nodes, then itself
     visible1 = torch.arange(2)[None, :, None].expand(2, 2, 1)
-    both("tree_step", slots, lengths, 8, rand_ids(2, 2), rand_hidden(2, 2), 1, 0, visible1)
+    tree_both(slow, fast, slots, lengths, 8, rand_ids(2, 2), rand_hidden(2, 2), 1, 0, visible1)
     visible2 = torch.tensor([[[0, 2], [0, 3], [1, 4]], [[0, 2], [0, 3], [0, 4]]])  # row 1: the third is 0's too
-    both("tree_step", slots, lengths, 8, rand_ids(2, 3), rand_hidden(2, 3), 2, 2, visible2)
+    tree_both(slow, fast, slots, lengths, 8, rand_ids(2, 3), rand_hidden(2, 3), 2, 2, visible2)
+
+
+def tree_both(slow, fast, slots, lengths, max_length, ids, hidden, depth, node_start, visible) -> None:
+    """A tree step on the PyTorch path (`tree_step`) and through the fast drafter on the kernels' token rows
+    (`tree_step_rows`): the same outputs and the same K/V written."""
+    b, f = ids.shape
+    want = slow.tree_step(slots, lengths, max_length, ids, hidden, depth, node_start, visible)
+    got = fast.tree_step_rows(tree_rows(slots, lengths, ids, hidden, visible, node_start), max_length, node_start, f)
+    assert got[1].dtype == torch.float32
+    for x, y in zip(want, got):
+        torch.testing.assert_close(y.view(b, f, -1), x.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.k, slow.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.v, slow.v, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("algo,spec", [("eagle3.1", dict(num_steps=3, topk=1, num_draft_tokens=4)),
@@ -96,13 +112,12 @@ def test_fast_steps_match_the_torch_path(runner, drafters, algo):
                          ids=["chain-eagle3.1", "tree-eagle3"])
 def test_speculative_greedy_with_the_fast_drafter(runner, refs, drafters, algo, spec):
     from eaglepipe.speculative import SpeculativeGenerator
-    from eaglepipe.speculative.draft_runner import DraftRunner
 
-    slow = SpeculativeGenerator(runner, drafters[algo], spec, graph_rounds=True)
-    fast = SpeculativeGenerator(runner, drafters[algo], spec, drafter=slow.loaded, graph_rounds=True)
-    assert slow.draft.fast is None  # the CPU default
-    fast.draft = DraftRunner(fast.drafter, runner.max_slots, slow.draft.capacity, runner.device, runner.dtype,
-                             fast=True)
+    slow = SpeculativeGenerator(runner, drafters[algo], spec, options=EngineOptions(graph_rounds=True))
+    fast = SpeculativeGenerator(runner, drafters[algo], spec, drafter=slow.loaded,
+                                options=EngineOptions(token_path=True, graph_rounds=True))
+    assert not slow.steps.fast and slow.steps.draft.fast is None  # the CPU default
+    assert fast.steps.fast and fast.steps.draft.fast is not None  # (the target stays on its PyTorch path)
     for gen in (slow, fast):
         gen.reset_stats()
         out, _ = decode(gen, PROMPTS, [NEW_TOKENS] * len(PROMPTS), [0, 1])
@@ -110,19 +125,3 @@ def test_speculative_greedy_with_the_fast_drafter(runner, refs, drafters, algo, 
     print(algo, spec, slow.stats.tau, fast.stats.tau)
     assert fast.stats.tau > 1.2, fast.stats
     assert fast.stats.tau == pytest.approx(slow.stats.tau)
-
-
-def test_tree_rows_are_contiguous_for_one_row() -> None:
-    """A batch of one makes [1, F] views whose plain reshape has stride 0: `tree_rows` must hand the kernels
-    real per-row tensors (a stride-0 slot or prefix list read past its one element on the GPU)."""
-    from eaglepipe.speculative.draft_runner import tree_rows
-
-    visible = torch.tensor([[[0, 3], [1, 4], [0, 5]]])
-    rows = tree_rows(torch.tensor([2]), torch.tensor([7]), torch.tensor([[5, 6, 9]]), torch.randn(1, 1, 4)
-                     .expand(1, 3, 4), visible, 3)
-    slots, ids, hidden, positions, write, prefix, pending, count = rows
-    for x in (slots, ids, positions, write, prefix, count):
-        assert x.stride() == (1,) and x.shape == (3,)
-    assert slots.tolist() == [2, 2, 2] and prefix.tolist() == [7, 7, 7] and positions.tolist() == [8, 8, 8]
-    assert write.tolist() == [10, 11, 12] and count.tolist() == [2, 2, 2] and ids.tolist() == [5, 6, 9]
-    assert hidden.shape == (3, 4) and hidden.is_contiguous() and pending.tolist() == visible[0].tolist()

@@ -1,5 +1,5 @@
 """The static greedy round (`RoundGraph`, run eagerly on CPU: the body that CUDA captures), for chains and EAGLE-2
-trees, against the eager `_round` and the target's plain greedy decode: same tokens, same acceptance statistics
+trees, against the eager round (`SpeculativeGenerator.round`) and the target's plain greedy decode: same tokens, same acceptance statistics
 and verify counts, for EAGLE-3, EAGLE-3.1 and EAGLE-1 drafters, batch 1 and batches whose rows stop at different
 rounds, across context buckets and up to the end of the cache. Tree rounds accept paths that skip verify nodes
 (their K/V are compacted on the device) and children that are not their parent's first."""
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from eaglepipe.engine import EngineOptions
 from test_export import export_to, make_checkpoint
 from test_spec_decode import fit_drafter, greedy_reference
 
@@ -19,6 +20,7 @@ ALGOS = ["eagle3", "eagle3.1", "eagle1"]
 SPECS = [dict(num_steps=3, topk=1, num_draft_tokens=4), dict(num_steps=5, topk=1, num_draft_tokens=6),
          dict(num_steps=3, topk=2, num_draft_tokens=5), dict(num_steps=4, topk=3, num_draft_tokens=8)]
 MIN_CTX = 16  # small buckets, so that the decodes below cross several of them
+EAGER, GRAPH = EngineOptions(graph_rounds=False), EngineOptions(graph_rounds=True)  # on CPU: the PyTorch path
 
 
 def spec_id(spec: dict) -> str:
@@ -73,18 +75,18 @@ def fit_and_export(target_dir: Path, runner, seqs: list[list[int]], algos: list[
 
 
 def generators(runner, export: Path, spec: dict):
-    """(eager, graph): the same drafter decoded by `_round` alone and by the static round. Trees score with
+    """(eager, graph): the same drafter decoded by the eager round alone and by the static round. Trees score with
     `noisy_logprobs`, so that the target also accepts children that are not their parent's first."""
     from eaglepipe.speculative import SpeculativeGenerator
     from eaglepipe.speculative.round_graph import RoundGraph
 
-    eager = SpeculativeGenerator(runner, export, spec, graph_rounds=False)
-    graph = SpeculativeGenerator(runner, export, spec, drafter=eager.loaded, graph_rounds=True)
+    eager = SpeculativeGenerator(runner, export, spec, options=EAGER)
+    graph = SpeculativeGenerator(runner, export, spec, drafter=eager.loaded, options=GRAPH)
     graph.round_graph = RoundGraph(graph, min_ctx=MIN_CTX)
-    assert eager.round_graph is None
+    assert eager.round_graph is None and not eager.steps.fast and not graph.steps.fast
     if spec["topk"] > 1:
         for gen in (eager, graph):
-            gen._drafter_logprobs = noisy_logprobs(gen._drafter_logprobs)
+            gen.steps.draft_logprobs = noisy_logprobs(gen.steps.draft_logprobs)
     return eager, graph
 
 
@@ -102,16 +104,16 @@ def noisy_logprobs(logprobs):
 
 
 def record_paths(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(tree parents, accepted path mask) of every later static tree round."""
-    from eaglepipe.speculative import round_graph
+    """(tree parents, accepted path mask) of every later greedy tree round."""
+    from eaglepipe.speculative import steps
 
-    paths, inner = [], round_graph.greedy_accept_device
+    paths, inner = [], steps.greedy_accept_device
 
     def recorded(tree, logits):
         acc = inner(tree, logits)
         paths.append((tree.parents.clone(), acc.path_mask.clone()))
         return acc
-    monkeypatch.setattr(round_graph, "greedy_accept_device", recorded)
+    monkeypatch.setattr(steps, "greedy_accept_device", recorded)
     return paths
 
 
@@ -175,8 +177,8 @@ def assert_same_decode(eager, graph, prompts, limits, slots) -> list[list[int]]:
 def test_static_round_matches_eager_and_plain_greedy(runner, references, exported, monkeypatch, algo: str,
                                                      spec: dict) -> None:
     eager, graph = generators(runner, exported[algo], spec)
-    eager_rounds = record_calls(monkeypatch, graph, "_round")  # far from the cache's end: never needed
-    bodies = record_calls(monkeypatch, graph.round_graph, "_body")
+    eager_rounds = record_calls(monkeypatch, graph, "round")  # far from the cache's end: never needed
+    bodies = record_calls(monkeypatch, graph.round_graph, "body")
     paths = record_paths(monkeypatch)
     # batch 1
     for prompt, ref in zip(PROMPTS, references):
@@ -200,8 +202,8 @@ def test_static_round_matches_eager_and_plain_greedy(runner, references, exporte
 def test_cache_end_falls_back_to_the_eager_round(target_dir, exported, monkeypatch, spec: dict) -> None:
     runner = make_runner(target_dir, 40)  # buckets 16, 32, 40
     eager, graph = generators(runner, exported["eagle3"], spec)
-    eager_rounds = record_calls(monkeypatch, graph, "_round")
-    bodies = record_calls(monkeypatch, graph.round_graph, "_body")
+    eager_rounds = record_calls(monkeypatch, graph, "round")
+    bodies = record_calls(monkeypatch, graph.round_graph, "body")
     unlimited = 10 ** 6
     for prompt in PROMPTS[:2]:  # decodes until the cache is full
         ref = greedy_reference(runner, prompt, runner.max_len - len(prompt) + 1)
@@ -216,7 +218,7 @@ def test_cache_end_falls_back_to_the_eager_round(target_dir, exported, monkeypat
 
 
 def test_chain_accept_stops_at_the_first_mismatch() -> None:
-    from eaglepipe.speculative.round_graph import chain_accept
+    from eaglepipe.speculative.accept import chain_accept
 
     tokens = torch.tensor([[9, 1, 2, 3], [9, 1, 5, 3], [9, 4, 2, 3], [9, 1, 2, 7]])
     targets = torch.tensor([1, 2, 3, 6])  # the target's argmax after the root and after each draft
@@ -247,11 +249,9 @@ def test_device_acceptance_and_path_nodes() -> None:
     assert greedy_accept(tree, logits).paths == [[0, 2, 4], [0]]
 
 
-def test_kv_compaction_moves_the_path_to_consecutive_positions(runner, exported) -> None:
-    """Row r's path node i lands at position lengths[r] + i; the committed prefix stays as it was."""
-    from eaglepipe.speculative import SpeculativeGenerator
-
-    gen = SpeculativeGenerator(runner, exported["eagle3"], SPECS[2], graph_rounds=False)
+def test_kv_compaction_moves_the_path_to_consecutive_positions(runner) -> None:
+    """`LlamaRunner.compact`: row r's path node i lands at position lengths[r] + i; the committed prefix stays as
+    it was."""
     before = [c.clone() for c in (runner.k_cache, runner.v_cache)]
     for c in (runner.k_cache, runner.v_cache):
         c.copy_(torch.randn_like(c))
@@ -259,7 +259,7 @@ def test_kv_compaction_moves_the_path_to_consecutive_positions(runner, exported)
         saved = [c.clone() for c in (runner.k_cache, runner.v_cache)]
         slots, lengths = [2, 0], [3, 5]
         path = torch.tensor([[0, 2, 3, 3], [0, 1, 4, 4]])  # row 0: 3 nodes (the deepest repeated), row 1: 3
-        gen._compact_kv(torch.tensor(slots), torch.tensor(lengths), path)
+        runner.compact(torch.tensor(slots), torch.tensor(lengths), path)
         for cache, old in zip((runner.k_cache, runner.v_cache), saved):
             for slot, length, nodes in zip(slots, lengths, path.tolist()):
                 assert torch.equal(cache[:, slot, :, :length], old[:, slot, :, :length])
@@ -278,8 +278,8 @@ def test_graph_rounds_only_for_greedy_rows(runner, exported, monkeypatch) -> Non
     assert SpeculativeGenerator(runner, exported["eagle3"], SPECS[0]).round_graph is None  # default off on CPU
     params = [SamplingParams(), SamplingParams(temperature=1.0, seed=0)]  # one sampled row: the eager round
     for spec in (SPECS[0], SPECS[2]):
-        gen = SpeculativeGenerator(runner, exported["eagle3"], spec, graph_rounds=True)
-        bodies = record_calls(monkeypatch, gen.round_graph, "_body")
+        gen = SpeculativeGenerator(runner, exported["eagle3"], spec, options=GRAPH)
+        bodies = record_calls(monkeypatch, gen.round_graph, "body")
         _, cts = decode(gen, PROMPTS[:2], [20, 20], [0, 1], params)
         assert not bodies and min(cts) > 0
 
@@ -287,7 +287,7 @@ def test_graph_rounds_only_for_greedy_rows(runner, exported, monkeypatch) -> Non
 def test_prepare_refuses_slots_holding_sequences(runner, exported) -> None:
     from eaglepipe.speculative import SpeculativeGenerator
 
-    gen = SpeculativeGenerator(runner, exported["eagle3"], SPECS[0], graph_rounds=True)
+    gen = SpeculativeGenerator(runner, exported["eagle3"], SPECS[0], options=GRAPH)
     runner.prefill([PROMPTS[0]], [0])
     try:
         with pytest.raises(RuntimeError, match="live sequences"):
@@ -303,8 +303,8 @@ def test_rounds_are_pipelined_and_the_round_in_flight_is_dropped_for_stopped_row
     them (not counted as their verification) and its tokens go to the rows that go on; after the last stop it
     is wasted whole."""
     _, graph = generators(runner, exported["eagle3"], SPECS[0])
-    bodies = record_calls(monkeypatch, graph.round_graph, "_body")
-    emitted = record_calls(monkeypatch, graph.round_graph, "_emit")
+    bodies = record_calls(monkeypatch, graph.round_graph, "body")
+    emitted = record_calls(monkeypatch, graph.round_graph, "emit")
     out, cts = decode(graph, [PROMPTS[0]], [NEW_TOKENS], [0])
     assert out == [references[0]]
     assert len(bodies) == cts[0] + 1  # the last round's successor ran and was dropped
@@ -324,7 +324,7 @@ def test_no_round_is_wasted_when_max_new_tokens_ends_the_request(runner, referen
     from eaglepipe.engine.sampling import SamplingParams
 
     _, graph = generators(runner, exported["eagle3"], SPECS[0])
-    bodies = record_calls(monkeypatch, graph.round_graph, "_body")
+    bodies = record_calls(monkeypatch, graph.round_graph, "body")
     limits = [NEW_TOKENS, 9, 23]
     params = [SamplingParams(max_new_tokens=n) for n in limits]
     out, cts = decode(graph, [PROMPTS[0]], limits[:1], [0], params[:1])
@@ -336,49 +336,17 @@ def test_no_round_is_wasted_when_max_new_tokens_ends_the_request(runner, referen
 
 
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[3]], ids=spec_id)
-def test_compiled_bookkeeping_matches_eager(runner, references, exported, spec: dict) -> None:
-    """The round's bookkeeping functions compiled by torch.compile (as on CUDA; here Inductor's CPU backend)
-    decode exactly what they decode eagerly."""
-    from eaglepipe.utils import compiled
-
-    from torch._dynamo.utils import counters
-
-    eager, graph = generators(runner, exported["eagle3"], spec)
-    counters.clear()
-    with compiled.compile_everywhere():
-        out = assert_same_decode(eager, graph, PROMPTS[:2], [NEW_TOKENS, 25], [0, 1])
-    assert out == [references[0], references[1][:25]]
-    assert not compiled.FAILED
-    assert counters["stats"]["unique_graphs"] > 0  # it did compile (Inductor may have found it in its cache)
-
-
-@pytest.mark.parametrize("spec", [SPECS[0], SPECS[3]], ids=spec_id)
 def test_graph_rounds_run_until_a_tree_no_longer_fits(target_dir, exported, monkeypatch, spec: dict) -> None:
     """The round in flight makes the host's lengths lag, but the hand-over to the eager round near the cache's
     end waits until the host has caught up: it happens only when the next tree truly does not fit."""
     runner = make_runner(target_dir, 40)
     _, graph = generators(runner, exported["eagle3"], spec)
     handed_over = []
-    inner = graph._round
+    inner = graph.round
 
     def eager_round(rows):
         handed_over.append(max(runner.lengths[s] for s in rows.slots))
         return inner(rows)
-    monkeypatch.setattr(graph, "_round", eager_round)
+    monkeypatch.setattr(graph, "round", eager_round)
     decode(graph, [PROMPTS[0]], [10 ** 6], [0])
     assert handed_over and handed_over[0] + spec["num_draft_tokens"] > runner.max_len
-
-
-def test_bookkeeping_compiles_only_inside_the_round_body(monkeypatch) -> None:
-    """The eager round (sampling, the cache's end) varies its shapes from call to call: compiling there would
-    recompile in the middle of a decode. Only the static body opens the compile scope."""
-    from eaglepipe.utils import compiled
-
-    cpu = torch.device("cpu")
-    with compiled.compile_everywhere():
-        assert not compiled.compile_wanted(cpu)
-        with compiled.compile_scope():
-            assert compiled.compile_wanted(cpu)
-            monkeypatch.setenv("EAGLEPIPE_COMPILE_DRAFT", "0")
-            assert not compiled.compile_wanted(cpu)
-    assert not compiled.compile_wanted(cpu)

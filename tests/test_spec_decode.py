@@ -139,7 +139,7 @@ def test_greedy_is_exact_after_a_padded_prefill(runner, references, exported, sp
     from eaglepipe.speculative import SpeculativeGenerator
 
     gen = SpeculativeGenerator(runner, exported["eagle3"], spec)
-    runner.prefill_graphs = PrefillGraphs(runner)
+    runner.prefill_graphs = PrefillGraphs(runner.padded_prefill, runner.max_len, runner.device)
     try:
         outs = [run_spec(gen, [p])[0][0] for p in PROMPTS]
     finally:

@@ -244,10 +244,10 @@ def test_exported_drafter_logits_equal_the_training_module(served: Served, corpu
     want = [dict(zip(batch.step_slots[k].tolist(), logits[k])) for k in range(2)]
     gen = served.generator
     ids = sample["input_ids"].tolist()
-    out = gen.runner.prefill([ids], [0], capture_layers=gen.capture)
+    out = gen.runner.prefill([ids], [0], capture_layers=gen.steps.capture)
     gen.runner.release(0)
-    fused = gen.drafter.fuse(out.aux_hidden[0][None])
-    draft = DraftRunner(gen.drafter, 1, len(ids) + 2, torch.device("cpu"), torch.float32)
+    fused = gen.steps.draft_input(out.aux_hidden[0][None])
+    draft = DraftRunner(gen.steps.drafter, 1, len(ids) + 2, torch.device("cpu"), torch.float32)
     slot0, zero = torch.tensor([0]), torch.zeros(1, dtype=torch.long)
     worst = [0.0, 0.0]
     for p in range(int(np.argmax(sample["loss_mask"])) - 1, len(ids) - 2):

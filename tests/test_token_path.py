@@ -9,11 +9,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+from eaglepipe.engine import EngineOptions  # noqa: E402
 from eaglepipe.engine.model import LlamaRunner  # noqa: E402
-from test_engine import _paths, _tiny_variant, hf_greedy, hf_model, random_prompts  # noqa: E402
+from test_engine import tree_paths, tiny_variant, hf_greedy, hf_model, random_prompts  # noqa: E402
 from test_round_graph import PROMPTS, decode, exported, references, runner, target_dir  # noqa: E402,F401
 from test_spec_decode import greedy_reference  # noqa: E402
 
+ON, OFF = EngineOptions(token_path=True), EngineOptions(token_path=False)
 LLAMA3_ROPE = {"tie_word_embeddings": True,
                "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -23,9 +25,9 @@ LLAMA3_ROPE = {"tie_word_embeddings": True,
 @pytest.mark.parametrize("model_type,extra", [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": None}),
                                               ("llama", LLAMA3_ROPE)])
 def test_token_path_greedy_equals_hf_and_the_torch_path(tmp_path, model_type, extra):
-    model_dir = _tiny_variant(tmp_path / model_type, model_type, **extra)
-    fast = LlamaRunner(model_dir, device="cpu", max_slots=2, max_len=128, token_path=True)
-    slow = LlamaRunner(model_dir, device="cpu", max_slots=2, max_len=128, token_path=False)
+    model_dir = tiny_variant(tmp_path / model_type, model_type, **extra)
+    fast = LlamaRunner(model_dir, device="cpu", max_slots=2, max_len=128, options=ON)
+    slow = LlamaRunner(model_dir, device="cpu", max_slots=2, max_len=128, options=OFF)
     prompts = random_prompts(2, seed=5, max_len=50, vocab=512)
     expected = [hf_greedy(hf_model(model_dir), p, 8) for p in prompts]
     last = fast.prefill(prompts, [0, 1]).last_logits.argmax(-1).tolist()
@@ -47,12 +49,12 @@ def _prefill_alone(runner: LlamaRunner, prompts: list[list[int]], slots: list[in
 
 
 def test_logits_are_bit_identical_alone_batched_in_a_tree_and_after_commit(tmp_path):
-    model_dir = _tiny_variant(tmp_path / "llama", "llama")
-    runner = LlamaRunner(model_dir, device="cpu", max_slots=4, max_len=160, token_path=True)
+    model_dir = tiny_variant(tmp_path / "llama", "llama")
+    runner = LlamaRunner(model_dir, device="cpu", max_slots=4, max_len=160, options=ON)
     prompt, other = random_prompts(2, seed=7, max_len=70, vocab=512)
     parents = [-1, 0, 0, 1, 1, 2, 5, -1]
     tokens = [11, 22, 33, 44, 55, 66, 77, 88]
-    paths = _paths(parents)
+    paths = tree_paths(parents)
     mask = torch.zeros(len(tokens), len(tokens), dtype=torch.bool)
     for node, path in enumerate(paths):
         mask[node, path] = True
@@ -85,8 +87,8 @@ def test_logits_are_bit_identical_alone_batched_in_a_tree_and_after_commit(tmp_p
 
 
 def test_decode_logits_step_matches_forward_bits(tmp_path):
-    model_dir = _tiny_variant(tmp_path / "qwen3", "qwen3")
-    runner = LlamaRunner(model_dir, device="cpu", max_slots=2, max_len=128, token_path=True)
+    model_dir = tiny_variant(tmp_path / "qwen3", "qwen3")
+    runner = LlamaRunner(model_dir, device="cpu", max_slots=2, max_len=128, options=ON)
     prompts = random_prompts(2, seed=9, max_len=40, vocab=512)
     _prefill_alone(runner, prompts, [0, 1])
     lens = [len(p) for p in prompts]
@@ -102,10 +104,10 @@ def test_large_batches_attend_with_the_chunked_kernel(tmp_path):
     """Past MAX_ROWS the step keeps PyTorch GEMMs but reads only each row's own length of cache."""
     from eaglepipe.engine.token_path import MAX_ROWS
 
-    model_dir = _tiny_variant(tmp_path / "llama", "llama")
+    model_dir = tiny_variant(tmp_path / "llama", "llama")
     b = MAX_ROWS + 3
-    fast = LlamaRunner(model_dir, device="cpu", max_slots=b, max_len=64, token_path=True)
-    slow = LlamaRunner(model_dir, device="cpu", max_slots=b, max_len=64, token_path=False)
+    fast = LlamaRunner(model_dir, device="cpu", max_slots=b, max_len=64, options=ON)
+    slow = LlamaRunner(model_dir, device="cpu", max_slots=b, max_len=64, options=OFF)
     prompts = random_prompts(b, seed=11, max_len=30, vocab=512)
     for runner in (fast, slow):
         runner.prefill(prompts, list(range(b)))
@@ -121,21 +123,12 @@ def test_speculative_greedy_equals_plain_greedy_on_the_token_path(target_dir, ex
     the token path's own plain greedy decode, with drafts accepted."""
     from eaglepipe.speculative import SpeculativeGenerator
 
-    fast = LlamaRunner(target_dir, device="cpu", dtype=torch.float32, max_slots=4, max_len=128, token_path=True)
-    gen = SpeculativeGenerator(fast, exported["eagle3"], spec, graph_rounds=True)
+    fast = LlamaRunner(target_dir, device="cpu", dtype=torch.float32, max_slots=4, max_len=128, options=ON)
+    gen = SpeculativeGenerator(fast, exported["eagle3"], spec,
+                               options=EngineOptions(token_path=True, graph_rounds=True))
+    assert gen.steps.fast and gen.round_graph is not None  # the drafter's kernels too
     prompt = PROMPTS[0]
     plain = greedy_reference(fast, prompt, 16)
     out, _ = decode(gen, [prompt], [16], [1])
     assert out == [plain]
     assert gen.stats.tau > 1.3, gen.stats
-
-
-def test_token_kernels_default_follows_device_and_environment(monkeypatch):
-    """On by default for CUDA only; EAGLEPIPE_TOKEN_PATH=0 turns it off (the PyTorch path, for diagnosis)."""
-    from eaglepipe.engine.token_path import token_kernels_default, triton_available
-
-    monkeypatch.delenv("EAGLEPIPE_TOKEN_PATH", raising=False)
-    assert token_kernels_default(torch.device("cpu")) is False
-    assert token_kernels_default(torch.device("cuda")) is triton_available()
-    monkeypatch.setenv("EAGLEPIPE_TOKEN_PATH", "0")
-    assert token_kernels_default(torch.device("cuda")) is False

@@ -12,14 +12,14 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from ..config import BenchCfg, SweepPoint
-from .backends import Backend
+from .engines import BenchEngine
 from .metrics import PointResult, PointSummary, Sample, summarize
 from .prompts import render_chat
 
 log = logging.getLogger(__name__)
 
 
-def run_conversations(backend: Backend, tokenizer: Any, prompts: Sequence[list[str]],
+def run_conversations(engine: BenchEngine, tokenizer: Any, prompts: Sequence[list[str]],
                       temperature: float) -> list[Sample]:
     """All turns of all prompts, turn by turn; each later turn sees the model's own earlier answers."""
     histories: list[list[dict[str, str]]] = [[] for _ in prompts]
@@ -29,36 +29,36 @@ def run_conversations(backend: Backend, tokenizer: Any, prompts: Sequence[list[s
         for i in active:
             histories[i].append({"role": "user", "content": prompts[i][turn]})
         ids = [render_chat(tokenizer, histories[i]) for i in active]
-        out = backend.generate(ids, [(i, turn) for i in active], temperature)
+        out = engine.generate(ids, [(i, turn) for i in active], temperature)
         for i, s in zip(active, out):
             histories[i].append({"role": "assistant", "content": s.text})
         samples.extend(out)
     return samples
 
 
-def measure_point(backend: Backend, tokenizer: Any, prompts: Sequence[list[str]], point: SweepPoint | None,
+def measure_point(engine: BenchEngine, tokenizer: Any, prompts: Sequence[list[str]], point: SweepPoint | None,
                   temperature: float, warmup_prompts: int) -> PointResult:
     """Warm the config up on the first prompts' first turn (discarded), then time every turn of every prompt."""
-    with backend.serving(point):
+    with engine.serving(point):
         if warmup_prompts:
             warm = prompts[:warmup_prompts]
-            backend.generate([render_chat(tokenizer, [{"role": "user", "content": p[0]}]) for p in warm],
+            engine.generate([render_chat(tokenizer, [{"role": "user", "content": p[0]}]) for p in warm],
                              [(i, 0) for i in range(len(warm))], temperature)
         start = time.perf_counter()
-        samples = run_conversations(backend, tokenizer, prompts, temperature)
+        samples = run_conversations(engine, tokenizer, prompts, temperature)
         return PointResult(point, temperature, samples, time.perf_counter() - start)
 
 
-def run_sweep(backend: Backend, tokenizer: Any, prompts: Sequence[list[str]], cfg: BenchCfg) -> list[PointSummary]:
+def run_sweep(engine: BenchEngine, tokenizer: Any, prompts: Sequence[list[str]], cfg: BenchCfg) -> list[PointSummary]:
     """Every temperature × (baseline + sweep points), summarised against the baseline of the same temperature."""
-    configs: list[SweepPoint | None] = ([None] if backend.has_baseline else []) + list(cfg.sweep)
+    configs: list[SweepPoint | None] = ([None] if engine.has_baseline else []) + list(cfg.sweep)
     rows: list[PointSummary] = []
     with tqdm(total=len(configs) * len(cfg.temperatures), desc="bench", unit="point", disable=None) as bar:
         for temperature in cfg.temperatures:
             baseline: PointResult | None = None
             for point in configs:
                 bar.set_postfix_str(f"{'baseline' if point is None else point.name} T={temperature}")
-                result = measure_point(backend, tokenizer, prompts, point, temperature, cfg.warmup_prompts)
+                result = measure_point(engine, tokenizer, prompts, point, temperature, cfg.warmup_prompts)
                 if point is None:
                     baseline = result
                 row = summarize(result, baseline)

@@ -112,6 +112,32 @@ class DataCfg:
 
 
 @dataclass
+class EngineOptions:
+    """Which fast paths the native engine takes. Each is null (on where it runs: on CUDA, the token path also where
+    Triton imports), true (on everywhere: off CUDA the Triton kernels need TRITON_INTERPRET=1 and the graphs' bodies
+    run eagerly, as the CPU tests run them) or false (the plain PyTorch path the tests compare the fast one with)."""
+
+    # decode steps, draft verification and the EAGLE-3 drafter's steps, top-k and tree bookkeeping as Triton kernels
+    token_path: Optional[bool] = None
+    # plain decode steps replayed from CUDA graphs (CUDA only)
+    cuda_graphs: Optional[bool] = None
+    # a lone prompt's prefill replayed from a CUDA graph per padded length
+    prefill_graphs: Optional[bool] = None
+    # greedy speculative rounds replayed from CUDA graphs
+    graph_rounds: Optional[bool] = None
+
+    def resolved(self, cuda: bool, triton: bool) -> "EngineOptions":
+        """The paths that run on a device with (`cuda`) or without CUDA, where Triton imports (`triton`) or not:
+        every null decided."""
+        def pick(value: Optional[bool], available: bool) -> bool:
+            return available if value is None else value
+
+        return EngineOptions(token_path=pick(self.token_path, cuda and triton),
+                             cuda_graphs=pick(self.cuda_graphs, cuda), prefill_graphs=pick(self.prefill_graphs, cuda),
+                             graph_rounds=pick(self.graph_rounds, cuda))
+
+
+@dataclass
 class SglangLaunchCfg:
     """How the `sglang` backend launches `python -m sglang.launch_server`."""
 
@@ -158,6 +184,8 @@ class RegenCfg:
     prefix_reuse: bool = True
     # seconds to wait for the native server's /health
     startup_timeout_s: float = 600.0
+    # the native server's fast paths
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
     sglang: SglangLaunchCfg = field(default_factory=SglangLaunchCfg)
 
     def check(self) -> None:
@@ -353,9 +381,12 @@ class SweepPoint:
 class BenchCfg:
     """Benchmark sweep."""
 
-    # native | sglang | url
-    backend: str = "native"
+    # the engine measured: native (ours, in the stage's process) | sglang (launched per point) | url (one running
+    # server, speculative or not)
+    engine: str = "native"
     url: str = "http://127.0.0.1:30000"
+    # the native engine's fast paths (recorded in metrics.json)
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
     # any SGLang-format EAGLE drafter dir to measure (ours, NeMo's, SpecForge's, a published one);
     # null = this pipeline's export
     drafter: Optional[str] = None
@@ -366,20 +397,20 @@ class BenchCfg:
     batch_size: int = 1
     # prompts run before each point's measurement and left out of every metric
     warmup_prompts: int = 1
-    # native backend: KV-cache length per sequence
+    # native engine: KV-cache length per sequence
     max_model_len: int = 2048
-    # url backend: a server without speculation to measure the baseline against (null = no speedup)
+    # url engine: a server without speculation to measure the baseline against (null = no speedup)
     baseline_url: Optional[str] = None
     timeout_s: float = 600.0
     sglang: SglangLaunchCfg = field(default_factory=SglangLaunchCfg)
 
     def check(self) -> None:
-        _require(self.backend in ("native", "sglang", "url"), f"bench.backend must be native|sglang|url, got {self.backend!r}")
+        _require(self.engine in ("native", "sglang", "url"), f"bench.engine must be native|sglang|url, got {self.engine!r}")
         _require(self.drafter is None or bool(self.drafter), "bench.drafter must be a drafter dir or null")
         self.prompts.check()
         _require(len(self.sweep) > 0, "bench.sweep must list at least one point")
-        _require(self.backend != "url" or len(self.sweep) == 1,
-                 "bench.backend=url measures one running server: bench.sweep must hold exactly the point it serves")
+        _require(self.engine != "url" or len(self.sweep) == 1,
+                 "bench.engine=url measures one running server: bench.sweep must hold exactly the point it serves")
         _require(self.warmup_prompts >= 0 and self.max_model_len >= 16 and self.timeout_s > 0,
                  "bench.warmup_prompts must be >= 0, bench.max_model_len >= 16 and bench.timeout_s > 0")
         for p in self.sweep:

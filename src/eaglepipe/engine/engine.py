@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
+from ..config.schema import EngineOptions
 from ..target.info import load_tokenizer
 from .model import LlamaRunner
 from .prefix_cache import SlotPrefixCache
@@ -69,10 +70,10 @@ class Engine:
     """Generation with continuous batching: waiting requests join free cache slots as others finish.
 
     `generate()` blocks; `submit()` is thread-safe and returns a Future, with optional streaming callbacks
-    (called on the engine's worker thread). On GPU the decode step is replayed from CUDA graphs (`cuda_graphs`),
-    optionally torch.compile'd first (`compile_decode`, slower start). `token_path` routes decode steps of up to
-    64 rows and draft verification through the row-invariant Triton kernels (default: on CUDA). With `draft_dir`, requests are decoded
-    speculatively by `eaglepipe.speculative.SpeculativeGenerator` (see the package docstring for that interface).
+    (called on the engine's worker thread). `options` picks the fast paths (`EngineOptions`; the default: each
+    where it runs): the token path's Triton kernels, decode steps replayed from CUDA graphs, CUDA-graph prefills
+    and speculative rounds. With `draft_dir`, requests are decoded speculatively by
+    `eaglepipe.speculative.SpeculativeGenerator` (see the package docstring for that interface).
     `prefix_reuse`: a finished sequence's K/V stay in its slot until the slot is needed, and a request whose prompt
     continues it (the next turn of a conversation) prefills only the new tokens (`SlotPrefixCache`). The reused
     K/V were computed by decode steps instead of a prefill: in bf16 a later token can differ from a full
@@ -81,11 +82,12 @@ class Engine:
 
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, max_batch_size: int = 32, max_model_len: int = 2048,
-                 cuda_graphs: bool = True, draft_dir: str | Path | None = None, spec: dict | None = None,
-                 max_queue: int = 1024, max_prefill_tokens: int = 4096, decode_chunk: int = 16,
-                 compile_decode: bool = False, token_path: bool | None = None, prefix_reuse: bool = True):
+                 options: EngineOptions | None = None, draft_dir: str | Path | None = None,
+                 spec: dict | None = None, max_queue: int = 1024, max_prefill_tokens: int = 4096,
+                 decode_chunk: int = 16, prefix_reuse: bool = True):
         self.runner = LlamaRunner(model_dir, device=device, dtype=dtype, max_slots=max_batch_size,
-                                  max_len=max_model_len, token_path=token_path)
+                                  max_len=max_model_len, options=options)
+        self.options = self.runner.options  # resolved for the device: what runs
         self.device = self.runner.device
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
         self.max_queue, self.max_prefill_tokens, self.decode_chunk = max_queue, max_prefill_tokens, decode_chunk
@@ -94,14 +96,14 @@ class Engine:
         self.tracker = RequestTracker(self.tokenizer, self.eos_token_ids, max_model_len)
         self.stats = EngineStats()
         self.graphs = None
-        if cuda_graphs and self.device.type == "cuda":
+        if self.options.cuda_graphs:
             from .graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self.runner, max_batch_size, ring_size=decode_chunk, compile_step=compile_decode)
+            self.graphs = DecodeGraphs(self.runner, max_batch_size, ring_size=decode_chunk)
         self.prefix_cache = SlotPrefixCache() if prefix_reuse else None
         self._speculator = None
         if draft_dir is not None:
-            from ..speculative import SpeculativeGenerator  # written alongside the spec-decoding issue
+            from ..speculative import SpeculativeGenerator
 
             self.speculator = SpeculativeGenerator(self.runner, draft_dir, spec)
         self._cond = threading.Condition()
@@ -305,7 +307,7 @@ class Engine:
     def _emit(self, req: Request, finished: bool) -> None:
         """Stream new tokens; on finish, resolve the future and free the slot."""
         result = self.tracker.result(req) if finished else None
-        if req.on_delta is not None and (finished or len(req.tokens) > req._sent_tokens):
+        if req.on_delta is not None and (finished or len(req.tokens) > req.sent_tokens):
             try:
                 req.on_delta(self.tracker.stream_delta(req, result))
             except Exception:

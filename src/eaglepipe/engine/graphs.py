@@ -1,7 +1,6 @@
 """CUDA graphs of the decode step: one replay per token, greedy argmax and bookkeeping inside the graph."""
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
@@ -9,7 +8,6 @@ from tqdm import tqdm
 
 from .model import LlamaRunner
 
-log = logging.getLogger(__name__)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 # Called after each replay with (logits [rows, V], rows); returns tokens [rows] to use instead of the argmax.
@@ -24,16 +22,10 @@ class DecodeGraphs:
     replays decode consecutive tokens with no host work in between.
     """
 
-    def __init__(self, runner: LlamaRunner, max_batch: int, ring_size: int = 16, min_ctx: int = 256,
-                 compile_step: bool = False):
+    def __init__(self, runner: LlamaRunner, max_batch: int, ring_size: int = 16, min_ctx: int = 256):
         if runner.device.type != "cuda":
             raise ValueError("CUDA graphs need a runner on a CUDA device")
         self.runner = runner
-        # torch.compile fuses the step's elementwise kernels (norms, RoPE, softmax, SiLU); the graphs then replay
-        # those fused kernels. dynamic=True keeps it to about two compilations (batch 1 and the rest).
-        self._logits_fn = (torch.compile(runner.decode_logits, dynamic=True, fullgraph=True) if compile_step
-                           else runner.decode_logits)
-        self.compiled = compile_step
         self.ring_size = ring_size
         self.batch_sizes = sorted({b for b in BATCH_SIZES if b < max_batch} | {max_batch})
         ctx, self.ctx_sizes = min(min_ctx, runner.max_len), []
@@ -48,14 +40,7 @@ class DecodeGraphs:
         self.ring = torch.zeros(ring_size, max_batch, dtype=torch.long, device=dev)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
-        try:
-            self._capture_all()
-        except Exception:
-            if not compile_step:
-                raise
-            log.exception("capturing the torch.compile'd decode step failed; capturing the eager step instead")
-            self._logits_fn, self.compiled = runner.decode_logits, False
-            self._capture_all()
+        self._capture_all()
         runner.lengths = [0] * runner.max_slots  # capture wrote garbage K/V only; no sequence is live yet
 
     def _capture_all(self) -> None:
@@ -68,7 +53,7 @@ class DecodeGraphs:
                 self._capture(b, c, pool)
 
     def _body(self, b: int, ctx: int) -> torch.Tensor:
-        logits = self._logits_fn(self.tokens[:b], self.lens[:b], ctx)
+        logits = self.runner.decode_logits(self.tokens[:b], self.lens[:b], ctx)
         nxt = logits.argmax(dim=-1)
         self.tokens[:b].copy_(nxt)
         self.ring[:, :b].index_copy_(0, self.step, nxt[None])

@@ -8,7 +8,6 @@ which is how a verified draft tree is rolled back to its accepted path.
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,11 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..config.schema import EngineOptions
 from ..target.info import resolve_model_dir
 from ..utils.device import compute_dtype, pick_device
+from .options import resolve_options
 from .prefill_graphs import PrefillGraphs
 from .shapes import ModelShapes, read_model_shapes, rope_tables
-from .token_path import MAX_ROWS, TokenPath, token_kernels_default, verify_rows
+from .token_path import MAX_ROWS, TokenPath, verify_rows
 from .weights import LayerWeights, load_weights
 
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,19 +65,18 @@ class LlamaRunner:
     """A Llama/Mistral/Qwen2/Qwen3 decoder loaded from HF safetensors, with a static KV cache.
 
     `max_slots` sequences of up to `max_len` tokens each. bf16 on GPU and fp32 on CPU unless `dtype` is given.
-    `token_path`: run decode steps and verify forwards of up to MAX_ROWS tokens through the row-invariant Triton
-    kernels (default: on CUDA when Triton is there, unless EAGLEPIPE_TOKEN_PATH=0; True on CPU needs
-    TRITON_INTERPRET=1, for tests).
-    `prefill_graphs`: prefill a lone prompt from a CUDA graph per padded length (`PrefillGraphs`; default on
-    CUDA unless EAGLEPIPE_PREFILL_GRAPHS=0).
+    `options` (resolved for the device into `self.options`) picks the fast paths: `token_path` runs decode steps
+    and verify forwards of up to MAX_ROWS tokens through the row-invariant Triton kernels (`self.token_path`),
+    `prefill_graphs` prefills a lone prompt from a CUDA graph per padded length (`self.prefill_graphs`).
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, max_slots: int = 8, max_len: int = 2048,
-                 token_path: bool | None = None, prefill_graphs: bool | None = None):
+                 options: EngineOptions | None = None):
         self.model_dir = resolve_model_dir(model_dir)
         self.shapes: ModelShapes = read_model_shapes(self.model_dir)
         self.device = torch.device(device) if device is not None else pick_device("auto")
+        self.options = resolve_options(options, self.device)
         self.dtype = dtype or compute_dtype(self.device)
         if max_slots < 1 or max_len < 2:
             raise ValueError(f"max_slots must be >= 1 and max_len >= 2 (got {max_slots}, {max_len})")
@@ -92,14 +92,12 @@ class LlamaRunner:
         self.scale = s.head_dim ** -0.5
         self._cols = torch.arange(max_len, device=self.device)
         self._slot_ids = torch.arange(max_slots, device=self.device)
-        if token_path is None:
-            token_path = token_kernels_default(self.device)
-        self.token_path = TokenPath(self) if token_path else None
+        self.token_path = TokenPath(s, self.weights, self.cos, self.sin, self.k_cache, self.v_cache) \
+            if self.options.token_path else None
         self._self_only = torch.zeros(max_slots, 1, dtype=torch.long, device=self.device)  # pending index 0
         self._one_each = torch.ones(max_slots, dtype=torch.long, device=self.device)
-        if prefill_graphs is None:
-            prefill_graphs = self.device.type == "cuda" and os.environ.get("EAGLEPIPE_PREFILL_GRAPHS", "1") != "0"
-        self.prefill_graphs = PrefillGraphs(self) if prefill_graphs else None
+        self.prefill_graphs = PrefillGraphs(self.padded_prefill, max_len, self.device) \
+            if self.options.prefill_graphs else None
 
     # ------------------------------------------------------------------ core
     def _attention_block(self, i: int, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -154,7 +152,8 @@ class LlamaRunner:
         out = torch.matmul(probs.view(b, kvh, g * t, length), v_all)
         return out.view(b, kvh, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, hq * d)
 
-    def _check_capture(self, capture_layers: Sequence[int] | None) -> list[int]:
+    def check_capture_layers(self, capture_layers: Sequence[int] | None) -> list[int]:
+        """The capture layers as a list, each an h-index of this model (ValueError otherwise)."""
         layers = list(capture_layers or [])
         bad = [i for i in layers if not 0 <= i <= self.shapes.num_layers]
         if bad:
@@ -190,14 +189,14 @@ class LlamaRunner:
         skip = [0] * len(prompts) if reused is None else [int(n) for n in reused]
         if len(skip) != len(prompts) or any(not 0 <= n < size for n, size in zip(skip, sizes)):
             raise ValueError("reused[i] must be in [0, len(prompts[i])): at least one token is computed")
-        layers = self._check_capture(capture_layers)
+        layers = self.check_capture_layers(capture_layers)
         if any(skip) and (layers or all_logits):
             raise ValueError("capture_layers and all_logits need every prompt token computed (reused all 0)")
         if self.prefill_graphs is not None and len(prompts) == 1 and not skip[0] and not all_logits \
                 and self.prefill_graphs.fits(sizes[0]):
-            out = self.prefill_graphs.prefill(prompts[0], slots[0], layers)
+            last_logits, aux = self.prefill_graphs.prefill(prompts[0], slots[0], layers)
             self.lengths[slots[0]] = sizes[0]
-            return out
+            return PrefillOutput(last_logits, None, [aux] if aux is not None else None)
         dev = self.device
         lens = [size - n for size, n in zip(sizes, skip)]  # computed tokens per prompt
         lens_t = torch.tensor(lens, device=dev)
@@ -230,6 +229,24 @@ class LlamaRunner:
         every = list(F.linear(hidden[0], self.weights.lm_head).split(lens)) if all_logits else None
         aux = self._gather_aux(captured, layers)
         return PrefillOutput(last_logits, every, list(aux[0].split(lens)) if aux is not None else None)
+
+    def padded_prefill(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
+                       layers: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`PrefillGraphs`' body: one prompt padded past its end, ids/positions/slots [1, n] (static buffers, so
+        that a CUDA graph can replay it), causal attention over itself. Writes the K/V of all n positions; nothing is
+        committed. Returns (the logits at index `last` [1] as [1, V], the captured layers [n, len * H] or None)."""
+        n = ids.shape[1]
+
+        def attend(_: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            return out.transpose(1, 2).reshape(1, n, -1)
+
+        with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+            hidden, captured = self._run(ids, positions, slots, positions, attend, layers)
+        logits = F.linear(hidden[0].index_select(0, last), self.weights.lm_head)
+        aux = self._gather_aux(captured, layers)
+        return logits, aux[0] if aux is not None else None
 
     def _after_reused_mask(self, reused: int, new: int, group: int) -> torch.Tensor:
         """bool [group * new, reused + new]: new token j sees cache positions 0..reused + j, once per query head of
@@ -321,7 +338,7 @@ class LlamaRunner:
         lens = [self.lengths[s] for s in slots]
         if max(lens) + t > self.max_len:
             raise CacheFullError(f"appending {t} tokens would exceed max_len={self.max_len}")
-        layers = self._check_capture(capture_layers)
+        layers = self.check_capture_layers(capture_layers)
         lens_t = torch.tensor(lens, device=self.device)
         pos = (lens_t[:, None] + self._cols[:t][None, :] if positions is None
                else torch.as_tensor(positions, device=self.device).long())
@@ -387,12 +404,24 @@ class LlamaRunner:
             if base + (idx[-1] + 1 if idx else 0) > self.max_len:
                 raise ValueError(f"accepted indices {idx} point past the cache end")
             if idx != list(range(keep)):
-                src = torch.tensor(idx, device=self.device) + base
-                dst = self._cols[base:base + keep]
-                for cache in (self.k_cache, self.v_cache):
-                    view = cache[:, slot]
-                    view[:, :, dst] = view[:, :, src]
+                self.compact(torch.tensor([slot], device=self.device), torch.tensor([base], device=self.device),
+                             torch.tensor([idx], device=self.device))
         self.lengths[slot] = min(base + keep, self.max_len)
+
+    def compact(self, slots: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor) -> None:
+        """Move the K/V of the pending tokens to keep (pending indices `keep` [B, W], ascending; a row with fewer
+        repeats its last) to consecutive positions after each row's committed length `lengths` [B], in cache rows
+        `slots` [B]. Device tensors only, static shapes, no host sync (capturable in a CUDA graph); the host
+        lengths do not move (`commit` moves them). One kernel launch per (row, layer) on the token path."""
+        if self.token_path is not None:
+            self.token_path.compact(slots, lengths, keep)
+            return
+        b, w = keep.shape
+        src = lengths[:, None] + keep
+        dst = lengths[:, None] + self._cols[:w]
+        rows = slots[:, None].expand(b, w)
+        for cache in (self.k_cache, self.v_cache):
+            cache[:, rows, :, dst] = cache[:, rows, :, src]
 
     def truncate(self, slot: int, length: int) -> None:
         """Roll a sequence back to its first `length` committed tokens."""

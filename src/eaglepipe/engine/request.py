@@ -54,11 +54,11 @@ class Request:
     finish_reason: str | None = None
     spec_verify_ct: int = 0
     # incremental detokenisation (only when stop strings or streaming need text)
-    _text: str = ""
-    _prefix_offset: int = 0
-    _read_offset: int = 0
-    _sent_tokens: int = 0
-    _sent_chars: int = 0
+    decoded_text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+    sent_tokens: int = 0  # tokens and characters already streamed
+    sent_chars: int = 0
 
 
 class RequestTracker:
@@ -84,12 +84,12 @@ class RequestTracker:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _advance_text(self, req: Request) -> None:
-        """Extend req._text with the text of the newest tokens, holding back incomplete UTF-8 characters."""
-        prefix = self._decode(req.tokens[req._prefix_offset:req._read_offset])
-        full = self._decode(req.tokens[req._prefix_offset:])
+        """Extend req.decoded_text with the text of the newest tokens, holding back incomplete UTF-8 characters."""
+        prefix = self._decode(req.tokens[req.prefix_offset:req.read_offset])
+        full = self._decode(req.tokens[req.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            req._text += full[len(prefix):]
-            req._prefix_offset, req._read_offset = req._read_offset, len(req.tokens)
+            req.decoded_text += full[len(prefix):]
+            req.prefix_offset, req.read_offset = req.read_offset, len(req.tokens)
 
     def feed(self, req: Request, new_tokens: list[int]) -> bool:
         """Append tokens (stopping at the first finishing one); returns True when the request is finished."""
@@ -102,9 +102,9 @@ class RequestTracker:
             elif self.budget(req) <= 0:
                 req.finish_reason = "length"
             if wants_text:
-                before = len(req._text)
+                before = len(req.decoded_text)
                 self._advance_text(req)
-                if req.params.stop and self._find_stop(req._text, req.params.stop, before) >= 0:
+                if req.params.stop and self._find_stop(req.decoded_text, req.params.stop, before) >= 0:
                     req.finish_reason = "stop"
             if req.finish_reason:
                 return True
@@ -137,8 +137,8 @@ class RequestTracker:
             text = result.text
         else:
             hold = max((len(s) for s in req.params.stop), default=1) - 1
-            text = req._text[: max(len(req._text) - hold, req._sent_chars)]
-        delta = StreamDelta(req.request_id, req.tokens[req._sent_tokens:], text[req._sent_chars:],
+            text = req.decoded_text[: max(len(req.decoded_text) - hold, req.sent_chars)]
+        delta = StreamDelta(req.request_id, req.tokens[req.sent_tokens:], text[req.sent_chars:],
                             result is not None, result)
-        req._sent_tokens, req._sent_chars = len(req.tokens), max(len(text), req._sent_chars)
+        req.sent_tokens, req.sent_chars = len(req.tokens), max(len(text), req.sent_chars)
         return delta

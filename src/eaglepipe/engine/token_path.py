@@ -8,34 +8,15 @@ Prefill stays on the PyTorch path (its K/V are shared by both decoders, so exact
 """
 from __future__ import annotations
 
-import os
-
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..utils.compiled import compiled_on_cuda
-
-if TYPE_CHECKING:
-    from .model import LlamaRunner
+from .shapes import ModelShapes
+from .weights import ModelWeights
 
 MAX_ROWS = 64  # token rows per forward in the row-invariant regime; larger batches use the PyTorch path
-
-
-def triton_available() -> bool:
-    """Whether Triton can be imported (it ships with CUDA builds of PyTorch)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def token_kernels_default(device: torch.device) -> bool:
-    """Whether the engine and the drafter use the Triton token-path kernels unless told: on CUDA when Triton
-    imports, and not when the environment sets EAGLEPIPE_TOKEN_PATH=0 (the PyTorch path, for diagnosis)."""
-    return device.type == "cuda" and os.environ.get("EAGLEPIPE_TOKEN_PATH", "1") != "0" and triton_available()
 
 
 def flat_rows(x: torch.Tensor, b: int, t: int) -> torch.Tensor:
@@ -52,7 +33,6 @@ def visible_order(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, cols, s).sort(dim=-1).values
 
 
-@compiled_on_cuda
 def verify_rows(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, write_pos: torch.Tensor,
                 lengths: torch.Tensor, pending_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`TokenPath.run`'s flat rows for S pending tokens on each of B sequences: (ids, positions, slots, write
@@ -65,15 +45,18 @@ def verify_rows(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
 
 
 class TokenPath:
-    """Forward of up to MAX_ROWS pending tokens over a `LlamaRunner`'s weights and KV cache."""
+    """Forward of up to MAX_ROWS pending tokens over a decoder's weights and KV caches
+    [layers, slots, kv_heads, positions, head_dim], with the RoPE tables `cos`/`sin` [positions, head_dim]."""
 
-    def __init__(self, runner: "LlamaRunner"):
+    def __init__(self, shapes: ModelShapes, weights: ModelWeights, cos: torch.Tensor, sin: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor):
         from . import kernels
 
         self.k = kernels
-        self.runner = runner
-        s = runner.shapes
-        self.qk_gain = [torch.cat([w.q_norm, w.k_norm]) if s.qk_norm else None for w in runner.weights.layers]
+        self.shapes, self.weights = shapes, weights
+        self.cos, self.sin, self.k_cache, self.v_cache = cos, sin, k_cache, v_cache
+        self.scale = shapes.head_dim ** -0.5
+        self.qk_gain = [torch.cat([w.q_norm, w.k_norm]) if shapes.qk_norm else None for w in weights.layers]
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, write_pos: torch.Tensor,
             prefix_lens: torch.Tensor, pending: torch.Tensor, pending_count: torch.Tensor, max_keys: int,
@@ -85,21 +68,25 @@ class TokenPath:
         per_row = (ids, positions, slots, write_pos, prefix_lens, pending_count)
         if any(x.dim() != 1 or x.stride(0) != 1 for x in per_row) or pending.stride(-1) != 1:
             raise ValueError("token rows must be contiguous 1-D tensors (the kernels index them by row)")
-        r, s, k = self.runner, self.runner.shapes, self.k
+        s, w, k = self.shapes, self.weights, self.k
         eps = s.rms_norm_eps
-        x = F.embedding(ids, r.weights.embed)
+        x = F.embedding(ids, w.embed)
         captured = {0: x} if 0 in capture else {}
-        for i, w in enumerate(r.weights.layers):
-            qkv = k.norm_linear(x, w.qkv, norm_weight=w.input_norm, eps=eps, bias=w.qkv_bias)
-            q = k.rope_write_kv(qkv, r.cos, r.sin, positions, slots, write_pos, r.k_cache[i], r.v_cache[i],
-                                s.num_heads, s.num_kv_heads, s.head_dim, self.qk_gain[i], eps)
-            attn = k.virtual_attention(q, r.k_cache[i], r.v_cache[i], slots, prefix_lens, pending, pending_count,
-                                       max_keys, r.scale)
-            x = k.norm_linear(attn, w.o, bias=w.o_bias, residual=x)
-            act = k.norm_gate_up(x, w.gate_up, norm_weight=w.post_norm, eps=eps, bias=w.gate_up_bias)
-            x = k.norm_linear(act, w.down, bias=w.down_bias, residual=x)
+        for i, layer in enumerate(w.layers):
+            qkv = k.norm_linear(x, layer.qkv, norm_weight=layer.input_norm, eps=eps, bias=layer.qkv_bias)
+            q = k.rope_write_kv(qkv, self.cos, self.sin, positions, slots, write_pos, self.k_cache[i],
+                                self.v_cache[i], s.num_heads, s.num_kv_heads, s.head_dim, self.qk_gain[i], eps)
+            attn = k.virtual_attention(q, self.k_cache[i], self.v_cache[i], slots, prefix_lens, pending,
+                                       pending_count, max_keys, self.scale)
+            x = k.norm_linear(attn, layer.o, bias=layer.o_bias, residual=x)
+            act = k.norm_gate_up(x, layer.gate_up, norm_weight=layer.post_norm, eps=eps, bias=layer.gate_up_bias)
+            x = k.norm_linear(act, layer.down, bias=layer.down_bias, residual=x)
             if i + 1 in capture:
                 captured[i + 1] = x
-        logits = k.norm_linear(x, r.weights.lm_head, norm_weight=r.weights.norm, eps=eps, out_dtype=torch.float32)
+        logits = k.norm_linear(x, w.lm_head, norm_weight=w.norm, eps=eps, out_dtype=torch.float32)
         aux = torch.cat([captured[i] for i in capture], dim=-1) if capture else None
         return logits, aux
+
+    def compact(self, slots: torch.Tensor, lengths: torch.Tensor, path: torch.Tensor) -> None:
+        """`LlamaRunner.compact` in one launch per (row, layer)."""
+        self.k.compact_kv(self.k_cache, self.v_cache, slots, lengths, path.contiguous())

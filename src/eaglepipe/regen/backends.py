@@ -26,7 +26,8 @@ def launch_command(regen: Any, model_dir: Path, device: str, port: int) -> list[
     """The server command line for the `native` or `sglang` backend."""
     if regen.backend == "native":
         return native_command(model_dir, port, max_batch_size=regen.max_batch_size,
-                              max_model_len=regen.max_model_len, device=device, prefix_reuse=regen.prefix_reuse)
+                              max_model_len=regen.max_model_len, device=device, prefix_reuse=regen.prefix_reuse,
+                              engine_options=regen.engine_options)
     if regen.backend == "sglang":
         return sglang_command(model_dir, regen.sglang)
     raise ValueError(f"backend {regen.backend!r} launches no server")

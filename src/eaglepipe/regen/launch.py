@@ -15,7 +15,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..config.schema import EngineOptions
 from ..utils.cli import StageError
+from ..utils.engine_flags import engine_flags
 
 LOCALHOST = "127.0.0.1"
 
@@ -28,11 +30,13 @@ def free_port(host: str = LOCALHOST) -> int:
 
 
 def native_command(model_dir: str | Path, port: int, *, max_batch_size: int, max_model_len: int,
-                   device: str = "auto", host: str = LOCALHOST, prefix_reuse: bool = True) -> list[str]:
+                   device: str = "auto", host: str = LOCALHOST, prefix_reuse: bool = True,
+                   engine_options: EngineOptions | None = None) -> list[str]:
     """`python -m eaglepipe.server.serve ...` for our own server."""
-    return [sys.executable, "-m", "eaglepipe.server.serve", "--model", str(model_dir), "--host", host, "--port", str(port),
-            "--max-batch-size", str(max_batch_size), "--max-model-len", str(max_model_len), "--device", device,
-            *([] if prefix_reuse else ["--no-prefix-reuse"])]
+    return [sys.executable, "-m", "eaglepipe.server.serve", "--model", str(model_dir), "--host", host,
+            "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-model-len", str(max_model_len),
+            "--device", device, *([] if prefix_reuse else ["--no-prefix-reuse"]),
+            *engine_flags(engine_options or EngineOptions())]
 
 
 def sglang_command(model_dir: str | Path, cfg: Any, host: str = LOCALHOST) -> list[str]:

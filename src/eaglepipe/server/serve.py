@@ -9,6 +9,7 @@ from typing import Sequence
 
 from aiohttp import web
 
+from ..utils.engine_flags import add_engine_flags, options_from_args
 from .limits import raise_open_file_limit
 
 
@@ -27,12 +28,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + generated tokens per request")
     p.add_argument("--max-queue", type=int, default=4096, help="waiting requests before answering 503")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--no-cuda-graphs", action="store_true", help="eager decoding on GPU (debugging)")
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="recompute every prompt (default: a prompt that continues a finished sequence reuses its K/V)")
     p.add_argument("--served-model-name", default=None,
                    help="model id in /v1/models (default: a fetched target's name_or_path, else the model "
                         "directory's name; never a local path)")
+    add_engine_flags(p)
     return p.parse_args(argv)
 
 
@@ -70,9 +71,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
 
     model_dir = resolve_model_dir(args.model)
     engine = Engine(model_dir, device=pick_device(args.device), max_batch_size=args.max_batch_size,
-                    max_model_len=args.max_model_len, cuda_graphs=not args.no_cuda_graphs,
-                    draft_dir=args.draft, spec=speculative_config(args), max_queue=args.max_queue,
-                    prefix_reuse=not args.no_prefix_reuse)
+                    max_model_len=args.max_model_len, options=options_from_args(args), draft_dir=args.draft,
+                    spec=speculative_config(args), max_queue=args.max_queue, prefix_reuse=not args.no_prefix_reuse)
     bridge = EngineBridge(engine, model_name=args.served_model_name or default_model_name(args.model),
                           has_draft=args.draft is not None)
     return create_app(bridge)
@@ -90,8 +90,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         print(f"[serve] error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    log.info("serving %s on http://%s:%d (max_batch_size=%d, max_model_len=%d)", Path(args.model), args.host,
-             args.port, args.max_batch_size, args.max_model_len)
+    from .app import BRIDGE
+    log.info("serving %s on http://%s:%d (max_batch_size=%d, max_model_len=%d; %s)", Path(args.model), args.host,
+             args.port, args.max_batch_size, args.max_model_len, app[BRIDGE].engine.options)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None,
                 backlog=4096, shutdown_timeout=5.0, handler_cancellation=True)
 

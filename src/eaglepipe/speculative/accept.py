@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.token_path import visible_order
-from ..utils.compiled import compiled_on_cuda
 from .tree import VerifyTree
 
 
@@ -48,30 +47,33 @@ class Acceptance:
 def greedy_accept_device(tree: VerifyTree, target_logits: torch.Tensor) -> DeviceAcceptance:
     """Longest path whose tokens all equal the target's argmax at their parent, on the device: static shapes, no
     host sync (safe to capture in a CUDA graph). target_logits [B, S, V] in verify order."""
-    return DeviceAcceptance(*_greedy_accept(tree.tokens, tree.parents, tree.depths, tree.ancestors, target_logits))
-
-
-@compiled_on_cuda
-def _greedy_accept(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor,
-                   target_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    tokens, ancestors = tree.tokens, tree.ancestors
     choice = target_logits.argmax(dim=-1)  # [B, S]
-    correct = tokens == choice.gather(1, parents)
+    correct = tokens == choice.gather(1, tree.parents)
     correct[:, 0] = True
     ok = ~(ancestors & ~correct[:, None, :]).any(dim=-1)  # every node on the path from the root matches
-    best = (depths * ok).argmax(dim=-1)  # accepted nodes form one path; take its deepest node
+    best = (tree.depths * ok).argmax(dim=-1)  # accepted nodes form one path; take its deepest node
     path_mask = ancestors.gather(1, best[:, None, None].expand(-1, 1, tokens.shape[1]))[:, 0]
-    return path_mask, best, choice.gather(1, best[:, None])[:, 0], path_mask.sum(dim=1)
+    return DeviceAcceptance(path_mask, best, choice.gather(1, best[:, None])[:, 0], path_mask.sum(dim=1))
 
 
 def path_nodes(acc: DeviceAcceptance, width: int) -> torch.Tensor:
     """The accepted path's verify-order node indices [B, width], root first (parents precede children in verify
     order, so ascending order is path order), padded with the deepest node. width >= every path's length."""
-    return _path_nodes(acc.path_mask, acc.deepest, width)
+    return torch.minimum(visible_order(acc.path_mask)[:, :width], acc.deepest[:, None])
 
 
-@compiled_on_cuda
-def _path_nodes(path_mask: torch.Tensor, deepest: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.minimum(visible_order(path_mask)[:, :width], deepest[:, None])
+def chain_accept(tokens: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy acceptance of a chain on the device: (accepted drafts [B], bonus token [B]).
+
+    tokens [B, S]: the root, then the drafts; logits [B, S, V]: the target's at each node. Draft j is accepted
+    when it and every draft before it equal the target's argmax at their parent; the bonus token is the
+    target's argmax at the deepest accepted node.
+    """
+    choice = logits.argmax(dim=-1)
+    matches = tokens[:, 1:] == choice[:, :-1]
+    accepted = matches.long().cumprod(dim=1).sum(dim=1)
+    return accepted, choice.gather(1, accepted[:, None])[:, 0]
 
 
 def greedy_accept(tree: VerifyTree, target_logits: torch.Tensor) -> Acceptance:

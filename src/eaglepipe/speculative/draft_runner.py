@@ -5,29 +5,26 @@ Slot t of a sequence holds token x_{t+1} with the target's hidden state h_t at R
 committed length always equals the target's. Tree nodes are appended after the committed entries and are
 forgotten at the next `extend`, which overwrites them with the accepted tokens.
 
-With `fast=True` (the default on CUDA for EAGLE-3/3.1 drafters when Triton imports, unless
-EAGLEPIPE_TOKEN_PATH=0) each step runs through the token path's Triton kernels (`FastDrafter`): K/V are
-written straight into this cache and each row attends to
-its committed prefix plus a list of visible scratch/new positions, computed directly by each method.
+With `fast=True` (EAGLE-3/3.1 drafters on the engine's token path) `extend` and `chain_step` run through the token
+path's Triton kernels (`FastDrafter`): K/V are written straight into this cache and each row attends to its
+committed prefix plus a list of visible scratch/new positions, computed directly by each method. A tree's steps
+then come as flat token rows from the draft-tree kernels (`tree_step_rows`); `tree_step` is the PyTorch path.
 """
 from __future__ import annotations
 
 import torch
 
-from ..engine.token_path import flat_rows, token_kernels_default
+from ..engine.token_path import flat_rows
 from ..models.build import Drafter
-from ..utils.compiled import compiled_on_cuda
 
 
 class DraftRunner:
     """Runs `drafter.step` over a preallocated per-slot KV cache [slots, kv_heads, capacity, head_dim]."""
 
     def __init__(self, drafter: Drafter, max_slots: int, capacity: int, device: torch.device, dtype: torch.dtype,
-                 fast: bool | None = None):
+                 fast: bool = False):
         cfg = drafter.config
         device = torch.device(device)
-        if fast is None:
-            fast = cfg.is_eagle3 and token_kernels_default(device)
         if fast and not cfg.is_eagle3:
             raise ValueError("the fast drafter path supports EAGLE-3/3.1 drafters only")
         self.drafter = drafter
@@ -122,14 +119,11 @@ class DraftRunner:
                   hidden: torch.Tensor, depth: int, node_start: int,
                   visible: torch.Tensor, span: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft the children of F frontier nodes at tree `depth` (>= 1), stored as scratch nodes
-        node_start..node_start+F-1. visible long [B, F, depth]: the scratch nodes each frontier node sees, in
-        ascending order (its ancestors below the root, then itself). Returns (hidden_out, logits) [B, F, ...]."""
+        node_start..node_start+F-1, on the PyTorch path. visible long [B, F, depth]: the scratch nodes each frontier
+        node sees, in ascending order (its ancestors below the root, then itself). Returns (hidden_out, logits)
+        [B, F, ...]."""
         b, f = ids.shape
         past_len = max_length + node_start
-        if self.fast is not None:  # the committed prefix, then the visible scratch nodes
-            out, logits = self.tree_step_rows(tree_rows(slots, lengths, ids, hidden, visible, node_start), max_length,
-                                              node_start, f)
-            return out.view(b, f, -1), logits.view(b, f, -1)
         ancestors = torch.zeros(b, f, node_start + f, dtype=torch.bool, device=ids.device).scatter_(2, visible, True)
         rel = self._cols[:past_len][None, :] - lengths[:, None]  # [B, past_len]
         allowed_past = (rel < 0)[:, None, :].expand(b, f, past_len)
@@ -143,20 +137,9 @@ class DraftRunner:
 
     def tree_step_rows(self, rows: tuple[torch.Tensor, ...], max_length: int, node_start: int,
                        f: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`tree_step` through the fast drafter on its flat token rows (`tree_rows`' layout, or what the draft-tree
-        kernels build): F frontier nodes per batch row, stored as scratch nodes node_start.. after committed
-        lengths <= max_length. Returns (hidden_out [B*F, H], fp32 logits [B*F, V_d])."""
+        """`tree_step` through the fast drafter on the flat token rows the draft-tree kernels build (`Frontier.rows`:
+        slots, target ids, hidden states [B*F, H], RoPE positions, write positions, prefix lengths, the visible
+        scratch nodes [B*F, depth] and their count): F frontier nodes per batch row, stored as scratch nodes
+        node_start.. after committed lengths <= max_length. Returns (hidden_out [B*F, H], fp32 logits
+        [B*F, V_d])."""
         return self.fast.step(self.k, self.v, *rows, max_length + node_start + f)
-
-
-@compiled_on_cuda
-def tree_rows(slots: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor,
-              visible: torch.Tensor, node_start: int) -> tuple[torch.Tensor, ...]:
-    """The flat token rows of a tree step for `FastDrafter.step`: (slots, ids, hidden, RoPE positions, write
-    positions, prefix lengths, pending scratch nodes, their count), one row per frontier node."""
-    b, f, depth = visible.shape
-    prefix = flat_rows(lengths[:, None], b, f)
-    write = prefix + node_start + torch.arange(f, device=ids.device).repeat(b)
-    return (flat_rows(slots[:, None], b, f), flat_rows(ids, b, f), hidden.reshape(b * f, -1).contiguous(),
-            prefix + (depth - 1), write, prefix, visible.reshape(b * f, depth).contiguous(),
-            torch.full_like(prefix, depth))

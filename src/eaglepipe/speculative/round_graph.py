@@ -20,10 +20,8 @@ from typing import Callable
 
 import torch
 
-from ..utils.compiled import compile_scope, compiled_on_cuda
-from .accept import greedy_accept_device, path_nodes
-from .generator import SpeculativeGenerator, _Rows, _select, emitted_tokens
-from .tree import VerifyTree
+from .generator import Rows, SpeculativeGenerator
+from .steps import emitted_tokens
 
 
 def context_buckets(max_len: int, min_ctx: int) -> list[int]:
@@ -35,26 +33,12 @@ def context_buckets(max_len: int, min_ctx: int) -> list[int]:
     return sizes + [max_len]
 
 
-@compiled_on_cuda
-def chain_accept(tokens: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy acceptance of a chain on the device: (accepted drafts [B], bonus token [B]).
-
-    tokens [B, S]: the root, then the drafts; logits [B, S, V]: the target's at each node. Draft j is accepted
-    when it and every draft before it equal the target's argmax at their parent; the bonus token is the
-    target's argmax at the deepest accepted node.
-    """
-    choice = logits.argmax(dim=-1)
-    matches = tokens[:, 1:] == choice[:, :-1]
-    accepted = matches.long().cumprod(dim=1).sum(dim=1)
-    return accepted, choice.gather(1, accepted[:, None])[:, 0]
-
-
 class RoundGraph:
     """Greedy rounds of `gen` (chain or tree) on static device buffers, replayed from CUDA graphs captured lazily
     per (B, ctx bucket, slot layout), or run eagerly off CUDA.
 
     `decode(rows)` runs rounds until every row stops, or hands the rows back (their device state written back)
-    once a row nears the cache's end, for the eager `_round` to finish with smaller trees.
+    once a row nears the cache's end, for the eager `SpeculativeGenerator.round` to finish with smaller trees.
     """
 
     def __init__(self, gen: SpeculativeGenerator, min_ctx: int = 256, use_cuda_graph: bool | None = None):
@@ -75,7 +59,6 @@ class RoundGraph:
         self.draft_logits = torch.zeros(rows, cfg.draft_vocab_size, dtype=runner.dtype, device=dev)
         # per row: the round's emitted tokens (accepted drafts, the bonus token, padding), then their count
         self.emitted = torch.zeros(rows, self.width + 1, dtype=torch.long, device=dev)
-        self.cols = torch.arange(self.width, device=dev)
         # two pinned host copies of `emitted` and their copy-done events: the round in flight writes one while the
         # host reads the other
         self.host = [torch.zeros(rows, self.width + 1, dtype=torch.long, pin_memory=self.use_cuda_graph)
@@ -96,10 +79,10 @@ class RoundGraph:
             buf.zero_()
         self.slots[:rows].copy_(torch.arange(rows, device=self.slots.device))
         for ctx in self.ctx_sizes:
-            self._graph(rows, ctx, slice(0, rows))
+            self.graph(rows, ctx, slice(0, rows))
 
     # ------------------------------------------------------------------ host side
-    def decode(self, rows: _Rows) -> _Rows | None:
+    def decode(self, rows: Rows) -> Rows | None:
         """Run greedy rounds for `rows` (every row greedy). Returns None once every row has stopped, or the rows
         still decoding when one of them has no room left for a whole tree.
 
@@ -109,7 +92,7 @@ class RoundGraph:
         that stopped (never counted as their verification). Only the round after the last stop is wasted whole,
         and not when a row's max_new_tokens could end with the round in flight: then that round is waited for
         before the next one is launched."""
-        self._load(rows)
+        self.load(rows)
         inflight: Callable[[], list[list[int]]] | None = None
         while True:
             # with a round in flight that could end a row on max_new_tokens, launch nothing until it is read
@@ -117,7 +100,7 @@ class RoundGraph:
             ctx = None if last else self._bucket(rows.slots, ahead=inflight is not None)
             launched = self._launch(len(rows.slots), ctx, rows.span) if ctx is not None else None
             if inflight is not None:
-                alive = self._emit(rows, inflight())
+                alive = self.emit(rows, inflight())
                 if len(alive) < len(rows.slots):
                     if not alive:
                         if launched is not None:
@@ -132,22 +115,22 @@ class RoundGraph:
                 if inflight is not None:  # the round in flight said no: try again once the host has read it
                     inflight = None
                     continue
-                self._store(rows)
+                self.store(rows)
                 return rows
             inflight = launched
 
-    def _drain(self, rows: _Rows, alive: list[int], launched: Callable[[], list[list[int]]] | None) -> _Rows | None:
+    def _drain(self, rows: Rows, alive: list[int], launched: Callable[[], list[list[int]]] | None) -> Rows | None:
         """After rows stopped with a round in flight: finish that round, keep the rows in `alive`, emit the
         round's tokens for them alone, and reload the buffers. Returns the rows still decoding (None if none)."""
         emitted = launched() if launched is not None else None  # waits, so the buffers hold its state
-        self._store(rows)
-        rows = _select(rows, alive)
+        self.store(rows)
+        rows = rows.select(alive)
         if emitted is not None:
-            more = self._emit(rows, [emitted[r] for r in alive])
+            more = self.emit(rows, [emitted[r] for r in alive])
             if not more:
                 return None
-            rows = _select(rows, more) if len(more) < len(rows.slots) else rows
-        self._load(rows)
+            rows = rows.select(more) if len(more) < len(rows.slots) else rows
+        self.load(rows)
         return rows
 
     def _bucket(self, slots: list[int], ahead: bool = False) -> int | None:
@@ -162,10 +145,10 @@ class RoundGraph:
         On CUDA the rows come back through one of two pinned host buffers, so a round's copy can be in flight
         while the host reads the round before it."""
         if not self.use_cuda_graph:
-            self._body(b, ctx, span)
+            self.body(b, ctx, span)
             emitted = self.emitted[:b].tolist()
             return lambda: emitted
-        self._graph(b, ctx, span).replay()
+        self.graph(b, ctx, span).replay()
         host, done = self.host[self.flip][:b], self.copied[self.flip]
         self.flip ^= 1
         host.copy_(self.emitted[:b], non_blocking=True)
@@ -176,64 +159,63 @@ class RoundGraph:
             return host.tolist()
         return result
 
-    def _emit(self, rows: _Rows, emitted: list[list[int]]) -> list[int]:
-        """Commit on the host, count, and stream the round's tokens as `_round` does; returns the rows that go on."""
+    def emit(self, rows: Rows, emitted: list[list[int]]) -> list[int]:
+        """Commit a round's tokens (`emitted`: the host copy of the round's `emitted` rows) on the host, count and
+        stream them as the eager round does; returns the indices of the rows that go on."""
         gen, p = self.gen, self.width
         counts = [row[p] for row in emitted]
         for slot, n in zip(rows.slots, counts):
             gen.runner.commit(slot, n)  # the K/V are in place: only the host length moves
             rows.verify_ct[slot] += 1
-        gen._count(rows, counts)
+        gen.record_round(rows, counts)
         return [r for r, (row, n) in enumerate(zip(emitted, counts)) if not rows.on_tokens[r](row[:n])]
 
     def _state(self, b: int) -> tuple[torch.Tensor, ...]:
         """The round's inputs for rows 0..b-1: slots, roots, lengths, draft_hidden, draft_logits."""
         return self.slots[:b], self.roots[:b], self.lengths[:b], self.draft_hidden[:b], self.draft_logits[:b]
 
-    def _load(self, rows: _Rows) -> None:
-        """Copy the rows' device state into the buffers."""
+    def load(self, rows: Rows) -> None:
+        """Copy the rows' device state into the buffers (rows 0..len(rows.slots)-1)."""
         sources = (rows.slots_t, rows.roots, rows.lengths, rows.draft_hidden, rows.draft_logits)
         for buf, src in zip(self._state(len(rows.slots)), sources):
             buf.copy_(src)
 
-    def _store(self, rows: _Rows) -> None:
+    def store(self, rows: Rows) -> None:
         """Hand the buffers' state back to `rows` (copies: the buffers belong to the next decode)."""
         _, roots, lengths, hidden, logits = (t.clone() for t in self._state(len(rows.slots)))
         rows.roots, rows.lengths, rows.draft_hidden, rows.draft_logits = roots, lengths, hidden, logits
 
     # ------------------------------------------------------------------ device side
-    def _body(self, b: int, ctx: int, span: slice | None) -> None:
+    def body(self, b: int, ctx: int, span: slice | None) -> None:
         """One greedy round for rows 0..b-1 on the buffers alone: static shapes, no host sync, every update in
-        place. `span`: the rows' slots as a slice when consecutive (cache rows read as views)."""
-        with compile_scope():
-            for _, run in self.phases(b, ctx, span):
-                run()
+        place (what a graph captures). `span`: the rows' slots as a slice when consecutive (cache rows read as
+        views)."""
+        for _, run in self.phases(b, ctx, span):
+            run()
 
     def phases(self, b: int, ctx: int, span: slice | None) -> list[tuple[str, Callable[[], None]]]:
         """The round body as named steps run in order (draft, verify, accept, extend), passing tensors on
-        through a shared dict: `_body` runs them back to back; a profiler can capture and time each alone."""
-        gen, st = self.gen, {}
+        through a shared dict: `body` runs them back to back; a profiler can capture and time each alone."""
+        steps, st = self.gen.steps, {}
         slots, roots, lengths, draft_hidden, draft_logits = self._state(b)
         bound = ctx - self.size  # >= every committed length: stands for the eager round's `max_length`
 
         def draft() -> None:
-            st["tree"] = gen._draft(roots, draft_hidden, draft_logits, slots, lengths, bound, self.size - 1, span)
+            st["tree"] = steps.draft_tree(roots, draft_hidden, draft_logits, slots, lengths, bound, self.size - 1,
+                                          span)
 
         def verify() -> None:
-            tree = st["tree"]
-            st["logits"], st["aux"] = gen._verify_static(tree.tokens, lengths[:, None] + tree.depths, lengths,
-                                                         tree.ancestors, ctx, slots, span)
+            st["logits"], st["aux"] = steps.verify(st["tree"], lengths, ctx, slots, span)
 
         def accept() -> None:
-            path, n, bonus = self._accept(st["tree"], st["logits"])
-            if not gen.chain:  # a chain's path is nodes 0..n-1: its K/V are in place
-                gen._compact_kv(slots, lengths, path)
+            path, n, bonus = steps.accept(st["tree"], st["logits"], self.width)
+            steps.compact(slots, lengths, path)
             st["path"], st["n"], st["bonus"] = path, n, bonus
 
         def extend() -> None:
             path, n, bonus = st["path"], st["n"], st["bonus"]
             ids = emitted_tokens(st["tree"].tokens, path, n, bonus)
-            hidden, lg = gen._extend_draft(slots, lengths, bound, ids, st["aux"], path, n, span)
+            hidden, lg = steps.extend(slots, lengths, bound, ids, st["aux"], path, n, span)
             draft_hidden.copy_(hidden)
             draft_logits.copy_(lg)
             roots.copy_(bonus)
@@ -243,19 +225,7 @@ class RoundGraph:
 
         return [("draft", draft), ("verify", verify), ("accept", accept), ("extend", extend)]
 
-    def _accept(self, tree: VerifyTree, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Greedy acceptance on the device: (the path's verify-order nodes [B, P], root first and padded with the
-        deepest; its length [B], root included; the bonus token [B])."""
-        if self.gen.chain:
-            accepted, bonus = chain_accept(tree.tokens, logits)
-            return torch.minimum(self.cols, accepted[:, None]), accepted + 1, bonus
-        if self.gen._tree_kernels:
-            return self.gen._kernels().tree_accept(tree.tokens, tree.parents, tree.depths, tree.ancestors,
-                                                           logits.argmax(dim=-1), self.width)
-        acc = greedy_accept_device(tree, logits)
-        return path_nodes(acc, self.width), acc.count, acc.bonus
-
-    def _graph(self, b: int, ctx: int, span: slice | None) -> torch.cuda.CUDAGraph:
+    def graph(self, b: int, ctx: int, span: slice | None) -> torch.cuda.CUDAGraph:
         """The captured round for this shape and slot layout (captured on first use)."""
         key = (b, ctx, None if span is None else span.start)
         if key not in self.graphs:
@@ -267,7 +237,7 @@ class RoundGraph:
         self._warm_up(b, ctx, span)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._body(b, ctx, span)
+            self.body(b, ctx, span)
         return graph
 
     def capture_phases(self, b: int, ctx: int, span: slice | None) -> list[tuple[str, torch.cuda.CUDAGraph]]:
@@ -277,7 +247,7 @@ class RoundGraph:
         pool, graphs = torch.cuda.graph_pool_handle(), []
         for name, run in self.phases(b, ctx, span):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), compile_scope():
+            with torch.cuda.graph(graph, pool=pool):
                 run()
             graphs.append((name, graph))
         return graphs
@@ -292,7 +262,7 @@ class RoundGraph:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._body(b, ctx, span)
+                self.body(b, ctx, span)
                 for buf, saved in zip(self._state(b), inputs):
                     buf.copy_(saved)
         torch.cuda.current_stream().wait_stream(side)

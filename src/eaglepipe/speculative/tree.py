@@ -12,8 +12,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..utils.compiled import compiled_on_cuda
-
 
 @dataclass
 class Candidates:
@@ -56,7 +54,6 @@ def best_frontier(scores: torch.Tensor, topk: int) -> torch.Tensor:
     return scores.topk(topk, dim=-1).indices
 
 
-@compiled_on_cuda
 def draft_logprobs(logits: torch.Tensor, hot_ids: torch.Tensor | None) -> torch.Tensor:
     """fp32 log-probabilities of the drafter's logits, over its hot token ids when it has a token map."""
     logits = logits.float()
@@ -96,14 +93,6 @@ def grow(frontier_scores: torch.Tensor, top_logprobs: torch.Tensor, top_ids: tor
     [B, F, topk], hidden [B, F, H]), and the best `topk` of them as the next frontier. New candidates are numbered
     from `first_new`; the next frontier will be stored as scratch nodes next_start.. (its `visible` gains that
     index after its parent's)."""
-    return Grown(*_grow(frontier_scores, top_logprobs, top_ids, hidden, frontier_cand, visible, first_new, next_start,
-                        d2t, hot_ids))
-
-
-@compiled_on_cuda
-def _grow(frontier_scores: torch.Tensor, top_logprobs: torch.Tensor, top_ids: torch.Tensor, hidden: torch.Tensor,
-          frontier_cand: torch.Tensor, visible: torch.Tensor, first_new: int, next_start: int,
-          d2t: torch.Tensor | None, hot_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     topk = top_ids.shape[-1]
     ids, scores = expand(frontier_scores, top_logprobs, top_ids)
     tokens = target_ids(ids, d2t, hot_ids)
@@ -112,20 +101,16 @@ def _grow(frontier_scores: torch.Tensor, top_logprobs: torch.Tensor, top_ids: to
     src = best // topk  # the frontier node each new frontier node descends from
     b, depth = best.shape[0], visible.shape[-1]
     itself = (next_start + torch.arange(topk, device=best.device))[None, :, None].expand(b, topk, 1)
-    return (tokens, scores, parents, tokens.gather(1, best), scores.gather(1, best),
-            hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1])),
-            torch.cat([visible.gather(1, src[..., None].expand(-1, -1, depth)), itself], dim=2), first_new + best)
+    return Grown(tokens, scores, parents, tokens.gather(1, best), scores.gather(1, best),
+                 hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1])),
+                 torch.cat([visible.gather(1, src[..., None].expand(-1, -1, depth)), itself], dim=2),
+                 first_new + best)
 
 
 def select_tree(cands: Candidates, root_token: torch.Tensor, keep: int, max_depth: int) -> VerifyTree:
     """Keep the best `keep` candidates by cumulative log-prob (ties: the earlier candidate) and lay them out
     after the root in candidate order. The kept set contains every kept node's parent."""
-    return VerifyTree(*_select(cands.tokens, cands.scores, cands.parents, cands.depths, root_token, keep, max_depth))
-
-
-@compiled_on_cuda
-def _select(tokens: torch.Tensor, scores: torch.Tensor, cand_parents: torch.Tensor, cand_depths: torch.Tensor,
-            root_token: torch.Tensor, keep: int, max_depth: int) -> tuple[torch.Tensor, ...]:
+    scores = cands.scores
     b, c = scores.shape
     dev = scores.device
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]
@@ -133,11 +118,11 @@ def _select(tokens: torch.Tensor, scores: torch.Tensor, cand_parents: torch.Tens
     # position of every candidate in verify order (kept ones at 1..keep; root at 0)
     pos = torch.zeros(b, c + 1, dtype=torch.long, device=dev)
     pos.scatter_(1, kept + 1, torch.arange(1, keep + 1, device=dev).expand(b, keep))
-    parent_cand = cand_parents.gather(1, kept)
+    parent_cand = cands.parents.gather(1, kept)
     parents = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), pos.gather(1, parent_cand + 1)], dim=1)
-    verify_tokens = torch.cat([root_token[:, None], tokens.gather(1, kept)], dim=1)
-    depths = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), cand_depths.gather(1, kept)], dim=1)
-    return verify_tokens, parents, depths, ancestor_matrix(parents, max_depth)
+    verify_tokens = torch.cat([root_token[:, None], cands.tokens.gather(1, kept)], dim=1)
+    depths = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), cands.depths.gather(1, kept)], dim=1)
+    return VerifyTree(verify_tokens, parents, depths, ancestor_matrix(parents, max_depth))
 
 
 def ancestor_matrix(parents: torch.Tensor, max_depth: int) -> torch.Tensor:

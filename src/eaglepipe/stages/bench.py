@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+from dataclasses import asdict
 from pathlib import Path
 
-from ..bench.backends import Backend, NativeBackend, ServerBackend
+from ..bench.engines import BenchEngine, NativeEngine, ServerEngine
 from ..bench.drafter import MeasuredDrafter, checked_drafter
 from ..bench.metrics import PointSummary, overall_metrics
 from ..bench.plots import write_plots
@@ -20,7 +21,7 @@ from ..bench.prompts import load_prompts
 from ..bench.report import summary_table, write_outputs
 from ..bench.sglang import SglangLauncher, drafter_algorithm, serve_command, sweep_commands
 from ..bench.sweep import run_sweep
-from ..config import Config
+from ..config import Config, EngineOptions
 from ..target.info import load_tokenizer, resolve_model_dir
 from ..utils.atomic import atomic_dir
 from ..utils.cli import StageError, run_stage, stage_parser
@@ -30,15 +31,21 @@ from .export import verifier_identity
 log = logging.getLogger(__name__)
 
 
-def make_backend(cfg: Config, model_dir: Path, draft_dir: Path, target_name: str, work_dir: Path) -> Backend:
-    """The backend bench.backend names."""
+def make_engine(cfg: Config, model_dir: Path, draft_dir: Path, target_name: str, work_dir: Path) -> BenchEngine:
+    """The engine bench.engine names."""
     b = cfg.bench
-    if b.backend == "native":
-        return NativeBackend(model_dir, draft_dir, b, str(pick_device(cfg.device)), cfg.seed)
-    if b.backend == "url":
-        return ServerBackend(b.url, b, baseline_url=b.baseline_url)
-    return ServerBackend(f"http://127.0.0.1:{b.sglang.port}", b,
-                         launcher=SglangLauncher(target_name, draft_dir, cfg.export.dtype, b, work_dir))
+    if b.engine == "native":
+        return NativeEngine(model_dir, draft_dir, b, str(pick_device(cfg.device)), cfg.seed)
+    if b.engine == "url":
+        return ServerEngine(b.url, b, baseline_url=b.baseline_url)
+    return ServerEngine(f"http://127.0.0.1:{b.sglang.port}", b,
+                        launcher=SglangLauncher(target_name, draft_dir, cfg.export.dtype, b, work_dir))
+
+
+def fast_paths(options: EngineOptions) -> str:
+    """The native engine's fast paths that ran, for the README (e.g. "token_path, cuda_graphs")."""
+    on = [name for name, value in asdict(options).items() if value]
+    return ", ".join(on) if on else "none (the PyTorch path)"
 
 
 def best_command(rows: list[PointSummary], metrics: dict, cfg: Config, target_name: str, draft_dir: Path) -> str | None:
@@ -51,12 +58,13 @@ def best_command(rows: list[PointSummary], metrics: dict, cfg: Config, target_na
 
 
 def describe_run(cfg: Config, target_name: str, drafter: MeasuredDrafter, algorithm: str,
-                 prompts: list[list[str]]) -> str:
-    """One paragraph for the README: what was measured, where and how."""
+                 prompts: list[list[str]], options: EngineOptions | None) -> str:
+    """One paragraph for the README: what was measured, where and how (`options`: the native engine's fast
+    paths that ran)."""
     b = cfg.bench
     turns = sum(len(p) for p in prompts)
-    where = f"native engine on {pick_device(cfg.device).type}" if b.backend == "native" else \
-        ("SGLang launched per point" if b.backend == "sglang" else f"the server at {b.url}")
+    where = f"native engine on {pick_device(cfg.device).type} (fast paths: {fast_paths(options)})" \
+        if options is not None else ("SGLang launched per point" if b.engine == "sglang" else f"the server at {b.url}")
     source = "MT-bench" if b.prompts.source == "mtbench" else f"{b.prompts.source}:{b.prompts.path}"
     origin = "named by bench.drafter" if drafter.source == "bench.drafter" else "from the export stage"
     warned = "" if not drafter.warnings else \
@@ -87,22 +95,25 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     draft_dir = drafter.path
     algorithm = drafter_algorithm(draft_dir)
     target_name, _ = verifier_identity(target_dir, cfg.export.verifier_name)
-    if cfg.bench.backend == "sglang" and cfg.bench.sglang.dry_run:
+    if cfg.bench.engine == "sglang" and cfg.bench.sglang.dry_run:
         print("\n".join(sweep_commands(target_name, draft_dir, cfg.export.dtype, cfg.bench)))
         return
     prompts = load_prompts(cfg.bench.prompts)
     tokenizer = load_tokenizer(model_dir)
-    backend = make_backend(cfg, model_dir, draft_dir, target_name, out.parent / ".work" / "bench")
+    engine = make_engine(cfg, model_dir, draft_dir, target_name, out.parent / ".work" / "bench")
+    options = engine.options if isinstance(engine, NativeEngine) else None
     try:
-        rows = run_sweep(backend, tokenizer, prompts, cfg.bench)
+        rows = run_sweep(engine, tokenizer, prompts, cfg.bench)
     finally:
-        backend.close()
+        engine.close()
     metrics = overall_metrics(rows)
-    metrics["backend"] = cfg.bench.backend
+    metrics["engine"] = cfg.bench.engine
+    metrics["engine_options"] = asdict(options) if options is not None else None  # the fast paths that ran
     metrics["drafter"] = drafter.to_json()
     command = best_command(rows, metrics, cfg, target_name, draft_dir)
     with atomic_dir(out) as tmp:
-        write_outputs(tmp, rows, metrics, command, describe_run(cfg, target_name, drafter, algorithm, prompts))
+        write_outputs(tmp, rows, metrics, command, describe_run(cfg, target_name, drafter, algorithm, prompts,
+                                                                options))
         write_plots(rows, tmp / "plots")
     print(summary_table(rows))
     print(f"\nBest SGLang command:\n{command or '(no speculative point was measured)'}")

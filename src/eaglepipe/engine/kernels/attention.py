@@ -16,10 +16,10 @@ CHUNK = 64
 
 
 @triton.jit
-def _chunk_kernel(q_ptr, kc_ptr, vc_ptr, slot_ptr, plen_ptr, anc_ptr, cnt_ptr, m_ptr, l_ptr, o_ptr,
-                  stride_qm, stride_qh, stride_cs, stride_ch, stride_cp, stride_anc,
-                  stride_sm, stride_sh, stride_om, stride_oh, stride_oc, scale,
-                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, C: tl.constexpr):
+def chunk_kernel(q_ptr, kc_ptr, vc_ptr, slot_ptr, plen_ptr, anc_ptr, cnt_ptr, m_ptr, l_ptr, o_ptr,
+                 stride_qm, stride_qh, stride_cs, stride_ch, stride_cp, stride_anc,
+                 stride_sm, stride_sh, stride_om, stride_oh, stride_oc, scale,
+                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, C: tl.constexpr):
     m = tl.program_id(0)
     kvh = tl.program_id(1)
     c = tl.program_id(2)
@@ -56,8 +56,8 @@ def _chunk_kernel(q_ptr, kc_ptr, vc_ptr, slot_ptr, plen_ptr, anc_ptr, cnt_ptr, m
 
 
 @triton.jit
-def _merge_kernel(m_ptr, l_ptr, o_ptr, plen_ptr, cnt_ptr, out_ptr, stride_sm, stride_sh, stride_om, stride_oh,
-                  stride_oc, stride_out, D: tl.constexpr, DP: tl.constexpr, C: tl.constexpr):
+def merge_kernel(m_ptr, l_ptr, o_ptr, plen_ptr, cnt_ptr, out_ptr, stride_sm, stride_sh, stride_om, stride_oh,
+                 stride_oc, stride_out, D: tl.constexpr, DP: tl.constexpr, C: tl.constexpr):
     m = tl.program_id(0)
     h = tl.program_id(1)
     chunks = (tl.load(plen_ptr + m) + tl.load(cnt_ptr + m) + C - 1) // C
@@ -103,12 +103,12 @@ def virtual_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     partial = torch.empty(m, hq, chunks, d, dtype=torch.float32, device=dev)
     out = torch.empty(m, hq * d, dtype=q.dtype, device=dev)
     dp = triton.next_power_of_2(d)
-    _chunk_kernel[(m, hkv, chunks)](
+    chunk_kernel[(m, hkv, chunks)](
         q, k_cache, v_cache, slots, prefix_lens, pending, pending_count, run_max, run_sum, partial,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pending.stride(0),
         run_max.stride(0), run_max.stride(1), partial.stride(0), partial.stride(1), partial.stride(2), scale,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=d, DP=max(16, dp), C=CHUNK)
-    _merge_kernel[(m, hq)](
+    merge_kernel[(m, hq)](
         run_max, run_sum, partial, prefix_lens, pending_count, out, run_max.stride(0), run_max.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0), D=d, DP=dp, C=CHUNK)
     return out

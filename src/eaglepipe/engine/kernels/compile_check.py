@@ -1,4 +1,5 @@
-"""Compile every token-path kernel for a CUDA architecture without a GPU (Triton ships ptxas).
+"""Compile every Triton kernel (the token path's and speculative decoding's) for a CUDA architecture without a
+GPU (Triton ships ptxas).
 
     python -m eaglepipe.engine.kernels.compile_check --arch 90
 
@@ -18,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ...speculative.kernels import draft_tree, topk
-from . import attention, linear, rope_cache
+from . import attention, compact, linear, rope_cache
 
 
 def _sig(pointers: dict[str, str], ints: list[str], floats: list[str], constexprs: dict[str, Any]) -> tuple:
@@ -30,42 +31,42 @@ def _sig(pointers: dict[str, str], ints: list[str], floats: list[str], constexpr
 
 
 def variants(dtype: str) -> list[tuple[Any, dict, dict]]:
-    """(kernel, signature, constexprs) for every launch the token path makes, with activations in `dtype`."""
+    """(kernel, signature, constexprs) for every launch the engine makes, with activations in `dtype`."""
     out = []
     for norm, bias, res, gate_up, y in [(1, 1, 0, 0, dtype), (0, 1, 1, 0, dtype), (1, 1, 0, 1, dtype),
                                         (1, 0, 0, 0, "fp32")]:
         pointers = {n: f"*{dtype}" for n in ("x_ptr", "g_ptr", "w_ptr", "b_ptr", "r_ptr")} | {"y_ptr": f"*{y}"}
-        out.append((linear._norm_linear_kernel, *_sig(
+        out.append((linear.norm_linear_kernel, *_sig(
             pointers, ["M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym"], ["eps"],
             {"HAS_NORM": norm, "HAS_BIAS": bias, "HAS_RES": res, "GATE_UP": gate_up, "USE_DOT": True,
              "BM": linear.ROW_TILE, "BN": 32, "BK": 256})))
     pointers = {"ids_ptr": "*i64"} | {n: f"*{dtype}" for n in ("e_ptr", "ge_ptr", "h_ptr", "gh_ptr", "w_ptr", "y_ptr")}
-    out.append((linear._embed_hidden_linear_kernel, *_sig(
+    out.append((linear.embed_hidden_linear_kernel, *_sig(
         pointers, ["M", "N", "H", "stride_e", "stride_h", "stride_wn", "stride_ym"], ["eps"],
         {"USE_DOT": True, "BM": linear.ROW_TILE, "BN": 32, "BK": 256})))
     for qk_norm in (False, True):
         pointers = {n: f"*{dtype}" for n in ("qkv_ptr", "cos_ptr", "sin_ptr")}
         pointers |= {"pos_ptr": "*i64", "slot_ptr": "*i64", "wpos_ptr": "*i64"}
         pointers |= {n: f"*{dtype}" for n in ("qk_gain_ptr", "q_ptr", "kc_ptr", "vc_ptr")}
-        out.append((rope_cache._rope_write_kernel, *_sig(
+        out.append((rope_cache.rope_write_kernel, *_sig(
             pointers, ["stride_qkv", "stride_rope", "stride_qm", "stride_qh", "stride_cs", "stride_ch", "stride_cp"],
             ["eps"], {"HQ": 9, "HKV": 3, "D": 64, "HALF": 32, "QK_NORM": qk_norm})))
     pointers = {n: f"*{dtype}" for n in ("q_ptr", "kc_ptr", "vc_ptr")}
     pointers |= {n: "*i64" for n in ("slot_ptr", "plen_ptr", "anc_ptr", "cnt_ptr")}
     pointers |= {n: "*fp32" for n in ("m_ptr", "l_ptr", "o_ptr")}
-    out.append((attention._chunk_kernel, *_sig(
+    out.append((attention.chunk_kernel, *_sig(
         pointers, ["stride_qm", "stride_qh", "stride_cs", "stride_ch", "stride_cp", "stride_anc", "stride_sm",
                    "stride_sh", "stride_om", "stride_oh", "stride_oc"], ["scale"],
         {"G": 3, "GP": 16, "D": 64, "DP": 64, "C": attention.CHUNK})))
     pointers = {n: "*fp32" for n in ("m_ptr", "l_ptr", "o_ptr")} | {"plen_ptr": "*i64", "cnt_ptr": "*i64"}
     pointers |= {"out_ptr": f"*{dtype}"}
-    out.append((attention._merge_kernel, *_sig(
+    out.append((attention.merge_kernel, *_sig(
         pointers, ["stride_sm", "stride_sh", "stride_om", "stride_oh", "stride_oc", "stride_out"], [],
         {"D": 64, "DP": 64, "C": attention.CHUNK})))
     chunk_out = {"cval_ptr": "*fp32", "cidx_ptr": "*i64", "cmax_ptr": "*fp32", "csum_ptr": "*fp32"}
-    out.append((topk._chunk_topk_kernel, *_sig(
+    out.append((topk.chunk_topk_kernel, *_sig(
         {"x_ptr": f"*{dtype}"} | chunk_out, ["V", "stride_x", "C"], [], {"K": 8, "BLOCK": topk.CHUNK})))
-    out.append((topk._merge_topk_kernel, *_sig(
+    out.append((topk.merge_topk_kernel, *_sig(
         chunk_out | {"val_ptr": "*fp32", "idx_ptr": "*i64"}, ["C"], [], {"K": 8, "CP": 16, "NP": 128})))
     grow_pointers = {n: "*fp32" for n in ("fscore_ptr", "lp_ptr")} | {n: "*i64" for n in ("ids_ptr", "d2t_ptr")}
     grow_pointers |= {"hid_ptr": f"*{dtype}"} | {n: "*i64" for n in ("fcand_ptr", "vis_ptr", "slot_ptr", "len_ptr",
@@ -84,16 +85,16 @@ def variants(dtype: str) -> list[tuple[Any, dict, dict]]:
         signature.update({n: "i32" for n in strides})
         constexprs = {"F": f, "K": 8, "D": d, "HAS_D2T": d2t, "NB": 8 * f, "HB": 1024, "DB": 1 << d.bit_length()}
         signature.update({n: "constexpr" for n in constexprs})
-        out.append((draft_tree._grow_kernel, signature, constexprs))
+        out.append((draft_tree.tree_grow_kernel, signature, constexprs))
     select_pointers = {"score_ptr": "*fp32"} | {n: "*i64" for n in ("tok_ptr", "par_ptr", "depth_ptr", "root_ptr",
                                                                     "pos_ptr", "o_tok_ptr", "o_par_ptr",
                                                                     "o_depth_ptr")}
-    out.append((draft_tree._select_kernel, *_sig(select_pointers | {"o_anc_ptr": "*i8"}, ["C", "keep", "max_depth"],
+    out.append((draft_tree.tree_select_kernel, *_sig(select_pointers | {"o_anc_ptr": "*i8"}, ["C", "keep", "max_depth"],
                                                  [], {"CB": 512, "SB": 32})))
-    out.append((draft_tree._accept_kernel, *_sig(
+    out.append((draft_tree.tree_accept_kernel, *_sig(
         {n: "*i64" for n in ("tok_ptr", "par_ptr", "depth_ptr")} | {"anc_ptr": "*i8", "choice_ptr": "*i64"}
         | {n: "*i64" for n in ("o_path_ptr", "o_count_ptr", "o_bonus_ptr")}, ["S", "W"], [], {"SB": 32, "WB": 8})))
-    out.append((draft_tree._compact_kernel, *_sig(
+    out.append((compact.compact_kv_kernel, *_sig(
         {"kc_ptr": f"*{dtype}", "vc_ptr": f"*{dtype}"} | {n: "*i64" for n in ("slot_ptr", "len_ptr", "path_ptr")},
         ["W", "stride_l", "stride_s", "stride_h", "stride_p"], [], {"HEADS": 3, "D": 64, "WB": 8, "DB": 64})))
     return out

@@ -47,11 +47,11 @@ def _row_rstd(ptr, row_off, row_ok, K, eps, BM: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _norm_linear_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
-                        stride_xm, stride_wn, stride_rm, stride_ym, eps,
-                        HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                        GATE_UP: tl.constexpr, USE_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr):
+def norm_linear_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
+                       stride_xm, stride_wn, stride_rm, stride_ym, eps,
+                       HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                       GATE_UP: tl.constexpr, USE_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
@@ -107,7 +107,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, n: int, norm_weight: torch.Te
         raise ValueError(f"residual must be row-major {list(y.shape)}")
     block_n, block_k = tile_sizes(n, k)
     grid = (triton.cdiv(m, ROW_TILE), triton.cdiv(n, block_n))
-    _norm_linear_kernel[grid](
+    norm_linear_kernel[grid](
         x, norm_weight if norm_weight is not None else weight, weight,
         bias if bias is not None else weight, residual if residual is not None else y, y, m, n, k,
         x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), eps,
@@ -154,9 +154,9 @@ def _normed_half_product(x_ptr, x_off, row_ok, g_ptr, w_ptr, w_col0, cols, col_o
 
 
 @triton.jit
-def _embed_hidden_linear_kernel(ids_ptr, e_ptr, ge_ptr, h_ptr, gh_ptr, w_ptr, y_ptr, M, N, H,
-                                stride_e, stride_h, stride_wn, stride_ym, eps,
-                                USE_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def embed_hidden_linear_kernel(ids_ptr, e_ptr, ge_ptr, h_ptr, gh_ptr, w_ptr, y_ptr, M, N, H,
+                               stride_e, stride_h, stride_wn, stride_ym, eps,
+                               USE_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     row_ok = rows < M
@@ -191,7 +191,7 @@ def embed_hidden_linear(ids: torch.Tensor, embed: torch.Tensor, embed_norm: torc
     block_n, block_k = tile_sizes(n, 2 * h)
     y = torch.empty(m, n, dtype=hidden.dtype, device=hidden.device)
     grid = (triton.cdiv(m, ROW_TILE), triton.cdiv(n, block_n))
-    _embed_hidden_linear_kernel[grid](
+    embed_hidden_linear_kernel[grid](
         ids, embed, embed_norm, hidden, hidden_norm, weight, y, m, n, h,
         embed.stride(0), hidden.stride(0), weight.stride(0), y.stride(0), eps,
         USE_DOT=hidden.is_cuda, BM=ROW_TILE, BN=block_n, BK=block_k)

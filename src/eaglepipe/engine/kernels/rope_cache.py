@@ -7,10 +7,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, wpos_ptr, qk_gain_ptr, q_ptr, kc_ptr, vc_ptr,
-                       stride_qkv, stride_rope, stride_qm, stride_qh, stride_cs, stride_ch, stride_cp, eps,
-                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                       QK_NORM: tl.constexpr):
+def rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, wpos_ptr, qk_gain_ptr, q_ptr, kc_ptr, vc_ptr,
+                      stride_qkv, stride_rope, stride_qm, stride_qh, stride_cs, stride_ch, stride_cp, eps,
+                      HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                      QK_NORM: tl.constexpr):
     m = tl.program_id(0)
     h = tl.program_id(1)  # q heads, then k heads, then v heads, as they lie in the fused qkv row
     i = tl.arange(0, HALF)
@@ -67,7 +67,7 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
         raise ValueError("k/v caches must share a layout with a contiguous head dim")
     q = torch.empty(m, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     grid = (m, num_heads + 2 * num_kv_heads)
-    _rope_write_kernel[grid](
+    rope_write_kernel[grid](
         qkv, cos, sin, positions, slots, write_pos, qk_gain if qk_gain is not None else cos, q, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), eps, HQ=num_heads, HKV=num_kv_heads, D=head_dim,

@@ -1,15 +1,14 @@
 """An EAGLE-2 draft tree's bookkeeping in a few kernels: growing one depth, selecting the tree to verify, and,
-after the target's forward, accepting a path and moving its K/V into place.
+after the target's forward, accepting a path.
 
-In PyTorch (compiled by Inductor) a (6,8,32) draft spends about 75 of its 137 launches here: ten per depth to
-score the children, pick the next frontier, gather its hidden states and build the drafter's token rows, then
-about 18 to select and lay out the verify tree. Here each depth is one launch (`tree_grow`) and the selection
-another (`tree_select`), one program per batch row.
-They compute what `speculative.tree.grow` + `speculative.draft_runner.tree_rows` and `speculative.tree.select_tree` compute, with
-the same tie rule as a stable sort: among equal scores, the lower candidate number first. Acceptance
-(`tree_accept`, `compact_path_kv`) is three launches with the target's argmax, where compiled PyTorch took 15.
-Measured on an H200 (benchmarks/RESULTS.md, seventh lease): the (6,8,32) round went from 1.436 to 1.317 ms; the
-bookkeeping had cost ~0.09 ms of the draft (~1.2 µs a launch inside the graph), the two kernels take 0.044 ms.
+Between drafter steps a tree's bookkeeping scores the children, picks the next frontier, gathers its hidden
+states, builds the drafter's token rows, and at the end selects and lays out the verify tree. As PyTorch ops that
+is about ten launches per depth and 18 for the selection; here each depth is one launch (`tree_grow`) and the
+selection another (`tree_select`), one program per batch row. Acceptance (`tree_accept`) is one launch after the
+target's argmax. They compute what the PyTorch reference (`speculative.tree.grow`, `speculative.tree.select_tree`,
+`speculative.accept.greedy_accept_device` and `path_nodes`) computes, with the same tie rule as a stable sort: among
+equal scores, the lower candidate number first. benchmarks/RESULTS.md (seventh H200 lease) has the figure: a
+(6,8,32) round of 1.317 ms with these kernels, 1.436 ms with the bookkeeping as compiled PyTorch.
 """
 from __future__ import annotations
 
@@ -51,13 +50,13 @@ def _take_best(score, avail, idx, NONE: tl.constexpr):
 
 
 @triton.jit
-def _grow_kernel(fscore_ptr, lp_ptr, ids_ptr, d2t_ptr, hid_ptr, fcand_ptr, vis_ptr, slot_ptr, len_ptr,
-                 ctok_ptr, cscore_ptr, cpar_ptr, n_cand, first_new, next_start,
-                 o_score_ptr, o_cand_ptr, o_slot_ptr, o_ids_ptr, o_hid_ptr, o_pos_ptr, o_write_ptr, o_prefix_ptr,
-                 o_vis_ptr, o_count_ptr, H,
-                 s_fs, s_lp_b, s_lp_f, s_ids_b, s_ids_f, s_hid_b, s_hid_f, s_fc, s_vis_b, s_vis_f,
-                 F: tl.constexpr, K: tl.constexpr, D: tl.constexpr, HAS_D2T: tl.constexpr,
-                 NB: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr):
+def tree_grow_kernel(fscore_ptr, lp_ptr, ids_ptr, d2t_ptr, hid_ptr, fcand_ptr, vis_ptr, slot_ptr, len_ptr,
+                     ctok_ptr, cscore_ptr, cpar_ptr, n_cand, first_new, next_start,
+                     o_score_ptr, o_cand_ptr, o_slot_ptr, o_ids_ptr, o_hid_ptr, o_pos_ptr, o_write_ptr, o_prefix_ptr,
+                     o_vis_ptr, o_count_ptr, H,
+                     s_fs, s_lp_b, s_lp_f, s_ids_b, s_ids_f, s_hid_b, s_hid_f, s_fc, s_vis_b, s_vis_f,
+                     F: tl.constexpr, K: tl.constexpr, D: tl.constexpr, HAS_D2T: tl.constexpr,
+                     NB: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr):
     b = tl.program_id(0)
     n = tl.arange(0, NB)  # new candidate n = f*K + j: child j of frontier node f
     valid = n < F * K
@@ -103,7 +102,7 @@ def tree_grow(frontier_scores: torch.Tensor, top_logprobs: torch.Tensor, top_ids
     first_new.. of cand_tokens/cand_scores/cand_parents [B, C], numbered f*K + j, each scored with its parent's
     frontier_scores [B, F] and parented by frontier_cand [B, F]. Returns the best K of them as the next frontier,
     with the token rows the drafter runs them as: each is stored as scratch node next_start + i, sees its parent's
-    visible [B, F, D] scratch nodes then itself, at RoPE position lengths + D (`tree_rows` at depth D + 1).
+    visible [B, F, D] scratch nodes then itself, at RoPE position lengths + D.
     hidden [B, F, H] (unit last stride) is the drafter state at each frontier node."""
     b, f, k = top_ids.shape
     d = visible.shape[-1]
@@ -119,7 +118,7 @@ def tree_grow(frontier_scores: torch.Tensor, top_logprobs: torch.Tensor, top_ids
                    torch.empty(b * k, d + 1, dtype=torch.long, device=dev),
                    torch.empty(b * k, dtype=torch.long, device=dev))
     n_cand = cand_tokens.shape[1]
-    _grow_kernel[(b,)](
+    tree_grow_kernel[(b,)](
         frontier_scores, top_logprobs, top_ids, d2t if d2t is not None else top_ids, hidden, frontier_cand,
         visible if d else frontier_cand,  # (an empty tensor may have no address to pass)
         slots, lengths, cand_tokens, cand_scores, cand_parents, n_cand, first_new, next_start,
@@ -132,8 +131,8 @@ def tree_grow(frontier_scores: torch.Tensor, top_logprobs: torch.Tensor, top_ids
 
 
 @triton.jit
-def _select_kernel(score_ptr, tok_ptr, par_ptr, depth_ptr, root_ptr, pos_ptr, o_tok_ptr, o_par_ptr, o_depth_ptr,
-                   o_anc_ptr, C, keep, max_depth, CB: tl.constexpr, SB: tl.constexpr):
+def tree_select_kernel(score_ptr, tok_ptr, par_ptr, depth_ptr, root_ptr, pos_ptr, o_tok_ptr, o_par_ptr, o_depth_ptr,
+                       o_anc_ptr, C, keep, max_depth, CB: tl.constexpr, SB: tl.constexpr):
     b = tl.program_id(0)
     c = tl.arange(0, CB)
     valid = c < C
@@ -181,14 +180,14 @@ def tree_select(cand_tokens: torch.Tensor, cand_scores: torch.Tensor, cand_paren
     tokens, parents, depths = (torch.empty(b, s, dtype=torch.long, device=dev) for _ in range(3))
     anc = torch.empty(b, s, s, dtype=torch.int8, device=dev)
     pos = torch.empty(b, c + 1, dtype=torch.long, device=dev)
-    _select_kernel[(b,)](cand_scores, cand_tokens, cand_parents, cand_depths, roots, pos, tokens, parents, depths,
-                         anc, c, keep, max_depth, CB=triton.next_power_of_2(c), SB=triton.next_power_of_2(s))
+    tree_select_kernel[(b,)](cand_scores, cand_tokens, cand_parents, cand_depths, roots, pos, tokens, parents, depths,
+                             anc, c, keep, max_depth, CB=triton.next_power_of_2(c), SB=triton.next_power_of_2(s))
     return tokens, parents, depths, anc.view(torch.bool)
 
 
 @triton.jit
-def _accept_kernel(tok_ptr, par_ptr, depth_ptr, anc_ptr, choice_ptr, o_path_ptr, o_count_ptr, o_bonus_ptr,
-                   S, W, SB: tl.constexpr, WB: tl.constexpr):
+def tree_accept_kernel(tok_ptr, par_ptr, depth_ptr, anc_ptr, choice_ptr, o_path_ptr, o_count_ptr, o_bonus_ptr,
+                       S, W, SB: tl.constexpr, WB: tl.constexpr):
     b = tl.program_id(0)
     i = tl.arange(0, SB)
     live = i < S
@@ -217,51 +216,14 @@ def tree_accept(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tenso
                 choice: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy acceptance of a verify tree in one launch, after the target's argmax `choice` [B, S] at every node:
     (the accepted path's verify-order nodes [B, width], root first, padded with the deepest; its length [B], root
-    included; the bonus token [B]). What `speculative.accept.greedy_accept_device` + `path_nodes` give. tokens, parents,
-    depths [B, S] and ancestors bool [B, S, S], contiguous; width >= every path's length."""
+    included; the bonus token [B]). What `speculative.accept.greedy_accept_device` + `path_nodes` give. tokens,
+    parents, depths [B, S] and ancestors bool [B, S, S], contiguous; width >= every path's length."""
     b, s = tokens.shape
     if not all(x.is_contiguous() for x in (tokens, parents, depths, ancestors, choice)):
         raise ValueError("tree_accept takes contiguous tensors")
     dev = tokens.device
     path = torch.empty(b, width, dtype=torch.long, device=dev)
     count, bonus = torch.empty(b, dtype=torch.long, device=dev), torch.empty(b, dtype=torch.long, device=dev)
-    _accept_kernel[(b,)](tokens, parents, depths, ancestors.view(torch.int8), choice, path, count, bonus, s, width,
-                         SB=triton.next_power_of_2(s), WB=triton.next_power_of_2(width))
+    tree_accept_kernel[(b,)](tokens, parents, depths, ancestors.view(torch.int8), choice, path, count, bonus, s, width,
+                             SB=triton.next_power_of_2(s), WB=triton.next_power_of_2(width))
     return path, count, bonus
-
-
-@triton.jit
-def _compact_kernel(kc_ptr, vc_ptr, slot_ptr, len_ptr, path_ptr, W, stride_l, stride_s, stride_h, stride_p,
-                    HEADS: tl.constexpr, D: tl.constexpr, WB: tl.constexpr, DB: tl.constexpr):
-    b = tl.program_id(0)
-    layer = tl.program_id(1)
-    t = tl.arange(0, WB)
-    d = tl.arange(0, DB)
-    live = t < W
-    keep = live[:, None] & (d[None, :] < D)
-    slot = tl.load(slot_ptr + b)
-    length = tl.load(len_ptr + b)
-    src = length + tl.load(path_ptr + b * W + t, mask=live, other=0)
-    dst = length + t
-    for h in tl.static_range(HEADS):
-        base = layer * stride_l + slot * stride_s + h * stride_h
-        k = tl.load(kc_ptr + base + src[:, None] * stride_p + d[None, :], mask=keep)
-        v = tl.load(vc_ptr + base + src[:, None] * stride_p + d[None, :], mask=keep)
-        tl.debug_barrier()  # every source read before any destination (a later node's source) is written
-        tl.store(kc_ptr + base + dst[:, None] * stride_p + d[None, :], k, mask=keep)
-        tl.store(vc_ptr + base + dst[:, None] * stride_p + d[None, :], v, mask=keep)
-
-
-def compact_path_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
-                    path: torch.Tensor) -> None:
-    """Move the K/V of each row's accepted path (verify-order nodes `path` [B, W], root first) to consecutive
-    positions after its committed length, in every layer: one launch per (row, layer). Caches [layers, slots,
-    kv_heads, positions, head_dim] with a unit last stride; nodes past a path's end repeat its deepest node, whose
-    copies land past the new committed end."""
-    layers, _, heads, _, d = k_cache.shape
-    b, w = path.shape
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or not path.is_contiguous():
-        raise ValueError("compact_path_kv takes two caches of one layout and a contiguous path")
-    _compact_kernel[(b, layers)](k_cache, v_cache, slots, lengths, path, w, k_cache.stride(0), k_cache.stride(1),
-                                 k_cache.stride(2), k_cache.stride(3), HEADS=heads, D=d,
-                                 WB=triton.next_power_of_2(w), DB=triton.next_power_of_2(d))

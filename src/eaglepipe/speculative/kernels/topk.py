@@ -1,12 +1,12 @@
 """The drafter's top-k log-probabilities in two short launches: log-softmax and top-k over each row of logits.
 
-PyTorch's `topk` on a few rows of a 16,384-token draft vocabulary runs a single-block radix select per row
-(55 µs a call on an H200, the largest cost of a tree round). A first kernel here, with one program per row, took
-11 µs a call (benchmarks/RESULTS.md, sixth lease): a (6,8,32) tree has only 8 rows, so 8 programs scanned 16,384
-logits each. Now each row is cut into chunks of CHUNK logits, one program per (row, chunk): each takes its
-chunk's max, its sum of exp below that max, and its k best by k max-reductions (ties: the lowest index first).
-A second launch per row merges the chunks' sums into the log-sum-exp and picks the k best of the chunks'
-candidates, which keep index order among equal values. EAGLEPIPE_TOPK_KERNEL=0 goes back to PyTorch's top-k.
+PyTorch's `topk` on a few rows of a 16,384-token draft vocabulary runs a single-block radix select per row, and a
+tree has only a few rows (8 in a (6,8,32) tree). So each row is cut into chunks of CHUNK logits, one program per
+(row, chunk): each takes its chunk's max, its sum of exp below that max, and its k best by k max-reductions (ties:
+the lowest index first). A second launch per row merges the chunks' sums into the log-sum-exp and picks the k best
+of the chunks' candidates, which keep index order among equal values. benchmarks/RESULTS.md (sixth H200 lease,
+`round_profile.py`) has the figure: a (6,8,32) round of 1.784 ms wall with a top-k kernel, 2.215 ms with
+PyTorch's top-k.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ MAX_VOCAB = 65536  # the merge holds every chunk's candidates in one program
 
 
 @triton.jit
-def _chunk_topk_kernel(x_ptr, cval_ptr, cidx_ptr, cmax_ptr, csum_ptr, V, stride_x, C,
-                       K: tl.constexpr, BLOCK: tl.constexpr):
+def chunk_topk_kernel(x_ptr, cval_ptr, cidx_ptr, cmax_ptr, csum_ptr, V, stride_x, C,
+                      K: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     c = tl.program_id(1)
     local = tl.arange(0, BLOCK)
@@ -39,8 +39,8 @@ def _chunk_topk_kernel(x_ptr, cval_ptr, cidx_ptr, cmax_ptr, csum_ptr, V, stride_
 
 
 @triton.jit
-def _merge_topk_kernel(cval_ptr, cidx_ptr, cmax_ptr, csum_ptr, val_ptr, idx_ptr, C,
-                       K: tl.constexpr, CP: tl.constexpr, NP: tl.constexpr):
+def merge_topk_kernel(cval_ptr, cidx_ptr, cmax_ptr, csum_ptr, val_ptr, idx_ptr, C,
+                      K: tl.constexpr, CP: tl.constexpr, NP: tl.constexpr):
     row = tl.program_id(0)
     cs = tl.arange(0, CP)
     c_ok = cs < C
@@ -74,10 +74,10 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     cand_indices = torch.empty(r, chunks, k, dtype=torch.long, device=dev)
     chunk_max = torch.empty(r, chunks, dtype=torch.float32, device=dev)
     chunk_sum = torch.empty_like(chunk_max)
-    _chunk_topk_kernel[(r, chunks)](logits, cand_values, cand_indices, chunk_max, chunk_sum, v, logits.stride(0),
-                                    chunks, K=k, BLOCK=block, num_warps=4)
+    chunk_topk_kernel[(r, chunks)](logits, cand_values, cand_indices, chunk_max, chunk_sum, v, logits.stride(0),
+                                   chunks, K=k, BLOCK=block, num_warps=4)
     values = torch.empty(r, k, dtype=torch.float32, device=dev)
     indices = torch.empty(r, k, dtype=torch.long, device=dev)
-    _merge_topk_kernel[(r,)](cand_values, cand_indices, chunk_max, chunk_sum, values, indices, chunks, K=k,
-                             CP=triton.next_power_of_2(chunks), NP=triton.next_power_of_2(chunks * k), num_warps=4)
+    merge_topk_kernel[(r,)](cand_values, cand_indices, chunk_max, chunk_sum, values, indices, chunks, K=k,
+                            CP=triton.next_power_of_2(chunks), NP=triton.next_power_of_2(chunks * k), num_warps=4)
     return values, indices

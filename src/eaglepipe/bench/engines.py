@@ -1,7 +1,8 @@
-"""Where generations come from: the native engine, a server launched per point (SGLang), or a running server (url).
+"""The engine a bench measures (`bench.engine`): ours in process (native), SGLang launched per point, or a running
+server (url).
 
-Every backend has `serving(point)` (a context manager that makes `point` the active config; None = the
-non-speculative baseline) and `generate(prompts, keys, temperature)` returning one Sample per prompt.
+Each has `serving(point)` (a context manager that makes `point` the active config; None = the non-speculative
+baseline) and `generate(prompts, keys, temperature)` returning one Sample per prompt.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
-from ..config import BenchCfg, SweepPoint
+from ..config import BenchCfg, EngineOptions, SweepPoint
 from .client import GenerateClient
 from .metrics import Sample
 
@@ -22,8 +23,8 @@ log = logging.getLogger(__name__)
 Key = tuple[int, int]  # (prompt index, turn)
 
 
-class Backend(Protocol):
-    """What the sweep runner needs from a backend."""
+class BenchEngine(Protocol):
+    """What the sweep runner needs from the engine it measures."""
 
     has_baseline: bool
 
@@ -52,8 +53,9 @@ def round_histogram(delta_sizes: Sequence[int], verify_rounds: int, depth: int) 
     return hist
 
 
-class NativeBackend:
-    """Our Engine: one instance (one target load, one KV cache) reused by every point."""
+class NativeEngine:
+    """Our Engine: one instance (one target load, one KV cache) reused by every point, with the fast paths of
+    `cfg.engine_options`; `options` holds them resolved for the device (what ran)."""
 
     has_baseline = True
 
@@ -63,7 +65,8 @@ class NativeBackend:
         # no prefix reuse: the baseline must compute every prompt as the speculative points do, so that greedy
         # outputs can match token for token
         self.engine = Engine(model_dir, device=device, max_batch_size=cfg.batch_size, max_model_len=cfg.max_model_len,
-                             prefix_reuse=False)
+                             options=cfg.engine_options, prefix_reuse=False)
+        self.options: EngineOptions = self.engine.options
         self.tokenizer = self.engine.tokenizer
         self.draft_dir, self.cfg, self.seed = draft_dir, cfg, seed
         self.point: SweepPoint | None = None
@@ -117,7 +120,7 @@ class NativeBackend:
         self.engine.close()
 
 
-class ServerBackend:
+class ServerEngine:
     """A /generate server: `url` (already running) or one launched per point (`sglang`, see launch.py)."""
 
     def __init__(self, url: str, cfg: BenchCfg, baseline_url: str | None = None, launcher=None):
