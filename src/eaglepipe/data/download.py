@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 from ..config import DataCfg, SourceCfg
 from ..utils.atomic import atomic_write_json, atomic_write_text
 from .mix import allocate, choose_rows
+from .packaged_chitchat import read_chitchat
+from .packaged_evals import read_openai_evals
 from .sources import SourceRecords, data_files, packaged_sharegpt_path, read_files
 
 log = logging.getLogger("eaglepipe.data")
@@ -20,10 +22,14 @@ RAW_SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()), ("record",
 PART_ROWS = 50_000
 
 
-def read_source(src: SourceCfg) -> SourceRecords:
-    """All records of one configured source."""
+def read_source(src: SourceCfg, seed: int) -> SourceRecords:
+    """All records of one configured source (`seed` picks the rows a per-file cap keeps)."""
     if src.kind == "packaged_sharegpt":
         return read_files(src.name, [Path(src.path) if src.path else packaged_sharegpt_path()])
+    if src.kind == "packaged_openai_evals":
+        return read_openai_evals(src.name, src.per_file, seed)
+    if src.kind == "packaged_chitchat":
+        return read_chitchat(src.name)
     if src.kind == "local":
         return read_files(src.name, data_files(Path(src.path).expanduser()))
     if src.kind == "hub":
@@ -61,7 +67,7 @@ def download(data: DataCfg, out_dir: Path) -> dict[str, Any]:
     read = []
     for src in data.sources:
         log.info("reading source %s (%s %s)", src.name, src.kind, src.path or "packaged")
-        records = read_source(src)
+        records = read_source(src, data.seed)
         log.info("source %s: %d records", src.name, len(records.records))
         read.append(records)
     take = allocate([len(r.records) for r in read], [s.samples for s in data.sources],
@@ -75,8 +81,8 @@ def download(data: DataCfg, out_dir: Path) -> dict[str, Any]:
         rows.extend((src.name, records.first_row + int(i), records.records[i]) for i in chosen)
         manifest_sources[src.name] = {
             "kind": src.kind, "path": src.path, "split": src.split if src.kind == "hub" else None,
-            "available": len(records.records), "taken": int(len(chosen)), "first_row": records.first_row,
-            "files": records.files, "notes": records.notes}
+            "available": len(records.records), "taken": int(len(chosen)), "capped": records.capped,
+            "first_row": records.first_row, "files": records.files, "notes": records.notes}
     if not rows:
         raise ValueError("the configured sources hold no records")
     parts = write_raw_parts(out_dir, rows)
@@ -93,14 +99,16 @@ def download(data: DataCfg, out_dir: Path) -> dict[str, Any]:
 
 
 def download_stats(sources: dict[str, dict[str, Any]], tails: list[dict[str, Any]]) -> dict[str, Any]:
-    """stats.json: rows found (complete, malformed and incomplete), written, left out by sampling, and dropped."""
-    available = sum(s["available"] for s in sources.values())
+    """stats.json: rows found (complete, malformed and incomplete), written, left out by sampling (a per-file cap
+    included), and dropped."""
+    available = sum(s["available"] + s["capped"] for s in sources.values())
     taken = sum(s["taken"] for s in sources.values())
     malformed = sum(f.get(k, 0) for s in sources.values() for f in s["files"]
                     for k in ("malformed_lines", "malformed_elements"))
     return {"rows_in": available + len(tails), "rows_out": taken, "not_sampled": available - taken,
             "malformed_passed_on": malformed, "dropped": dict(Counter(t["reason"] for t in tails)),
-            "by_source": {n: {"available": s["available"], "taken": s["taken"]} for n, s in sources.items()}}
+            "by_source": {n: {"available": s["available"], "capped": s["capped"], "taken": s["taken"]}
+                          for n, s in sources.items()}}
 
 
 def describe_stats(stats: dict[str, Any]) -> str:

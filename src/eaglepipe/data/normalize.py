@@ -14,14 +14,17 @@ Repairs (counted in stats, the row is kept):
 
 Rejected (with a reason): malformed JSON, no `messages`/`conversations` list, a turn that is not an
 object, an unknown or missing role, empty or non-string content, a system turn after the start, no
-assistant turn left.
+assistant turn left; with a benchmark index, a row whose user turns quote a benchmark prompt (`benchmark overlap`,
+with the benchmark, question id and turn; see contamination.py).
 """
 from __future__ import annotations
 
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
+
+from .contamination import BenchmarkIndex
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
             "bard": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
@@ -31,10 +34,12 @@ MESSAGE_KEYS = ("messages", "conversations")
 class Rejected(Exception):
     """A row that cannot be used: `reason` is a short category, `detail` says exactly what is wrong."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, **extra: Any):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        # more fields for the row's rejects.jsonl entry
+        self.extra = extra
 
 
 @dataclass
@@ -132,12 +137,22 @@ def repair_and_validate(turns: list[dict[str, str]], drop_system: bool, repairs:
     return head + merged
 
 
+def check_benchmark(messages: list[dict[str, str]], benchmark: BenchmarkIndex) -> None:
+    """Reject a row whose user turns quote one of the benchmark's prompts."""
+    overlap = benchmark.find(messages)
+    if overlap is not None:
+        raise Rejected("benchmark overlap", overlap.describe(), benchmark=overlap.prompt.benchmark,
+                       question_id=overlap.prompt.question_id, question_turn=overlap.prompt.turn)
+
+
 def normalize_rows(rows: Iterable[tuple[str, int, str]], drop_system: bool, stats: NormalizeStats,
-                   rejects: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Turn raw `(source, row, record_json)` rows into chat rows; bad rows are appended to `rejects`."""
+                   rejects: list[dict[str, Any]],
+                   benchmark: Optional[BenchmarkIndex] = None) -> Iterator[dict[str, Any]]:
+    """Turn raw `(source, row, record_json)` rows into chat rows; bad rows, and with `benchmark` the rows that quote
+    its prompts, are appended to `rejects`."""
     for source, row, text in rows:
         stats.rows_in += 1
-        per_source = stats.by_source.setdefault(source, {"rows_in": 0, "rows_out": 0})
+        per_source = stats.by_source.setdefault(source, {"rows_in": 0, "rows_out": 0, "dropped": {}})
         per_source["rows_in"] += 1
         rid = f"{source}:{row}"
         try:
@@ -147,9 +162,13 @@ def normalize_rows(rows: Iterable[tuple[str, int, str]], drop_system: bool, stat
                 raise Rejected("malformed JSON", f"malformed JSON: {e.msg} at character {e.pos}") from None
             repairs: Counter = Counter()
             messages = repair_and_validate(parse_turns(record, stats), drop_system, repairs)
+            if benchmark is not None:
+                check_benchmark(messages, benchmark)
         except Rejected as r:
             stats.rejected[r.reason] += 1
-            rejects.append({"id": rid, "source": source, "row": row, "reason": r.reason, "detail": r.detail})
+            per_source["dropped"][r.reason] = per_source["dropped"].get(r.reason, 0) + 1
+            rejects.append({"id": rid, "source": source, "row": row, "reason": r.reason, "detail": r.detail,
+                            **r.extra})
             continue
         stats.rows_out += 1
         stats.repairs.update(repairs)

