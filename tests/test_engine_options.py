@@ -85,5 +85,6 @@ def test_the_configs_default_to_every_path_where_it_runs_and_refuse_other_values
 
 def test_no_environment_variable_switches_the_engine():
     """Fast paths come from EngineOptions only: no EAGLEPIPE_* variable is read anywhere in the package."""
-    hits = [str(p.relative_to(REPO)) for p in (REPO / "src" / "eaglepipe").rglob("*.py") if "EAGLEPIPE_" in p.read_text()]
+    package = REPO / "src" / "eaglepipe"
+    hits = [str(p.relative_to(REPO)) for p in package.rglob("*.py") if "EAGLEPIPE_" in p.read_text()]
     assert hits == []

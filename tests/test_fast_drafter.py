@@ -15,7 +15,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 from eaglepipe.engine import EngineOptions  # noqa: E402
 from test_draft_tree_kernels import tree_rows  # noqa: E402
-from test_round_graph import decode, fit_and_export, runner, target_dir  # noqa: E402,F401
+from test_round_graph import decode, fit_and_export, make_runner, runner, target_dir  # noqa: E402,F401
 from test_spec_decode import greedy_reference  # noqa: E402
 
 ALGOS = ["eagle3", "eagle3.1"]
@@ -125,3 +125,22 @@ def test_speculative_greedy_with_the_fast_drafter(runner, refs, drafters, algo, 
     print(algo, spec, slow.stats.tau, fast.stats.tau)
     assert fast.stats.tau > 1.2, fast.stats
     assert fast.stats.tau == pytest.approx(slow.stats.tau)
+
+
+def test_fast_trees_decode_up_to_the_end_of_the_cache(target_dir, drafters):
+    """Near the cache's end the eager round drafts smaller trees, down to the root alone: with the fast drafter and
+    its kernels too, the output is the plain greedy decode to the last position."""
+    from eaglepipe.speculative import SpeculativeGenerator
+
+    runner = make_runner(target_dir, 40)
+    gen = SpeculativeGenerator(runner, drafters["eagle3"], dict(num_steps=3, topk=2, num_draft_tokens=5),
+                               options=EngineOptions(token_path=True, graph_rounds=True))
+    assert gen.steps.fast
+    for prompt in PROMPTS:
+        want = greedy_reference(runner, prompt, runner.max_len - len(prompt) + 1)
+        out, _ = decode(gen, [prompt], [10 ** 6], [0])
+        assert out == [want]
+    # a batch stops when its longest row fills the cache
+    out, _ = decode(gen, PROMPTS, [10 ** 6] * len(PROMPTS), [1, 0])
+    assert out == [greedy_reference(runner, p, len(o)) for p, o in zip(PROMPTS, out)]
+    assert max(len(p) + len(o) for p, o in zip(PROMPTS, out)) == runner.max_len + 1

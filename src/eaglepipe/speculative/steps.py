@@ -189,7 +189,7 @@ class RoundSteps:
         """Greedy acceptance: (the accepted path's verify-order nodes [B, width], root first, padded with the
         deepest; its length [B], the root included: the tokens the round emits; the bonus token [B]). width >=
         every path's length (num_steps + 1 does)."""
-        if self.chain:
+        if self.chain or tree.tokens.shape[1] == 1:  # a chain, or the root alone (`draft_tree` with keep = 0)
             accepted, bonus = chain_accept(tree.tokens, logits)
             return torch.minimum(self._cols[:width], accepted[:, None]), accepted + 1, bonus
         if self.fast:
