@@ -7,7 +7,7 @@ rejection, and the first token it emits is distributed exactly as p (the target'
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,14 +29,12 @@ class DeviceAcceptance:
 
 @dataclass
 class Acceptance:
-    """Per row: verify-order indices of the accepted path (root first), the bonus token after it, and the
-    tree's tokens (host copies). `greedy_accept` also leaves the device copies (`device`), so that the caller
-    needs no host->device copy to act on the decision."""
+    """Per row, on the host: verify-order indices of the accepted path (root first), the bonus token after it, and
+    the tree's tokens."""
 
     paths: list[list[int]]
     bonus: list[int]
     tree_tokens: list[list[int]]
-    device: DeviceAcceptance | None = field(default=None, repr=False)
 
     @property
     def accepted_lengths(self) -> list[int]:
@@ -77,7 +75,7 @@ def chain_accept(tokens: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tens
 
 
 def greedy_accept(tree: VerifyTree, target_logits: torch.Tensor) -> Acceptance:
-    """`greedy_accept_device` plus host copies of the decision: the one host sync of an eager greedy round.
+    """`greedy_accept_device`'s decision copied to the host (the rows of a sampled batch that are greedy).
 
     target_logits [B, S, V] in verify order.
     """
@@ -85,7 +83,7 @@ def greedy_accept(tree: VerifyTree, target_logits: torch.Tensor) -> Acceptance:
     s = tree.tokens.shape[1]
     packed = torch.cat([acc.path_mask.long(), acc.bonus[:, None], tree.tokens], dim=1).tolist()  # the host sync
     paths = [[i for i, m in enumerate(row[:s]) if m] for row in packed]
-    return Acceptance(paths, [row[s] for row in packed], [row[s + 1:] for row in packed], acc)
+    return Acceptance(paths, [row[s] for row in packed], [row[s + 1:] for row in packed])
 
 
 def children_lists(parents: list[int]) -> list[list[int]]:
