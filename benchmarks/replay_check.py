@@ -39,9 +39,8 @@ from eaglepipe.data.tokens_io import read_tokens, write_token_shards  # noqa: E4
 from eaglepipe.data.vocab import save_vocab  # noqa: E402
 from eaglepipe.engine import EngineOptions  # noqa: E402
 from eaglepipe.engine.model import LlamaRunner  # noqa: E402
-from eaglepipe.models.build import read_sglang_config  # noqa: E402
 from eaglepipe.speculative import SpeculativeGenerator  # noqa: E402
-from eaglepipe.speculative.drafter_loader import drafter_config_from_sglang, sglang_dir  # noqa: E402
+from eaglepipe.speculative.drafter_loader import exported_config, sglang_dir  # noqa: E402
 from eaglepipe.target.info import load_tokenizer, resolve_model_dir  # noqa: E402
 from eaglepipe.speculative.agreement import compare, replay_by_turn  # noqa: E402
 from eaglepipe.train.loop import Paths, Trainer  # noqa: E402
@@ -82,7 +81,8 @@ def replay_trainer(target: Path, export: Path, samples: list[dict], ttt_steps: i
     d = to_dict(Config())
     d["device"] = device.type
     d["data"]["seq_length"] = max(len(s["input_ids"]) for s in samples)
-    d["target"]["aux_layers"] = drafter_config_from_sglang(read_sglang_config(export), layers).aux_layers
+    _, exported = exported_config(json.loads((export / "config.json").read_text()), layers)
+    d["target"]["aux_layers"] = exported.aux_layers
     d["train"].update(algorithm="eagle3", ttt_steps=ttt_steps, max_steps=1, micro_batch_size=1, pack=False,
                       precision="fp32", init_from=str(export))
     return Trainer(params_from_dict(d), Paths(target, work / "tokens", work / "vocab", work / "hidden", work / "train"))

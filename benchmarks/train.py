@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from decode import append_result_row, hardware_name, sync  # noqa: E402  (shared RESULTS.md table writer)
+from eaglepipe.families.registry import family_of  # noqa: E402
 from eaglepipe.models.build import new_drafter  # noqa: E402
 from eaglepipe.models.config import DrafterConfig  # noqa: E402
 from eaglepipe.models.target import TargetWithAux  # noqa: E402
@@ -115,7 +116,7 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
         batch = cpu_batch.to(device)
         step0 = flex_step0(batch.doc_ids, cfg.num_attention_heads) if use_flex else \
             math_step0(document_causal_mask(batch.doc_ids))
-        feats, labels = online_features(target, batch, draft_ids, True)
+        feats, labels = online_features(target, batch, family_of(cfg), draft_ids)
         with amp:
             loss, _ = module(batch, feats, labels, step0, [float(c) for c in cpu_batch.supervised_counts()])
         loss.backward()

@@ -108,7 +108,7 @@ def test_eagle3_export_layout(tiny_llama_dir: Path, tmp_path: Path, algorithm: s
 
 def test_aux_ids_for_smollm2_depth() -> None:
     """The conventions pinned against DESIGN.md's table: SmolLM2 (30 layers) and Llama-3.1-8B (32 layers)."""
-    from eaglepipe.export.configs import sglang_config
+    from eaglepipe.families.eagle3 import sglang_config
     from eaglepipe.target.info import default_aux_layers
 
     base = {"algorithm": "eagle3", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,

@@ -32,34 +32,35 @@ def greedy_reference(runner, prompt: list[int], n: int) -> list[int]:
 def fit_drafter(ckpt: Path, runner, sequences: list[list[int]], steps: int = 60) -> None:
     """Teach the random drafter the target's greedy continuations (step-0 teacher forcing), so that the tests
     see accepted paths of several lengths and not only rejections."""
+    from eaglepipe.engine.model import rms_norm
+    from eaglepipe.families.registry import family_of
     from eaglepipe.models.build import load_drafter_weights, save_drafter
     from eaglepipe.models.config import DrafterConfig
-    from eaglepipe.models.eagle1 import Eagle1Drafter
-    from eaglepipe.models.eagle3 import Eagle3Drafter
-    from eaglepipe.engine.model import rms_norm
 
     cfg = DrafterConfig.from_json(ckpt / "drafter_config.json")
-    model = Eagle3Drafter(cfg) if cfg.is_eagle3 else Eagle1Drafter(cfg, runner.weights.lm_head.float().clone())
+    family = family_of(cfg)
+    model = family.new_module(cfg, runner.weights.lm_head.float().clone())
     load_drafter_weights(model, ckpt / "model.safetensors")
-    capture = cfg.aux_layers if cfg.is_eagle3 else [runner.shapes.num_layers]
-    out = runner.prefill(sequences, list(range(len(sequences))), capture_layers=capture)
+    out = runner.prefill(sequences, list(range(len(sequences))), capture_layers=cfg.aux_layers)
     for s in range(len(sequences)):
         runner.release(s)
+    norm = runner.weights.norm.clone()
+
+    def final_norm(h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, norm, runner.shapes.rms_norm_eps)
+
     batches = []
     for seq, aux in zip(sequences, out.aux_hidden):
         ids = torch.tensor(seq)
-        aux = aux.clone()  # out of inference mode
-        hidden = aux[None] if cfg.is_eagle3 else rms_norm(aux, runner.weights.norm.clone(), runner.shapes.rms_norm_eps)[None]
-        labels = ids[2:]
-        if cfg.is_eagle3:
-            labels = torch.cumsum(model.t2d.long(), 0)[labels] - 1  # target id -> draft id
-        batches.append((ids[1:-1][None], hidden[:, :-2], torch.arange(len(seq) - 2)[None], labels))
+        # target id -> draft id (the identity over a whole-vocab drafter)
+        labels = torch.cumsum(model.in_draft_vocab(torch.arange(cfg.vocab_size)).long(), 0)[ids[2:]] - 1
+        batches.append((ids[1:-1][None], aux.clone()[None, :-2], torch.arange(len(seq) - 2)[None], labels))
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-2)
     for _ in range(steps):
         loss = 0.0
-        for ids, hidden, pos, labels in batches:
-            _, logits, _ = model.step(ids, model.fuse(hidden), pos)
+        for ids, aux, pos, labels in batches:
+            _, logits, _ = model.step(ids, family.draft_input(model, aux, final_norm), pos)
             loss = loss + F.cross_entropy(logits[0], labels)
         opt.zero_grad()
         loss.backward()

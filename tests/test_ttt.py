@@ -203,6 +203,7 @@ def test_first_answer_marks_the_slots_labelled_by_each_samples_first_answer():
 
 
 def test_packed_rows_give_the_same_loss_as_unpacked(tiny_llama_dir):
+    from eaglepipe.families.registry import family_of
     from eaglepipe.models.target import TargetWithAux
     from eaglepipe.target.info import load_hf_model
     from eaglepipe.train.features import online_features
@@ -223,7 +224,7 @@ def test_packed_rows_give_the_same_loss_as_unpacked(tiny_llama_dir):
     steps, results = 4, []
     for rows, pad in (([samples[:3], samples[3:]], 128), ([[s] for s in samples], None)):
         batch = collate(rows, steps, pad_to=pad)
-        feats, labels = online_features(target, batch, torch.arange(512) + d2t, True)
+        feats, labels = online_features(target, batch, family_of(cfg), family_of(cfg).label_ids(d2t))
         loss, sums = ttt_loss(drafter, batch, drafter.fuse(feats), labels, Objective(ttt_steps=steps),
                               math_step0(document_causal_mask(batch.doc_ids)),
                               [float(c) for c in batch.supervised_counts()])

@@ -9,30 +9,31 @@ from typing import Iterator
 
 from ..config import BenchCfg, SweepPoint
 from ..export.commands import sglang_command
-from ..export.layout import CONFIG_FILE, SGLANG_EAGLE1_ARCH, SGLANG_EAGLE3_ARCH
+from ..export.layout import CONFIG_FILE
+from ..families.base import DrafterFamily
+from ..families.registry import export_family, families
 from ..utils.cli import StageError
 
-ALGORITHM_OF_ARCH = {SGLANG_EAGLE3_ARCH: "eagle3", SGLANG_EAGLE1_ARCH: "eagle1"}
 
-
-def drafter_algorithm(draft_dir: Path) -> str:
-    """`eagle3` or `eagle1`, read from the exported drafter's config.json `architectures`."""
+def drafter_family(draft_dir: Path) -> DrafterFamily:
+    """The family SGLang serves the exported drafter in `draft_dir` as, read from its config.json `architectures`."""
     path = draft_dir / CONFIG_FILE
     if not path.exists():
         raise StageError(f"{path} not found: is {draft_dir.parent} the output of the export stage?")
-    archs = json.loads(path.read_text()).get("architectures") or []
-    for arch in archs:
-        if arch in ALGORITHM_OF_ARCH:
-            return ALGORITHM_OF_ARCH[arch]
-    raise StageError(f"{path}: architectures {archs} name no EAGLE drafter "
-                     f"({SGLANG_EAGLE3_ARCH} or {SGLANG_EAGLE1_ARCH})")
+    cfg = json.loads(path.read_text())
+    family = export_family(cfg)
+    if family is None or family.architectures[cfg["architectures"][0]] != "sglang":
+        known = sorted(a for f in families() for a, fmt in f.architectures.items() if fmt == "sglang")
+        raise StageError(f"{path}: architectures {cfg.get('architectures')} name no drafter SGLang serves "
+                         f"({' or '.join(known)})")
+    return family
 
 
 def serve_command(target: str, draft_dir: Path, point: SweepPoint | None, dtype: str) -> list[str]:
     """`python -m sglang.launch_server` serving `target` with `point`'s flags (no speculation for None)."""
     if point is None:
         return ["python", "-m", "sglang.launch_server", "--model-path", target, "--dtype", dtype]
-    line = sglang_command(target, draft_dir, drafter_algorithm(draft_dir), point.num_steps, point.topk,
+    line = sglang_command(target, draft_dir, drafter_family(draft_dir), point.num_steps, point.topk,
                           point.num_draft_tokens, dtype)
     return shlex.split(line)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from ..families.names import algorithm_names
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, mistyped or out of range."""
@@ -237,7 +239,8 @@ class VocabCfg:
 class TrainCfg:
     """Drafter training."""
 
-    # eagle3 | eagle3.1 | eagle1 | eagle2 (eagle2 = eagle1 training, tree at inference)
+    # a drafter family's algorithm (families/names.py): eagle3 | eagle3.1 | eagle1 | eagle2 (eagle2 = eagle1
+    # training, tree at inference)
     algorithm: str = "eagle3"
     ttt_steps: int = 7
     step_weight_decay: float = 0.8
@@ -290,8 +293,8 @@ class TrainCfg:
     ttt_attention: str = "auto"
 
     def check(self) -> None:
-        _require(self.algorithm in ("eagle3", "eagle3.1", "eagle1", "eagle2"),
-                 f"train.algorithm must be eagle3|eagle3.1|eagle1|eagle2, got {self.algorithm!r}")
+        _require(self.algorithm in algorithm_names(),
+                 f"train.algorithm must be {'|'.join(algorithm_names())}, got {self.algorithm!r}")
         _require(self.ttt_steps >= 1, f"train.ttt_steps must be >= 1, got {self.ttt_steps}")
         _require(self.mode in ("online", "offline"), f"train.mode must be online|offline, got {self.mode!r}")
         _require(self.epochs >= 1, "train.epochs must be >= 1")

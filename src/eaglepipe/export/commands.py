@@ -5,24 +5,20 @@ import json
 import shlex
 from pathlib import Path
 
-from .layout import EAGLE3_ALGOS, TOKEN_MAP_FILE
+from ..families.base import DrafterFamily
 
 
-def sglang_command(target: str, draft_dir: Path, algorithm: str, num_steps: int, topk: int,
+def sglang_command(target: str, draft_dir: Path, family: DrafterFamily, num_steps: int, topk: int,
                    num_draft_tokens: int, dtype: str) -> str:
-    """`python -m sglang.launch_server ...` serving `target` with the drafter in `draft_dir`."""
+    """`python -m sglang.launch_server ...` serving `target` with the `family` drafter in `draft_dir`."""
     args = ["python", "-m", "sglang.launch_server", "--model-path", target,
-            "--speculative-algorithm", "EAGLE3" if algorithm in EAGLE3_ALGOS else "EAGLE",
-            "--speculative-draft-model-path", str(draft_dir),
+            "--speculative-algorithm", family.sglang_algorithm, "--speculative-draft-model-path", str(draft_dir),
             "--speculative-num-steps", str(num_steps), "--speculative-eagle-topk", str(topk),
             "--speculative-num-draft-tokens", str(num_draft_tokens), "--dtype", dtype]
-    if algorithm not in EAGLE3_ALGOS and (draft_dir / TOKEN_MAP_FILE).exists():
-        args += ["--speculative-token-map", str(draft_dir / TOKEN_MAP_FILE)]
-    return shlex.join(args)
+    return shlex.join(args + family.sglang_extra_args(draft_dir))
 
 
-def vllm_command(target: str, draft_dir: Path, num_steps: int, dtype: str) -> str:
-    """`vllm serve ... --speculative-config '{...}'` for the speculators-format export (chain of num_steps)."""
-    spec = {"method": "eagle3", "model": str(draft_dir), "num_speculative_tokens": num_steps,
-            "draft_tensor_parallel_size": 1}
+def vllm_command(target: str, draft_dir: Path, family: DrafterFamily, num_steps: int, dtype: str) -> str:
+    """`vllm serve ... --speculative-config '{...}'` for the `family` drafter in `draft_dir` (chain of num_steps)."""
+    spec = family.vllm_speculative_config(draft_dir, num_steps)
     return shlex.join(["vllm", "serve", target, "--dtype", dtype, "--speculative-config", json.dumps(spec)])

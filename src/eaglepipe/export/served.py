@@ -1,4 +1,6 @@
-"""How the engines read a drafter's config.json and weight names: the drafter SGLang (0.5.23) or vLLM would build.
+"""How the engines read a drafter's config.json: the parts every family shares (the LlamaConfig fields, RoPE,
+the aux-layer ids and their conventions). Each family's `served_config` builds on them: the drafter SGLang
+(0.5.23) or vLLM would build.
 
 The validator compares these values with the training checkpoint and the target, and the drafter loader builds
 our modules from them, so what the bench measures is what the engines would serve.
@@ -6,8 +8,6 @@ our modules from them, so what the bench measures is what the engines would serv
 from __future__ import annotations
 
 from typing import Any
-
-from .layout import SGLANG_EAGLE1_ARCH
 
 # LlamaConfig's defaults, which both engines use when a config leaves the field out
 DEFAULT_ROPE_THETA = 10000.0
@@ -69,15 +69,12 @@ def rope_settings(layer: dict[str, Any]) -> tuple[Any, Any]:
     return theta, scaling
 
 
-def served_config(cfg: dict[str, Any], fmt: str, target_layers: int) -> dict[str, Any]:
-    """The drafter the engine builds from `cfg`, as DrafterConfig fields (the config must hold valid ints)."""
-    layer = layer_config(cfg, fmt)
+def served_llama_fields(layer: dict[str, Any]) -> dict[str, Any]:
+    """The DrafterConfig fields the engine builds from the LlamaConfig part `layer` (which must hold valid ints);
+    the family adds its own (`served_config`)."""
     hidden, heads = layer["hidden_size"], layer["num_attention_heads"]
     theta, scaling = rope_settings(layer)
-    eagle1 = fmt == "sglang" and (cfg.get("architectures") or [None])[0] == SGLANG_EAGLE1_ARCH
-    fc_norm = bool(cfg.get("fc_norm", False))
     return {
-        "algorithm": "eagle1" if eagle1 else ("eagle3.1" if fc_norm else "eagle3"),
         "hidden_size": hidden,
         "intermediate_size": layer["intermediate_size"],
         "num_attention_heads": heads,
@@ -88,24 +85,5 @@ def served_config(cfg: dict[str, Any], fmt: str, target_layers: int) -> dict[str
         "rope_scaling": scaling,
         "max_position_embeddings": layer.get("max_position_embeddings") or DEFAULT_MAX_POSITIONS,
         "vocab_size": layer["vocab_size"],
-        "draft_vocab_size": layer["vocab_size"] if eagle1 else cfg.get("draft_vocab_size"),
-        "target_hidden_size": hidden if eagle1 else (cfg.get("target_hidden_size") or hidden),
-        "aux_layers": [target_layers] if eagle1 else served_aux_layers(cfg, fmt, target_layers),
-        "fc_norm": fc_norm,
-        "norm_output": bool(cfg.get("norm_output", False)),
         "hidden_act": layer.get("hidden_act", "silu"),
     }
-
-
-def served_name(name: str, fmt: str, eagle3: bool) -> str:
-    """A weight name as the engine's loader resolves it, spelt as our `fmt` export spells it.
-
-    Both loaders accept a `model.` prefix; SGLang 0.5.23 and vLLM treat `midlayer.*` and `layers.0.*` of an
-    EAGLE-3 drafter as the same layer.
-    """
-    name = name.removeprefix("model.")
-    if eagle3:
-        other, ours = ("layers.0.", "midlayer.") if fmt == "sglang" else ("midlayer.", "layers.0.")
-        if name.startswith(other):
-            name = ours + name[len(other):]
-    return name

@@ -15,14 +15,14 @@ One set of checks at two levels:
   build accepts but older builds or vLLM may not (`layers.0.*` names, RoPE only in `rope_parameters`, a
   shipped embedding) is a warning; what breaks serving stays a problem.
 Without `drafter_config.json` (a drafter trained elsewhere) the configs are compared with the target only.
-Every tensor must be finite at both levels.
+Every tensor must be finite at both levels. The checks specific to a drafter family (its layout flags, aux ids,
+tensor table) are the family's `check_export` (families/*.py); the config.json's architecture names the family.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +31,13 @@ from typing import Any, Sequence
 import torch
 from safetensors import safe_open
 
-from .layout import (CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, EAGLE3_ALGOS, SGLANG_EAGLE1_ARCH,
-                            SGLANG_EAGLE3_ARCH, TOKEN_MAP_FILE, VLLM_EAGLE3_ARCH, WEIGHTS_FILE, Shapes,
-                            expected_tensors)
-from .served import (AUX_IDS_KEY, default_aux_layers, layer_config, nested_aux_ids, served_aux_layers,
-                            served_config, served_name, served_num_aux)
+from ..families.base import DrafterFamily
+from ..families.registry import architectures, export_family, family_named
 from ..models.config import DrafterConfig
 from ..target.info import describe_model, read_target_info, resolve_model_dir
+from .layout import CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, WEIGHTS_FILE, Shapes
+from .served import layer_config
+from .values import is_int, is_positive_number, same
 
 FORMATS = ("sglang", "vllm")
 ENGINE = {"sglang": "SGLang", "vllm": "vLLM"}
@@ -49,17 +49,12 @@ DERIVED_INT_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embedding
 COMPARED_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                    "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "vocab_size",
                    "hidden_act")
-EAGLE3_COMPARED_FIELDS = ("draft_vocab_size", "target_hidden_size", "aux_layers", "fc_norm", "norm_output")
 # fields a drafter usually shares with its target; a difference is right only if the drafter was trained so
 TARGET_SHARED_FIELDS = ("rms_norm_eps", "rope_theta", "rope_scaling")
-# layouts SGLang 0.5.23 can build but eaglepipe's drafter cannot
-UNSUPPORTED_FLAGS = ("norm_before_fc", "bias")
 _FLOAT_TAGS = ("BF16", "F16", "F32", "F64")
 # safetensors dtype tags of the tensor kinds in export.layout
 _SAFETENSORS_TAGS = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", "int64": "I64",
                      "bool": "BOOL"}
-_ARCH_FORMATS = {SGLANG_EAGLE3_ARCH: ("sglang", "eagle3"), SGLANG_EAGLE1_ARCH: ("sglang", "eagle1"),
-                 VLLM_EAGLE3_ARCH: ("vllm", "eagle3")}
 
 
 @dataclass
@@ -106,33 +101,19 @@ def reference_path(path: Path) -> Path | None:
     return next((d / DRAFTER_CONFIG_FILE for d in dirs if (d / DRAFTER_CONFIG_FILE).exists()), None)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+class DirCheck:
+    """Validation of one format directory; problems and warnings are prefixed with the format name.
 
-
-def _is_positive_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-
-
-def _int_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(_is_int(i) for i in v)
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal, with floats compared to float32 precision (configs round-trip through float32 and JSON)."""
-    if _is_positive_number(a) and _is_positive_number(b):
-        return math.isclose(a, b, rel_tol=1e-6)
-    return a == b
-
-
-class _DirCheck:
-    """Validation of one format directory; problems and warnings are prefixed with the format name."""
+    The generic checks are here; the drafter's family (`DrafterFamily.check_export`) adds its own through the
+    public methods and attributes: `path`, `fmt`, `target` (the target's facts), `strict`, `bad`, `warn`,
+    `not_portable`, `check_one_layer`, `compare` and `check_weights`."""
 
     def __init__(self, path: Path, target: dict[str, Any], reference: dict[str, Any] | None,
                  expect_dtype: str | None, strict: bool):
         self.path, self.target, self.reference = path, target, reference
         self.expect_dtype, self.strict = expect_dtype, strict
         self.fmt = path.name
+        self.family: DrafterFamily | None = None
         self.problems: list[str] = []
         self.warnings: list[str] = []
 
@@ -155,51 +136,31 @@ class _DirCheck:
             return self.bad(f"{cfg_path} is missing")
         except json.JSONDecodeError as e:
             return self.bad(f"{cfg_path} is not valid JSON ({e})")
-        arch = (cfg.get("architectures") or [None])[0]
-        if arch not in _ARCH_FORMATS:
-            return self.bad(f"architectures {cfg.get('architectures')} is none of {sorted(_ARCH_FORMATS)} "
+        trained_as = None if self.reference is None else self.reference["algorithm"]
+        family = export_family(cfg, trained_as)
+        if family is None:
+            return self.bad(f"architectures {cfg.get('architectures')} is none of {architectures()} "
                             "(SGLang picks the drafter's model class from it)")
-        self.fmt, family = _ARCH_FORMATS[arch]
+        self.family = family
+        self.fmt = family.architectures[cfg["architectures"][0]]
         layer = layer_config(cfg, self.fmt)
         if not isinstance(layer, dict):
             return self.bad("transformer_layer_config is missing or not a mapping")
         if not self._check_llama_fields(layer):
             return
-        if self.fmt == "vllm":
-            self._check_speculators(cfg)
-        if family == "eagle3":
-            self._check_eagle3_flags(cfg, layer)
-            if not self._check_aux_ids(cfg):
-                return
-        served = served_config(cfg, self.fmt, self.target["num_layers"])
-        self._compare(served)
-        shapes = self._eagle3_shapes(cfg, served) if family == "eagle3" else self._eagle1_shapes(served)
-        if shapes is not None:
-            self._check_weights(shapes, layer.get("torch_dtype") or cfg.get("torch_dtype"))
-        if family == "eagle3":
-            self._check_num_aux(layer, served["aux_layers"])
-            if (self.path / TOKEN_MAP_FILE).exists():
-                self.warn(f"{TOKEN_MAP_FILE} is ignored for EAGLE-3 drafters (d2t sets the draft vocabulary)")
-        else:
-            self._check_token_map(layer)
+        family.check_export(self, cfg, layer)
 
     def _check_llama_fields(self, layer: dict[str, Any]) -> bool:
         ok = True
         for k in LLAMA_INT_FIELDS:
             if k in DERIVED_INT_FIELDS and k not in layer and not self.strict:
                 continue
-            if not _is_int(layer.get(k)) or layer[k] <= 0:
+            if not is_int(layer.get(k)) or layer[k] <= 0:
                 self.bad(f"{k} must be a positive int, got {layer.get(k)!r}")
                 ok = False
-        layers = layer.get("num_hidden_layers")
-        if layers != 1:
-            built = f" (SGLang 0.5.23 would build {layers - 1} more decoder layers that no weight fills)" \
-                if _is_int(layers) and layers > 1 else ""
-            self.bad(f"num_hidden_layers must be 1, got {layers!r}{built}; older SGLang builds refuse any other "
-                     "value")
         if layer.get("hidden_act", "silu") != "silu":
             self.bad(f"hidden_act must be silu, got {layer.get('hidden_act')!r}")
-        if not _is_positive_number(layer.get("rms_norm_eps")):
+        if not is_positive_number(layer.get("rms_norm_eps")):
             self.bad(f"rms_norm_eps must be a positive number, got {layer.get('rms_norm_eps')!r}")
         self._check_rope_theta(layer)
         self._check_rope_scaling(layer)
@@ -211,6 +172,15 @@ class _DirCheck:
         if ok and layer["num_attention_heads"] % layer.get("num_key_value_heads", layer["num_attention_heads"]):
             self.bad("num_attention_heads must be a multiple of num_key_value_heads")
         return ok
+
+    def check_one_layer(self, layer: dict[str, Any]) -> None:
+        """The drafter is one decoder layer (`num_hidden_layers` 1), as SGLang builds an EAGLE drafter."""
+        layers = layer.get("num_hidden_layers")
+        if layers != 1:
+            built = f" (SGLang 0.5.23 would build {layers - 1} more decoder layers that no weight fills)" \
+                if is_int(layers) and layers > 1 else ""
+            self.bad(f"num_hidden_layers must be 1, got {layers!r}{built}; older SGLang builds refuse any other "
+                     "value")
 
     def _check_rope_theta(self, layer: dict[str, Any]) -> None:
         params = layer.get("rope_parameters")
@@ -224,7 +194,7 @@ class _DirCheck:
                       "builds on transformers 4 would use the default 10000")
         else:
             return self.warn("no rope_theta: the engines use the default 10000")
-        if not _is_positive_number(theta):
+        if not is_positive_number(theta):
             self.bad(f"rope_theta must be a positive number, got {theta!r}")
 
     def _check_rope_scaling(self, layer: dict[str, Any]) -> None:
@@ -235,139 +205,27 @@ class _DirCheck:
         elif scaling is not None and not (isinstance(scaling, dict) and ("rope_type" in scaling or "type" in scaling)):
             self.bad(f"rope_scaling must be null or a mapping with rope_type, got {scaling!r}")
 
-    def _check_speculators(self, cfg: dict[str, Any]) -> None:
-        if cfg.get("speculators_model_type") != "eagle3":
-            self.bad(f"speculators_model_type must be eagle3, got {cfg.get('speculators_model_type')!r}")
-        sc = cfg.get("speculators_config")
-        try:
-            tokens = sc["proposal_methods"][0]["speculative_tokens"]
-            verifier = sc["verifier"]
-            name = verifier["name_or_path"]
-        except (KeyError, IndexError, TypeError):
-            return self.bad("speculators_config needs proposal_methods[0].speculative_tokens and verifier.name_or_path")
-        if sc.get("algorithm") != "eagle3":
-            self.bad(f"speculators_config.algorithm must be eagle3, got {sc.get('algorithm')!r}")
-        if not _is_int(tokens) or tokens < 1:
-            self.bad(f"speculative_tokens must be a positive int, got {tokens!r}")
-        if not isinstance(name, str) or not name:
-            self.bad("speculators_config.verifier.name_or_path is empty")
-        if not isinstance(verifier.get("architectures"), list) or not verifier["architectures"]:
-            self.bad("speculators_config.verifier.architectures must list the target's architecture")
-
-    def _check_eagle3_flags(self, cfg: dict[str, Any], layer: dict[str, Any]) -> None:
-        """The layout flags: the norm after the residual (SGLang's only layout), and no extras we cannot build."""
-        nbr = cfg.get("norm_before_residual")
-        if nbr is None and (self.strict or self.fmt == "vllm"):
-            default = "speculators defaults it to true" if self.fmt == "vllm" else \
-                "the export states the layout the drafter was trained with"
-            self.bad(f"norm_before_residual must be false explicitly ({default})")
-        elif nbr is not None and nbr is not False:
-            self.bad(f"norm_before_residual must be false, got {nbr!r}: SGLang and eaglepipe apply hidden_norm "
-                     "after taking the residual, so a drafter trained the other way would accept nothing")
-        for k in UNSUPPORTED_FLAGS:
-            if any(isinstance(c, dict) and c.get(k) for c in (cfg, layer, cfg.get("eagle_config"))):
-                self.bad(f"{k} is set: eaglepipe's drafter has no such layer (the plain EAGLE-3/3.1 layout only)")
-        if (cfg.get("eagle_config") or {}).get("use_aux_hidden_state") is False:
-            self.bad("eagle_config.use_aux_hidden_state is false: SGLang would not feed aux hidden states")
-
-    def _check_aux_ids(self, cfg: dict[str, Any]) -> bool:
-        """Both conventions are well-formed and agree; the engine's capture layers exist. False when unusable."""
-        n = self.target["num_layers"]
-        top, nested = cfg.get(AUX_IDS_KEY), nested_aux_ids(cfg)
-        for name, ids in ((f"top-level {AUX_IDS_KEY} (vLLM, h-indices)", top),
-                          (f"eagle_config.{AUX_IDS_KEY} (SGLang reads only this, h-index - 1)", nested)):
-            if ids is not None and not _int_list(ids):
-                self.bad(f"{name} must be a non-empty list of ints, got {ids!r}")
-                return False
-        if top is None and (self.strict or nested is not None):
-            self.not_portable(f"top-level {AUX_IDS_KEY} (vLLM, h-indices) is missing"
-                              + (": vLLM would read the nested ids without SGLang's +1" if nested else ""))
-        if self.fmt == "sglang":
-            if nested is None and self.strict:
-                self.bad(f"eagle_config.{AUX_IDS_KEY} (SGLang reads only this) must be a list of ints")
-            elif nested is None and top is not None and top != default_aux_layers(n):
-                self.bad(f"only the top-level aux ids {top} are given: SGLang reads only eagle_config's and would "
-                         f"capture the default {default_aux_layers(n)}")
-            elif nested is not None and top is not None and [i + 1 for i in nested] != top:
-                self.bad(f"aux ids disagree: nested eagle_config {nested} must equal top-level {top} minus 1 "
-                         "(SGLang adds 1 to the nested ids; vLLM uses the top-level ids as they are)")
-        aux = served_aux_layers(cfg, self.fmt, n)
-        out_of_range = [i for i in aux if not 1 <= i <= n - 1]
-        if out_of_range:
-            self.bad(f"aux h-indices {out_of_range} are outside 1..{n - 1} for a {n}-layer target")
-        if aux != sorted(aux):
-            self.warn(f"aux h-indices {aux} are not ascending (the convention is low, mid, high)")
-        return True
-
-    def _check_num_aux(self, layer: dict[str, Any], aux: list[int]) -> None:
-        declared = layer.get("num_aux_hidden_states")
-        if declared is None and self.strict:
-            self.bad(f"num_aux_hidden_states must be written ({len(aux)}): without it vLLM sizes fc from the "
-                     "nested eagle_config ids, else for 3 aux hidden states")
-        elif declared is not None and not _is_int(declared):
-            self.bad(f"num_aux_hidden_states must be an int, got {declared!r}")
-        elif served_num_aux(layer) != len(aux):
-            self.bad(f"fc is sized for {served_num_aux(layer)} aux hidden states (num_aux_hidden_states, else the "
-                     f"nested eagle_config ids, else 3) but the engine captures {len(aux)} layers {aux}")
-
-    def _compare(self, served: dict[str, Any]) -> None:
-        """The drafter the engine would build against the training checkpoint's config, and against the target
-        on the fields a drafter shares with it."""
-        eagle3 = served["algorithm"] in EAGLE3_ALGOS
-        fields = COMPARED_FIELDS + (EAGLE3_COMPARED_FIELDS if eagle3 else ())
+    def compare(self, served: dict[str, Any], family_fields: tuple[str, ...],
+                target_fields: tuple[str, ...]) -> None:
+        """The drafter the engine would build (`served`, DrafterConfig fields) against the training checkpoint's
+        config on the Llama fields and the family's `family_fields`, and against the target on the fields a
+        drafter shares with it and the family's `target_fields`."""
         ref = self.reference
-        if ref is not None and (ref["algorithm"] in EAGLE3_ALGOS) != eagle3:
+        if ref is not None and family_named(ref["algorithm"]) is not self.family:
             self.bad(f"the exported drafter is {served['algorithm']} but the training checkpoint is {ref['algorithm']}")
         elif ref is not None:
-            for k in fields:
-                if not _same(served[k], ref[k]):
+            for k in COMPARED_FIELDS + family_fields:
+                if not same(served[k], ref[k]):
                     self.bad(f"{k} is {served[k]!r} as {ENGINE[self.fmt]} reads this config, but the drafter was "
                              f"trained with {ref[k]!r} ({DRAFTER_CONFIG_FILE})")
-        for k in TARGET_SHARED_FIELDS + (("aux_layers",) if eagle3 else ()):
-            if not _same(served[k], self.target[k]):
+        for k in TARGET_SHARED_FIELDS + target_fields:
+            if not same(served[k], self.target[k]):
                 self.warn(f"{k} {served[k]!r} differs from the target's {self.target[k]!r}: right only if the "
                           "drafter was trained so")
 
-    def _eagle3_shapes(self, cfg: dict[str, Any], served: dict[str, Any]) -> Shapes | None:
-        dv, th = cfg.get("draft_vocab_size"), cfg.get("target_hidden_size")
-        ok = True
-        if not _is_int(dv) or not 1 <= dv <= served["vocab_size"]:
-            self.bad(f"draft_vocab_size must be present and in 1..vocab_size (SGLang fails without it), got {dv!r}")
-            dv = self._lm_head_rows()  # keep checking the other tensors against the shipped lm_head
-            ok = dv is not None
-        if th is None and not self.strict:
-            th = served["hidden_size"]  # what both engines assume
-        if not _is_int(th):
-            self.bad(f"target_hidden_size must be present, got {th!r}")
-            ok = False
-        elif th != self.target["hidden_size"]:
-            self.bad(f"target_hidden_size {th} != the target's hidden size {self.target['hidden_size']}")
-        if not ok:
-            return None
-        return Shapes(algorithm=served["algorithm"], hidden_size=served["hidden_size"],
-                      intermediate_size=served["intermediate_size"], num_heads=served["num_attention_heads"],
-                      num_kv_heads=served["num_key_value_heads"], head_dim=served["head_dim"],
-                      vocab_size=served["vocab_size"], draft_vocab_size=dv, target_hidden_size=th,
-                      num_aux=len(served["aux_layers"]), fc_norm=served["fc_norm"])
-
-    def _lm_head_rows(self) -> int | None:
-        try:
-            with safe_open(str(self.path / WEIGHTS_FILE), framework="pt") as f:
-                return int(f.get_slice("lm_head.weight").get_shape()[0]) if "lm_head.weight" in f.keys() else None
-        except Exception:  # noqa: BLE001 - an unreadable file is reported by _check_weights
-            return None
-
-    def _eagle1_shapes(self, served: dict[str, Any]) -> Shapes:
-        h = served["hidden_size"]
-        if h != self.target["hidden_size"]:
-            self.bad(f"an EAGLE-1/2 drafter must have the target's hidden size {self.target['hidden_size']}, got {h}")
-        return Shapes(algorithm="eagle1", hidden_size=h, intermediate_size=served["intermediate_size"],
-                      num_heads=served["num_attention_heads"], num_kv_heads=served["num_key_value_heads"],
-                      head_dim=served["head_dim"], vocab_size=served["vocab_size"],
-                      draft_vocab_size=served["vocab_size"], target_hidden_size=h, num_aux=1, fc_norm=False)
-
     # ------------------------------------------------------------------ weights
-    def _check_weights(self, shapes: Shapes, dtype_name: Any) -> None:
+    def check_weights(self, shapes: Shapes, dtype_name: Any) -> None:
+        """The weights file against the family's tensor table for `shapes` in this format, in `dtype_name`."""
         path = self.path / WEIGHTS_FILE
         if not path.exists():
             return self.bad(f"{path} is missing")
@@ -378,13 +236,13 @@ class _DirCheck:
             elif self.expect_dtype and dtype_name != self.expect_dtype:
                 self.bad(f"torch_dtype {dtype_name} differs from the requested export dtype {self.expect_dtype}")
             float_dtype = DTYPES.get(dtype_name)
-        expected = expected_tensors(shapes, self.fmt)
+        expected = self.family.export_tensors(shapes, self.fmt)
         try:
             f = safe_open(str(path), framework="pt")
         except Exception as e:  # noqa: BLE001 - any unreadable file is a problem to report, not a crash
             return self.bad(f"{path} cannot be read as safetensors ({e})")
         with f:
-            names = self._served_names(list(f.keys()), shapes.is_eagle3)
+            names = self._served_names(list(f.keys()))
             for name in sorted(set(names) - set(expected)):
                 if name == "embed_tokens.weight" and not self.strict:
                     self._check_shipped_embedding(names[name], tuple(f.get_slice(names[name]).get_shape()))
@@ -415,19 +273,20 @@ class _DirCheck:
                 t2d = f.get_tensor(names["t2d"]) if "t2d" in names else None
                 self._check_vocab_maps(f.get_tensor(names["d2t"]), t2d, shapes)
 
-    def _served_names(self, stored: list[str], eagle3: bool) -> dict[str, str]:
+    def _served_names(self, stored: list[str]) -> dict[str, str]:
         """Served name -> stored name. Strict mode takes names as written; otherwise they resolve as the engine's
         loader resolves them, with a warning for names old SGLang builds drop."""
         if self.strict:
             return {n: n for n in stored}
         names: dict[str, str] = {}
         for n in stored:
-            served = served_name(n, self.fmt, eagle3)
+            served = self.family.served_name(n, self.fmt)
             if served in names:
                 self.bad(f"tensors {names[served]} and {n} are both loaded as {served}")
             names[served] = n
-        layers0 = [n for n in stored if n.removeprefix("model.").startswith("layers.0.")]
-        if layers0 and self.fmt == "sglang" and eagle3:
+        layers0 = [n for n in stored if n.removeprefix("model.").startswith("layers.0.")
+                   and self.family.served_name(n, self.fmt).startswith("midlayer.")]
+        if layers0 and self.fmt == "sglang":
             self.not_portable(f"{len(layers0)} tensors are named layers.0.* rather than midlayer.*: SGLang 0.5.23 "
                               "loads them, older SGLang builds drop them silently and serve an untrained layer")
         return names
@@ -468,21 +327,6 @@ class _DirCheck:
             if int(t2d.sum()) != ids.numel() or not bool(t2d.bool()[ids].all()):
                 self.bad("t2d does not mark exactly the target ids that d2t maps to")
 
-    def _check_token_map(self, layer: dict[str, Any]) -> None:
-        path = self.path / TOKEN_MAP_FILE
-        if not path.exists():
-            return
-        try:
-            ids = torch.as_tensor(torch.load(path, weights_only=True))
-        except Exception as e:  # noqa: BLE001 - report, do not crash
-            return self.bad(f"{path} cannot be loaded with torch.load(weights_only=True) ({e})")
-        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.numel() == 0:
-            return self.bad(f"{TOKEN_MAP_FILE} must be a non-empty 1-D list of token ids")
-        if int(ids.min()) < 0 or int(ids.max()) >= layer["vocab_size"]:
-            self.bad(f"{TOKEN_MAP_FILE} holds ids outside 0..{layer['vocab_size'] - 1}")
-        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
-            self.bad(f"{TOKEN_MAP_FILE} ids must be strictly increasing")
-
 
 def format_dirs(path: Path) -> list[Path]:
     """The format dirs to check under `path`: sglang/ and vllm/ of an export dir, or `path` itself."""
@@ -518,14 +362,18 @@ def validate_export(path: str | Path, target: str | Path, expect_dtype: str | No
     dirs = format_dirs(path)
     if not dirs:
         report.problems.append(f"{path} holds neither config.json nor sglang/ or vllm/ export dirs")
+    families = []
     for d in dirs:
-        check = _DirCheck(d, facts, reference, expect_dtype, strict)
+        check = DirCheck(d, facts, reference, expect_dtype, strict)
         check.run()
         report.checked[check.fmt] = str(d)
         report.problems += check.problems
         report.warnings += check.warnings
-    if not (path / CONFIG_FILE).exists() and "sglang" not in report.checked:
-        report.problems.append(f"{path} has no sglang/ export")
+        families += [check.family] if check.family is not None else []
+    if not (path / CONFIG_FILE).exists():  # an export dir holds its family's first format, what the bench serves
+        for primary in dict.fromkeys(f.formats[0] for f in families):
+            if primary not in report.checked:
+                report.problems.append(f"{path} has no {primary}/ export")
     return report
 
 

@@ -3,25 +3,23 @@ from __future__ import annotations
 
 import torch
 
+from ..families.base import DrafterFamily
 from ..utils.cli import StageError
-from .layout import Shapes, expected_tensors
+from .layout import Shapes
 
 # checkpoint tensors that are deliberately left out of an export
 _DROPPABLE = ("embed_tokens.weight", "lm_head.weight")
 
 
-def _vllm_name(name: str) -> str:
-    return "layers.0." + name[len("midlayer."):] if name.startswith("midlayer.") else name
-
-
-def export_state_dict(state: dict[str, torch.Tensor], d2t: torch.Tensor | None, t2d: torch.Tensor | None,
-                      shapes: Shapes, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors for format `sglang` or `vllm`, cast to `dtype` (d2t int64, t2d bool).
+def export_state_dict(family: DrafterFamily, state: dict[str, torch.Tensor], d2t: torch.Tensor | None,
+                      t2d: torch.Tensor | None, shapes: Shapes, fmt: str,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The `family`'s tensors for format `fmt` (`sglang` or `vllm`), cast to `dtype` (d2t int64, t2d bool).
 
     Fails on a checkpoint tensor the format has no place for, instead of dropping it silently.
     """
-    expected = expected_tensors(shapes, fmt)
-    renamed = {(_vllm_name(k) if fmt == "vllm" else k): v for k, v in state.items()}
+    expected = family.export_tensors(shapes, fmt)
+    renamed = {family.export_name(k, fmt): v for k, v in state.items()}
     unknown = sorted(k for k in renamed if k not in expected and k not in _DROPPABLE)
     if unknown:
         raise StageError(f"checkpoint tensors {unknown} have no place in the {fmt} {shapes.algorithm} format")
@@ -49,8 +47,3 @@ def t2d_from_d2t(d2t: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
     t2d = torch.zeros(vocab_size, dtype=torch.bool)
     t2d[torch.arange(d2t.numel()) + d2t.long()] = True
     return t2d
-
-
-def hot_token_ids(d2t: torch.Tensor) -> torch.Tensor:
-    """Target ids of the draft vocabulary (`i + d2t[i]`), i.e. SGLang's speculative token map for EAGLE-1/2."""
-    return torch.arange(d2t.numel(), dtype=torch.int64) + d2t.to(torch.int64)

@@ -11,15 +11,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..families.registry import family_named
 from ..utils.atomic import atomic_write_json, atomic_write_text, default_file_mode
 from ..utils.cli import StageError
 from .validate import validate_export
 from .checkpoint import Checkpoint
 from .commands import sglang_command, vllm_command
-from .configs import sglang_config, vllm_config
-from .layout import (CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, EAGLE3_ALGOS, TOKEN_MAP_FILE, WEIGHTS_FILE,
-                     shapes_from_drafter_config)
-from .weights import export_state_dict, hot_token_ids
+from .layout import CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, WEIGHTS_FILE, shapes_from_drafter_config
+from .weights import export_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +45,41 @@ def _write_format(out: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tenso
 
 def export_checkpoint(ckpt: Checkpoint, target_dir: Path, out: Path, req: ExportRequest,
                       final_out: Path | None = None) -> dict[str, Any]:
-    """Write `out`/sglang (and vllm/ for EAGLE-3) and the checkpoint's drafter_config.json, validate them against
-    it and the target, write validation.json and commands.txt.
+    """Write `out`/<format> for each requested format that serves the checkpoint's family, and the checkpoint's
+    drafter_config.json; validate them against it and the target, write validation.json and commands.txt.
 
     `final_out` is where `out` will live after an atomic rename (used in the commands and validation.json).
     Raises StageError listing every validator problem. Returns a summary dict.
     """
     dc = ckpt.drafter_config
     algo = dc["algorithm"]
+    family = family_named(algo)
     dtype = DTYPES[req.dtype]
     shapes = shapes_from_drafter_config(dc)
     final_out = final_out or out
-    formats = [f for f in req.formats if f == "sglang" or algo in EAGLE3_ALGOS]
+    formats = [f for f in req.formats if f in family.formats]
+    if not formats:
+        raise StageError(f"{algo} drafters are served by {', '.join(family.formats)}, none of export.formats "
+                         f"{list(req.formats)}")
     if len(formats) < len(req.formats):
-        log.warning("%s drafters have no vLLM speculators export; writing SGLang only", algo)
+        log.warning("%s drafters are served by %s only; not writing %s", algo, ", ".join(family.formats),
+                    ", ".join(f for f in req.formats if f not in formats))
     for fmt in formats:
-        tensors = export_state_dict(ckpt.state, ckpt.d2t, ckpt.t2d, shapes, fmt, dtype)
-        cfg = sglang_config(dc, req.dtype) if fmt == "sglang" else vllm_config(
-            dc, req.dtype, req.verifier_name, req.verifier_arch, req.num_steps)
-        _write_format(out / fmt, cfg, tensors)
-    if algo not in EAGLE3_ALGOS and ckpt.d2t is not None and shapes.draft_vocab_size < shapes.vocab_size:
-        torch.save(hot_token_ids(ckpt.d2t).tolist(), out / "sglang" / TOKEN_MAP_FILE)
+        tensors = export_state_dict(family, ckpt.state, ckpt.d2t, ckpt.t2d, shapes, fmt, dtype)
+        _write_format(out / fmt, family.export_config(fmt, dc, req), tensors)
+        family.write_extras(out / fmt, fmt, ckpt.d2t, shapes)
     atomic_write_json(out / DRAFTER_CONFIG_FILE, dc)
     report = validate_export(out, target_dir, expect_dtype=req.dtype).moved(out, final_out)
     atomic_write_json(out / "validation.json", report.to_json())
     if not report.ok:
         raise StageError("the exported drafter failed validation:\n  " + "\n  ".join(report.problems))
-    commands = ["# SGLang", sglang_command(req.verifier_name, final_out / "sglang", algo, req.num_steps, req.topk,
-                                           req.num_draft_tokens, req.dtype)]
+    commands: list[str] = []
+    if "sglang" in formats:
+        commands += ["# SGLang", sglang_command(req.verifier_name, final_out / "sglang", family, req.num_steps,
+                                                req.topk, req.num_draft_tokens, req.dtype)]
     if "vllm" in formats:
-        commands += ["", "# vLLM", vllm_command(req.verifier_name, final_out / "vllm", req.num_steps, req.dtype)]
+        commands += ["", "# vLLM"] if commands else ["# vLLM"]
+        commands.append(vllm_command(req.verifier_name, final_out / "vllm", family, req.num_steps, req.dtype))
     atomic_write_text(out / "commands.txt", "\n".join(commands) + "\n")
     return {"checkpoint": str(ckpt.path), "algorithm": algo, "formats": formats, "commands": commands,
             "validation": report.to_json()}

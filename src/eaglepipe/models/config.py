@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-EAGLE3_ALGORITHMS = ("eagle3", "eagle3.1")
-EAGLE1_ALGORITHMS = ("eagle1", "eagle2")
+from ..families.names import ALGORITHMS
 
 
 @dataclass
@@ -34,15 +33,10 @@ class DrafterConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
-        if self.algorithm not in EAGLE3_ALGORITHMS + EAGLE1_ALGORITHMS:
-            raise ValueError(f"unknown drafter algorithm {self.algorithm!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown drafter algorithm {self.algorithm!r} (known: {'|'.join(ALGORITHMS)})")
         if self.hidden_act != "silu":
             raise ValueError(f"only silu MLPs are supported, got hidden_act={self.hidden_act!r}")
-
-    @property
-    def is_eagle3(self) -> bool:
-        """True for EAGLE-3 and EAGLE-3.1 (fc fusion of aux layers, reduced draft vocab)."""
-        return self.algorithm in EAGLE3_ALGORITHMS
 
     def to_json(self) -> str:
         """JSON text (sorted keys)."""
@@ -64,9 +58,11 @@ class DrafterConfig:
     @classmethod
     def from_target(cls, info: dict[str, Any], algorithm: str, draft_vocab_size: int,
                     aux_layers: Optional[list] = None, intermediate_size: Optional[int] = None) -> "DrafterConfig":
-        """A drafter shaped like one layer of the target described by `info` (a target.json dict)."""
-        vocab = int(info["vocab_size"])
-        eagle3 = algorithm in EAGLE3_ALGORITHMS
+        """A drafter of `algorithm` shaped like one layer of the target described by `info` (a target.json dict):
+        the family decides its own fields from the vocab stage's `draft_vocab_size` and the configured
+        `aux_layers` (None: the target's)."""
+        from ..families.registry import family_named
+
         return cls(
             algorithm=algorithm,
             hidden_size=int(info["hidden_size"]),
@@ -78,13 +74,10 @@ class DrafterConfig:
             rope_theta=float(info["rope_theta"]),
             rope_scaling=info.get("rope_scaling"),
             max_position_embeddings=int(info["max_position_embeddings"]),
-            vocab_size=vocab,
-            draft_vocab_size=int(draft_vocab_size) if eagle3 else vocab,
+            vocab_size=int(info["vocab_size"]),
             target_hidden_size=int(info["hidden_size"]),
-            aux_layers=list(aux_layers or info["aux_layers"]) if eagle3 else [int(info["num_layers"])],
-            fc_norm=algorithm == "eagle3.1",
-            norm_output=algorithm == "eagle3.1",
             hidden_act=info.get("hidden_act", "silu"),
+            **family_named(algorithm).config_fields(algorithm, info, draft_vocab_size, aux_layers),
         )
 
     def llama_config(self):

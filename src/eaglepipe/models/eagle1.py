@@ -2,16 +2,15 @@
 input_layernorm, no final norm, the target's lm_head over the full vocab)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from .config import DrafterConfig
-from .layers import DraftDecoderLayer, Rotary, cached_attention
+from .drafter import DraftModule
+from .layers import Attend, DraftDecoderLayer, Rotary
 
 
-class Eagle1Drafter(nn.Module):
+class Eagle1Drafter(DraftModule):
     """x = fc(cat(embed(tok), h)); one decoder layer without input norm; logits = target lm_head(out).
 
     `h` is the target's last hidden state *after* its final norm (what its lm_head consumes, and what
@@ -20,8 +19,6 @@ class Eagle1Drafter(nn.Module):
 
     def __init__(self, cfg: DrafterConfig, target_lm_head: torch.Tensor) -> None:
         super().__init__()
-        if cfg.is_eagle3:
-            raise ValueError(f"Eagle1Drafter needs algorithm eagle1|eagle2, got {cfg.algorithm}")
         if tuple(target_lm_head.shape) != (cfg.vocab_size, cfg.target_hidden_size):
             raise ValueError(f"target lm_head must be [{cfg.vocab_size}, {cfg.target_hidden_size}], "
                              f"got {tuple(target_lm_head.shape)}")
@@ -30,7 +27,7 @@ class Eagle1Drafter(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
         self.embed_tokens.weight.requires_grad_(False)
         self.fc = nn.Linear(2 * h, h, bias=True)
-        self.layers = nn.ModuleList([DraftDecoderLayer(cfg, h, eagle3=False)])
+        self.layers = nn.ModuleList([DraftDecoderLayer(cfg, h, input_norms=False)])
         self.rotary = Rotary(cfg)
         self.register_buffer("lm_head_weight", target_lm_head.detach().clone(), persistent=False)
 
@@ -43,9 +40,14 @@ class Eagle1Drafter(nn.Module):
         emb = self.embed_tokens(input_ids).to(hidden.dtype)
         return self.fc(torch.cat([emb, hidden], dim=-1))
 
-    def output(self, layer_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer output -> (predicted next feature, logits over the full target vocab)."""
-        return self.next_state(layer_out), self.logits(layer_out)
+    def layer_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+                      attend: Attend) -> torch.Tensor:
+        """layers.0 over `layer_input`, which is also its residual."""
+        x = self.layer_input(input_ids, hidden)
+        layer = self.layers[0]
+        cos, sin = self.rotary(x, position_ids)
+        q, k, v = layer.project(x, cos, sin)
+        return layer.finish(attend(q, k, v), x)
 
     def next_state(self, layer_out: torch.Tensor) -> torch.Tensor:
         """The predicted next feature is fed on as it is."""
@@ -55,18 +57,18 @@ class Eagle1Drafter(nn.Module):
         """Full-vocab logits through the target's lm_head (no final norm)."""
         return layer_out @ self.lm_head_weight.to(layer_out.dtype).t()
 
-    def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
-             past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-             attn_mask: Optional[torch.Tensor] = None
-             ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """One drafting step: (hidden_out [B,S,H], logits [B,S,V], (k, v) incl. past)."""
-        x = self.layer_input(input_ids, hidden)
-        layer = self.layers[0]
-        cos, sin = self.rotary(x, position_ids)
-        q, k, v = layer.project(x, cos, sin)
-        attn, kv = cached_attention(q, k, v, past_kv, attn_mask)
-        return (*self.output(layer.finish(attn, x)), kv)
-
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """EAGLE-1 drafts over the full target vocab: the identity."""
         return draft_ids
+
+    def in_draft_vocab(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Every target id."""
+        return torch.ones_like(target_ids, dtype=torch.bool)
+
+    def vocab_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The identity maps of the whole target vocab."""
+        return (torch.zeros(self.config.vocab_size, dtype=torch.long),
+                torch.ones(self.config.vocab_size, dtype=torch.bool))
+
+    def draft_layers(self) -> list[DraftDecoderLayer]:
+        return [self.layers[0]]

@@ -1,24 +1,21 @@
 """The EAGLE-3 / EAGLE-3.1 drafter with SGLang parameter names (midlayer.*, fc, fc_norm.i, norm, lm_head)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from .config import DrafterConfig
-from .layers import DraftDecoderLayer, RMSNorm, Rotary, cached_attention
+from .drafter import DraftModule
+from .layers import Attend, DraftDecoderLayer, RMSNorm, Rotary
 
 
-class Eagle3Drafter(nn.Module):
+class Eagle3Drafter(DraftModule):
     """fc fuses the aux hidden states; one decoder layer over cat(input_layernorm(embed), hidden_norm(h)) with
     residual h; final norm and lm_head over the draft vocab. EAGLE-3.1: fc_norm per aux chunk, and the
     post-norm state is fed to the next step (norm_output)."""
 
     def __init__(self, cfg: DrafterConfig) -> None:
         super().__init__()
-        if not cfg.is_eagle3:
-            raise ValueError(f"Eagle3Drafter needs algorithm eagle3|eagle3.1, got {cfg.algorithm}")
         self.config = cfg
         h, ht, n_aux = cfg.hidden_size, cfg.target_hidden_size, len(cfg.aux_layers)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
@@ -26,7 +23,7 @@ class Eagle3Drafter(nn.Module):
         if cfg.fc_norm:
             self.fc_norm = nn.ModuleList(RMSNorm(ht, cfg.rms_norm_eps) for _ in range(n_aux))
         self.fc = nn.Linear(n_aux * ht, h, bias=False)
-        self.midlayer = DraftDecoderLayer(cfg, 2 * h, eagle3=True)
+        self.midlayer = DraftDecoderLayer(cfg, 2 * h, input_norms=True)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
         self.rotary = Rotary(cfg)
@@ -45,9 +42,13 @@ class Eagle3Drafter(nn.Module):
         emb = self.embed_tokens(input_ids).to(hidden.dtype)
         return torch.cat([self.midlayer.input_layernorm(emb), self.midlayer.hidden_norm(hidden)], dim=-1)
 
-    def output(self, layer_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer output -> (state for the next step, draft logits)."""
-        return self.next_state(layer_out), self.logits(layer_out)
+    def layer_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+                      attend: Attend) -> torch.Tensor:
+        """midlayer over `layer_input`, with the residual h."""
+        x = self.layer_input(input_ids, hidden)
+        cos, sin = self.rotary(x, position_ids)
+        q, k, v = self.midlayer.project(x, cos, sin)
+        return self.midlayer.finish(attend(q, k, v), hidden)
 
     def next_state(self, layer_out: torch.Tensor) -> torch.Tensor:
         """What the next drafting step consumes: pre-norm (EAGLE-3) or post-norm (norm_output)."""
@@ -57,18 +58,16 @@ class Eagle3Drafter(nn.Module):
         """Draft-vocab logits lm_head(norm(layer_out))."""
         return self.lm_head(self.norm(layer_out))
 
-    def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
-             past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-             attn_mask: Optional[torch.Tensor] = None
-             ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """One drafting step over S new tokens: (hidden_out [B,S,H], logits [B,S,V_d], (k, v) incl. past)."""
-        x = self.layer_input(input_ids, hidden)
-        cos, sin = self.rotary(x, position_ids)
-        q, k, v = self.midlayer.project(x, cos, sin)
-        attn, kv = cached_attention(q, k, v, past_kv, attn_mask)
-        nxt, logits = self.output(self.midlayer.finish(attn, hidden))
-        return nxt, logits, kv
-
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Map draft-vocab ids to target ids (target_id = i + d2t[i])."""
         return draft_ids + self.d2t[draft_ids]
+
+    def in_draft_vocab(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """t2d at the target ids."""
+        return self.t2d[target_ids]
+
+    def vocab_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.d2t.cpu(), self.t2d.cpu()
+
+    def draft_layers(self) -> list[DraftDecoderLayer]:
+        return [self.midlayer]

@@ -3,7 +3,7 @@ halves (`project` gives rotated q/k/v, `finish` applies o_proj, residuals and th
 run its own TTT attention between them and inference can run cached attention."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,15 +75,16 @@ class SelfAttention(nn.Module):
 
 
 class DraftDecoderLayer(nn.Module):
-    """One Llama decoder layer. EAGLE-3: `in_dim` = 2H, with input_layernorm and hidden_norm;
-    EAGLE-1: `in_dim` = H, no input norm."""
+    """One Llama decoder layer whose attention input is `in_dim` wide; `input_norms` adds input_layernorm and
+    hidden_norm, the norms of its two input halves (EAGLE-3: `in_dim` = 2H; EAGLE-1: `in_dim` = H, no input
+    norm)."""
 
-    def __init__(self, cfg: DrafterConfig, in_dim: int, eagle3: bool) -> None:
+    def __init__(self, cfg: DrafterConfig, in_dim: int, input_norms: bool) -> None:
         super().__init__()
         self.self_attn = SelfAttention(cfg, in_dim)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if eagle3:
+        if input_norms:
             self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -102,6 +103,10 @@ class DraftDecoderLayer(nn.Module):
         b, _, s, _ = attn.shape
         h = self.self_attn.o_proj(attn.transpose(1, 2).reshape(b, s, -1)) + residual
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# attention of a drafter layer's rotated q [B, heads, S, d] over its new k/v [B, kv_heads, S, d]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

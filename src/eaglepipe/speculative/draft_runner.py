@@ -5,10 +5,11 @@ Slot t of a sequence holds token x_{t+1} with the target's hidden state h_t at R
 committed length always equals the target's. Tree nodes are appended after the committed entries and are
 forgotten at the next `extend`, which overwrites them with the accepted tokens.
 
-With `fast=True` (EAGLE-3/3.1 drafters on the engine's token path) `extend` and `chain_step` run through the token
-path's Triton kernels (`FastDrafter`): K/V are written straight into this cache and each row attends to its
-committed prefix plus a list of visible scratch/new positions, computed directly by each method. A tree's steps
-then come as flat token rows from the draft-tree kernels (`tree_step_rows`); `tree_step` is the PyTorch path.
+With `fast=True` (a drafter whose family's step has the Triton form, EAGLE-3/3.1, on the engine's token path)
+`extend` and `chain_step` run through the token path's Triton kernels (`FastDrafter`): K/V are written straight
+into this cache and each row attends to its committed prefix plus a list of visible scratch/new positions,
+computed directly by each method. A tree's steps then come as flat token rows from the draft-tree kernels
+(`tree_step_rows`); `tree_step` is the PyTorch path.
 """
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ class DraftRunner:
                  fast: bool = False):
         cfg = drafter.config
         device = torch.device(device)
-        if fast and not cfg.is_eagle3:
-            raise ValueError("the fast drafter path supports EAGLE-3/3.1 drafters only")
         self.drafter = drafter
         shape = (max_slots, cfg.num_key_value_heads, capacity, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)

@@ -1,4 +1,5 @@
-"""Loading an SGLang-format drafter (what users deploy, ours or another trainer's) into the native drafter modules."""
+"""Loading an exported drafter (what users deploy, ours or another trainer's) into the native drafter modules, as the
+engine of its format builds it: SGLang's when the family is served by SGLang."""
 from __future__ import annotations
 
 import json
@@ -9,14 +10,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..export.layout import SGLANG_EAGLE1_ARCH, SGLANG_EAGLE3_ARCH, TOKEN_MAP_FILE, WEIGHTS_FILE
-from ..export.served import served_config, served_name
+from ..export.layout import CONFIG_FILE, DRAFTER_CONFIG_FILE, WEIGHTS_FILE
 from ..export.weights import t2d_from_d2t
+from ..families.base import DrafterFamily
+from ..families.registry import architectures, export_family
 from ..models.build import Drafter, load_drafter_state
 from ..models.config import DrafterConfig
-from ..models.eagle1 import Eagle1Drafter
-from ..models.eagle3 import Eagle3Drafter
 from ..target.info import resolve_model_dir
+
+FORMATS = ("sglang", "vllm")
 
 
 @dataclass
@@ -34,15 +36,33 @@ def sglang_dir(path: str | Path) -> Path:
     return path if (path / "config.json").exists() else path / "sglang"
 
 
-def drafter_config_from_sglang(cfg: dict, target_layers: int) -> DrafterConfig:
-    """The DrafterConfig of the drafter SGLang builds from an SGLang-format config.json (ours or another
-    trainer's: RoPE from `rope_parameters`, the default aux layers when none are named)."""
-    arch = (cfg.get("architectures") or ["?"])[0]
-    if arch not in (SGLANG_EAGLE3_ARCH, SGLANG_EAGLE1_ARCH):
-        raise ValueError(f"{arch!r} is not an SGLang EAGLE drafter architecture")
-    if cfg.get("num_hidden_layers", 1) != 1:
-        raise ValueError(f"num_hidden_layers is {cfg['num_hidden_layers']}: an EAGLE drafter has one decoder layer")
-    return DrafterConfig(**served_config(cfg, "sglang", target_layers))
+def drafter_dir(path: str | Path) -> Path:
+    """The format dir to load: `path` itself, or the first of sglang/ and vllm/ in an export dir."""
+    path = Path(path)
+    if (path / CONFIG_FILE).exists():
+        return path
+    return next((path / f for f in FORMATS if (path / f / CONFIG_FILE).exists()), path / FORMATS[0])
+
+
+def trained_algorithm(fmt_dir: Path) -> str | None:
+    """The algorithm in the export stage's drafter_config.json beside the format dir `fmt_dir` (None for a drafter
+    from elsewhere)."""
+    ref = fmt_dir.parent / DRAFTER_CONFIG_FILE
+    return json.loads(ref.read_text()).get("algorithm") if fmt_dir.name in FORMATS and ref.exists() else None
+
+
+def exported_config(cfg: dict, target_layers: int, trained_as: str | None = None
+                    ) -> tuple[DrafterFamily, DrafterConfig]:
+    """The family and the DrafterConfig of the drafter the engine builds from an exported config.json (ours or
+    another trainer's: RoPE from `rope_parameters`, the default aux layers when none are named). `trained_as`:
+    the algorithm of the export's drafter_config.json, when there is one."""
+    family = export_family(cfg, trained_as)
+    if family is None:
+        raise ValueError(f"{(cfg.get('architectures') or ['?'])[0]!r} is none of the drafter architectures "
+                         f"{architectures()}")
+    family.check_loadable(cfg)
+    fmt = family.architectures[cfg["architectures"][0]]
+    return family, DrafterConfig(**family.served_config(cfg, fmt, target_layers))
 
 
 def _target_tensor(model_dir: Path, names: tuple[str, ...]) -> torch.Tensor:
@@ -68,51 +88,51 @@ def _cast_keeping_rope_fp32(model: Drafter, device: torch.device, dtype: torch.d
     return model
 
 
-def _drafter_state(d: Path, dc: DrafterConfig, target_embed: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The export's tensors under our names, as SGLang loads them: a shipped embedding the same shape as the
-    target's is dropped (SGLang shares the target's when hidden sizes match), a missing t2d follows from d2t."""
+def _drafter_state(d: Path, fmt: str, family: DrafterFamily, dc: DrafterConfig,
+                   target_embed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The export's tensors under our names, as the `fmt` engine loads them: a shipped embedding the same shape as
+    the target's is dropped (the engines share the target's when hidden sizes match), a missing t2d follows from
+    d2t."""
     raw = load_file(str(d / WEIGHTS_FILE))
-    state = {served_name(k, "sglang", dc.is_eagle3): v for k, v in raw.items()}
+    state = {family.served_name(k, fmt): v for k, v in raw.items()}
     embed = state.get("embed_tokens.weight")
     if embed is not None and dc.hidden_size == dc.target_hidden_size:
         if tuple(embed.shape) != tuple(target_embed.shape):
             raise ValueError(f"{d}: the shipped embed_tokens has shape {tuple(embed.shape)}, the target's "
                              f"{tuple(target_embed.shape)}")
         del state["embed_tokens.weight"]
-    if dc.is_eagle3 and "t2d" not in state and "d2t" in state:
+    if "t2d" not in state and "d2t" in state:
         state["t2d"] = t2d_from_d2t(state["d2t"], dc.vocab_size)
     return state
 
 
-def load_exported_drafter(export_sglang_dir: str | Path, target_dir: str | Path, device: str | torch.device,
+def load_exported_drafter(export_dir: str | Path, target_dir: str | Path, device: str | torch.device,
                           dtype: torch.dtype, target_embed: torch.Tensor | None = None,
                           target_lm_head: torch.Tensor | None = None) -> LoadedDrafter:
-    """config.json + model.safetensors of an SGLang-format drafter -> drafter module on `device` in `dtype`.
+    """config.json + model.safetensors of an exported drafter (a format dir, or an export dir: its first format
+    present, SGLang's before vLLM's) -> drafter module on `device` in `dtype`.
 
-    Any SGLang-format EAGLE drafter loads: ours, or another trainer's with `layers.0.*`/`model.*` weight names
-    and a shipped embedding. The embedding (and EAGLE-1's lm_head) come from the target, as in SGLang; pass
-    `target_embed`/`target_lm_head` to reuse tensors already in memory. An EAGLE-1/2 export's
-    speculative_token_map.pt restricts its proposals to those ids, as SGLang's --speculative-token-map does.
+    Any drafter of a registered family loads: ours, or another trainer's with `layers.0.*`/`model.*` weight names
+    and a shipped embedding. The embedding (and the lm_head of a family that uses the target's) come from the
+    target, as in the engines; pass `target_embed`/`target_lm_head` to reuse tensors already in memory. The
+    family's `hot_token_ids` (EAGLE-1/2's speculative_token_map.pt) restrict its proposals, as SGLang's
+    --speculative-token-map does.
     """
-    d = sglang_dir(export_sglang_dir)
-    cfg_json = json.loads((d / "config.json").read_text())
+    d = drafter_dir(export_dir)
+    cfg_json = json.loads((d / CONFIG_FILE).read_text())
     model_dir = resolve_model_dir(target_dir)
     target_cfg = json.loads((model_dir / "config.json").read_text())
     layers = int(target_cfg.get("num_hidden_layers") or target_cfg["text_config"]["num_hidden_layers"])
-    dc = drafter_config_from_sglang(cfg_json, layers)
+    family, dc = exported_config(cfg_json, layers, trained_algorithm(d))
     if target_embed is None:
         target_embed = _target_tensor(model_dir, ("model.embed_tokens.weight", "embed_tokens.weight"))
-    if dc.is_eagle3:
-        model: Drafter = Eagle3Drafter(dc)
-    else:
-        if target_lm_head is None:
-            target_lm_head = _target_tensor(model_dir, ("lm_head.weight", "model.embed_tokens.weight"))
-        model = Eagle1Drafter(dc, target_lm_head.float())
+    if family.uses_target_head and target_lm_head is None:
+        target_lm_head = _target_tensor(model_dir, ("lm_head.weight", "model.embed_tokens.weight"))
+    model: Drafter = family.new_module(dc, target_lm_head)
     with torch.no_grad():
         model.embed_tokens.weight.copy_(target_embed.to(model.embed_tokens.weight.dtype))
-    load_drafter_state(model, _drafter_state(d, dc, target_embed), d / WEIGHTS_FILE)
+    fmt = family.architectures[cfg_json["architectures"][0]]
+    load_drafter_state(model, _drafter_state(d, fmt, family, dc, target_embed), d / WEIGHTS_FILE)
     model = _cast_keeping_rope_fp32(model, torch.device(device), dtype).eval().requires_grad_(False)
-    hot = None
-    if (d / TOKEN_MAP_FILE).exists() and not dc.is_eagle3:
-        hot = torch.as_tensor(torch.load(d / TOKEN_MAP_FILE, weights_only=True), dtype=torch.long, device=device)
-    return LoadedDrafter(model, dc, hot)
+    hot = family.hot_token_ids(d)
+    return LoadedDrafter(model, dc, None if hot is None else hot.to(device))

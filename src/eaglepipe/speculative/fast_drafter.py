@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..families.registry import family_of
 from ..models.eagle3 import Eagle3Drafter
 
 
@@ -21,8 +22,8 @@ class FastDrafter:
         from ..engine import kernels
 
         cfg = drafter.config
-        if not cfg.is_eagle3:
-            raise ValueError(f"the fast drafter path needs an EAGLE-3/3.1 drafter, got {cfg.algorithm}")
+        if not family_of(cfg).has_fast_step(cfg):
+            raise ValueError(f"the fast drafter path has no form of a {cfg.algorithm} drafter's step")
         self.kernels = kernels
         self.drafter = drafter
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

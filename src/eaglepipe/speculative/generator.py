@@ -27,6 +27,7 @@ from ..config.schema import EngineOptions
 from ..engine.model import LlamaRunner
 from ..engine.options import resolve_options
 from ..engine.sampling import SamplingParams, filtered_probs, make_generator, sample_rows
+from ..families.registry import family_of
 from .accept import greedy_accept, sample_accept_row
 from .config import SpecConfig
 from .drafter_loader import LoadedDrafter, load_exported_drafter
@@ -34,6 +35,8 @@ from .steps import RoundSteps, emitted_tokens, kernels_fit
 from .tree import VerifyTree
 
 OnTokens = Callable[[list[int]], bool]
+# the device side of a round for each family's `draft_round`
+ROUNDS = {"sequential": RoundSteps}
 
 
 @dataclass
@@ -108,7 +111,11 @@ class SpeculativeGenerator:
             raise ValueError(f"the drafter's vocab ({self.loaded.config.vocab_size}) differs from the target's "
                              f"({runner.shapes.vocab_size})")
         fast = self.options.token_path and kernels_fit(self.loaded, self.spec)
-        self.steps = RoundSteps(runner, self.loaded, self.spec, fast)
+        draft_round = family_of(self.loaded.config).draft_round
+        if draft_round not in ROUNDS:
+            raise ValueError(f"no speculative round drafts as {draft_round!r} (a {self.loaded.config.algorithm} "
+                             f"drafter); the rounds are {sorted(ROUNDS)}")
+        self.steps = ROUNDS[draft_round](runner, self.loaded, self.spec, fast)
         self.stats = SpecStats(accepted_at=[0] * self.spec.num_steps)
         self.round_graph = None
         if self.options.graph_rounds:

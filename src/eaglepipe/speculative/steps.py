@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.model import LlamaRunner, rms_norm
+from ..families.registry import family_of
 from .accept import chain_accept, greedy_accept_device, path_nodes
 from .config import SpecConfig
 from .draft_runner import DraftRunner
@@ -20,9 +21,9 @@ from .tree import Candidates, VerifyTree, draft_logprobs, expand, grow, select_t
 
 
 def kernels_fit(loaded: LoadedDrafter, spec: SpecConfig) -> bool:
-    """Whether the drafter can take the fast path: an EAGLE-3/3.1 drafter whose draft vocabulary and top-k fit the
-    top-k kernel (a chain needs no top-k)."""
-    if not loaded.config.is_eagle3:
+    """Whether the drafter can take the fast path: its family's step has the Triton form (EAGLE-3/3.1), and its
+    draft vocabulary and top-k fit the top-k kernel (a chain needs no top-k)."""
+    if not family_of(loaded.config).has_fast_step(loaded.config):
         return False
     if spec.topk == 1:
         return True
@@ -37,10 +38,9 @@ class RoundSteps:
     def __init__(self, runner: LlamaRunner, loaded: LoadedDrafter, spec: SpecConfig, fast: bool):
         self.runner, self.loaded, self.spec = runner, loaded, spec
         self.drafter = loaded.model
-        self.eagle3 = loaded.config.is_eagle3
+        self.family = family_of(loaded.config)
         self.chain = spec.topk == 1
-        self.capture = runner.check_capture_layers(list(loaded.config.aux_layers) if self.eagle3
-                                                   else [runner.shapes.num_layers])
+        self.capture = runner.check_capture_layers(list(loaded.config.aux_layers))
         capacity = runner.max_len + spec.num_steps * spec.topk + spec.num_steps + 2
         self.draft = DraftRunner(self.drafter, runner.max_slots, capacity, runner.device, runner.dtype, fast=fast)
         self.kernels = None
@@ -54,7 +54,7 @@ class RoundSteps:
         self._chain_parents = (self._cols[:n] - 1).clamp(min=0)
         self._chain_ancestors = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
         self._cand_depths = torch.tensor([1] * k + [d + 1 for d in range(1, steps) for _ in range(k * k)], device=dev)
-        self._d2t = getattr(self.drafter, "d2t", None) if self.eagle3 else None
+        self._d2t = getattr(self.drafter, "d2t", None)  # None: the drafter drafts target ids
         # the root's place in a tree expansion by the kernels: score 0, no parent candidate, no scratch node seen
         self._root_scores = torch.zeros(runner.max_slots, 1, device=dev)
         self._root_cand = torch.full((runner.max_slots, 1), -1, dtype=torch.long, device=dev)
@@ -67,11 +67,13 @@ class RoundSteps:
 
     # ------------------------------------------------------------------ the drafter's input and log-probs
     def draft_input(self, aux: torch.Tensor) -> torch.Tensor:
-        """What the drafter is fed from the target's captured layers: their fusion (EAGLE-3) or the final post-norm
-        hidden state (EAGLE-1/2, as the target's lm_head consumes it and as SGLang hands it over)."""
-        if self.eagle3:
-            return self.drafter.fuse(aux)
-        return rms_norm(aux, self.runner.weights.norm, self.runner.shapes.rms_norm_eps)
+        """What the drafter is fed from the target's captured layers, as its family says: their fusion (EAGLE-3) or
+        the final post-norm hidden state (EAGLE-1/2, as the target's lm_head consumes it and as SGLang hands it
+        over)."""
+        return self.family.draft_input(self.drafter, aux, self._final_norm)
+
+    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden, self.runner.weights.norm, self.runner.shapes.rms_norm_eps)
 
     def draft_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """The PyTorch path's fp32 log-probabilities of the drafter's logits over the ids it may propose."""

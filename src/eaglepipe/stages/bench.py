@@ -19,7 +19,7 @@ from ..bench.metrics import PointSummary, overall_metrics
 from ..bench.plots import write_plots
 from ..bench.prompts import load_prompts
 from ..bench.report import summary_table, write_outputs
-from ..bench.sglang import SglangLauncher, drafter_algorithm, serve_command, sweep_commands
+from ..bench.sglang import SglangLauncher, drafter_family, serve_command, sweep_commands
 from ..bench.sweep import run_sweep
 from ..config import Config, EngineOptions
 from ..target.info import load_tokenizer, resolve_model_dir
@@ -93,7 +93,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
         raise StageError(str(e)) from e
     drafter = measured_drafter(cfg, args.export, target_dir)
     draft_dir = drafter.path
-    algorithm = drafter_algorithm(draft_dir)
+    algorithm = drafter_family(draft_dir).name
     target_name, _ = verifier_identity(target_dir, cfg.export.verifier_name)
     if cfg.bench.engine == "sglang" and cfg.bench.sglang.dry_run:
         print("\n".join(sweep_commands(target_name, draft_dir, cfg.export.dtype, cfg.bench)))

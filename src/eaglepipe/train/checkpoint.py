@@ -51,10 +51,8 @@ def save_checkpoint(root: Path, name: str, drafter: Drafter, optimizer: torch.op
     final = root / "checkpoints" / name
     with atomic_dir(final) as tmp:
         save_drafter(drafter, tmp)
-        vocab = {"d2t": drafter.d2t.cpu(), "t2d": drafter.t2d.cpu()} if drafter.config.is_eagle3 else \
-            {"d2t": torch.zeros(drafter.config.vocab_size, dtype=torch.long),
-             "t2d": torch.ones(drafter.config.vocab_size, dtype=torch.bool)}
-        save_file(vocab, str(tmp / "vocab.safetensors"))
+        d2t, t2d = drafter.vocab_maps()
+        save_file({"d2t": d2t, "t2d": t2d}, str(tmp / "vocab.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")

@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from ..families.registry import family_of
 from ..models.config import DrafterConfig
 from .batches import Batch
 
@@ -33,7 +34,7 @@ def drafter_flops(cfg: DrafterConfig, tokens: int, pairs: int, logit_rows: int, 
     h, i = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     in_dim = 2 * h
-    fuse = 2 * len(cfg.aux_layers) * cfg.target_hidden_size * h * tokens if cfg.is_eagle3 else 0
+    fuse = family_of(cfg).fuse_flops(cfg) * tokens
     layer = 2 * (in_dim * (q + 2 * kv) + q * h + 3 * h * i) * tokens
     attn = sum(4 * q * (pairs + k * tokens) for k in range(ttt_steps))
     head = 2 * h * cfg.draft_vocab_size * logit_rows

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..config import Config, fingerprint, to_dict
+from ..families.registry import family_of
 from ..models.target import TargetWithAux
 from ..utils.atomic import atomic_write_json, remove_stale_temps
 from ..utils.device import pick_device
@@ -102,17 +103,17 @@ class Trainer:
         model = load_target_model(paths.target, torch.device("cpu") if offline else self.device,
                                   torch.float32 if offline or not bf16 else torch.bfloat16, tc.attn_impl)
         self.drafter = initial_drafter(cfg, self.info, model, d2t, t2d, tc.init_from).to(self.device)
-        self.eagle3 = self.drafter.config.is_eagle3
-        self.draft_ids = (torch.arange(len(self.drafter.d2t), device=self.device) + self.drafter.d2t) \
-            if self.eagle3 else None
+        self.family = family_of(self.drafter.config)
+        label_ids = self.family.label_ids(d2t)
+        self.label_ids = None if label_ids is None else label_ids.to(self.device)
         if tc.compile and self.device.type == "cuda":  # fuse the drafter layer's elementwise work (opt-in)
-            layer = self.drafter.midlayer if self.eagle3 else self.drafter.layers[0]
-            layer.project = torch.compile(layer.project, dynamic=False)
-            layer.finish = torch.compile(layer.finish, dynamic=False)
+            for layer in self.drafter.draft_layers():
+                layer.project = torch.compile(layer.project, dynamic=False)
+                layer.finish = torch.compile(layer.finish, dynamic=False)
         self.cache: Optional[OfflineCache] = None
         if offline:
             self.cache = OfflineCache(paths.hidden, {"train": self.train_samples, "val": self.val_samples},
-                                      self.eagle3, self.drafter.config.aux_layers)
+                                      self.family, self.drafter.config.aux_layers)
             del model
         else:
             self.target = TargetWithAux(model, self.drafter.config.aux_layers)
@@ -185,7 +186,7 @@ class Trainer:
         """Drafter inputs and labels for one micro-batch (online: the target runs here; offline: the cache)."""
         if self.cache is not None:
             return self.cache.features(batch, split, self.device)
-        return online_features(self.target, batch, self.draft_ids, self.eagle3)
+        return online_features(self.target, batch, self.family, self.label_ids)
 
     def _micro(self, rows: list[list[int]], samples: list[dict]) -> Batch:
         return collate([[samples[i] for i in row] for row in rows], self.cfg.train.ttt_steps,

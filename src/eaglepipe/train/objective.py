@@ -3,8 +3,9 @@
 Step k (0..K-1) feeds the drafter's step-(k-1) state (step 0: the fused target features), tokens shifted
 left by k and RoPE positions t+k; attention is step-0 keys (causal, same document) plus the diagonal keys
 of steps 1..k (see ttt_attention). Loss = sum_k decay^k * sum_{supervised slots} CE_k / denominator_k, where
-CE is `loss` (draft_losses: soft cross-entropy or an LK loss) against softmax(target logits over the draft
-vocab) (EAGLE-3) and, for EAGLE-1, w_h * hidden regression + w_t * that loss over the full vocab. `denominator_k` is the number of
+CE is `loss` (draft_losses: soft cross-entropy or an LK loss) against softmax(target logits over the family's
+label columns: EAGLE-3's draft vocab, EAGLE-1's whole vocab); the drafter family may add a term to each step's loss
+(`step_loss`: EAGLE-1's w_h * hidden regression + w_t * that loss). `denominator_k` is the number of
 supervised slots of step k in the whole optimizer step (all micro-batches and ranks), so gradient
 accumulation and data parallelism give exactly the gradient of one big batch. Slots whose target argmax is
 outside the draft vocab contribute no loss with out_of_vocab=drop (they still count in the denominator,
@@ -24,11 +25,12 @@ of first turns such as MT-bench's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from ..families.registry import family_of
 from .batches import Batch
 from .draft_losses import draft_loss
 from .ttt_attention import Step0Fn, ttt_attention
@@ -51,8 +53,8 @@ class Objective:
 
 @dataclass
 class Labels:
-    """Target outputs at `batch.label_pos`: logits over the draft vocab [N, V_d], full-vocab argmax [N],
-    and (EAGLE-1) the target's final post-norm feature [N, H]."""
+    """Target outputs at `batch.label_pos`: logits over the family's label columns [N, V_d], full-vocab argmax
+    [N], and the family's `regression_targets` (EAGLE-1: the target's final post-norm feature [N, H])."""
 
     logits: torch.Tensor
     argmax: torch.Tensor
@@ -92,20 +94,15 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Unroll the drafter over `objective.ttt_steps` steps; returns (loss, metric sums as tensors).
 
-    `features`: fused aux features [B, T, H] (EAGLE-3, output of drafter.fuse) or the target's last
-    hidden state (EAGLE-1). Metric sums (no GPU sync): loss_k, count_k, correct_k, prefix_k per step,
-    `slots` (supervised slots at step 0) for the simulated acceptance length, and `rounds`/`round_tokens` of
-    the replayed verification rounds (see `replay_rounds`), over all answers and (`_first`) first answers.
+    `features`: the step-0 state [B, T, H] (drafter.fuse of the family's target features). Metric sums (no GPU
+    sync): loss_k, count_k, correct_k, prefix_k per step, `slots` (supervised slots at step 0) for the simulated
+    acceptance length, and `rounds`/`round_tokens` of the replayed verification rounds (see `replay_rounds`), over
+    all answers and (`_first`) first answers.
     """
-    cfg = drafter.config
-    eagle3 = cfg.is_eagle3
-    layer = drafter.midlayer if eagle3 else drafter.layers[0]
+    family = family_of(drafter.config)
     b, t = batch.input_ids.shape
     dev = features.device
-    if eagle3:
-        in_vocab = drafter.t2d[labels.argmax]
-    else:
-        in_vocab = torch.ones_like(labels.argmax, dtype=torch.bool)
+    in_vocab = drafter.in_draft_vocab(labels.argmax)
     keep = in_vocab if objective.out_of_vocab == "drop" else torch.ones_like(in_vocab)
     hidden = features
     keys, values = [], []
@@ -113,25 +110,15 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
     sums: dict[str, torch.Tensor] = {}
     prefix = torch.ones(b * t, dtype=torch.bool, device=dev)
     accepted = torch.zeros(b * t, dtype=torch.long, device=dev)  # drafts a round starting at slot t accepts
+    attend = partial(_ttt_attend, keys, values, step0)
     for k in range(objective.ttt_steps):
-        x = drafter.layer_input(batch.step_ids[k], hidden)
-        cos, sin = drafter.rotary(x, batch.position_ids + k)
-        q, kk, v = layer.project(x, cos, sin)
-        keys.append(kk)
-        values.append(v)
-        attn = ttt_attention(q, keys, values, step0)
-        out = layer.finish(attn, hidden if eagle3 else x)
+        out = drafter.layer_forward(batch.step_ids[k], hidden, batch.position_ids + k, attend)
         slots, rows = batch.step_slots[k], batch.step_rows[k]
         picked = out.reshape(b * t, -1).index_select(0, slots)
         logits = drafter.logits(picked)
         row_keep = keep.index_select(0, rows)
         ce, alpha = draft_loss(logits, labels.logits.index_select(0, rows), objective.loss, objective.lk_eta)
-        step_loss = (ce * row_keep).sum()
-        if not eagle3:
-            diff = picked.float() - labels.features.index_select(0, rows).float()
-            reg = F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none") \
-                if objective.hidden_loss == "smooth_l1" else diff.pow(2)
-            step_loss = objective.token_loss_weight * step_loss + objective.hidden_loss_weight * reg.mean(-1).sum()
+        step_loss = family.step_loss(objective, (ce * row_keep).sum(), picked, labels, rows)
         if denominators[k] > 0:
             total = total + (objective.step_weight_decay ** k) * step_loss / denominators[k]
         with torch.no_grad():
@@ -157,6 +144,14 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
         rounds, tokens = replay_rounds(accepted, supervised & batch.first_answer, t)
         sums["rounds_first"], sums["round_tokens_first"] = rounds.float(), tokens.float()
     return total, sums
+
+
+def _ttt_attend(keys: list[torch.Tensor], values: list[torch.Tensor], step0: Step0Fn, q: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A TTT step's attention: its keys and values join those of the earlier steps (see ttt_attention)."""
+    keys.append(k)
+    values.append(v)
+    return ttt_attention(q, keys, values, step0)
 
 
 def metric_keys(ttt_steps: int) -> list[str]:

@@ -1,9 +1,10 @@
 """Offline mode: cache the target's features and labels once (hidden_states stage), then train from it.
 
 Layout of `hidden/`: `manifest.json` and `<split>-NNNNN.safetensors` shards. Per sample j of a shard:
-`feat.j` (EAGLE-3: aux hidden states [L, n*H]; EAGLE-1: post-norm last hidden [L, H]), `argmax.j` (full-vocab
-target argmax at the sample's supervised positions [n]) and either `logits.j` ([n, V_d]; EAGLE-1: [n, V]) or,
-with train.offline_topk = k > 0, `topv.j`/`topi.j` ([n, k] values and column ids). The work happens in
+`feat.j` (the drafter family's `target_features` [L, F]: EAGLE-3's aux hidden states [L, n*H], EAGLE-1's
+post-norm last hidden state [L, H]), `argmax.j` (full-vocab target argmax at the sample's supervised positions
+[n]) and either `logits.j` (over the family's label columns: EAGLE-3's draft vocab [n, V_d], EAGLE-1's whole
+vocab [n, V]) or, with train.offline_topk = k > 0, `topv.j`/`topi.j` ([n, k] values and column ids). The work happens in
 results/<exp>/.work/hidden_states/<fingerprint>/ (resumable per shard) and is then published.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..config import Config, fingerprint
+from ..families.base import DrafterFamily
+from ..families.registry import family_named
 from ..models.target import TargetWithAux
 from ..utils.atomic import atomic_dir, atomic_write_json
 from ..utils.device import compute_dtype, pick_device
@@ -53,16 +56,16 @@ def build_cache(cfg: Config, target_dir: Path, tokens_dir: Path, vocab_dir: Path
     info = target_info(target_dir)
     d2t, t2d = load_vocab(vocab_dir)
     check_config_against_target(cfg, info, len(d2t), len(t2d))
-    eagle3 = tc.algorithm in ("eagle3", "eagle3.1")
-    aux_layers = list(cfg.target.aux_layers or info["aux_layers"]) if eagle3 else [int(info["num_layers"])]
+    family = family_named(tc.algorithm)
+    aux_layers = family.target_layers(cfg.target.aux_layers, info)
     splits = {s: read_tokens(tokens_dir, s) for s in ("train", "val")}
     device = pick_device(cfg.device)
     dtype = compute_dtype(device)
     elem = torch.finfo(dtype).bits // 8
-    h = int(info["hidden_size"])
-    label_cols = len(d2t) if eagle3 else int(info["vocab_size"])
-    feat_dim = len(aux_layers) * h if eagle3 else h
-    manifest = {"mode": "offline", "algorithm_family": "eagle3" if eagle3 else "eagle1", "aux_layers": aux_layers,
+    label_ids = family.label_ids(d2t)
+    label_cols = int(info["vocab_size"]) if label_ids is None else len(label_ids)
+    feat_dim = len(aux_layers) * int(info["hidden_size"])
+    manifest = {"mode": "offline", "algorithm_family": family.name, "aux_layers": aux_layers,
                 "topk": tc.offline_topk, "label_cols": label_cols, "dtype": str(dtype).replace("torch.", ""),
                 "splits": {s: len(v) for s, v in splits.items()}, "shard_samples": SHARD_SAMPLES,
                 "d2t_sha": fingerprint(d2t.tolist())}
@@ -82,14 +85,14 @@ def build_cache(cfg: Config, target_dir: Path, tokens_dir: Path, vocab_dir: Path
                       f"are free at {work}; free space, reduce data, set train.offline_topk, or use train.mode=online")
     model = load_target_model(target_dir, device, dtype, tc.attn_impl)
     target = TargetWithAux(model, aux_layers)
-    draft_ids = (torch.arange(len(d2t)) + d2t).to(device) if eagle3 else None
+    label_ids = None if label_ids is None else label_ids.to(device)
     total = sum(-(-len(v) // SHARD_SAMPLES) for v in splits.values())
     bar = tqdm(total=total, desc="hidden_states", disable=None)
     for split, samples in splits.items():
         for i in range(0, len(samples), SHARD_SAMPLES):
             path = work / _shard_name(split, i // SHARD_SAMPLES)
             if not path.exists():
-                _write_shard(path, samples[i:i + SHARD_SAMPLES], target, draft_ids, eagle3, tc.offline_topk,
+                _write_shard(path, samples[i:i + SHARD_SAMPLES], target, label_ids, family, tc.offline_topk,
                              tc.micro_batch_size, device)
             bar.update(1)
     bar.close()
@@ -99,15 +102,15 @@ def build_cache(cfg: Config, target_dir: Path, tokens_dir: Path, vocab_dir: Path
         atomic_write_json(tmp / "manifest.json", manifest)
 
 
-def _write_shard(path: Path, samples: list[dict], target: TargetWithAux, draft_ids: Optional[torch.Tensor],
-                 eagle3: bool, topk: int, micro: int, device: torch.device) -> None:
+def _write_shard(path: Path, samples: list[dict], target: TargetWithAux, label_ids: Optional[torch.Tensor],
+                 family: DrafterFamily, topk: int, micro: int, device: torch.device) -> None:
     from .features import online_features
 
     tensors: dict[str, torch.Tensor] = {}
     for start in range(0, len(samples), micro):
         group = samples[start:start + micro]
         batch = collate([[s] for s in group], ttt_steps=1).to(device)
-        feats, labels = online_features(target, batch, draft_ids, eagle3)
+        feats, labels = online_features(target, batch, family, label_ids)
         t = batch.input_ids.shape[1]
         row_of_label = batch.label_pos // t
         for b, s in enumerate(group):
@@ -136,13 +139,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 class OfflineCache:
     """Reads the cache for training; `features(batch)` mirrors `online_features`."""
 
-    def __init__(self, hidden_dir: Path, samples: dict[str, list[dict]], eagle3: bool, aux_layers: list[int]) -> None:
+    def __init__(self, hidden_dir: Path, samples: dict[str, list[dict]], family: DrafterFamily,
+                 aux_layers: list[int]) -> None:
         self.dir = hidden_dir
+        self.family = family
         self.manifest: dict[str, Any] = json.loads((hidden_dir / "manifest.json").read_text())
         m = self.manifest
         if m.get("mode") != "offline":
             raise ValueError(f"{hidden_dir} is not an offline cache (mode={m.get('mode')})")
-        if (m["algorithm_family"] == "eagle3") != eagle3 or (eagle3 and m["aux_layers"] != list(aux_layers)):
+        if m["algorithm_family"] != family.name or m["aux_layers"] != list(aux_layers):
             raise ValueError(f"{hidden_dir} was cached for {m['algorithm_family']} with aux layers {m['aux_layers']}; "
                              "rerun the hidden_states stage for this config")
         for split, rows in samples.items():
@@ -180,11 +185,9 @@ class OfflineCache:
                 start += f.shape[0]
                 argmax.append(self._get(path, f"argmax.{j}"))
                 logits.append(self._labels(path, j))
-        lab = Labels(logits=torch.cat(logits).to(device), argmax=torch.cat(argmax).to(device))
         feats = feats.to(device)
-        if self.manifest["algorithm_family"] == "eagle1":
-            lab.features = feats.reshape(b * t, -1).index_select(0, batch.label_pos.to(device))
-        return feats, lab
+        return feats, Labels(logits=torch.cat(logits).to(device), argmax=torch.cat(argmax).to(device),
+                             features=self.family.regression_targets(feats, batch.label_pos.to(device)))
 
     def _labels(self, path: Path, j: int) -> torch.Tensor:
         if not self.manifest["topk"]:

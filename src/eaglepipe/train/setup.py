@@ -1,6 +1,7 @@
 """Loading and checking what training needs: target, vocab, data, and the drafter to start from."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -9,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import Config, ConfigError
-from ..models.build import Drafter, canonical_state, load_drafter_state, new_drafter, read_sglang_config
+from ..export.layout import CONFIG_FILE, DRAFTER_CONFIG_FILE, WEIGHTS_FILE
+from ..families.registry import export_family, family_named
+from ..models.build import Drafter, load_drafter_state, new_drafter
 from ..models.config import DrafterConfig
 from ..target.info import describe_model, read_target_info, resolve_model_dir
 
@@ -24,16 +27,11 @@ def target_info(target: Path) -> dict[str, Any]:
 
 
 def check_config_against_target(cfg: Config, info: dict[str, Any], draft_vocab: int, map_vocab: int) -> None:
-    """Reject configs the target cannot support, before any work (`map_vocab` = len(t2d))."""
-    if cfg.train.algorithm in ("eagle3", "eagle3.1") and draft_vocab > int(info["vocab_size"]):
-        raise ConfigError(f"the draft vocab ({draft_vocab}) is bigger than the target's vocab ({info['vocab_size']})")
+    """Reject configs the target cannot support, before any work (`map_vocab` = len(t2d)); the drafter family
+    checks its own needs."""
+    family_named(cfg.train.algorithm).check_target(info, draft_vocab, cfg.target.aux_layers or info["aux_layers"])
     if map_vocab != int(info["vocab_size"]):
         raise ConfigError(f"the vocab map covers {map_vocab} target tokens but the target has {info['vocab_size']}")
-    n = int(info["num_layers"])
-    aux = cfg.target.aux_layers or info["aux_layers"]
-    if cfg.train.algorithm in ("eagle3", "eagle3.1") and not all(1 <= i <= n - 1 for i in aux):
-        raise ConfigError(f"target.aux_layers={list(aux)}: SGLang and vLLM capture h[1]..h[{n - 1}] of a {n}-layer "
-                          "target, so the export would be rejected")
     limit = int(info["max_position_embeddings"])
     if cfg.data.seq_length > limit:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds the target's max_position_embeddings={limit}")
@@ -51,41 +49,52 @@ def load_target_model(target: Path, device: torch.device, dtype: torch.dtype, at
 
 def initial_drafter(cfg: Config, info: dict[str, Any], model, d2t: torch.Tensor, t2d: torch.Tensor,
                     init_from: Optional[str]) -> Drafter:
-    """A new drafter (seeded), optionally initialised from our checkpoint or an SGLang EAGLE-3 export."""
+    """A new drafter (seeded), optionally initialised from our checkpoint or an export dir of the same family."""
+    family = family_named(cfg.train.algorithm)
     aux = cfg.target.aux_layers or info["aux_layers"]
     dcfg = DrafterConfig.from_target(info, cfg.train.algorithm, len(d2t), aux, cfg.train.intermediate_size)
     if init_from:
-        src = Path(init_from)
-        if (src / "drafter_config.json").exists():
-            dcfg = DrafterConfig.from_json(src / "drafter_config.json")
-        elif (src / "config.json").exists():
-            sg = read_sglang_config(src)
-            dcfg.intermediate_size = int(sg["intermediate_size"])
-            dcfg.draft_vocab_size = int(sg.get("draft_vocab_size", dcfg.draft_vocab_size))
-            dcfg.fc_norm = bool(sg.get("fc_norm", dcfg.fc_norm))
-            dcfg.norm_output = bool(sg.get("norm_output", dcfg.norm_output))
-        else:
-            raise ConfigError(f"train.init_from={init_from} is neither our checkpoint nor an SGLang export dir")
+        dcfg = init_config(Path(init_from), dcfg, int(info["num_layers"]))
         if dcfg.algorithm != cfg.train.algorithm or dcfg.hidden_size != int(info["hidden_size"]):
             raise ConfigError(f"train.init_from={init_from} is a {dcfg.algorithm} drafter of hidden size "
                               f"{dcfg.hidden_size}, not a {cfg.train.algorithm} one for this target")
-    if dcfg.is_eagle3:
+    if family.uses_draft_vocab:
         dcfg.draft_vocab_size = len(d2t)  # the vocab stage's draft vocab; a different one is carried over below
     emb = model.get_input_embeddings().weight.detach().float().cpu()
     head = model.get_output_embeddings().weight.detach().float().cpu()
     drafter = new_drafter(dcfg, emb, head, d2t, t2d, cfg.train.lm_head_init, seed=cfg.seed)
     if init_from:
-        weights = Path(init_from) / "model.safetensors"
-        state = canonical_state(load_file(str(weights)), dcfg.is_eagle3)
-        if dcfg.is_eagle3:
+        weights = Path(init_from) / WEIGHTS_FILE
+        state = family.canonical_state(load_file(str(weights)))
+        if family.uses_draft_vocab:
             state = adopt_draft_vocab(drafter, state)
         load_drafter_state(drafter, state, weights)
         log.info("initialised the drafter from %s", init_from)
     return drafter
 
 
+def init_config(src: Path, dcfg: DrafterConfig, target_layers: int) -> DrafterConfig:
+    """The config of the drafter to start from: our checkpoint's drafter_config.json, or `dcfg` with the fields
+    the family's `init_fields` names read from an export's config.json as its engine reads them."""
+    if (src / DRAFTER_CONFIG_FILE).exists():
+        return DrafterConfig.from_json(src / DRAFTER_CONFIG_FILE)
+    if not (src / CONFIG_FILE).exists():
+        raise ConfigError(f"train.init_from={src} is neither our checkpoint nor an export dir")
+    exported = json.loads((src / CONFIG_FILE).read_text())
+    family = family_named(dcfg.algorithm)
+    if export_family(exported, dcfg.algorithm) is not family:
+        raise ConfigError(f"train.init_from={src}: architectures {exported.get('architectures')} is not a "
+                          f"{dcfg.algorithm} drafter's (those are {sorted(family.architectures)})")
+    served = family.served_config(exported, family.architectures[exported["architectures"][0]], target_layers)
+    for k in family.init_fields:
+        if served[k] is not None:
+            setattr(dcfg, k, served[k])
+    return dcfg
+
+
 def adopt_draft_vocab(drafter: Drafter, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` (an EAGLE-3 drafter's weights) re-expressed in `drafter`'s draft vocab, the vocab stage's.
+    """`state` (the weights of a drafter with its own draft vocab) re-expressed in `drafter`'s draft vocab, the
+    vocab stage's.
 
     A drafter trained on other data usually has another draft vocab (d2t). Loading its d2t would silently
     override the vocab stage's, which the offline cache's labels and the vocab report were made with. Instead,

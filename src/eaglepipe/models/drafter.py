@@ -1,0 +1,70 @@
+"""`DraftModule`: what the TTT unroll and the speculative round call on any one-step drafter module, and the
+cached inference step built from its layer."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import DrafterConfig
+from .layers import Attend, DraftDecoderLayer, cached_attention
+
+
+class DraftModule(nn.Module):
+    """A drafter that turns one token and one state into the next state and draft logits per position."""
+
+    config: DrafterConfig
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's features [B, T, F] (the family's `target_features`) -> the step-0 state [B, T, H]."""
+        raise NotImplementedError
+
+    def layer_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+                      attend: Attend) -> torch.Tensor:
+        """The decoder layer's output [B, S, H] for tokens `input_ids` fed the states `hidden`, its attention
+        computed by `attend` (the TTT mask in training, the KV cache in inference)."""
+        raise NotImplementedError
+
+    def next_state(self, layer_out: torch.Tensor) -> torch.Tensor:
+        """What the next drafting step consumes."""
+        raise NotImplementedError
+
+    def logits(self, layer_out: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the drafter's vocabulary."""
+        raise NotImplementedError
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Map draft-vocab ids to target ids."""
+        raise NotImplementedError
+
+    def in_draft_vocab(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask: which target ids the drafter can propose."""
+        raise NotImplementedError
+
+    def vocab_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d2t, t2d) of the drafter's vocabulary, on the CPU (a checkpoint's vocab.safetensors)."""
+        raise NotImplementedError
+
+    def draft_layers(self) -> list[DraftDecoderLayer]:
+        """The decoder layers (compiled together in training)."""
+        raise NotImplementedError
+
+    def output(self, layer_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer output -> (state for the next step, draft logits)."""
+        return self.next_state(layer_out), self.logits(layer_out)
+
+    def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+             past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+             attn_mask: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One drafting step over S new tokens: (next state [B,S,H], logits [B,S,V_d], (k, v) incl. past)."""
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out, both = cached_attention(q, k, v, past_kv, attn_mask)
+            kv.append(both)
+            return out
+
+        nxt, logits = self.output(self.layer_forward(input_ids, hidden, position_ids, attend))
+        return nxt, logits, kv[0]
