@@ -17,10 +17,12 @@ What each part covers:
 - inference: what the drafter is fed from the target's captured layers at each step, whether its step has the
   token path's Triton form, and how a round drafts (`draft_round`).
 
-The drafter module a family builds has one decoder layer's interface (`layer_forward`, `step`, `fuse`, `logits`,
-`next_state`, `to_target_ids`, `in_draft_vocab`, `vocab_maps`, `draft_layers`; see models/eagle3.py), which the
-TTT unroll and the `sequential` round drive. A family that drafts a whole block in one forward (DFlash, P-EAGLE)
-names its own `draft_round`, implemented by the speculative package, and its own training objective.
+The drafter module a family builds is a `DraftModule` (models/drafter.py: `layer_forward`, `step`, `fuse`,
+`logits`, `next_state`, `to_target_ids`, `in_draft_vocab`, `vocab_maps`, `draft_layers`), which the `ttt`
+objective and the `sequential` round drive. A family that drafts a whole block in one forward (DFlash: several
+layers, the target's embedding and lm_head, a mask token; P-EAGLE: K drafts from a learned mask_hidden) names its
+own `objective` (train/module.py's OBJECTIVES) and `draft_round` (speculative/generator.py's ROUNDS), which the
+training and speculative packages implement with their kernels and metrics; everything else it answers here.
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ class DrafterFamily(ABC):
     init_fields: tuple[str, ...] = ("intermediate_size",)
     # SGLang's --speculative-algorithm for it (when "sglang" is among its formats)
     sglang_algorithm: str = ""
+    # how it trains: `ttt` = the test-time-training unroll of one-step drafts (train/objective.py)
+    objective: str = "ttt"
     # how a speculative round drafts: `sequential` = one drafter step per draft depth (a chain, or an EAGLE-2 tree)
     draft_round: str = "sequential"
 
