@@ -24,13 +24,12 @@ from typing import Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from eaglepipe.engine import Engine, EngineOptions, SamplingParams, resolve_options
+from eaglepipe.target.info import load_hf_model, resolve_model_dir
+from eaglepipe.utils.device import compute_dtype, pick_device
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args
 
-from eaglepipe.engine import Engine, EngineOptions, SamplingParams, resolve_options  # noqa: E402
-from eaglepipe.target.info import load_hf_model, resolve_model_dir  # noqa: E402
-from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402
-from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 QUESTIONS = [
     "Explain how a hash table works and when it performs badly.",

@@ -80,7 +80,8 @@ def table(ours: dict, nemo: dict, ours_points: dict, nemo_points: dict) -> str:
         if n is None:
             continue
         lines.append(f"| {name} | {o['tau']:.2f} | {n['tau']:.2f} | {o['tau'] / n['tau']:.2f}× | "
-                     f"{o['speedup']:.2f}× | {n['speedup']:.2f}× | {o['match_fraction']:.0%} / {n['match_fraction']:.0%} |")
+                     f"{o['speedup']:.2f}× | {n['speedup']:.2f}× | "
+                     f"{o['match_fraction']:.0%} / {n['match_fraction']:.0%} |")
     lines += ["", "| training | wall s | loop s | steps | real tok/s | peak GPU GiB |", "|---|---|---|---|---|---|"]
     for label, t in (("eaglepipe", ours), ("NeMo AutoModel 0.7.0", nemo)):
         lines.append(f"| {label} | {fmt(t['train_wall_s'], '.1f')} | {fmt(t['loop_s'], '.1f')} | {t['steps']} | "

@@ -31,17 +31,14 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
+from eaglepipe.engine.model import LlamaRunner
+from eaglepipe.engine.prefill_graphs import PrefillGraphs
+from eaglepipe.utils.device import pick_device
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args
+
+from decode import append_result_row, hardware_name, sync
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from decode import append_result_row, hardware_name, sync  # noqa: E402
-from eaglepipe.engine.model import LlamaRunner  # noqa: E402
-from eaglepipe.engine.prefill_graphs import PrefillGraphs  # noqa: E402
-from eaglepipe.utils.device import pick_device  # noqa: E402
-from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
 
 
 def timed_prefill(runner: LlamaRunner, prompts: list[list[int]]) -> float:
@@ -66,7 +63,8 @@ def first_vs_repeat(runner: LlamaRunner, lengths: list[int], vocab: int, rng: ra
     quarter = max(len(lengths) // 4, 1)
     med = lambda xs: round(statistics.median(xs), 2)  # noqa: E731
     return {"first_ms": first, "repeat_ms": again, "first_median_ms": med(first), "repeat_median_ms": med(again),
-            "first_median_ms_first_quarter": med(first[:quarter]), "first_median_ms_last_quarter": med(first[-quarter:])}
+            "first_median_ms_first_quarter": med(first[:quarter]),
+            "first_median_ms_last_quarter": med(first[-quarter:])}
 
 
 def padded_first_calls(runner: LlamaRunner, lengths: list[int], bucket: int, vocab: int,

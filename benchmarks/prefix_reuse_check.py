@@ -23,14 +23,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from eaglepipe.engine import Engine, SamplingParams
+from eaglepipe.utils.device import pick_device
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args
 
-from decode import append_result_row, engine_options_config, hardware_name  # noqa: E402
-from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
-from eaglepipe.utils.device import pick_device  # noqa: E402
-from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
+from decode import append_result_row, engine_options_config, hardware_name
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def user_message(conversation: int, turn: int, length: int, vocab: int) -> list[int]:

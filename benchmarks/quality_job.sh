@@ -15,7 +15,7 @@ STORE=${STORE:-logs/quality_job}
 PHASES=${PHASES:-h2h lk}
 N=${N:-6000}
 mkdir -p "$STORE/logs" "$STORE/data"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=src  # the box runs this checkout, eaglepipe not installed
 log() { echo "$(date +%T) $*" >> "$STORE/logs/job.txt"; }
 SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (torch $(python3 -c 'import torch; print(torch.__version__)'))"

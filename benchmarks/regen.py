@@ -31,22 +31,20 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from eaglepipe.data.json_stream import StreamReport, iter_json_array
+from eaglepipe.data.sources import packaged_sharegpt_path
+from eaglepipe.engine import Engine, SamplingParams
+from eaglepipe.engine.stats import PHASES, derived
+from eaglepipe.regen.client import ChatClient, Sampling
+from eaglepipe.regen.conversation import ConversationRejected, TurnPolicy, plan_turns, regenerate_conversation
+from eaglepipe.regen.launch import ServerProcess, format_command, free_port, native_command
+from eaglepipe.target.info import load_hf_model, load_tokenizer, resolve_model_dir
+from eaglepipe.utils.device import compute_dtype, pick_device
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args
 
-from decode import append_result_row, engine_options_config, hardware_name, sync  # noqa: E402
-from eaglepipe.data.json_stream import StreamReport, iter_json_array  # noqa: E402
-from eaglepipe.data.sources import packaged_sharegpt_path  # noqa: E402
-from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
-from eaglepipe.engine.stats import PHASES, derived  # noqa: E402
-from eaglepipe.regen.client import ChatClient, Sampling  # noqa: E402
-from eaglepipe.regen.conversation import (ConversationRejected, TurnPolicy, plan_turns,  # noqa: E402
-                                          regenerate_conversation)
-from eaglepipe.regen.launch import ServerProcess, format_command, free_port, native_command  # noqa: E402
-from eaglepipe.target.info import load_hf_model, load_tokenizer, resolve_model_dir  # noqa: E402
-from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402
-from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
+from decode import append_result_row, engine_options_config, hardware_name, sync
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def sharegpt_prompts(path: Path, n: int, tokenizer: Any, max_prompt_tokens: int

@@ -27,26 +27,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from eaglepipe.config import params_from_dict, to_dict
+from eaglepipe.config.schema import Config
+from eaglepipe.data.tokens_io import read_tokens, write_token_shards
+from eaglepipe.data.vocab import save_vocab
+from eaglepipe.engine import EngineOptions
+from eaglepipe.engine.model import LlamaRunner
+from eaglepipe.speculative import SpeculativeGenerator
+from eaglepipe.speculative.agreement import compare, replay_by_turn
+from eaglepipe.speculative.drafter_loader import exported_config, sglang_dir
+from eaglepipe.target.info import load_tokenizer, resolve_model_dir
+from eaglepipe.train.loop import Paths, Trainer
+from eaglepipe.train.setup import target_info
+from eaglepipe.utils.device import pick_device
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args
 
-from decode import append_result_row, engine_options_config, hardware_name  # noqa: E402
-from spec_decode import first_turn_prompts  # noqa: E402
-from eaglepipe.config import params_from_dict, to_dict  # noqa: E402
-from eaglepipe.config.schema import Config  # noqa: E402
-from eaglepipe.data.tokens_io import read_tokens, write_token_shards  # noqa: E402
-from eaglepipe.data.vocab import save_vocab  # noqa: E402
-from eaglepipe.engine import EngineOptions  # noqa: E402
-from eaglepipe.engine.model import LlamaRunner  # noqa: E402
-from eaglepipe.speculative import SpeculativeGenerator  # noqa: E402
-from eaglepipe.speculative.drafter_loader import exported_config, sglang_dir  # noqa: E402
-from eaglepipe.target.info import load_tokenizer, resolve_model_dir  # noqa: E402
-from eaglepipe.speculative.agreement import compare, replay_by_turn  # noqa: E402
-from eaglepipe.train.loop import Paths, Trainer  # noqa: E402
-from eaglepipe.train.setup import target_info  # noqa: E402
-from eaglepipe.utils.device import pick_device  # noqa: E402
-from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
+from decode import append_result_row, engine_options_config, hardware_name
+from spec_decode import first_turn_prompts
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def greedy_samples(target: Path, prompts: list[list[int]], max_new_tokens: int, eos: int,
@@ -124,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
             val = read_tokens(args.tokens, "val")[:args.val_samples]
             result["val_by_turn"] = replay_by_turn(trainer, val, k, caps=(None, args.max_new_tokens))
     print(json.dumps(result), flush=True)
-    results = REPO / "benchmarks" / "RESULTS.md" if args.results is None else (Path(args.results) if args.results else None)
+    results = (REPO / "benchmarks" / "RESULTS.md" if args.results is None
+               else (Path(args.results) if args.results else None))
     if results is not None:
         parts = []
         if "agreement" in result:

@@ -33,18 +33,17 @@ from typing import Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from eaglepipe.engine import Engine, SamplingParams
+from eaglepipe.speculative import SpecConfig, SpeculativeGenerator
+from eaglepipe.speculative.round_graph import RoundGraph
+from eaglepipe.target.info import load_tokenizer, resolve_model_dir
+from eaglepipe.utils.device import pick_device
+from eaglepipe.utils.engine_flags import options_from_args
 
-from decode import append_result_row, engine_options_config, hardware_name, sync, timed, warm_up  # noqa: E402
-from spec_decode import add_drafter_args, first_turn_prompts, parse_sweep, random_export  # noqa: E402
-from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
-from eaglepipe.speculative import SpecConfig, SpeculativeGenerator  # noqa: E402
-from eaglepipe.speculative.round_graph import RoundGraph  # noqa: E402
-from eaglepipe.target.info import load_tokenizer, resolve_model_dir  # noqa: E402
-from eaglepipe.utils.device import pick_device  # noqa: E402
-from eaglepipe.utils.engine_flags import options_from_args  # noqa: E402
+from decode import append_result_row, engine_options_config, hardware_name, sync, timed, warm_up
+from spec_decode import add_drafter_args, first_turn_prompts, parse_sweep, random_export
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def engine_wall(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, float, int, int]:
@@ -201,7 +200,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--top", type=int, default=6, help="kernel names listed per phase")
     ap.add_argument("--out", type=Path, default=None, help="write every point's JSON here")
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: 2 prompts, 8 tokens, 2 points")
-    ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.device, args.prompts, args.max_new_tokens, args.rounds, args.sweep = "cpu", 2, 8, 3, "2,1,3 2,2,3"

@@ -32,21 +32,19 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from eaglepipe.bench.drafter import checked_drafter
+from eaglepipe.bench.prompts import load_prompts, render_chat
+from eaglepipe.config import PromptsCfg
+from eaglepipe.engine import Engine, SamplingParams
+from eaglepipe.speculative import SpecConfig, SpeculativeGenerator
+from eaglepipe.target.info import load_hf_model, load_tokenizer, resolve_model_dir
+from eaglepipe.utils.cli import StageError
+from eaglepipe.utils.device import compute_dtype, pick_device
+from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args
 
-from decode import (append_result_row, bench_engine, bench_hf, engine_options_config, hardware_name,  # noqa: E402
-                    timed, warm_up)
-from eaglepipe.bench.drafter import checked_drafter  # noqa: E402
-from eaglepipe.bench.prompts import load_prompts, render_chat  # noqa: E402
-from eaglepipe.config import PromptsCfg  # noqa: E402
-from eaglepipe.engine import Engine, SamplingParams  # noqa: E402
-from eaglepipe.speculative import SpecConfig, SpeculativeGenerator  # noqa: E402
-from eaglepipe.target.info import load_hf_model, load_tokenizer, resolve_model_dir  # noqa: E402
-from eaglepipe.utils.cli import StageError  # noqa: E402
-from eaglepipe.utils.device import compute_dtype, pick_device  # noqa: E402
-from eaglepipe.utils.engine_flags import add_engine_flags, options_from_args  # noqa: E402
+from decode import append_result_row, bench_engine, bench_hf, engine_options_config, hardware_name, timed, warm_up
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_SWEEP = "3,1,4 5,1,6 7,1,8 4,2,8 5,4,8 6,8,32"
 
@@ -167,7 +165,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--hf-prompts", type=int, default=None,
                     help="time HF generate on the first N prompts only (it is ~30x slower than the engine)")
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: 2 prompts, 8 tokens, 2 points")
-    ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
     args = ap.parse_args(argv)
     if args.both_turns and not args.no_hf:
         ap.error("--both-turns times HF generate only at fixed lengths: add --no-hf")

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from eaglepipe.engine import EngineOptions
+from eaglepipe.engine.model import LlamaRunner
+from eaglepipe.target.info import load_tokenizer, resolve_model_dir
+from eaglepipe.utils.device import pick_device
 
-from decode import QUESTIONS, append_result_row, hardware_name  # noqa: E402
-from eaglepipe.engine import EngineOptions  # noqa: E402
-from eaglepipe.engine.model import LlamaRunner  # noqa: E402
-from eaglepipe.target.info import load_tokenizer, resolve_model_dir  # noqa: E402
-from eaglepipe.utils.device import pick_device  # noqa: E402
+from decode import QUESTIONS, append_result_row, hardware_name
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def check_prompt(fast: LlamaRunner, slow: LlamaRunner, prompt: list[int], steps: int) -> dict[str, int]:

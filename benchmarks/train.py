@@ -22,23 +22,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from eaglepipe.families.registry import family_of
+from eaglepipe.models.build import new_drafter
+from eaglepipe.models.config import DrafterConfig
+from eaglepipe.models.target import TargetWithAux
+from eaglepipe.target.info import default_aux_layers, resolve_model_dir
+from eaglepipe.train.batches import collate, pack_rows
+from eaglepipe.train.features import online_features
+from eaglepipe.train.flops import attention_pairs, drafter_flops, measure_matmul_peak, target_flops
+from eaglepipe.train.module import TTTModule
+from eaglepipe.train.objective import Objective
+from eaglepipe.train.ttt_attention import document_causal_mask, flex_step0, math_step0
+from eaglepipe.utils.device import pick_device
 
-from decode import append_result_row, hardware_name, sync  # noqa: E402  (shared RESULTS.md table writer)
-from eaglepipe.families.registry import family_of  # noqa: E402
-from eaglepipe.models.build import new_drafter  # noqa: E402
-from eaglepipe.models.config import DrafterConfig  # noqa: E402
-from eaglepipe.models.target import TargetWithAux  # noqa: E402
-from eaglepipe.target.info import default_aux_layers, resolve_model_dir  # noqa: E402
-from eaglepipe.train.batches import collate, pack_rows  # noqa: E402
-from eaglepipe.train.features import online_features  # noqa: E402
-from eaglepipe.train.flops import attention_pairs, drafter_flops, measure_matmul_peak, target_flops  # noqa: E402
-from eaglepipe.train.module import TTTModule  # noqa: E402
-from eaglepipe.train.objective import Objective  # noqa: E402
-from eaglepipe.train.ttt_attention import document_causal_mask, flex_step0, math_step0  # noqa: E402
-from eaglepipe.utils.device import pick_device  # noqa: E402
+from decode import append_result_row, hardware_name, sync  # shared RESULTS.md table writer
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = {  # configs of the public models (weights not needed)
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -157,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.smoke:
-        args.seq, args.steps, args.warmup, args.micro_batch, args.shapes, args.draft_vocab = 256, 2, 1, 2, "smollm2", 2048
+        args.seq, args.steps, args.warmup, args.micro_batch = 256, 2, 1, 2
+        args.shapes, args.draft_vocab = "smollm2", 2048
     device = pick_device("cpu" if args.smoke else "auto")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = measure_matmul_peak(device, dtype)
@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                               f"{row['real_tokens_per_s']:.0f} real tok/s, MFU {row['mfu']:.1%} "
                               f"(peak {row['peak_tflops']} TFLOP/s), mb {row['micro_batch']}x{args.seq}, "
                               f"ttt {args.ttt_steps}, draft vocab {row['draft_vocab']}"
-                              f"{', compiled' if row['compile'] else ''}, {row['max_mem_gib']} GiB", "NeMo AutoModel 0.7.0 (SmolLM2, issue 4): 11.3k tok/s mb1, "
-                              "22.6k tok/s mb4")
+                              f"{', compiled' if row['compile'] else ''}, {row['max_mem_gib']} GiB",
+                              "NeMo AutoModel 0.7.0 (SmolLM2, issue 4): 11.3k tok/s mb1, 22.6k tok/s mb4")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -4,13 +4,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 CACHE = Path(os.environ.get("EAGLEPIPE_TEST_CACHE", Path.home() / ".cache" / "eaglepipe-tests"))
 
 

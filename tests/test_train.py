@@ -20,7 +20,6 @@ from eaglepipe.data.tokens_io import write_token_shards
 from eaglepipe.data.vocab import build_vocab_maps, save_vocab
 from eaglepipe.train.loop import Paths, Trainer
 
-REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["the sea", "a red car", "bread", "winter", "music", "a small dog", "the moon", "chess", "rivers",
           "coffee"]
 
@@ -201,7 +200,6 @@ def test_init_from_another_draft_vocab_moves_lm_head_rows_to_this_vocab(conversa
 
 DDP_RUNNER = """
 import sys, json, torch
-sys.path.insert(0, {src!r})
 from pathlib import Path
 from eaglepipe.config import params_from_dict
 from eaglepipe.train.loop import Paths, Trainer
@@ -220,7 +218,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(conversation
     ddp = make_cfg(max_steps=3, micro_batch_size=2, pack=True, parallel=parallel, nproc_per_node=2)
     (tmp_path / "cfg.json").write_text(json.dumps(to_dict(ddp)))
     runner = tmp_path / "runner.py"
-    runner.write_text(DDP_RUNNER.format(src=str(REPO / "src"), cfg=str(tmp_path / "cfg.json")))
+    runner.write_text(DDP_RUNNER.format(cfg=str(tmp_path / "cfg.json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                     str(runner), str(conversations), str(sharp_target), str(tmp_path / "two" / "train")],

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from eaglepipe.config import to_dict
+
 from test_train import conversations, make_cfg, sharp_target  # noqa: F401  (fixtures)
 
-REPO = Path(__file__).resolve().parents[1]
 # log_every does not divide save_every: a run resumed from step 3 continues a half-filled log window
 SETTINGS = dict(max_steps=7, log_every=2, save_every=3, eval_every=3, keep_checkpoints=2, lr=5e-3)
 TIMINGS = {"tokens_per_s", "mfu"}
@@ -35,7 +35,6 @@ TIMINGS = {"tokens_per_s", "mfu"}
 KILL_RUNNER = """
 import json, os, re, signal, sys
 from pathlib import Path
-sys.path.insert(0, {src!r})
 points = [(event, re.compile(pattern)) for event, pattern in json.loads(sys.argv[4])]
 root = Path(sys.argv[3]).parent
 def die_before(event, args):
@@ -74,7 +73,7 @@ def run_training(conv: Path, target: Path, exp: Path, points: list[tuple[str, st
     """Train into `exp`/train in a new process killed at `points` (none: it runs to the end); its exit code."""
     cfg, runner = exp.parent / "cfg.json", exp.parent / "runner.py"
     cfg.write_text(json.dumps(to_dict(make_cfg(**SETTINGS))))
-    runner.write_text(KILL_RUNNER.format(src=str(REPO / "src"), cfg=str(cfg)))
+    runner.write_text(KILL_RUNNER.format(cfg=str(cfg)))
     proc = subprocess.run([sys.executable, str(runner), str(conv), str(target), str(exp / "train"),
                            json.dumps(points)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=600)

@@ -82,6 +82,9 @@ def compose_dict(overrides: Sequence[str] = (), config_dir: Path | None = None, 
     """
     from hydra.core.plugins import Plugins
 
+    # Hydra finds the schema plugin by importing the `hydra_plugins` namespace. An installed eaglepipe brings it;
+    # a checkout run uninstalled with PYTHONPATH=src (the GPU boxes, stage commands) has it at the repository root,
+    # which is on sys.path only when the working directory is the root, so it is added here.
     if str(REPO_ROOT) not in sys.path:
         sys.path.append(str(REPO_ROOT))
     Plugins.instance()  # registers the schemas from hydra_plugins/eaglepipe_schemas
