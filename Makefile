@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: install demo test test-slow test-slurm params dag clean-results
+.PHONY: install demo lint test test-slow test-slurm params dag clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,7 +37,12 @@ demo: $(STAMP)
 	@echo; cat results/$(EXP)/bench/README.md; echo; echo "Best SGLang command:"; cat results/$(EXP)/bench/best_command.txt
 	@echo; PYTHONPATH=src $(PY) -m eaglepipe.data.dropped results/$(EXP)
 
-test: $(STAMP)
+LINTED = src tests benchmarks hydra_plugins
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+
+test: $(STAMP) lint
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -17,10 +17,17 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from eaglepipe.bench.engines import ServerEngine, round_histogram
 from eaglepipe.bench.client import GenerateClient
-from eaglepipe.bench.metrics import (PointResult, Sample, match_fraction, overall_metrics, position_acceptance,
-                                     summarize, tau)
+from eaglepipe.bench.engines import ServerEngine, round_histogram
+from eaglepipe.bench.metrics import (
+    PointResult,
+    Sample,
+    match_fraction,
+    overall_metrics,
+    position_acceptance,
+    summarize,
+    tau,
+)
 from eaglepipe.bench.plots import write_plots
 from eaglepipe.bench.prompts import load_prompts, render_chat, turns_of
 from eaglepipe.bench.report import summary_table, sweep_csv, write_outputs

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import eaglepipe.data.json_stream as json_stream
 from eaglepipe.config import Config, ConfigError, DataCfg, SourceCfg, to_dict
 from eaglepipe.data.download import download
 from eaglepipe.data.json_stream import StreamReport, iter_json_array
 from eaglepipe.data.mix import allocate, choose_rows
 from eaglepipe.data.sources import packaged_sharegpt_path, read_files
-import eaglepipe.data.json_stream as json_stream
 
 CONVS = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"question {i} " + "x" * (i * 37)},
                                            {"from": "gpt", "value": f"answer {i}"}]} for i in range(40)]
@@ -219,8 +219,9 @@ def _run_download(tmp_path: Path, name: str, sources: list[dict], cache: Path) -
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "eaglepipe.stages.download", "--params", str(tmp_path / f"{name}.yaml"),
-                           "--out", str(tmp_path / name)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "eaglepipe.stages.download",
+                           "--params", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True)
 
 
 def _rows_by_source(out: Path) -> dict[str, list[tuple[int, str]]]:

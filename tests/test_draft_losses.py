@@ -7,7 +7,8 @@ import torch
 from eaglepipe.train.draft_losses import DRAFT_LOSSES, draft_loss
 
 
-def reference(draft: torch.Tensor, target: torch.Tensor, kind: str, eta: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(draft: torch.Tensor, target: torch.Tensor, kind: str,
+              eta: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The losses written out plainly in float64, differentiated by autograd."""
     q = torch.softmax(draft, -1)
     p = torch.softmax(target, -1)

@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from eaglepipe.engine import (Engine, LlamaRunner, PromptTooLongError, QueueFullError, SamplingParams,
-                              UnsupportedModelError)
+from eaglepipe.engine import (
+    Engine,
+    LlamaRunner,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+    UnsupportedModelError,
+)
 from eaglepipe.engine.sampling import filtered_probs
 
 

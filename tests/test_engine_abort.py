@@ -10,6 +10,7 @@ import pytest
 
 from eaglepipe.engine import Engine, SamplingParams, StreamDelta
 from eaglepipe.engine.engine import RequestAbortedError
+
 from test_export import export_to, make_checkpoint
 
 MAX_MODEL_LEN = 1024

@@ -74,8 +74,8 @@ def run_bench(params: Path, target: Path, out: Path) -> subprocess.CompletedProc
 @pytest.mark.parametrize("layer_prefix", ["layers.0.", "model.layers.0."])
 def test_nemo_style_drafter_validates_with_warnings_and_loads_as_the_original(
         our_export: Path, tiny_llama_dir: Path, tmp_path: Path, layer_prefix: str) -> None:
-    from eaglepipe.speculative.drafter_loader import load_exported_drafter
     from eaglepipe.export.validate import validate_export
+    from eaglepipe.speculative.drafter_loader import load_exported_drafter
 
     nemo = nemo_style(our_export, tiny_llama_dir, tmp_path / "nemo", layer_prefix)
     report = validate_export(nemo, tiny_llama_dir, strict=False)
@@ -106,8 +106,8 @@ def test_nemo_style_drafter_validates_with_warnings_and_loads_as_the_original(
 def test_a_draft_vocab_in_any_order_is_served_with_a_warning(our_export: Path, tiny_llama_dir: Path,
                                                              tmp_path: Path) -> None:
     """Both engines map draft id i to i + d2t[i] only, so a permuted vocab drafts the same target tokens."""
-    from eaglepipe.speculative.drafter_loader import load_exported_drafter
     from eaglepipe.export.validate import validate_export
+    from eaglepipe.speculative.drafter_loader import load_exported_drafter
 
     order = torch.randperm(512, generator=torch.Generator().manual_seed(3))
     nemo = nemo_style(our_export, tiny_llama_dir, tmp_path / "nemo", draft_order=order)
@@ -131,8 +131,8 @@ def test_a_draft_vocab_in_any_order_is_served_with_a_warning(our_export: Path, t
 
 def test_nemo_raw_depth_and_architecture_are_problems(our_export: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
     """NeMo's saved config copies the target's depth (30 for SmolLM2) and names its own class."""
-    from eaglepipe.speculative.drafter_loader import load_exported_drafter
     from eaglepipe.export.validate import validate_export
+    from eaglepipe.speculative.drafter_loader import load_exported_drafter
 
     deep = nemo_style(our_export, tiny_llama_dir, tmp_path / "deep", num_hidden_layers=30)
     report = validate_export(deep, tiny_llama_dir, strict=False)

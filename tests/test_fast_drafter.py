@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 from eaglepipe.engine import EngineOptions  # noqa: E402
+
 from test_draft_tree_kernels import tree_rows  # noqa: E402
 from test_round_graph import decode, fit_and_export, make_runner, runner, target_dir  # noqa: E402,F401
 from test_spec_decode import greedy_reference  # noqa: E402

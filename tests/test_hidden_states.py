@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from eaglepipe.config import to_dict
 from eaglepipe.stages.hidden_states import main
 from eaglepipe.train.loop import Paths, Trainer
+
 from test_train import conversations, make_cfg, sharp_target  # noqa: F401  (module fixtures)
 
 

@@ -46,7 +46,8 @@ def test_eagle3_parameter_names_are_the_sglang_names():
 def test_eagle1_layout_and_lm_head():
     d = _build("eagle1")
     names = set(d.state_dict())
-    assert {"fc.weight", "fc.bias", "layers.0.self_attn.q_proj.weight", "layers.0.post_attention_layernorm.weight"} <= names
+    assert {"fc.weight", "fc.bias", "layers.0.self_attn.q_proj.weight",
+            "layers.0.post_attention_layernorm.weight"} <= names
     assert not any("input_layernorm" in n or n.startswith("norm") or "lm_head" in n for n in names)
     x = torch.randn(1, 3, H)
     torch.testing.assert_close(d.logits(x), x @ d.lm_head_weight.t())

@@ -18,7 +18,8 @@ U, A, S = "user", "assistant", "system"
 
 GOOD = {
     "sharegpt": {"id": "g1", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
-                                               {"from": "human", "value": "Bye"}, {"from": "chatgpt", "value": "Bye."}]},
+                                               {"from": "human", "value": "Bye"},
+                                               {"from": "chatgpt", "value": "Bye."}]},
     "sharegpt_bing_bard": {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "user", "value": "Q"},
                                              {"from": "bing", "value": "A1"}, {"from": "human", "value": "Q2"},
                                              {"from": "bard", "value": "A2"}]},

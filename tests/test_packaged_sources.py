@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +17,8 @@ from eaglepipe.data.normalize import NormalizeStats, normalize_rows
 from eaglepipe.data.packaged_chitchat import read_chitchat
 from eaglepipe.data.packaged_evals import EXCLUDED, read_openai_evals
 from eaglepipe.data.sources import SourceRecords, package_dir
-from eaglepipe.stages import download as download_stage, normalize as normalize_stage
+from eaglepipe.stages import download as download_stage
+from eaglepipe.stages import normalize as normalize_stage
 
 EVAL_PROMPT_FILES = 562
 

@@ -417,7 +417,8 @@ def long_history_chat(chat_dir: Path) -> list[dict[str, Any]]:
         return " ".join(f"{tag}{i}" for i in range(n))
     long = [{"role": "system", "content": "Be brief."}]
     for k in range(4):
-        long += [{"role": "user", "content": words(f"q{k}x", 40)}, {"role": "assistant", "content": words(f"a{k}y", 20)}]
+        long += [{"role": "user", "content": words(f"q{k}x", 40)},
+                 {"role": "assistant", "content": words(f"a{k}y", 20)}]
     long += [{"role": "user", "content": "And finally?"}, {"role": "assistant", "content": "Done."}]
     rows = [{"id": "f:short", "source": "f", "messages": [{"role": "user", "content": "Hi?"},
                                                            {"role": "assistant", "content": "Hello."}]},

@@ -1,8 +1,8 @@
 """The static greedy round (`RoundGraph`, run eagerly on CPU: the body that CUDA captures), for chains and EAGLE-2
-trees, against the eager round (`SpeculativeGenerator.round`) and the target's plain greedy decode: same tokens, same acceptance statistics
-and verify counts, for EAGLE-3, EAGLE-3.1 and EAGLE-1 drafters, batch 1 and batches whose rows stop at different
-rounds, across context buckets and up to the end of the cache. Tree rounds accept paths that skip verify nodes
-(their K/V are compacted on the device) and children that are not their parent's first."""
+trees, against the eager round (`SpeculativeGenerator.round`) and the target's plain greedy decode: same tokens, same
+acceptance statistics and verify counts, for EAGLE-3, EAGLE-3.1 and EAGLE-1 drafters, batch 1 and batches whose
+rows stop at different rounds, across context buckets and up to the end of the cache. Tree rounds accept paths that
+skip verify nodes (their K/V are compacted on the device) and children that are not their parent's first."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from eaglepipe.engine import EngineOptions
+
 from test_export import export_to, make_checkpoint
 from test_spec_decode import fit_drafter, greedy_reference
 

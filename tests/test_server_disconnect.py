@@ -11,11 +11,11 @@ from typing import Any, Callable, Iterator
 
 import aiohttp
 import pytest
-
 from aiohttp import web
 
 from eaglepipe.regen.launch import ServerProcess, free_port
 from eaglepipe.server.serve import build_app, parse_args
+
 from test_server import call, running_server
 
 SLOTS = 4

@@ -2,7 +2,6 @@
 EAGLE-3.1 and EAGLE-1 chains and trees (batch 1 and batched), tree logic, and distribution-preserving sampling."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

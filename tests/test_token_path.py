@@ -11,7 +11,8 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 from eaglepipe.engine import EngineOptions  # noqa: E402
 from eaglepipe.engine.model import LlamaRunner  # noqa: E402
-from test_engine import tree_paths, tiny_variant, hf_greedy, hf_model, random_prompts  # noqa: E402
+
+from test_engine import hf_greedy, hf_model, random_prompts, tiny_variant, tree_paths  # noqa: E402
 from test_round_graph import PROMPTS, decode, exported, references, runner, target_dir  # noqa: E402,F401
 from test_spec_decode import greedy_reference  # noqa: E402
 
@@ -22,8 +23,8 @@ LLAMA3_ROPE = {"tie_word_embeddings": True,
                                    "original_max_position_embeddings": 64}}
 
 
-@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": None}),
-                                              ("llama", LLAMA3_ROPE)])
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("qwen2", {}), ("qwen3", {}),
+                                              ("mistral", {"sliding_window": None}), ("llama", LLAMA3_ROPE)])
 def test_token_path_greedy_equals_hf_and_the_torch_path(tmp_path, model_type, extra):
     model_dir = tiny_variant(tmp_path / model_type, model_type, **extra)
     fast = LlamaRunner(model_dir, device="cpu", max_slots=2, max_len=128, options=ON)

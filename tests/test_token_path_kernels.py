@@ -8,8 +8,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
-from eaglepipe.engine.kernels import (embed_hidden_linear, norm_gate_up, norm_linear,  # noqa: E402
-                                      rope_write_kv, virtual_attention)
+from eaglepipe.engine.kernels import embed_hidden_linear, norm_gate_up, norm_linear, rope_write_kv, virtual_attention  # noqa: E402
 from eaglepipe.speculative.kernels import topk_logprobs  # noqa: E402
 
 

@@ -133,7 +133,8 @@ def test_mark_supervised(chatml_tokenizer):
     masker = ChatMasker(chatml_tokenizer)
     s = masker.encode(CONVERSATIONS[1], 4096)
     marked = mark_supervised(chatml_tokenizer, s.input_ids, s.loss_mask)
-    assert "<|im_start|>assistant\n[[Autumn moonlight—\na worm digs silently\ninto the chestnut.<|im_end|>]]\n" in marked
+    assert ("<|im_start|>assistant\n[[Autumn moonlight—\na worm digs silently\n"
+            "into the chestnut.<|im_end|>]]\n") in marked
     assert marked.count("[[") == 1
 
 

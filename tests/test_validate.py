@@ -59,7 +59,8 @@ def _off_by_one(cfg: dict) -> None:
 
 
 def _shifted_aux(cfg: dict) -> None:
-    cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = [i + 1 for i in cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"]]
+    nested = cfg["eagle_config"]
+    nested["eagle_aux_hidden_state_layer_ids"] = [i + 1 for i in nested["eagle_aux_hidden_state_layer_ids"]]
     cfg["eagle_aux_hidden_state_layer_ids"] = [i + 1 for i in cfg["eagle_aux_hidden_state_layer_ids"]]
 
 
@@ -67,7 +68,8 @@ FAULTS = {
     "renamed key": ("sglang", _rename, None, ["unexpected tensor midlayer.hidden_layernorm.weight",
                                              "missing tensor midlayer.hidden_norm.weight"]),
     "wrong shape": ("sglang", _reshape, None, ["tensor fc.weight has shape [64, 128], expected [64, 192]"]),
-    "missing draft_vocab_size": ("sglang", None, lambda c: c.pop("draft_vocab_size"), ["draft_vocab_size must be present"]),
+    "missing draft_vocab_size": ("sglang", None, lambda c: c.pop("draft_vocab_size"),
+                                 ["draft_vocab_size must be present"]),
     "off-by-one aux ids": ("sglang", None, _off_by_one, ["aux ids disagree"]),
     "aux ids shifted in both conventions": ("sglang", None, _shifted_aux,
                                             ["aux_layers is [3, 4, 4] as SGLang reads this config, but the drafter "
@@ -79,7 +81,8 @@ FAULTS = {
     "vllm midlayer names": ("vllm", lambda s: s.__setitem__("midlayer.norm_x.weight", torch.ones(64)), None,
                             ["unexpected tensor midlayer.norm_x.weight"]),
     "rope_theta missing": ("sglang", None, lambda c: c.pop("rope_theta"), ["rope_theta must be written explicitly"]),
-    "shipped embedding": ("sglang", lambda s: s.__setitem__("embed_tokens.weight", torch.zeros(49152, 64, dtype=torch.bfloat16)),
+    "shipped embedding": ("sglang",
+                          lambda s: s.__setitem__("embed_tokens.weight", torch.zeros(49152, 64, dtype=torch.bfloat16)),
                           None, ["unexpected tensor embed_tokens.weight"]),
     "wrong dtype": ("sglang", lambda s: s.__setitem__("norm.weight", s["norm.weight"].float()), None,
                     ["tensor norm.weight is F32, expected BF16"]),
@@ -141,8 +144,8 @@ def test_cli_lists_all_problems_and_exits_nonzero(clean_export: Path, tiny_llama
     shifted = tmp_path / "shifted"
     shutil.copytree(clean_export, shifted)
     _edit_config(shifted / "sglang", _shifted_aux)
-    proc = subprocess.run([sys.executable, "-m", "eaglepipe.export.validate", str(shifted), "--target", str(tiny_llama_dir)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "eaglepipe.export.validate", str(shifted),
+                           "--target", str(tiny_llama_dir)], capture_output=True, text=True, env=env)
     assert proc.returncode == 1 and "as SGLang reads this config, but the drafter was trained with" in proc.stdout
     ok = subprocess.run([sys.executable, "-m", "eaglepipe.export.validate", str(clean_export), "--target",
                          str(tiny_llama_dir), "--json"], capture_output=True, text=True, env=env)

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from eaglepipe.data.vocab import (build_vocab_maps, count_supervised_tokens, coverage, coverage_curve, load_vocab,
-                                  save_vocab, select_draft_tokens)
+from eaglepipe.data.vocab import (
+    build_vocab_maps,
+    count_supervised_tokens,
+    coverage,
+    coverage_curve,
+    load_vocab,
+    save_vocab,
+    select_draft_tokens,
+)
 
 
 def _check_maps(d2t: torch.Tensor, t2d: torch.Tensor, draft: int, vocab: int) -> torch.Tensor:

@@ -95,7 +95,8 @@ class _SnakemakeRun:
             rc = "timeout"
         elapsed = time.monotonic() - self.start
         if rc != 0:
-            logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.workdir.glob("logs/*/*.log")))
+            logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}"
+                           for p in sorted(self.workdir.glob("logs/*/*.log")))
             pytest.fail(f"snakemake {' '.join(self.args)} in {self.workdir} failed ({rc}):\n"
                         f"{self.log.read_text()[-6000:]}{logs}")
         return elapsed

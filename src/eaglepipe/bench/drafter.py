@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..export.layout import CONFIG_FILE
+from ..export.validate import validate_export
 from ..speculative.drafter_loader import sglang_dir
 from ..utils.cli import StageError
-from ..export.validate import validate_export
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,8 @@ def plot_acceptance(rows: Sequence[PointSummary], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
         if r.accept_rate:
-            ax.plot(range(1, len(r.accept_rate) + 1), r.accept_rate, marker="o", label=f"{r.config} T={r.temperature:g}")
+            ax.plot(range(1, len(r.accept_rate) + 1), r.accept_rate, marker="o",
+                    label=f"{r.config} T={r.temperature:g}")
     ax.set_xlabel("draft position (depth)")
     ax.set_ylabel("acceptance rate (given earlier positions accepted)")
     ax.set_ylim(0, 1.05)

@@ -418,7 +418,8 @@ class BenchCfg:
     sglang: SglangLaunchCfg = field(default_factory=SglangLaunchCfg)
 
     def check(self) -> None:
-        _require(self.engine in ("native", "sglang", "url"), f"bench.engine must be native|sglang|url, got {self.engine!r}")
+        _require(self.engine in ("native", "sglang", "url"),
+                 f"bench.engine must be native|sglang|url, got {self.engine!r}")
         _require(self.drafter is None or bool(self.drafter), "bench.drafter must be a drafter dir or null")
         self.prompts.check()
         _require(len(self.sweep) > 0, "bench.sweep must list at least one point")
@@ -431,7 +432,8 @@ class BenchCfg:
         names = [p.name for p in self.sweep]
         _require(len(set(names)) == len(names), f"bench.sweep has duplicate points: {names}")
         _require(all(t >= 0 for t in self.temperatures) and self.temperatures, "bench.temperatures must be >= 0")
-        _require(self.max_new_tokens > 0 and self.batch_size > 0, "bench.max_new_tokens and bench.batch_size must be > 0")
+        _require(self.max_new_tokens > 0 and self.batch_size > 0,
+                 "bench.max_new_tokens and bench.batch_size must be > 0")
 
 
 @dataclass
@@ -452,7 +454,8 @@ class Config:
 
     def check(self) -> None:
         """Run every group's semantic checks; raises ConfigError on the first problem."""
-        _require(bool(self.experiment) and "/" not in self.experiment, "experiment must be a non-empty name without '/'")
+        _require(bool(self.experiment) and "/" not in self.experiment,
+                 "experiment must be a non-empty name without '/'")
         _require(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
         self.target.check()
         self.data.check()

@@ -8,8 +8,9 @@ skipped. Each row becomes `{"messages": [...], "eval", "file", "line"}`:
   input with no user message is the task itself, so that system text becomes the user turn;
 - the reference answer `ideal` (the first one when it is a list) is the assistant turn, which regenerate replaces.
   A row without one keeps no assistant turn, and normalize rejects it.
-A row that is not a JSON object with an `input` goes on as it is (counted as malformed), for normalize to reject. A per-file cap keeps the
-biggest evals (diabetes: 287k rows, formal_logic: 215k) from crowding out the other 500; its rows are picked by seed.
+A row that is not a JSON object with an `input` goes on as it is (counted as malformed), for normalize to reject.
+A per-file cap keeps the biggest evals (diabetes: 287k rows, formal_logic: 215k) from crowding out the other 500;
+its rows are picked by seed.
 """
 from __future__ import annotations
 

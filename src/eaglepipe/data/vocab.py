@@ -17,7 +17,8 @@ def select_draft_tokens(token_freq: torch.Tensor, draft_vocab_size: int) -> torc
     token_freq = torch.as_tensor(token_freq, dtype=torch.int64).flatten()
     vocab_size = token_freq.numel()
     if not 1 <= draft_vocab_size <= vocab_size:
-        raise ValueError(f"draft_vocab_size={draft_vocab_size} must be between 1 and the target vocab size {vocab_size}")
+        raise ValueError(f"draft_vocab_size={draft_vocab_size} must be between 1 and the target vocab size "
+                         f"{vocab_size}")
     ids = torch.arange(vocab_size, dtype=torch.int64)
     # stable sort on -freq keeps ascending id order among equal counts: ties go to the lower id
     order = torch.sort(-token_freq, stable=True).indices

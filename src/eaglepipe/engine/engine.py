@@ -169,7 +169,8 @@ class Engine:
         return self._enqueue(prompt_ids, params, on_delta, request_id, bounded=True)
 
     def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None, progress: bool = False) -> list[GenerationResult]:
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 progress: bool = False) -> list[GenerationResult]:
         """Generate for every prompt (token id lists), in input order; blocks until all are done."""
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):

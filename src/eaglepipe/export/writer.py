@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 from ..families.registry import family_named
 from ..utils.atomic import atomic_write_json, atomic_write_text, default_file_mode
 from ..utils.cli import StageError
-from .validate import validate_export
 from .checkpoint import Checkpoint
 from .commands import sglang_command, vllm_command
 from .layout import CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, WEIGHTS_FILE, shapes_from_drafter_config
+from .validate import validate_export
 from .weights import export_state_dict
 
 log = logging.getLogger(__name__)

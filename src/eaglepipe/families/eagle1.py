@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..export.layout import TOKEN_MAP_FILE, Shapes, decoder_layer_shapes
 from ..export.configs import llama_fields
+from ..export.layout import TOKEN_MAP_FILE, Shapes, decoder_layer_shapes
 from ..export.served import served_llama_fields
 from ..models.config import DrafterConfig
 from ..models.eagle1 import Eagle1Drafter

@@ -10,11 +10,17 @@ import torch
 from safetensors import safe_open
 
 from ..config import ConfigError
-from ..export.layout import (TOKEN_MAP_FILE, WEIGHTS_FILE, Shapes, decoder_layer_shapes, sglang_aux_ids,
-                             vocab_map_shapes)
 from ..export.configs import llama_fields
-from ..export.served import (AUX_IDS_KEY, default_aux_layers, layer_config, nested_aux_ids,
-                             served_aux_layers, served_llama_fields, served_num_aux)
+from ..export.layout import TOKEN_MAP_FILE, WEIGHTS_FILE, Shapes, decoder_layer_shapes, sglang_aux_ids, vocab_map_shapes
+from ..export.served import (
+    AUX_IDS_KEY,
+    default_aux_layers,
+    layer_config,
+    nested_aux_ids,
+    served_aux_layers,
+    served_llama_fields,
+    served_num_aux,
+)
 from ..export.values import int_list, is_int
 from ..models.config import DrafterConfig
 from ..models.eagle3 import Eagle3Drafter

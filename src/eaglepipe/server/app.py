@@ -12,8 +12,16 @@ from aiohttp import web
 
 from .bridge import EngineBridge
 from .errors import ApiError
-from .protocol import (ChatSpec, CompletionSpec, GenerateSpec, SamplingSpec, parse_chat, parse_completion,
-                       parse_generate, parse_json)
+from .protocol import (
+    ChatSpec,
+    CompletionSpec,
+    GenerateSpec,
+    SamplingSpec,
+    parse_chat,
+    parse_completion,
+    parse_generate,
+    parse_json,
+)
 
 log = logging.getLogger("eaglepipe.server")
 BRIDGE = web.AppKey("bridge", EngineBridge)

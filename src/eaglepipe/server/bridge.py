@@ -7,8 +7,15 @@ import time
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Sequence
 
-from ..engine import (Engine, EngineClosedError, GenerationResult, PromptTooLongError, QueueFullError,
-                      SamplingParams, StreamDelta)
+from ..engine import (
+    Engine,
+    EngineClosedError,
+    GenerationResult,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+    StreamDelta,
+)
 from .errors import ApiError, bad_request, overloaded
 from .protocol import SamplingSpec
 

@@ -1,4 +1,5 @@
-"""`python -m eaglepipe.server.serve --model PATH [--draft PATH]`: OpenAI/SGLang-compatible server on the native engine."""
+"""`python -m eaglepipe.server.serve --model PATH [--draft PATH]`: OpenAI/SGLang-compatible server on the native
+engine."""
 from __future__ import annotations
 
 import argparse
@@ -64,10 +65,10 @@ def default_model_name(model: str) -> str:
 def build_app(args: argparse.Namespace) -> web.Application:
     """Load the engine and wrap it in the aiohttp application."""
     from ..engine import Engine
-    from .app import create_app
-    from .bridge import EngineBridge
     from ..target.info import resolve_model_dir
     from ..utils.device import pick_device
+    from .app import create_app
+    from .bridge import EngineBridge
 
     model_dir = resolve_model_dir(args.model)
     engine = Engine(model_dir, device=pick_device(args.device), max_batch_size=args.max_batch_size,

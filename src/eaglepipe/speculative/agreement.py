@@ -17,8 +17,8 @@ from ..train.batches import Batch, collate
 from ..train.objective import Labels, replay_rounds
 
 if TYPE_CHECKING:
-    from .generator import SpeculativeGenerator
     from ..train.loop import Trainer
+    from .generator import SpeculativeGenerator
 
 
 class Unroll(NamedTuple):

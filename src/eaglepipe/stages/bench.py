@@ -13,8 +13,8 @@ import shlex
 from dataclasses import asdict
 from pathlib import Path
 
-from ..bench.engines import BenchEngine, NativeEngine, ServerEngine
 from ..bench.drafter import MeasuredDrafter, checked_drafter
+from ..bench.engines import BenchEngine, NativeEngine, ServerEngine
 from ..bench.metrics import PointSummary, overall_metrics
 from ..bench.plots import write_plots
 from ..bench.prompts import load_prompts

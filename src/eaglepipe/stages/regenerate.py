@@ -113,7 +113,8 @@ def describe_server_stats(stats: dict[str, Any]) -> str:
     e, s = stats["engine"], stats["server"]
     return (f"mean decode batch {e['mean_decode_batch']:.1f} rows over {e['decode_steps']} steps; worker time "
             f"{e['decode_share']:.0%} decode, {e['prefill_share']:.0%} prefill ({e['prefill_tokens']} prompt "
-            f"tokens computed, {e.get('prefill_reused_tokens', 0)} reused), {e['host_share']:.0%} host bookkeeping, {e['idle_share']:.0%} idle; server tokenisation "
+            f"tokens computed, {e.get('prefill_reused_tokens', 0)} reused), {e['host_share']:.0%} host bookkeeping, "
+            f"{e['idle_share']:.0%} idle; server tokenisation "
             f"{s['tokenize_seconds']:.1f} s for {s['tokenize_tokens']} tokens")
 
 

@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-
 from ..config import Config
 from ..data.tokens_io import read_tokens
 from ..data.vocab import build_vocab_maps, count_supervised_tokens, coverage, coverage_curve, save_vocab

@@ -72,7 +72,8 @@ def fetch_hub(repo_id: str, revision: str | None, model_dir: Path, dtype: str) -
     snapshot_download(repo_id=repo_id, revision=commit, local_dir=str(model_dir),
                       allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE)
     if not any(model_dir.glob("*.safetensors")):
-        raise FileNotFoundError(f"{repo_id}@{commit} has no .safetensors weights; convert it or use target.source=local")
+        raise FileNotFoundError(f"{repo_id}@{commit} has no .safetensors weights; "
+                                "convert it or use target.source=local")
     check_hf_dir(model_dir)
     n = cast_safetensors(model_dir, dtype)
     if n:

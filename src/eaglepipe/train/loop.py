@@ -22,8 +22,15 @@ from ..models.target import TargetWithAux
 from ..utils.atomic import atomic_write_json, remove_stale_temps
 from ..utils.device import pick_device
 from .batches import Batch, collate, pack_rows
-from .checkpoint import (checkpoint_name, commit_checkpoint, load_checkpoint, publish, read_pointer,
-                         resolve_checkpoint, save_checkpoint)
+from .checkpoint import (
+    checkpoint_name,
+    commit_checkpoint,
+    load_checkpoint,
+    publish,
+    read_pointer,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .features import online_features
 from .flops import attention_pairs, drafter_flops, measure_matmul_peak, target_flops
 from .module import TTTModule

@@ -162,7 +162,8 @@ def metric_keys(ttt_steps: int) -> list[str]:
 
 def summarize(sums: dict[str, torch.Tensor], ttt_steps: int, decay: float) -> dict[str, float]:
     """Turn accumulated metric sums into loss (sum_k decay^k loss_k), loss_k, acc_k, cond_acc_k, alpha_k (the
-    mean acceptance rate sum_v min(p_v, q_v) of step k's drafts), the simulated acceptance length sim_tau = 1 + sum_k P(steps 0..k all correct) over step-0 supervised slots,
+    mean acceptance rate sum_v min(p_v, q_v) of step k's drafts), the simulated acceptance length
+    sim_tau = 1 + sum_k P(steps 0..k all correct) over step-0 supervised slots,
     replay_tau = tokens / rounds of the replayed verification rounds (1.0 without any), and replay_tau_first,
     the same over each sample's first answer only."""
     v = {k: float(x) for k, x in sums.items()}
