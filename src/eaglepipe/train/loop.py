@@ -146,7 +146,7 @@ class Trainer:
         self.best: Optional[dict[str, Any]] = None  # {"name", "replay_tau"} of the best validated checkpoint
         self.window = LogWindow()
         self._resume()
-        self.history = History(self.work / "history.jsonl", self.step)
+        self.history = History(self.work / "history.jsonl", self.step, writer=self.is_main)
         # forked: the measurement's random matrices must not move the RNG state that training continues from
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             self.peak = measure_matmul_peak(self.device, torch.bfloat16 if bf16 else torch.float32)

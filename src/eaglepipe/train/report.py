@@ -15,19 +15,22 @@ log = logging.getLogger(__name__)
 
 
 class History:
-    """Append-only metric rows keyed by optimizer step; truncated to the resumed step on resume."""
+    """Append-only metric rows keyed by optimizer step; truncated to the resumed step on resume. Only the
+    `writer` (the main rank) touches the file; the other ranks of a distributed run keep their rows in memory."""
 
-    def __init__(self, path: Path, resume_step: int) -> None:
-        self.path = path
+    def __init__(self, path: Path, resume_step: int, writer: bool = True) -> None:
+        self.path, self.writer = path, writer
         lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         self.rows = [r for r in _parse_rows(lines) if r["step"] <= resume_step]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        if writer:
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def add(self, row: dict[str, Any]) -> None:
         """Record one row (`step`, `split` and metrics)."""
         self.rows.append(row)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.writer:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 def _parse_rows(lines: list[str]) -> list[dict[str, Any]]:
