@@ -3,7 +3,11 @@ algorithm branches outside the family modules."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +78,31 @@ def test_nothing_outside_the_family_modules_names_an_algorithm():
     """Only families/ knows which algorithms there are and what they do; names.py lists them for the config."""
     outside = [p for p in SRC.rglob("*.py") if "families" not in p.relative_to(SRC).parts]
     assert [line for p in outside for line in _algorithm_branches(p)] == []
+
+
+def test_a_new_family_is_one_module(tmp_path: Path) -> None:
+    """A family module dropped into the package (and nothing else edited) is a train.algorithm the config accepts,
+    a registered family, and part of every stage closure that looks families up."""
+    src = tmp_path / "src"
+    shutil.copytree(SRC, src / "eaglepipe", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(Path(__file__).with_name("eagle3_nbr_family.py"), src / "eaglepipe" / "families" / "eagle3_nbr.py")
+    probe = """
+import dataclasses
+from pathlib import Path
+from eaglepipe.config import params_from_dict, to_dict
+from eaglepipe.config.schema import Config
+from eaglepipe.families.names import ALGORITHMS
+print(ALGORITHMS["eagle3-nbr"])
+cfg = to_dict(Config())
+cfg["train"]["algorithm"] = "eagle3-nbr"
+print(params_from_dict(cfg).train.algorithm)
+from eaglepipe.families.registry import family_named
+print(family_named("eagle3-nbr").name)
+from eaglepipe.workflow.imports import closure
+print(any(p.name == "eagle3_nbr.py" for p in closure(Path("src"), "eaglepipe.stages.train")))
+print(any(p.name == "eagle3_nbr.py" for p in closure(Path("src"), "eaglepipe.stages.download")))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(src)},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["eagle3_nbr", "eagle3-nbr", "eagle3_nbr", "True", "False"]

@@ -85,3 +85,14 @@ def test_an_import_of_a_missing_module_is_an_error_naming_it(tmp_path, code, mis
     src = _package(tmp_path, {**PACKAGE, "stages/entry.py": code})
     with pytest.raises(ImportProblem, match=f"entry.py:.*'{missing}'"):
         closure(src, "eaglepipe.stages.entry")
+
+
+def test_a_module_that_lists_its_package_depends_on_every_module_of_it(tmp_path):
+    plugins = {"plugins/__init__.py": "", "plugins/a.py": "", "plugins/b.py": "from ..lib import helpers\n",
+               "plugins/registry.py": "import importlib\nimport pkgutil\n\n"
+                                      "for m in pkgutil.iter_modules(__path__):\n"
+                                      "    importlib.import_module(m.name)\n"}
+    src = _package(tmp_path, {**PACKAGE, **plugins, "stages/entry.py": "from ..plugins import registry\n"})
+    assert _names(src, closure(src, "eaglepipe.stages.entry")) == sorted([
+        "__init__.py", "stages/__init__.py", "stages/entry.py", "plugins/__init__.py", "plugins/registry.py",
+        "plugins/a.py", "plugins/b.py", "lib/__init__.py", "lib/helpers.py"])

@@ -47,7 +47,8 @@ class DrafterFamily(ABC):
 
     # the family's name: the offline cache's `algorithm_family` and the registry's key
     name: str = ""
-    # the train.algorithm values it implements (also listed in names.ALGORITHMS)
+    # the train.algorithm values it implements; `name` and this are literals (or module-level string constants):
+    # names.py reads them from the source
     algorithms: tuple[str, ...] = ()
     # config.json `architectures[0]` of its exports -> the export format (engine) that reads it
     architectures: Mapping[str, str] = {}

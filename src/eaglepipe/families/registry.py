@@ -1,16 +1,20 @@
 """The registry of drafter families: the family of a `train.algorithm`, of a drafter config, or of an exported
 config.json.
 
-The built-in families are imported here by name, so that every stage that looks a family up depends on their
-code. A family added at run time (a plug-in, a test) goes through `register`.
+Every family module of this package (names.family_modules) is imported and its `FAMILY` registered, so a new
+family needs no line here; the stage wiring's import closure counts every module of a package that lists its own
+modules (workflow/imports.py), so every stage that looks a family up depends on their code. A family added at run
+time (a plug-in, a test) goes through `register`.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from pathlib import Path
 from typing import Any, Optional
 
-from . import eagle1, eagle3
 from .base import DrafterFamily
-from .names import ALGORITHMS, add_algorithms
+from .names import ALGORITHMS, NOT_FAMILIES, add_algorithms
 
 _FAMILIES: dict[str, DrafterFamily] = {}
 
@@ -60,5 +64,6 @@ def export_family(cfg: dict[str, Any], trained_as: Optional[str] = None) -> Opti
     return claims[0] if claims else None
 
 
-for _family in (eagle1.FAMILY, eagle3.FAMILY):
-    register(_family)
+for _info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+    if _info.name not in NOT_FAMILIES:
+        register(importlib.import_module(f"{__package__}.{_info.name}").FAMILY)

@@ -2,8 +2,10 @@
 
 The closure holds every module the entry module imports (at the top or lazily inside a function, absolute or
 relative), the `__init__.py` of every package on the way, and every package module the code starts as a
-subprocess with `-m <name>` (a literal next to "-m" in a list, tuple or call), with their own closures.
-Imports under `if TYPE_CHECKING:` never run and are left out.
+subprocess with `-m <name>` (a literal next to "-m" in a list, tuple or call), with their own closures. A module
+that lists its own package's modules to import them (a call to `pkgutil.iter_modules`, as the drafter-family
+registry does) depends on every module of that package. Imports under `if TYPE_CHECKING:` never run and are left
+out.
 """
 from __future__ import annotations
 
@@ -74,6 +76,26 @@ def _started_modules(tree: ast.Module) -> dict[str, int]:
     return {name: line for name, line in started.items() if _inside(name)}
 
 
+def _lists_its_package(tree: ast.Module) -> int | None:
+    """The line of a call to `iter_modules` (the code imports the modules it finds in its package), else None."""
+    for node in _nodes(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")) == "iter_modules":
+                return node.lineno
+    return None
+
+
+def _package_siblings(src: Path, module: str, is_package: bool, tree: ast.Module) -> dict[str, int]:
+    """Every module of `module`'s package when its code lists that package's modules, else nothing."""
+    line = _lists_its_package(tree)
+    if line is None:
+        return {}
+    package = module if is_package else module.rpartition(".")[0]
+    directory = src.joinpath(*package.split("."))
+    return {f"{package}.{p.stem}": line for p in sorted(directory.glob("*.py")) if p.stem != "__init__"}
+
+
 def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     """The absolute name of the module a `from ... import` statement reads from."""
     if not node.level:
@@ -98,6 +120,7 @@ def _direct(src: Path, module: str) -> tuple[set[str], set[str]]:
             # `from pkg import name` imports the submodule pkg.name when there is one.
             found.update({f"{base}.{a.name}": node.lineno for a in node.names
                           if module_file(src, f"{base}.{a.name}")})
+    found.update(_package_siblings(src, module, is_package, tree))
     started = _started_modules(tree)
     imported = {name for name in found if _inside(name)}
     for name, line in sorted({**{n: found[n] for n in imported}, **started}.items()):
