@@ -50,6 +50,8 @@ class DrafterFamily(ABC):
     # the train.algorithm values it implements; `name` and this are literals (or module-level string constants):
     # names.py reads them from the source
     algorithms: tuple[str, ...] = ()
+    # decoder layers of its drafter as exported (None: any depth; check_loadable refuses others)
+    decoder_layers: int | None = 1
     # config.json `architectures[0]` of its exports -> the export format (engine) that reads it
     architectures: Mapping[str, str] = {}
     # the formats its exports are written in, in order; the native loader reads the first one present
@@ -159,7 +161,11 @@ class DrafterFamily(ABC):
         return None
 
     def check_loadable(self, cfg: dict[str, Any]) -> None:
-        """Raise ValueError when the native drafter modules cannot be built from `cfg`."""
+        """Raise ValueError when the native drafter modules cannot be built from `cfg` (by default: an exported
+        config.json whose depth is not the family's `decoder_layers`)."""
+        if self.decoder_layers is not None and cfg.get("num_hidden_layers", 1) != self.decoder_layers:
+            raise ValueError(f"num_hidden_layers is {cfg['num_hidden_layers']}: a {self.name} drafter has "
+                             f"{self.decoder_layers} decoder layer(s)")
 
     @abstractmethod
     def check_export(self, check: "DirCheck", cfg: dict[str, Any], layer: dict[str, Any]) -> None:

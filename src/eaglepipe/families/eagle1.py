@@ -106,11 +106,6 @@ class Eagle1Family(DrafterFamily):
         path = fmt_dir / TOKEN_MAP_FILE
         return torch.as_tensor(torch.load(path, weights_only=True), dtype=torch.long) if path.exists() else None
 
-    def check_loadable(self, cfg: dict[str, Any]) -> None:
-        if cfg.get("num_hidden_layers", 1) != 1:
-            raise ValueError(f"num_hidden_layers is {cfg['num_hidden_layers']}: an EAGLE drafter has one decoder "
-                             "layer")
-
     def check_export(self, check: "DirCheck", cfg: dict[str, Any], layer: dict[str, Any]) -> None:
         check.check_one_layer(layer)
         served = self.served_config(cfg, check.fmt, check.target["num_layers"])

@@ -140,11 +140,6 @@ class Eagle3Family(DrafterFamily):
         other = "layers.0." if fmt == "sglang" else "midlayer."
         return layer_prefix(fmt) + name.removeprefix(other) if name.startswith(other) else name
 
-    def check_loadable(self, cfg: dict[str, Any]) -> None:
-        if cfg.get("num_hidden_layers", 1) != 1:
-            raise ValueError(f"num_hidden_layers is {cfg['num_hidden_layers']}: an EAGLE drafter has one decoder "
-                             "layer")
-
     def check_export(self, check: "DirCheck", cfg: dict[str, Any], layer: dict[str, Any]) -> None:
         check.check_one_layer(layer)
         if check.fmt == "vllm":
