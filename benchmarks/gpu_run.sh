@@ -48,17 +48,7 @@ fast_path_off() {  # fast_path_off OPTION: off for every later step, benchmark s
   echo "$1 off for the rest of the job" >> "$LOGS/steps.txt"
 }
 
-step() {  # step NAME SECONDS CMD...  -> returns the command's exit status (0 for a step not in STEPS)
-  local name=$1 limit=$2 start rc
-  shift 2
-  case " $STEPS " in *" all "*|*" ${name%_eager} "*) ;; *) return 0 ;; esac
-  start=$(date +%s)
-  echo "$(date +%T) start $name: $*" >> "$LOGS/steps.txt"
-  timeout --signal=INT --kill-after=30 "$limit" "$@" >> "$LOGS/$name.log" 2>&1
-  rc=$?
-  echo "$(date +%T) end $name rc=$rc after $(( $(date +%s) - start ))s" >> "$LOGS/steps.txt"
-  return $rc
-}
+source "$(dirname "$0")/step.sh"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.txt" 2>&1
 step fetch_target 300 snakemake --cores all "$T"

@@ -22,17 +22,7 @@ EXP=h2h_nemo
 R=results/$EXP
 ROWS_ABS=$(realpath "$ROWS")
 
-step() {  # step NAME SECONDS CMD... -> the command's exit status (0 for a step not in STEPS)
-  local name=$1 limit=$2 start rc
-  shift 2
-  case " $STEPS " in *" all "*|*" $name "*) ;; *) return 0 ;; esac
-  start=$(date +%s)
-  echo "$(date +%T) start $name" >> "$LOGS/steps.txt"
-  timeout --signal=INT --kill-after=30 "$limit" "$@" >> "$LOGS/$name.log" 2>&1
-  rc=$?
-  echo "$(date +%T) end $name rc=$rc after $(( $(date +%s) - start ))s" >> "$LOGS/steps.txt"
-  return $rc
-}
+source "$(dirname "$0")/step.sh"
 
 COMPOSE=(python3 -m eaglepipe.compose "experiment=$EXP" "data.sources=[{name: peer_rows, kind: local, path: $ROWS_ABS}]")
 
