@@ -22,7 +22,9 @@ The drafter module a family builds is a `DraftModule` (models/drafter.py: `layer
 objective and the `sequential` round drive. A family that drafts a whole block in one forward (DFlash: several
 layers, the target's embedding and lm_head, a mask token; P-EAGLE: K drafts from a learned mask_hidden) names its
 own `objective` (train/module.py's OBJECTIVES) and `draft_round` (speculative/generator.py's ROUNDS), which the
-training and speculative packages implement with their kernels and metrics; everything else it answers here.
+training and speculative packages implement with their kernels and metrics; the `parallel` round is generic over
+the family's `block_drafter` (its drafter's forward over its own cache), and a family that trains on a subset of
+the supervised slots picks them in `train_slots`. Everything else it answers here.
 """
 from __future__ import annotations
 
@@ -33,11 +35,17 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 import torch
 
 from ..export.layout import Shapes
+from ..export.served import layer_config
 from ..models.config import DrafterConfig
 
 if TYPE_CHECKING:
+    from ..config.schema import TrainCfg
+    from ..engine.model import LlamaRunner
     from ..export.validate import DirCheck
     from ..export.writer import ExportRequest
+    from ..speculative.config import SpecConfig
+    from ..speculative.parallel_round import BlockDrafter
+    from ..train.batches import Batch
     from ..train.objective import Labels, Objective
 
 
@@ -66,7 +74,8 @@ class DrafterFamily(ABC):
     sglang_algorithm: str = ""
     # how it trains: `ttt` = the test-time-training unroll of one-step drafts (train/objective.py)
     objective: str = "ttt"
-    # how a speculative round drafts: `sequential` = one drafter step per draft depth (a chain, or an EAGLE-2 tree)
+    # how a speculative round drafts: `sequential` = one drafter step per draft depth (a chain, or an EAGLE-2 tree);
+    # `parallel` = one forward of its `block_drafter` drafts a chain of num_steps tokens
     draft_round: str = "sequential"
 
     # ------------------------------------------------------------------ model
@@ -96,6 +105,11 @@ class DrafterFamily(ABC):
     def check_target(self, info: dict[str, Any], draft_vocab: int, aux_layers: list[int]) -> None:
         """Raise ConfigError for a target this family's drafter cannot be trained for or served with."""
 
+    def train_fields(self, train: "TrainCfg", target_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+        """DrafterConfig fields a new drafter takes from the training config and the target's files (DFlash: its
+        layers, block size and the mask token of the target's tokenizer); by default none."""
+        return {}
+
     # ------------------------------------------------------------------ training
     @abstractmethod
     def target_features(self, aux: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
@@ -110,6 +124,11 @@ class DrafterFamily(ABC):
         """Per-label targets of the extra loss term, from `target_features` [B, T, F] at the flat label
         positions (None: no such term)."""
         return None
+
+    def train_slots(self, batch: "Batch", objective: "Objective", seed: int, sample: bool) -> "Batch":
+        """The micro-batch with the slots each step trains (`batch.step_slots`/`step_rows`), drawn from `seed` when
+        `sample` (training; validation passes False). By default every supervised slot."""
+        return batch
 
     def step_loss(self, objective: "Objective", token_loss: torch.Tensor, drafted: torch.Tensor,
                   labels: "Labels", rows: torch.Tensor) -> torch.Tensor:
@@ -137,6 +156,11 @@ class DrafterFamily(ABC):
     def write_extras(self, fmt_dir: Path, fmt: str, d2t: Optional[torch.Tensor], shapes: Shapes) -> None:
         """Files beside a `fmt` export's config.json and weights that its engine reads."""
 
+    def sglang_spec_args(self, draft_dir: Path, num_steps: int, topk: int, num_draft_tokens: int) -> list[str]:
+        """SGLang's flags for rounds of (num_steps, topk, num_draft_tokens) with the drafter in `draft_dir`."""
+        return ["--speculative-num-steps", str(num_steps), "--speculative-eagle-topk", str(topk),
+                "--speculative-num-draft-tokens", str(num_draft_tokens)]
+
     def sglang_extra_args(self, draft_dir: Path) -> list[str]:
         """SGLang launch flags the drafter in `draft_dir` needs besides the algorithm and the draft tree's."""
         return []
@@ -147,6 +171,15 @@ class DrafterFamily(ABC):
         raise ValueError(f"{self.name} drafters have no vLLM export")
 
     # ------------------------------------------------------------------ validation and loading
+    def served_format(self, cfg: dict[str, Any], dir_name: str) -> str:
+        """The engine (format) that reads `cfg`, one of this family's config.json, found in a dir named `dir_name`:
+        the one its architecture names (a family whose engines read one layout goes by the dir)."""
+        return self.architectures[cfg["architectures"][0]]
+
+    def layer_config(self, cfg: dict[str, Any], fmt: str) -> Any:
+        """The LlamaConfig part of a `fmt` config.json (vLLM's speculators format nests it)."""
+        return layer_config(cfg, fmt)
+
     @abstractmethod
     def served_config(self, cfg: dict[str, Any], fmt: str, target_layers: int) -> dict[str, Any]:
         """The drafter the `fmt` engine builds from `cfg` (one of this family's config.json), as DrafterConfig
@@ -182,3 +215,9 @@ class DrafterFamily(ABC):
     def has_fast_step(self, cfg: DrafterConfig) -> bool:
         """Whether the drafter's step has the token path's Triton form (speculative/fast_drafter.py)."""
         return False
+
+    def block_drafter(self, drafter: torch.nn.Module, runner: "LlamaRunner", spec: "SpecConfig",
+                      fast: bool) -> "BlockDrafter":
+        """A `parallel` round's drafter (speculative/parallel_round.py) over `runner`'s cache slots for rounds of
+        `spec`; `fast`: its forward may run on the token path's kernels."""
+        raise ValueError(f"{self.name} drafters draft one token a step: they have no block drafter")

@@ -31,12 +31,13 @@ from ..families.registry import family_of
 from .accept import greedy_accept, sample_accept_row
 from .config import SpecConfig
 from .drafter_loader import LoadedDrafter, load_exported_drafter
+from .parallel_round import ParallelRoundSteps
 from .steps import RoundSteps, emitted_tokens, kernels_fit
 from .tree import VerifyTree
 
 OnTokens = Callable[[list[int]], bool]
 # the device side of a round for each family's `draft_round`
-ROUNDS = {"sequential": RoundSteps}
+ROUNDS = {"sequential": RoundSteps, "parallel": ParallelRoundSteps}
 
 
 @dataclass
@@ -167,15 +168,13 @@ class SpeculativeGenerator:
         verify_ct = {s: 0 for s in slots} if verify_ct is None else verify_ct
         shifted = [torch.tensor(list(p[1:]), dtype=torch.long, device=dev) for p in prompts]
         slots_t = torch.tensor(slots, device=dev)
-        zero = torch.zeros(1, dtype=torch.long, device=dev)
         out = self.runner.prefill(prompts, slots, capture_layers=self.steps.capture)
         first_t = sample_rows(out.last_logits, params, gens)
         drafted = []
         for i, slot in enumerate(slots):
             ids = torch.cat([shifted[i], first_t[i:i + 1]])[None]  # the drafter's tokens: one ahead of the target's
             fused = self.steps.draft_input(out.aux_hidden[i][None])
-            h, lg = self.steps.draft.extend(slots_t[i:i + 1], zero, 0, ids, fused, slice(slot, slot + 1))
-            drafted.append((h[0, -1], lg[0, -1]))
+            drafted.append(self.steps.start(slots_t[i:i + 1], ids, fused, slice(slot, slot + 1)))
         first = first_t.tolist()
         keep = [i for i, tok in enumerate(first) if not on_tokens[i]([tok])]
         if not keep:

@@ -51,12 +51,12 @@ class RoundGraph:
         self.size = gen.spec.num_draft_tokens  # S: tokens verified per round, the root included
         self.width = min(self.size, gen.spec.num_steps + 1)  # P: the longest accepted path, the root included
         self.ctx_sizes = context_buckets(runner.max_len, min_ctx)
-        rows, cfg = runner.max_slots, gen.loaded.config
+        rows = runner.max_slots
         self.slots = torch.zeros(rows, dtype=torch.long, device=dev)
         self.roots = torch.zeros(rows, dtype=torch.long, device=dev)  # the last committed token per row
         self.lengths = torch.zeros(rows, dtype=torch.long, device=dev)  # the target's committed lengths
-        self.draft_hidden = torch.zeros(rows, cfg.hidden_size, dtype=runner.dtype, device=dev)
-        self.draft_logits = torch.zeros(rows, cfg.draft_vocab_size, dtype=runner.dtype, device=dev)
+        # the drafter's state after each row's root, as the round's steps keep it
+        self.draft_hidden, self.draft_logits = gen.steps.state_buffers(rows)
         # per row: the round's emitted tokens (accepted drafts, the bonus token, padding), then their count
         self.emitted = torch.zeros(rows, self.width + 1, dtype=torch.long, device=dev)
         # two pinned host copies of `emitted` and their copy-done events: the round in flight writes one while the

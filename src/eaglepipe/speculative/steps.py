@@ -92,6 +92,21 @@ class RoundSteps:
             logits = logits[..., self.loaded.hot_ids]
         return self._to_target_ids(logits.argmax(dim=-1))
 
+    # ------------------------------------------------------------------ the rows' drafter state
+    def start(self, slot: torch.Tensor, ids: torch.Tensor, features: torch.Tensor,
+              span: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Commit a prefilled prompt's tokens `ids` [1, S] (one ahead of the target's) fed `features` [1, S, F] in
+        the cache slot `slot` [1]; returns the drafter's state after the last one (hidden [H], logits [V_d])."""
+        zero = torch.zeros(1, dtype=torch.long, device=ids.device)
+        hidden, logits = self.draft.extend(slot, zero, 0, ids, features, span)
+        return hidden[0, -1], logits[0, -1]
+
+    def state_buffers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed drafter state of `rows` rows, (hidden [rows, H], logits [rows, V_d]) (`RoundGraph`'s buffers)."""
+        cfg, dev, dtype = self.loaded.config, self.runner.device, self.runner.dtype
+        return (torch.zeros(rows, cfg.hidden_size, dtype=dtype, device=dev),
+                torch.zeros(rows, cfg.draft_vocab_size, dtype=dtype, device=dev))
+
     # ------------------------------------------------------------------ draft
     def draft_tree(self, roots: torch.Tensor, draft_hidden: torch.Tensor, draft_logits: torch.Tensor,
                    slots: torch.Tensor, lengths: torch.Tensor, max_length: int, keep: int,
