@@ -31,7 +31,7 @@ from eaglepipe.bench.metrics import (
 from eaglepipe.bench.plots import write_plots
 from eaglepipe.bench.prompts import load_prompts, render_chat, turns_of
 from eaglepipe.bench.report import summary_table, sweep_csv, write_outputs
-from eaglepipe.bench.sweep import run_sweep
+from eaglepipe.bench.sweep import bracket_baseline, run_sweep
 from eaglepipe.config import BenchCfg, PromptsCfg, SweepPoint
 from eaglepipe.config.load import params_from_dict
 from eaglepipe.utils.cli import StageError
@@ -100,6 +100,18 @@ def test_tau_and_position_acceptance_from_histogram() -> None:
     assert tau([sample(0, 0, [1, 2], 0, 1.0)]) is None
     # a depth no round reached has rate 0, not a division error
     assert position_acceptance([4, 0, 0], 2) == ([0.0, 0.0], [0.0, 0.0])
+
+
+def test_the_faster_baseline_run_is_the_reference() -> None:
+    slow = PointResult(None, 0.0, [sample(0, 0, [1, 2, 3, 4, 5], 0, 8.0)], 9.0)
+    fast = PointResult(None, 0.0, [sample(0, 0, [1, 2, 3, 4, 5], 0, 4.0)], 5.0)
+    drifted = PointResult(None, 0.0, [sample(0, 0, [1, 2, 3, 4, 6], 0, 2.0)], 3.0)
+    first_slow = bracket_baseline(slow, fast)
+    assert first_slow.reference is fast and first_slow.record["reference"] == "after"
+    assert first_slow.record["decode_tok_s"] == pytest.approx([0.5, 1.0])
+    assert first_slow.record["spread"] == pytest.approx(1.0) and first_slow.record["repeat_match_fraction"] == 1.0
+    assert bracket_baseline(fast, slow).reference is fast
+    assert bracket_baseline(fast, drifted).record["repeat_match_fraction"] == 0.0
 
 
 def test_round_histogram_skips_the_prefill_batch() -> None:
@@ -444,6 +456,9 @@ def test_bench_stage_end_to_end_native_tiny(tiny_llama_dir: Path, tiny_export: P
     metrics = check_bench_outputs(out, names)
     assert metrics["all_outputs_match"] is True and metrics["temperature"] == 0.0
     assert metrics["best_tau_config"] in ("s3_k1_n4", "s2_k2_n4") and metrics["baseline_tok_s"] > 0
+    runs = metrics["baseline_runs"]  # the greedy baseline ran twice, the same outputs both times
+    assert len(runs["decode_tok_s"]) == 2 and runs["repeat_match_fraction"] == 1.0
+    assert metrics["baseline_tok_s"] == pytest.approx(max(runs["decode_tok_s"]))
     draft = str((tiny_export / "sglang").resolve())
     assert metrics["drafter"] == {"path": draft, "source": "--export", "warnings": []}
     assert metrics["engine"] == "native"

@@ -176,6 +176,7 @@ def overall_metrics(rows: Sequence[PointSummary]) -> dict[str, Any]:
         best_tau, best_speed = _best(at_t, "tau"), _best(at_t, "speedup")
         by_temp[f"{t:.1f}"] = {
             "baseline_tok_s": base.decode_tok_s if base else None,
+            "baseline_runs": base.extra.get("baseline_runs") if base else None,
             "best_tau": best_tau.tau if best_tau else None,
             "best_tau_config": best_tau.config if best_tau else None,
             "best_speedup": best_speed.speedup if best_speed else None,
@@ -190,6 +191,7 @@ def overall_metrics(rows: Sequence[PointSummary]) -> dict[str, Any]:
         "best_speedup": first.get("best_speedup"),
         "best_speedup_config": first.get("best_speedup_config"),
         "baseline_tok_s": first.get("baseline_tok_s"),
+        "baseline_runs": first.get("baseline_runs"),
         "all_outputs_match": all(r.outputs_match for r in greedy) if greedy else None,
         "num_points": len([r for r in rows if r.config != "baseline"]),
         "by_temperature": by_temp,
