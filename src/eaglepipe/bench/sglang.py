@@ -22,7 +22,7 @@ def drafter_family(draft_dir: Path) -> DrafterFamily:
         raise StageError(f"{path} not found: is {draft_dir.parent} the output of the export stage?")
     cfg = json.loads(path.read_text())
     family = export_family(cfg)
-    if family is None or family.architectures[cfg["architectures"][0]] != "sglang":
+    if family is None or family.served_format(cfg, draft_dir.name) != "sglang":
         known = sorted(a for f in families() for a, fmt in f.architectures.items() if fmt == "sglang")
         raise StageError(f"{path}: architectures {cfg.get('architectures')} name no drafter SGLang serves "
                          f"({' or '.join(known)})")

@@ -277,6 +277,26 @@ class TrainCfg:
     hidden_loss: str = "smooth_l1"
     # drafter shape overrides (null = copy the target's)
     intermediate_size: Optional[int] = None
+    # decoder layers of the drafter (several for DFlash; the EAGLE families have 1)
+    draft_layers: int = 1
+    # the block objective (DFlash): tokens per block, its anchor included (a round drafts block_size - 1);
+    # speculators' default
+    block_size: int = 8
+    # blocks per sample, anchored at supervised positions drawn at random (all of them when fewer); SpecForge's
+    num_anchors: int = 512
+    # weight of block position k = 1..B-1: decay = exp(-(k-1) / loss_decay_gamma) | dpace (arXiv 2605.18810: each
+    # position weighted by the expected acceptance it leads to)
+    position_weighting: str = "decay"
+    loss_decay_gamma: float = 4.0
+    # D-PACE smooths each position's acceptance estimate q to (1 - dpace_alpha) q + dpace_alpha
+    dpace_alpha: float = 0.5
+    # P-EAGLE's COD sampling: depth d >= 1 trains int((n - d) * max(cod_ratio^d, cod_ratio_min)) of a row's n
+    # supervised slots (speculators' defaults)
+    cod_ratio: float = 0.7
+    cod_ratio_min: float = 0.2
+    # the mask token of block drafters, a row of the target's embedding (null: DFlash takes the tokenizer's, as
+    # SpecForge; P-EAGLE the embedding's last row)
+    mask_token_id: Optional[int] = None
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 200
@@ -313,6 +333,18 @@ class TrainCfg:
         _require(self.loss in ("soft_ce", "lk_alpha", "lk_lambda"),
                  f"train.loss must be soft_ce|lk_alpha|lk_lambda, got {self.loss!r}")
         _require(self.lk_eta >= 0, f"train.lk_eta must be >= 0, got {self.lk_eta}")
+        _require(self.draft_layers >= 1, f"train.draft_layers must be >= 1, got {self.draft_layers}")
+        _require(self.block_size >= 2 and self.num_anchors >= 1,
+                 f"train.block_size must be >= 2 and train.num_anchors >= 1, got {self.block_size} and "
+                 f"{self.num_anchors}")
+        _require(self.position_weighting in ("decay", "dpace"),
+                 f"train.position_weighting must be decay|dpace, got {self.position_weighting!r}")
+        _require(self.loss_decay_gamma > 0 and 0 <= self.dpace_alpha <= 1,
+                 "train.loss_decay_gamma must be > 0 and train.dpace_alpha in [0, 1]")
+        _require(self.mask_token_id is None or self.mask_token_id >= 0, "train.mask_token_id must be >= 0 or null")
+        _require(0 < self.cod_ratio <= 1 and 0 <= self.cod_ratio_min <= 1,
+                 f"train.cod_ratio must be in (0, 1] and train.cod_ratio_min in [0, 1], got {self.cod_ratio} and "
+                 f"{self.cod_ratio_min}")
         _require(self.parallel in ("single", "ddp", "fsdp"), "train.parallel must be single|ddp|fsdp")
         _require(self.nproc_per_node >= 1, "train.nproc_per_node must be >= 1")
         _require(self.ttt_attention in ("auto", "flex", "math"), "train.ttt_attention must be auto|flex|math")

@@ -13,8 +13,7 @@ def sglang_command(target: str, draft_dir: Path, family: DrafterFamily, num_step
     """`python -m sglang.launch_server ...` serving `target` with the `family` drafter in `draft_dir`."""
     args = ["python", "-m", "sglang.launch_server", "--model-path", target,
             "--speculative-algorithm", family.sglang_algorithm, "--speculative-draft-model-path", str(draft_dir),
-            "--speculative-num-steps", str(num_steps), "--speculative-eagle-topk", str(topk),
-            "--speculative-num-draft-tokens", str(num_draft_tokens), "--dtype", dtype]
+            *family.sglang_spec_args(draft_dir, num_steps, topk, num_draft_tokens), "--dtype", dtype]
     return shlex.join(args + family.sglang_extra_args(draft_dir))
 
 

@@ -36,6 +36,8 @@ class Shapes:
     target_hidden_size: int
     num_aux: int
     fc_norm: bool
+    # decoder layers (several for DFlash)
+    num_layers: int = 1
 
     @property
     def ships_embedding(self) -> bool:
@@ -82,4 +84,5 @@ def shapes_from_drafter_config(dc: dict[str, Any]) -> Shapes:
                   head_dim=int(dc["head_dim"]), vocab_size=int(dc["vocab_size"]),
                   draft_vocab_size=int(dc.get("draft_vocab_size") or dc["vocab_size"]),
                   target_hidden_size=int(dc.get("target_hidden_size") or dc["hidden_size"]),
-                  num_aux=len(aux), fc_norm=bool(dc.get("fc_norm", False)))
+                  num_aux=len(aux), fc_norm=bool(dc.get("fc_norm", False)),
+                  num_layers=int(dc.get("num_hidden_layers", 1)))

@@ -36,7 +36,6 @@ from ..families.registry import architectures, export_family, family_named
 from ..models.config import DrafterConfig
 from ..target.info import describe_model, read_target_info, resolve_model_dir
 from .layout import CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, WEIGHTS_FILE, Shapes
-from .served import layer_config
 from .values import is_int, is_positive_number, same
 
 FORMATS = ("sglang", "vllm")
@@ -142,8 +141,8 @@ class DirCheck:
             return self.bad(f"architectures {cfg.get('architectures')} is none of {architectures()} "
                             "(SGLang picks the drafter's model class from it)")
         self.family = family
-        self.fmt = family.architectures[cfg["architectures"][0]]
-        layer = layer_config(cfg, self.fmt)
+        self.fmt = family.served_format(cfg, self.path.name)
+        layer = family.layer_config(cfg, self.fmt)
         if not isinstance(layer, dict):
             return self.bad("transformer_layer_config is missing or not a mapping")
         if not self._check_llama_fields(layer):

@@ -1,6 +1,7 @@
 """Writing a training checkpoint as SGLang and vLLM drafters, validated, with their launch commands."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from ..utils.cli import StageError
 from .checkpoint import Checkpoint
 from .commands import sglang_command, vllm_command
 from .layout import CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, WEIGHTS_FILE, shapes_from_drafter_config
-from .validate import validate_export
+from .validate import ENGINE, target_facts, validate_export
 from .weights import export_state_dict
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExportRequest:
-    """What to export and how: formats, dtype, the verifier's name and the launch config to print."""
+    """What to export and how: formats, dtype, the verifier's name, architecture and depth, and the launch config to
+    print."""
 
     dtype: str = "bfloat16"
     formats: tuple[str, ...] = ("sglang", "vllm")
@@ -34,6 +36,8 @@ class ExportRequest:
     num_steps: int = 3
     topk: int = 1
     num_draft_tokens: int = 4
+    # the target's decoder layers (0: read from the target dir by `export_checkpoint`)
+    target_layers: int = 0
 
 
 def _write_format(out: Path, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -57,6 +61,8 @@ def export_checkpoint(ckpt: Checkpoint, target_dir: Path, out: Path, req: Export
     dtype = DTYPES[req.dtype]
     shapes = shapes_from_drafter_config(dc)
     final_out = final_out or out
+    if not req.target_layers:
+        req = dataclasses.replace(req, target_layers=int(target_facts(target_dir)["num_layers"]))
     formats = [f for f in req.formats if f in family.formats]
     if not formats:
         raise StageError(f"{algo} drafters are served by {', '.join(family.formats)}, none of export.formats "
@@ -80,6 +86,7 @@ def export_checkpoint(ckpt: Checkpoint, target_dir: Path, out: Path, req: Export
     if "vllm" in formats:
         commands += ["", "# vLLM"] if commands else ["# vLLM"]
         commands.append(vllm_command(req.verifier_name, final_out / "vllm", family, req.num_steps, req.dtype))
+    commands += [f"# {ENGINE[f]} does not serve {algo} drafters" for f in req.formats if f not in formats]
     atomic_write_text(out / "commands.txt", "\n".join(commands) + "\n")
     return {"checkpoint": str(ckpt.path), "algorithm": algo, "formats": formats, "commands": commands,
             "validation": report.to_json()}

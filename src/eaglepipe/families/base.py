@@ -22,9 +22,10 @@ The drafter module a family builds is a `DraftModule` (models/drafter.py: `layer
 objective and the `sequential` round drive. A family that drafts a whole block in one forward (DFlash: several
 layers, the target's embedding and lm_head, a mask token; P-EAGLE: K drafts from a learned mask_hidden) names its
 own `objective` (train/module.py's OBJECTIVES) and `draft_round` (speculative/generator.py's ROUNDS), which the
-training and speculative packages implement with their kernels and metrics; the `parallel` round is generic over
-the family's `block_drafter` (its drafter's forward over its own cache), and a family that trains on a subset of
-the supervised slots picks them in `train_slots`. Everything else it answers here.
+training and speculative packages implement with their kernels and metrics. The `parallel` round is generic over
+the block drafter the family's `block_drafting` names (speculative/parallel_round.py's BLOCK_DRAFTERS: the drafter's
+forward over its own cache), and an objective that trains a subset of the supervised slots (P-EAGLE's COD
+sampling) draws them when it collates a micro-batch. Everything else it answers here.
 """
 from __future__ import annotations
 
@@ -40,12 +41,8 @@ from ..models.config import DrafterConfig
 
 if TYPE_CHECKING:
     from ..config.schema import TrainCfg
-    from ..engine.model import LlamaRunner
     from ..export.validate import DirCheck
     from ..export.writer import ExportRequest
-    from ..speculative.config import SpecConfig
-    from ..speculative.parallel_round import BlockDrafter
-    from ..train.batches import Batch
     from ..train.objective import Labels, Objective
 
 
@@ -75,8 +72,12 @@ class DrafterFamily(ABC):
     # how it trains: `ttt` = the test-time-training unroll of one-step drafts (train/objective.py)
     objective: str = "ttt"
     # how a speculative round drafts: `sequential` = one drafter step per draft depth (a chain, or an EAGLE-2 tree);
-    # `parallel` = one forward of its `block_drafter` drafts a chain of num_steps tokens
+    # `parallel` = one forward of its block drafter drafts a chain of num_steps tokens
     draft_round: str = "sequential"
+    # the `parallel` round's block drafter (speculative/parallel_round.py's BLOCK_DRAFTERS): `masks` = the emitted
+    # tokens and K-1 mask positions as one causal extend of the drafter's cache (P-EAGLE); `context` = a block
+    # [root, MASK x K] over a cache of the layers' context K/V (DFlash)
+    block_drafting: str = ""
 
     # ------------------------------------------------------------------ model
     @abstractmethod
@@ -124,11 +125,6 @@ class DrafterFamily(ABC):
         """Per-label targets of the extra loss term, from `target_features` [B, T, F] at the flat label
         positions (None: no such term)."""
         return None
-
-    def train_slots(self, batch: "Batch", objective: "Objective", seed: int, sample: bool) -> "Batch":
-        """The micro-batch with the slots each step trains (`batch.step_slots`/`step_rows`), drawn from `seed` when
-        `sample` (training; validation passes False). By default every supervised slot."""
-        return batch
 
     def step_loss(self, objective: "Objective", token_loss: torch.Tensor, drafted: torch.Tensor,
                   labels: "Labels", rows: torch.Tensor) -> torch.Tensor:
@@ -215,9 +211,3 @@ class DrafterFamily(ABC):
     def has_fast_step(self, cfg: DrafterConfig) -> bool:
         """Whether the drafter's step has the token path's Triton form (speculative/fast_drafter.py)."""
         return False
-
-    def block_drafter(self, drafter: torch.nn.Module, runner: "LlamaRunner", spec: "SpecConfig",
-                      fast: bool) -> "BlockDrafter":
-        """A `parallel` round's drafter (speculative/parallel_round.py) over `runner`'s cache slots for rounds of
-        `spec`; `fast`: its forward may run on the token path's kernels."""
-        raise ValueError(f"{self.name} drafters draft one token a step: they have no block drafter")

@@ -48,6 +48,10 @@ class Eagle3Family(DrafterFamily):
     sglang_algorithm = "EAGLE3"
     uses_draft_vocab = True
     init_fields = ("intermediate_size", "draft_vocab_size", "fc_norm", "norm_output")
+    # the speculators format's `speculators_model_type` and `speculators_config.algorithm` of its vLLM exports
+    speculators_type = "eagle3"
+    # compared with the training checkpoint's drafter config besides the Llama fields
+    compared_fields = COMPARED_FIELDS
 
     # ------------------------------------------------------------------ model
     def target_layers(self, configured: Optional[list[int]], info: dict[str, Any]) -> list[int]:
@@ -143,12 +147,12 @@ class Eagle3Family(DrafterFamily):
     def check_export(self, check: "DirCheck", cfg: dict[str, Any], layer: dict[str, Any]) -> None:
         check.check_one_layer(layer)
         if check.fmt == "vllm":
-            _check_speculators(check, cfg)
+            _check_speculators(check, cfg, self.speculators_type)
         self.check_layout(check, cfg, layer)
         if not _check_aux_ids(check, cfg):
             return
         served = self.served_config(cfg, check.fmt, check.target["num_layers"])
-        check.compare(served, COMPARED_FIELDS, target_fields=("aux_layers",))
+        check.compare(served, self.compared_fields, target_fields=("aux_layers",))
         shapes = _served_shapes(check, cfg, served)
         if shapes is not None:
             check.check_weights(shapes, layer.get("torch_dtype") or cfg.get("torch_dtype"))
@@ -253,9 +257,9 @@ def vllm_config(dc: dict[str, Any], dtype: str, verifier_name: str, verifier_arc
 
 
 # ---------------------------------------------------------------------- the validator's EAGLE-3 checks
-def _check_speculators(check: "DirCheck", cfg: dict[str, Any]) -> None:
-    if cfg.get("speculators_model_type") != "eagle3":
-        check.bad(f"speculators_model_type must be eagle3, got {cfg.get('speculators_model_type')!r}")
+def _check_speculators(check: "DirCheck", cfg: dict[str, Any], kind: str) -> None:
+    if cfg.get("speculators_model_type") != kind:
+        check.bad(f"speculators_model_type must be {kind}, got {cfg.get('speculators_model_type')!r}")
     sc = cfg.get("speculators_config")
     try:
         tokens = sc["proposal_methods"][0]["speculative_tokens"]
@@ -263,8 +267,8 @@ def _check_speculators(check: "DirCheck", cfg: dict[str, Any]) -> None:
         name = verifier["name_or_path"]
     except (KeyError, IndexError, TypeError):
         return check.bad("speculators_config needs proposal_methods[0].speculative_tokens and verifier.name_or_path")
-    if sc.get("algorithm") != "eagle3":
-        check.bad(f"speculators_config.algorithm must be eagle3, got {sc.get('algorithm')!r}")
+    if sc.get("algorithm") != kind:
+        check.bad(f"speculators_config.algorithm must be {kind}, got {sc.get('algorithm')!r}")
     if not is_int(tokens) or tokens < 1:
         check.bad(f"speculative_tokens must be a positive int, got {tokens!r}")
     if not isinstance(name, str) or not name:

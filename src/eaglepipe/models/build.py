@@ -9,10 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from ..families.registry import family_of
 from .config import DrafterConfig
-from .drafter import DraftModule
+from .drafter import DrafterModule
 
 # any family's drafter module
-Drafter = DraftModule
+Drafter = DrafterModule
 
 
 def new_drafter(cfg: DrafterConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,

@@ -31,6 +31,12 @@ class DrafterConfig:
     fc_norm: bool = False
     norm_output: bool = False
     hidden_act: str = "silu"
+    # decoder layers of the drafter (EAGLE families: 1)
+    num_hidden_layers: int = 1
+    # tokens a block-drafting family's forward covers, its anchor included (0: it drafts one token a step)
+    block_size: int = 0
+    # the token a block-drafting family feeds at the positions it has not seen yet (None: the family has none)
+    mask_token_id: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:

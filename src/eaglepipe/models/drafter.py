@@ -1,5 +1,6 @@
-"""`DraftModule`: what the TTT unroll and the speculative round call on any one-step drafter module, and the
-cached inference step built from its layer."""
+"""The drafter modules' interfaces: `DrafterModule`, what the generic training loop, checkpoints and rounds ask of any
+family's module (its fused input, logits, vocabulary and layers), and `DraftModule`, what the TTT unroll and the
+sequential round call on a one-step drafter, with the cached inference step built from its layer."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,23 +12,14 @@ from .config import DrafterConfig
 from .layers import Attend, DraftDecoderLayer, cached_attention
 
 
-class DraftModule(nn.Module):
-    """A drafter that turns one token and one state into the next state and draft logits per position."""
+class DrafterModule(nn.Module):
+    """Any family's drafter: it fuses the target's features into its input and scores its outputs over its
+    vocabulary."""
 
     config: DrafterConfig
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
-        """The target's features [B, T, F] (the family's `target_features`) -> the step-0 state [B, T, H]."""
-        raise NotImplementedError
-
-    def layer_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
-                      attend: Attend) -> torch.Tensor:
-        """The decoder layer's output [B, S, H] for tokens `input_ids` fed the states `hidden`, its attention
-        computed by `attend` (the TTT mask in training, the KV cache in inference)."""
-        raise NotImplementedError
-
-    def next_state(self, layer_out: torch.Tensor) -> torch.Tensor:
-        """What the next drafting step consumes."""
+        """The target's features [B, T, F] (the family's `target_features`) -> the drafter's input [B, T, H]."""
         raise NotImplementedError
 
     def logits(self, layer_out: torch.Tensor) -> torch.Tensor:
@@ -48,6 +40,20 @@ class DraftModule(nn.Module):
 
     def draft_layers(self) -> list[DraftDecoderLayer]:
         """The decoder layers (compiled together in training)."""
+        raise NotImplementedError
+
+
+class DraftModule(DrafterModule):
+    """A drafter that turns one token and one state into the next state and draft logits per position."""
+
+    def layer_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+                      attend: Attend) -> torch.Tensor:
+        """The decoder layer's output [B, S, H] for tokens `input_ids` fed the states `hidden`, its attention
+        computed by `attend` (the TTT mask in training, the KV cache in inference)."""
+        raise NotImplementedError
+
+    def next_state(self, layer_out: torch.Tensor) -> torch.Tensor:
+        """What the next drafting step consumes."""
         raise NotImplementedError
 
     def output(self, layer_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,17 +51,18 @@ def trained_algorithm(fmt_dir: Path) -> str | None:
     return json.loads(ref.read_text()).get("algorithm") if fmt_dir.name in FORMATS and ref.exists() else None
 
 
-def exported_config(cfg: dict, target_layers: int, trained_as: str | None = None
+def exported_config(cfg: dict, target_layers: int, trained_as: str | None = None, dir_name: str = ""
                     ) -> tuple[DrafterFamily, DrafterConfig]:
     """The family and the DrafterConfig of the drafter the engine builds from an exported config.json (ours or
     another trainer's: RoPE from `rope_parameters`, the default aux layers when none are named). `trained_as`:
-    the algorithm of the export's drafter_config.json, when there is one."""
+    the algorithm of the export's drafter_config.json, when there is one; `dir_name`: the name of the dir holding
+    the config (the engine it is for, where the family's engines read one layout)."""
     family = export_family(cfg, trained_as)
     if family is None:
         raise ValueError(f"{(cfg.get('architectures') or ['?'])[0]!r} is none of the drafter architectures "
                          f"{architectures()}")
     family.check_loadable(cfg)
-    fmt = family.architectures[cfg["architectures"][0]]
+    fmt = family.served_format(cfg, dir_name)
     return family, DrafterConfig(**family.served_config(cfg, fmt, target_layers))
 
 
@@ -123,7 +124,7 @@ def load_exported_drafter(export_dir: str | Path, target_dir: str | Path, device
     model_dir = resolve_model_dir(target_dir)
     target_cfg = json.loads((model_dir / "config.json").read_text())
     layers = int(target_cfg.get("num_hidden_layers") or target_cfg["text_config"]["num_hidden_layers"])
-    family, dc = exported_config(cfg_json, layers, trained_algorithm(d))
+    family, dc = exported_config(cfg_json, layers, trained_algorithm(d), d.name)
     if target_embed is None:
         target_embed = _target_tensor(model_dir, ("model.embed_tokens.weight", "embed_tokens.weight"))
     if family.uses_target_head and target_lm_head is None:
@@ -131,7 +132,7 @@ def load_exported_drafter(export_dir: str | Path, target_dir: str | Path, device
     model: Drafter = family.new_module(dc, target_lm_head)
     with torch.no_grad():
         model.embed_tokens.weight.copy_(target_embed.to(model.embed_tokens.weight.dtype))
-    fmt = family.architectures[cfg_json["architectures"][0]]
+    fmt = family.served_format(cfg_json, d.name)
     load_drafter_state(model, _drafter_state(d, fmt, family, dc, target_embed), d / WEIGHTS_FILE)
     model = _cast_keeping_rope_fp32(model, torch.device(device), dtype).eval().requires_grad_(False)
     hot = family.hot_token_ids(d)

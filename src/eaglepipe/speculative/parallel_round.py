@@ -5,8 +5,8 @@ forward (P-EAGLE, DFlash), shared by the eager round of `SpeculativeGenerator` a
 A round drafts a chain: the root (the last committed token) and the K drafts of the block the drafter proposed
 after it, cut to the room left; the target verifies root + drafts in one forward, greedy acceptance takes the
 longest matching prefix plus the bonus token, and the drafter commits the emitted tokens (fed the verify forward's
-captured layers at their path nodes). Everything the drafter itself does is its family's `BlockDrafter`
-(`DrafterFamily.block_drafter`): `commit` after the verification and `propose` before the next one, so a family
+captured layers at their path nodes). Everything the drafter itself does is the `BlockDrafter` its family's
+`block_drafting` names (BLOCK_DRAFTERS): `commit` after the verification and `propose` before the next one, so a family
 may run its one drafter forward in either (P-EAGLE drafts while it commits, since its first draft needs the
 target's features at the last accepted token; DFlash proposes from the root and its committed context). Shapes
 are fixed by the number of rows and the bounds passed in and nothing waits on the device, so a CUDA graph can
@@ -14,7 +14,7 @@ capture the round.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -22,12 +22,14 @@ from ..engine.model import LlamaRunner, rms_norm
 from ..families.registry import family_of
 from .accept import chain_accept
 from .config import SpecConfig
+from .context_cache import ContextCacheDrafter
 from .drafter_loader import LoadedDrafter
+from .mask_block import MaskBlockDrafter
 from .tree import VerifyTree, target_ids
 
 
 class BlockDrafter(Protocol):
-    """A block-drafting family's drafter over its own per-slot cache (what `DrafterFamily.block_drafter` builds).
+    """A block-drafting family's drafter over its own per-slot cache (BLOCK_DRAFTERS builds it).
 
     Its state between rounds is a pair of tensors per row (`state_shapes`, in the runner's dtype): what `commit`
     returns and `propose` reads, kept by the round's rows (`Rows.draft_hidden`/`draft_logits`)."""
@@ -49,6 +51,14 @@ class BlockDrafter(Protocol):
         """The drafter's logits [B, K, V_d] of the K tokens after each row's root `roots` [B]."""
 
 
+# each family's `block_drafting` -> its block drafter for (drafter, runner, spec, fast: whether its forward may run on
+# the token path's kernels)
+BLOCK_DRAFTERS: dict[str, Callable[[torch.nn.Module, LlamaRunner, SpecConfig, bool], BlockDrafter]] = {
+    "masks": MaskBlockDrafter,
+    "context": lambda drafter, runner, spec, fast: ContextCacheDrafter(drafter, runner, spec),
+}
+
+
 class ParallelRoundSteps:
     """The steps of a chain round of `spec` (topk 1: K = num_steps drafts a round) with the block drafter of
     `loaded`'s family; `fast` lets the block drafter use the token path's kernels."""
@@ -61,7 +71,10 @@ class ParallelRoundSteps:
         self.drafter = loaded.model
         self.family = family_of(loaded.config)
         self.capture = runner.check_capture_layers(list(loaded.config.aux_layers))
-        self.block: BlockDrafter = self.family.block_drafter(self.drafter, runner, spec, fast)
+        if self.family.block_drafting not in BLOCK_DRAFTERS:
+            raise ValueError(f"no block drafter {self.family.block_drafting!r} (a {loaded.config.algorithm} drafter); "
+                             f"the block drafters are {sorted(BLOCK_DRAFTERS)}")
+        self.block: BlockDrafter = BLOCK_DRAFTERS[self.family.block_drafting](self.drafter, runner, spec, fast)
         n = spec.num_draft_tokens
         self._cols = torch.arange(n, device=runner.device)
         self._parents = (self._cols - 1).clamp(min=0)

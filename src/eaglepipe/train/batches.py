@@ -8,8 +8,9 @@ target's prediction at position t+1+k (the distribution of x_{t+2+k}).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +30,8 @@ class Batch:
     num_tokens: int              # real (non-padding) tokens
     sample_ids: list             # ids of the samples in the batch, row by row
     first_answer: torch.Tensor   # [B*T] bool: slots whose step-0 label lies in their sample's first answer
+    # the block objective's anchor positions [B, A] (-1: padding); its step k lists blocks, not slots
+    anchors: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device) -> "Batch":
         """Copy every tensor to `device` (non-blocking from pinned memory where possible)."""
@@ -118,6 +121,13 @@ def collate(rows: Sequence[Sequence[dict]], ttt_steps: int, pad_to: int | None =
                  step_ids=torch.from_numpy(step_ids), label_pos=torch.from_numpy(label_pos),
                  step_slots=step_slots, step_rows=step_rows, num_tokens=int(sum(lengths)), sample_ids=sample_ids,
                  first_answer=torch.from_numpy(first_answer.reshape(-1)))
+
+
+def row_generator(seed: int, sample_ids: Sequence) -> np.random.Generator:
+    """The random generator of one row of a training step: from the step's `seed` and the ids of the row's samples,
+    not the row's place, so that any split of the step's rows over ranks and micro-batches draws alike."""
+    key = hashlib.sha256(f"{seed}:{list(sample_ids)}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(key[:8], "little"))
 
 
 def first_run(mask: np.ndarray) -> np.ndarray:

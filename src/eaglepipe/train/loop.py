@@ -21,7 +21,7 @@ from ..families.registry import family_of
 from ..models.target import TargetWithAux
 from ..utils.atomic import atomic_write_json, remove_stale_temps
 from ..utils.device import pick_device
-from .batches import Batch, collate, pack_rows
+from .batches import Batch, pack_rows
 from .checkpoint import (
     checkpoint_name,
     commit_checkpoint,
@@ -32,15 +32,20 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .features import online_features
-from .flops import attention_pairs, drafter_flops, measure_matmul_peak, target_flops
-from .module import TTTModule
+from .flops import attention_pairs, measure_matmul_peak, target_flops
+from .module import TTTModule, objective_of
 from .objective import Objective, metric_keys, summarize
 from .offline import OfflineCache
 from .report import History, LogWindow, publish_metrics
 from .schedule import warmup_cosine
 from .schedule_data import DataSchedule
-from .setup import check_config_against_target, initial_drafter, load_target_model, target_info
-from .ttt_attention import document_causal_mask, flex_step0, math_step0
+from .setup import (
+    check_config_against_target,
+    check_drafter_depth,
+    initial_drafter,
+    load_target_model,
+    target_info,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +103,7 @@ class Trainer:
         self.info = target_info(paths.target)
         d2t, t2d = load_vocab(paths.vocab)
         check_config_against_target(cfg, self.info, len(d2t), len(t2d))
+        check_drafter_depth(cfg)
         self.train_samples = read_tokens(paths.tokens, "train")
         self.val_samples = read_tokens(paths.tokens, "val")
         if not self.train_samples:
@@ -109,7 +115,7 @@ class Trainer:
         offline = tc.mode == "offline"  # offline: the target only lends its embedding and lm_head (on CPU)
         model = load_target_model(paths.target, torch.device("cpu") if offline else self.device,
                                   torch.float32 if offline or not bf16 else torch.bfloat16, tc.attn_impl)
-        self.drafter = initial_drafter(cfg, self.info, model, d2t, t2d, tc.init_from).to(self.device)
+        self.drafter = initial_drafter(cfg, self.info, model, d2t, t2d, tc.init_from, paths.target).to(self.device)
         self.family = family_of(self.drafter.config)
         label_ids = self.family.label_ids(d2t)
         self.label_ids = None if label_ids is None else label_ids.to(self.device)
@@ -128,7 +134,11 @@ class Trainer:
                 from .distributed import shard_target
                 shard_target(self.target.model)
         self.objective = Objective(tc.ttt_steps, tc.step_weight_decay, tc.out_of_vocab, tc.hidden_loss_weight,
-                                   tc.token_loss_weight, tc.hidden_loss, tc.loss, tc.lk_eta)
+                                   tc.token_loss_weight, tc.hidden_loss, tc.loss, tc.lk_eta, tc.block_size,
+                                   tc.num_anchors, tc.position_weighting, tc.loss_decay_gamma, tc.dpace_alpha,
+                                   tc.cod_ratio, tc.cod_ratio_min)
+        self.kind = objective_of(self.drafter)
+        self.steps = self.kind.steps(self.objective)  # per-step metric groups
         self.module: torch.nn.Module = TTTModule(self.drafter, self.objective)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -177,12 +187,10 @@ class Trainer:
         log.info("resumed from %s at step %d", path.name, self.step)
 
     # ---- one micro-batch -------------------------------------------------------------------------------
-    def _step0(self, batch: Batch):
+    def _attention(self, batch: Batch):
         use_flex = self.cfg.train.ttt_attention == "flex" or (
             self.cfg.train.ttt_attention == "auto" and self.device.type == "cuda")
-        if use_flex:
-            return flex_step0(batch.doc_ids, self.drafter.config.num_attention_heads)
-        return math_step0(document_causal_mask(batch.doc_ids))
+        return self.kind.attention(batch, self.objective, self.drafter.config.num_attention_heads, use_flex)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -195,14 +203,19 @@ class Trainer:
             return self.cache.features(batch, split, self.device)
         return online_features(self.target, batch, self.family, self.label_ids)
 
-    def _micro(self, rows: list[list[int]], samples: list[dict]) -> Batch:
-        return collate([[samples[i] for i in row] for row in rows], self.cfg.train.ttt_steps,
-                       pad_to=self.cfg.data.seq_length if self.cfg.train.pack else None)
+    def _micro(self, rows: list[list[int]], samples: list[dict], step: Optional[int] = None) -> Batch:
+        """The micro-batch of sample `rows`; the optimizer `step` seeds what the objective draws at random for
+        training (None: validation draws nothing). The seed is the step's alone, so that an objective
+        that draws per row from it and the row's samples draws alike however ranks and micro-batches split the
+        global batch."""
+        seed = None if step is None else int(np.random.SeedSequence([self.cfg.seed, step]).generate_state(1)[0])
+        return self.kind.collate([[samples[i] for i in row] for row in rows], self.objective,
+                                 self.cfg.data.seq_length if self.cfg.train.pack else None, seed)
 
     def _forward(self, batch: Batch, denominators: list[float]):
         feats, labels = self.features(batch)
         with self._autocast():
-            return self.module(batch, feats, labels, self._step0(batch), denominators)
+            return self.module(batch, feats, labels, self._attention(batch), denominators)
 
     # ---- the loop --------------------------------------------------------------------------------------
     def train(self, stop_after: Optional[int] = None) -> dict[str, Any]:
@@ -217,7 +230,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         while self.step < end:
             micro = self.data.step_batches(self.step)
-            batches = [self._micro(rows, self.train_samples) for rows in micro]
+            batches = [self._micro(rows, self.train_samples, self.step) for rows in micro]
             denominators = [float(sum(c)) for c in zip(*(b.supervised_counts() for b in batches))]
             mine = batches[self.rank * tc.grad_accum:(self.rank + 1) * tc.grad_accum]
             for i, cpu_batch in enumerate(mine):
@@ -258,14 +271,12 @@ class Trainer:
                 "peak_gpu_mem_gib": peak}
 
     def _flops(self, b: Batch) -> float:
-        pairs = attention_pairs(b)
-        rows = sum(b.supervised_counts())
-        return target_flops(self.info, b.num_tokens, pairs, int(b.label_pos.numel())) + \
-            drafter_flops(self.drafter.config, b.num_tokens, pairs, rows, self.cfg.train.ttt_steps)
+        return target_flops(self.info, b.num_tokens, attention_pairs(b), int(b.label_pos.numel())) + \
+            self.kind.flops(self.drafter.config, b, self.objective)
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sum metric sums over ranks (a rank without batches contributes zeros)."""
-        keys = sorted(set(metric_keys(self.cfg.train.ttt_steps)) | set(sums))
+        keys = sorted(set(metric_keys(self.steps)) | set(sums))
         vec = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64).to(self.device) for k in keys])
         if self.world > 1:
             dist.all_reduce(vec)
@@ -274,7 +285,7 @@ class Trainer:
     def _log_train(self, grad_norm: torch.Tensor, seconds: float) -> dict:
         w = self.window
         totals = self._reduce({**w.sums, "_tokens": torch.tensor(float(w.tokens)), "_flops": torch.tensor(w.flops)})
-        row = summarize(totals, self.cfg.train.ttt_steps, self.cfg.train.step_weight_decay)
+        row = summarize(totals, self.steps, self.kind.decay(self.objective))
         tok = float(totals["_tokens"])
         row.update(step=self.step, split="train", grad_norm=float(grad_norm), lr=self.scheduler.get_last_lr()[0],
                    tokens_per_s=tok / max(seconds, 1e-9),
@@ -301,12 +312,12 @@ class Trainer:
             batch = self._micro(g, self.val_samples).to(self.device)
             feats, labels = self.features(batch, "val")
             with self._autocast():
-                _, s = TTTModule.forward(self._plain_module(), batch, feats, labels, self._step0(batch),
-                                         [1.0] * tc.ttt_steps)
+                _, s = TTTModule.forward(self._plain_module(), batch, feats, labels, self._attention(batch),
+                                         [1.0] * self.steps)
             for k, v in s.items():
                 sums[k] = sums.get(k, 0) + v
         self.module.train()
-        row = summarize(self._reduce(sums), tc.ttt_steps, tc.step_weight_decay)
+        row = summarize(self._reduce(sums), self.steps, self.kind.decay(self.objective))
         row.update(step=self.step, split="val")
         if self.is_main:
             self.history.add(row)
@@ -345,7 +356,7 @@ class Trainer:
         if self.is_main:
             self.paths.out.mkdir(parents=True, exist_ok=True)
             publish(self.work, self.paths.out)
-            publish_metrics(self.history.rows, self.paths.out, self.cfg.train.ttt_steps)
+            publish_metrics(self.history.rows, self.paths.out, self.steps)
             atomic_write_json(self.paths.out / "summary.json", summary)
         if self.world > 1:
             dist.barrier()

@@ -26,14 +26,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..families.registry import family_of
-from .batches import Batch
+from ..models.config import DrafterConfig
+from .batches import Batch, collate
 from .draft_losses import draft_loss
-from .ttt_attention import Step0Fn, ttt_attention
+from .flops import attention_pairs, drafter_flops
+from .ttt_attention import Step0Fn, document_causal_mask, flex_step0, math_step0, ttt_attention
 
 
 @dataclass
@@ -49,6 +51,15 @@ class Objective:
     # draft_losses.DRAFT_LOSSES: soft_ce | lk_alpha | lk_lambda
     loss: str = "soft_ce"
     lk_eta: float = 3.0
+    # the block objective (train/block_objective.py)
+    block_size: int = 8
+    num_anchors: int = 512
+    position_weighting: str = "decay"
+    loss_decay_gamma: float = 4.0
+    dpace_alpha: float = 0.5
+    # P-EAGLE's COD sampling (train/cod.py)
+    cod_ratio: float = 0.7
+    cod_ratio_min: float = 0.2
 
 
 @dataclass
@@ -89,27 +100,65 @@ def replay_rounds(accepted: torch.Tensor, supervised: torch.Tensor, row_length: 
     return rounds[first].sum(), tokens[first].sum()
 
 
+class UnrollMetrics:
+    """The metric sums of an unroll of draft steps, step by step, with no GPU sync: loss_k, count_k, correct_k,
+    prefix_k (slots whose drafts of steps 0..k are all correct), alpha_k, `slots` (supervised slots at step 0),
+    and `rounds`/`round_tokens` of the replayed verification rounds (see `replay_rounds`), over all answers and
+    (`_first`) first answers. A slot a step does not train counts as a wrong draft there."""
+
+    def __init__(self, drafter: torch.nn.Module, labels: Labels, in_vocab: torch.Tensor, slots: int,
+                 device: torch.device) -> None:
+        self.drafter, self.labels, self.in_vocab, self.device = drafter, labels, in_vocab, device
+        self.prefix = torch.ones(slots, dtype=torch.bool, device=device)
+        self.accepted = torch.zeros(slots, dtype=torch.long, device=device)  # drafts a round at slot t accepts
+        self.sums: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def add(self, k: int, slots: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor, step_loss: torch.Tensor,
+            alpha: torch.Tensor, row_keep: torch.Tensor) -> None:
+        """Step k's drafts `logits` at the flat `slots` (label rows `rows`), its loss sum and acceptance rates."""
+        correct = (self.drafter.to_target_ids(logits.argmax(-1)) == self.labels.argmax.index_select(0, rows)) & \
+            row_keep
+        dense = torch.zeros(self.prefix.numel(), dtype=torch.bool, device=self.device)
+        dense[slots] = correct & self.in_vocab.index_select(0, rows)
+        self.prefix = self.prefix & dense
+        self.accepted += self.prefix
+        self.sums[f"loss_{k}"] = step_loss.detach().float()
+        self.sums[f"count_{k}"] = row_keep.sum().float()
+        self.sums[f"correct_{k}"] = correct.sum().float()
+        self.sums[f"prefix_{k}"] = self.prefix.sum().float()
+        self.sums[f"alpha_{k}"] = (alpha * row_keep).sum().float()
+        if k == 0:
+            self.sums["slots"] = torch.full((), float(slots.numel()), device=self.device)  # a fill, no copy
+
+    @torch.no_grad()
+    def finish(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The sums, with the replayed rounds of the answers (step 0's supervised slots)."""
+        supervised = torch.zeros(self.prefix.numel(), dtype=torch.bool, device=self.device)
+        supervised[batch.step_slots[0]] = True
+        t = batch.input_ids.shape[1]
+        rounds, tokens = replay_rounds(self.accepted, supervised, t)
+        self.sums["rounds"], self.sums["round_tokens"] = rounds.float(), tokens.float()
+        rounds, tokens = replay_rounds(self.accepted, supervised & batch.first_answer, t)
+        self.sums["rounds_first"], self.sums["round_tokens_first"] = rounds.float(), tokens.float()
+        return self.sums
+
+
 def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, labels: Labels,
              objective: Objective, step0: Step0Fn, denominators: list[float]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Unroll the drafter over `objective.ttt_steps` steps; returns (loss, metric sums as tensors).
+    """Unroll the drafter over `objective.ttt_steps` steps; returns (loss, metric sums as tensors: `UnrollMetrics`).
 
-    `features`: the step-0 state [B, T, H] (drafter.fuse of the family's target features). Metric sums (no GPU
-    sync): loss_k, count_k, correct_k, prefix_k per step, `slots` (supervised slots at step 0) for the simulated
-    acceptance length, and `rounds`/`round_tokens` of the replayed verification rounds (see `replay_rounds`), over
-    all answers and (`_first`) first answers.
+    `features`: the step-0 state [B, T, H] (drafter.fuse of the family's target features).
     """
     family = family_of(drafter.config)
     b, t = batch.input_ids.shape
-    dev = features.device
     in_vocab = drafter.in_draft_vocab(labels.argmax)
     keep = in_vocab if objective.out_of_vocab == "drop" else torch.ones_like(in_vocab)
+    metrics = UnrollMetrics(drafter, labels, in_vocab, b * t, features.device)
     hidden = features
     keys, values = [], []
     total = features.new_zeros((), dtype=torch.promote_types(features.dtype, torch.float32))
-    sums: dict[str, torch.Tensor] = {}
-    prefix = torch.ones(b * t, dtype=torch.bool, device=dev)
-    accepted = torch.zeros(b * t, dtype=torch.long, device=dev)  # drafts a round starting at slot t accepts
     attend = partial(_ttt_attend, keys, values, step0)
     for k in range(objective.ttt_steps):
         out = drafter.layer_forward(batch.step_ids[k], hidden, batch.position_ids + k, attend)
@@ -121,29 +170,10 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
         step_loss = family.step_loss(objective, (ce * row_keep).sum(), picked, labels, rows)
         if denominators[k] > 0:
             total = total + (objective.step_weight_decay ** k) * step_loss / denominators[k]
-        with torch.no_grad():
-            correct = (drafter.to_target_ids(logits.argmax(-1)) == labels.argmax.index_select(0, rows)) & row_keep
-            dense = torch.zeros(b * t, dtype=torch.bool, device=dev)
-            dense[slots] = correct & in_vocab.index_select(0, rows)
-            prefix = prefix & dense
-            accepted += prefix
-            sums[f"loss_{k}"] = step_loss.detach().float()
-            sums[f"count_{k}"] = row_keep.sum().float()
-            sums[f"correct_{k}"] = correct.sum().float()
-            sums[f"prefix_{k}"] = prefix.sum().float()
-            sums[f"alpha_{k}"] = (alpha * row_keep).sum().float()
-            if k == 0:
-                sums["slots"] = torch.full((), float(slots.numel()), device=dev)  # a fill, no host->device copy
+        metrics.add(k, slots, rows, logits, step_loss, alpha, row_keep)
         if k + 1 < objective.ttt_steps:
             hidden = drafter.next_state(out)
-    with torch.no_grad():
-        supervised = torch.zeros(b * t, dtype=torch.bool, device=dev)
-        supervised[batch.step_slots[0]] = True
-        rounds, tokens = replay_rounds(accepted, supervised, t)
-        sums["rounds"], sums["round_tokens"] = rounds.float(), tokens.float()
-        rounds, tokens = replay_rounds(accepted, supervised & batch.first_answer, t)
-        sums["rounds_first"], sums["round_tokens_first"] = rounds.float(), tokens.float()
-    return total, sums
+    return total, metrics.finish(batch)
 
 
 def _ttt_attend(keys: list[torch.Tensor], values: list[torch.Tensor], step0: Step0Fn, q: torch.Tensor,
@@ -187,3 +217,37 @@ def summarize(sums: dict[str, torch.Tensor], ttt_steps: int, decay: float) -> di
         rounds = v.get(f"rounds{suffix}", 0.0)
         out[f"replay_tau{suffix}"] = v.get(f"round_tokens{suffix}", 0.0) / rounds if rounds > 0 else 1.0
     return out
+
+
+@dataclass(frozen=True)
+class TrainingObjective:
+    """What the training loop asks of an objective (a family's `objective` names one: train/module.py's
+    OBJECTIVES): how many per-step metric groups it reports and the weight ratio of consecutive ones in the
+    reported loss, the micro-batch of sample rows (`collate(rows, objective, pad_to, seed)`, seed None for
+    validation: nothing drawn at random), the attention its loss takes (`attention(batch, objective, heads, flex)`),
+    the loss (`loss(drafter, batch, fused features, labels, objective, attention, denominators)`) and the drafter's
+    forward + backward FLOPs on a batch."""
+
+    steps: Callable[[Objective], int]
+    decay: Callable[[Objective], float]
+    collate: Callable[[Sequence[Sequence[dict]], Objective, Optional[int], Optional[int]], Batch]
+    attention: Callable[[Batch, Objective, int, bool], Any]
+    loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    flops: Callable[[DrafterConfig, Batch, Objective], float]
+
+
+def ttt_attention_of(batch: Batch, objective: Objective, heads: int, flex: bool) -> Step0Fn:
+    """The TTT unroll's step-0 attention: FlexAttention (CUDA) or explicit scores, causal within each document."""
+    return flex_step0(batch.doc_ids, heads) if flex else math_step0(document_causal_mask(batch.doc_ids))
+
+
+def ttt_flops(cfg: DrafterConfig, batch: Batch, objective: Objective) -> float:
+    """The drafter's FLOPs over the unroll's steps."""
+    return drafter_flops(cfg, batch.num_tokens, attention_pairs(batch), sum(batch.supervised_counts()),
+                         objective.ttt_steps)
+
+
+# the test-time-training unroll of one-step drafts
+TTT = TrainingObjective(steps=lambda o: o.ttt_steps, decay=lambda o: o.step_weight_decay,
+                        collate=lambda rows, o, pad_to, seed: collate(rows, o.ttt_steps, pad_to),
+                        attention=ttt_attention_of, loss=ttt_loss, flops=ttt_flops)

@@ -1,6 +1,7 @@
 """Loading and checking what training needs: target, vocab, data, and the drafter to start from."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -29,12 +30,21 @@ def target_info(target: Path) -> dict[str, Any]:
 def check_config_against_target(cfg: Config, info: dict[str, Any], draft_vocab: int, map_vocab: int) -> None:
     """Reject configs the target cannot support, before any work (`map_vocab` = len(t2d)); the drafter family
     checks its own needs."""
-    family_named(cfg.train.algorithm).check_target(info, draft_vocab, cfg.target.aux_layers or info["aux_layers"])
+    family = family_named(cfg.train.algorithm)
+    family.check_target(info, draft_vocab, family.target_layers(cfg.target.aux_layers, info))
     if map_vocab != int(info["vocab_size"]):
         raise ConfigError(f"the vocab map covers {map_vocab} target tokens but the target has {info['vocab_size']}")
     limit = int(info["max_position_embeddings"])
     if cfg.data.seq_length > limit:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds the target's max_position_embeddings={limit}")
+
+
+def check_drafter_depth(cfg: Config) -> None:
+    """Reject a `train.draft_layers` the family's drafter cannot have (the EAGLE families have one layer)."""
+    family = family_named(cfg.train.algorithm)
+    if family.decoder_layers is not None and cfg.train.draft_layers != family.decoder_layers:
+        raise ConfigError(f"train.draft_layers={cfg.train.draft_layers}: a {cfg.train.algorithm} drafter has "
+                          f"{family.decoder_layers} decoder layer(s)")
 
 
 def load_target_model(target: Path, device: torch.device, dtype: torch.dtype, attn_impl: str):
@@ -48,11 +58,13 @@ def load_target_model(target: Path, device: torch.device, dtype: torch.dtype, at
 
 
 def initial_drafter(cfg: Config, info: dict[str, Any], model, d2t: torch.Tensor, t2d: torch.Tensor,
-                    init_from: Optional[str]) -> Drafter:
-    """A new drafter (seeded), optionally initialised from our checkpoint or an export dir of the same family."""
+                    init_from: Optional[str], target_dir: Path) -> Drafter:
+    """A new drafter (seeded) for the target in `target_dir`, optionally initialised from our checkpoint or an export
+    dir of the same family."""
     family = family_named(cfg.train.algorithm)
-    aux = cfg.target.aux_layers or info["aux_layers"]
-    dcfg = DrafterConfig.from_target(info, cfg.train.algorithm, len(d2t), aux, cfg.train.intermediate_size)
+    dcfg = DrafterConfig.from_target(info, cfg.train.algorithm, len(d2t), cfg.target.aux_layers,
+                                     cfg.train.intermediate_size)
+    dcfg = dataclasses.replace(dcfg, **family.train_fields(cfg.train, target_dir, info))
     if init_from:
         dcfg = init_config(Path(init_from), dcfg, int(info["num_layers"]))
         if dcfg.algorithm != cfg.train.algorithm or dcfg.hidden_size != int(info["hidden_size"]):
@@ -85,7 +97,7 @@ def init_config(src: Path, dcfg: DrafterConfig, target_layers: int) -> DrafterCo
     if export_family(exported, dcfg.algorithm) is not family:
         raise ConfigError(f"train.init_from={src}: architectures {exported.get('architectures')} is not a "
                           f"{dcfg.algorithm} drafter's (those are {sorted(family.architectures)})")
-    served = family.served_config(exported, family.architectures[exported["architectures"][0]], target_layers)
+    served = family.served_config(exported, family.served_format(exported, src.name), target_layers)
     for k in family.init_fields:
         if served[k] is not None:
             setattr(dcfg, k, served[k])
