@@ -32,7 +32,7 @@ from test_round_graph import (  # noqa: F401  (module fixtures)
     target_dir,
 )
 from test_spec_decode import greedy_reference
-from test_train import conversations, make_cfg, paths, sharp_target  # noqa: F401  (module fixtures)
+from test_train import conversations, make_cfg, make_chain_cfg, paths, sharp_target  # noqa: F401  (module fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -251,7 +251,7 @@ def test_position_weights(weighting: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- training
 def dflash_cfg(**train):
-    return make_cfg(algorithm="dflash", draft_layers=2, block_size=4, loss_decay_gamma=3.0, **train)
+    return make_chain_cfg(algorithm="dflash", draft_layers=2, block_size=4, loss_decay_gamma=3.0, **train)
 
 
 def test_it_trains_online_and_offline_alike(conversations, sharp_target, tmp_path) -> None:  # noqa: F811
@@ -353,6 +353,14 @@ def test_export_format_for_sglang_and_vllm(target_dir, tmp_path: Path) -> None: 
     assert "--speculative-algorithm DFLASH" in commands and "--speculative-num-draft-tokens 4 " in commands
     assert "--speculative-num-steps" not in commands and "--speculative-eagle-topk" not in commands
     assert '"method": "dflash"' in commands and '"num_speculative_tokens": 3' in commands
+
+
+def test_export_commands_launch_the_trained_block(target_dir, tmp_path: Path) -> None:  # noqa: F811
+    """export.num_steps/num_draft_tokens (3, 4 here) are EAGLE's: a DFlash export is launched with its own block."""
+    summary = export_to(target_dir, dflash_checkpoint(target_dir, tmp_path / "ckpt", block=6), tmp_path / "export")
+    sglang, vllm = (next(c for c in summary["commands"] if c.startswith(p)) for p in ("python -m sglang", "vllm serve"))
+    assert "--speculative-num-draft-tokens 6 " in sglang
+    assert json.loads(vllm.split("--speculative-config ", 1)[1].strip("'"))["num_speculative_tokens"] == 5
 
 
 def _problems(src: Path, target_dir: Path, tmp_path: Path, edit, fmt: str = "sglang", strict: bool = False) -> list:

@@ -23,7 +23,7 @@ from eaglepipe.train.loop import Paths, Trainer
 from test_export import export_to, keys_of, make_checkpoint
 from test_round_graph import MIN_CTX, make_runner, target_dir  # noqa: F401  (module fixture)
 from test_spec_decode import greedy_reference, run_spec
-from test_train import DDP_RUNNER, conversations, make_cfg, paths, sharp_target  # noqa: F401  (module fixtures)
+from test_train import DDP_RUNNER, conversations, make_chain_cfg, paths, sharp_target  # noqa: F401  (module fixtures)
 
 PROMPTS = [[1, 2, 3, 4, 5, 6], [100, 200, 300, 400], [7, 7, 7, 9, 11, 13, 15, 17, 19, 21]]
 NEW_TOKENS = 40
@@ -318,7 +318,7 @@ def test_greedy_is_exact_up_to_the_end_of_the_cache(target_dir: Path, exported: 
 
 # ---------------------------------------------------------------------- training
 def test_resume_after_a_kill_gives_bit_identical_weights(conversations, sharp_target, tmp_path):  # noqa: F811
-    cfg = make_cfg(algorithm="peagle", max_steps=5, ttt_steps=4)
+    cfg = make_chain_cfg(algorithm="peagle", max_steps=5, ttt_steps=4)
     Trainer(cfg, paths(conversations, sharp_target, tmp_path / "a" / "train")).train()
     first = Trainer(cfg, paths(conversations, sharp_target, tmp_path / "b" / "train"))
     first.train(stop_after=3)
@@ -340,7 +340,7 @@ def test_offline_training_equals_online(conversations, sharp_target, tmp_path): 
 
     from eaglepipe.stages.hidden_states import main
 
-    cfg = make_cfg(algorithm="peagle", mode="offline", max_steps=3, ttt_steps=4)
+    cfg = make_chain_cfg(algorithm="peagle", mode="offline", max_steps=3, ttt_steps=4)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(to_dict(cfg)))
     main(["--params", str(params), "--target", str(sharp_target), "--tokens", str(conversations / "tokens"),
@@ -351,7 +351,7 @@ def test_offline_training_equals_online(conversations, sharp_target, tmp_path): 
 
     def train(mode: str, hidden: Path, name: str) -> dict:
         p = Paths(sharp_target, conversations / "tokens", conversations / "vocab", hidden, tmp_path / name / "train")
-        return Trainer(make_cfg(algorithm="peagle", mode=mode, max_steps=3, ttt_steps=4), p).train()
+        return Trainer(make_chain_cfg(algorithm="peagle", mode=mode, max_steps=3, ttt_steps=4), p).train()
 
     off, on = train("offline", tmp_path / "exp" / "hidden", "off"), train("online", online, "on")
     for split in ("train", "val"):
@@ -367,9 +367,9 @@ def test_offline_training_equals_online(conversations, sharp_target, tmp_path): 
 def test_two_processes_equal_one_process_with_the_same_global_batch(conversations, sharp_target, tmp_path,  # noqa: F811
                                                                     parallel):
     """The COD draws follow the samples, not the rank or micro-batch that holds them."""
-    single = make_cfg(algorithm="peagle", max_steps=3, micro_batch_size=4, pack=True, ttt_steps=4)
+    single = make_chain_cfg(algorithm="peagle", max_steps=3, micro_batch_size=4, pack=True, ttt_steps=4)
     Trainer(single, paths(conversations, sharp_target, tmp_path / "one" / "train")).train()
-    two = make_cfg(algorithm="peagle", max_steps=3, micro_batch_size=2, pack=True, ttt_steps=4, parallel=parallel,
+    two = make_chain_cfg(algorithm="peagle", max_steps=3, micro_batch_size=2, pack=True, ttt_steps=4, parallel=parallel,
                    nproc_per_node=2)
     (tmp_path / "cfg.json").write_text(json.dumps(to_dict(two)))
     runner = tmp_path / "runner.py"

@@ -69,14 +69,26 @@ def conversations(sharp_target, tmp_path_factory):
     return root
 
 
-def make_cfg(**train):
-    """The default config on CPU with a short sequence length and `train` overrides."""
+def cfg_dict(**train) -> dict:
+    """The default config on CPU with a short sequence length and `train` overrides, as a dict."""
     d = to_dict(Config())
     d["device"] = "cpu"
     d["data"]["seq_length"] = 128
     d["train"].update(dict(max_steps=4, micro_batch_size=2, ttt_steps=2, log_every=1, eval_every=2,
                            save_every=2, lr=1e-3, warmup_ratio=0.0))
     d["train"].update(train)
+    return d
+
+
+def make_cfg(**train):
+    """The default config on CPU with a short sequence length and `train` overrides."""
+    return params_from_dict(cfg_dict(**train))
+
+
+def make_chain_cfg(**train):
+    """`make_cfg` for a family that drafts one chain a round (no trees): the bench sweep keeps its chains."""
+    d = cfg_dict(**train)
+    d["bench"]["sweep"] = [p for p in d["bench"]["sweep"] if p["topk"] == 1]
     return params_from_dict(d)
 
 

@@ -6,12 +6,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+from ..config import SweepPoint
 from ..export.layout import CONFIG_FILE
-from ..export.validate import validate_export
+from ..export.validate import target_facts, validate_export
 from ..families.base import DrafterFamily
-from ..families.registry import export_family
-from ..speculative.drafter_loader import drafter_dir, trained_algorithm
+from ..models.config import DrafterConfig
+from ..speculative.drafter_loader import drafter_dir, exported_config, trained_algorithm
 from ..utils.cli import StageError
 
 log = logging.getLogger(__name__)
@@ -19,12 +21,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MeasuredDrafter:
-    """The format dir to measure, where it came from, what the validator warned about, and its family."""
+    """The format dir to measure, where it came from, what the validator warned about, its family and the drafter
+    its engine builds from it."""
 
     path: Path
     source: str
     warnings: list[str]
     family: DrafterFamily
+    config: DrafterConfig
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "source": self.source, "warnings": self.warnings}
@@ -48,5 +52,20 @@ def checked_drafter(path: str | Path, target: str | Path, source: str) -> Measur
         raise StageError(f"{source} {d} is not a servable drafter:\n  " + "\n  ".join(report.problems))
     for w in report.warnings:
         log.warning("drafter %s: %s", d, w)
-    family = export_family(json.loads((d / CONFIG_FILE).read_text()), trained_algorithm(d))
-    return MeasuredDrafter(d, source, report.warnings, family)
+    layers = int(target_facts(target)["num_layers"])
+    family, config = exported_config(json.loads((d / CONFIG_FILE).read_text()), layers, trained_algorithm(d), d.name)
+    return MeasuredDrafter(d, source, report.warnings, family, config)
+
+
+def check_sweep(drafter: MeasuredDrafter, sweep: Sequence[SweepPoint]) -> None:
+    """Raise StageError naming every sweep point the drafter cannot draft (a tree for a drafter that drafts a chain
+    in one forward, a chain longer than a DFlash block), before any work."""
+    problems = []
+    for p in sweep:
+        try:
+            drafter.family.check_round(drafter.config, p.num_steps, p.topk, p.num_draft_tokens)
+        except ValueError as e:
+            problems.append(f"{p.name}: {e}")
+    if problems:
+        raise StageError(f"bench.sweep holds points the {drafter.config.algorithm} drafter {drafter.path} cannot "
+                         "draft:\n  " + "\n  ".join(problems))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..families.names import algorithm_names
+from ..families.names import algorithm_names, drafts_chains_only
 
 
 class ConfigError(ValueError):
@@ -496,4 +496,9 @@ class Config:
         self.train.check()
         self.export.check()
         self.bench.check()
+        trees = [p.name for p in self.bench.sweep if p.topk != 1]
+        _require(self.bench.drafter is not None or not drafts_chains_only(self.train.algorithm) or not trees,
+                 f"bench.sweep points {trees} are trees, but a {self.train.algorithm} drafter drafts one chain a "
+                 f"round from one forward: sweep chains (topk 1; num_steps = the drafts a round), e.g. "
+                 f"bench={self.train.algorithm}")
 

@@ -63,6 +63,8 @@ def export_checkpoint(ckpt: Checkpoint, target_dir: Path, out: Path, req: Export
     final_out = final_out or out
     if not req.target_layers:
         req = dataclasses.replace(req, target_layers=int(target_facts(target_dir)["num_layers"]))
+    num_steps, topk, num_draft_tokens = family.launch_point(dc, req.num_steps, req.topk, req.num_draft_tokens)
+    req = dataclasses.replace(req, num_steps=num_steps, topk=topk, num_draft_tokens=num_draft_tokens)
     formats = [f for f in req.formats if f in family.formats]
     if not formats:
         raise StageError(f"{algo} drafters are served by {', '.join(family.formats)}, none of export.formats "

@@ -72,7 +72,8 @@ class DrafterFamily(ABC):
     # how it trains: `ttt` = the test-time-training unroll of one-step drafts (train/objective.py)
     objective: str = "ttt"
     # how a speculative round drafts: `sequential` = one drafter step per draft depth (a chain, or an EAGLE-2 tree);
-    # `parallel` = one forward of its block drafter drafts a chain of num_steps tokens
+    # `parallel` = one forward of its block drafter drafts a chain of num_steps tokens (a literal: names.py reads it
+    # so that the config refuses a bench sweep of trees for it)
     draft_round: str = "sequential"
     # the `parallel` round's block drafter (speculative/parallel_round.py's BLOCK_DRAFTERS): `masks` = the emitted
     # tokens and K-1 mask positions as one causal extend of the drafter's cache (P-EAGLE); `context` = a block
@@ -152,6 +153,12 @@ class DrafterFamily(ABC):
     def write_extras(self, fmt_dir: Path, fmt: str, d2t: Optional[torch.Tensor], shapes: Shapes) -> None:
         """Files beside a `fmt` export's config.json and weights that its engine reads."""
 
+    def launch_point(self, dc: dict[str, Any], num_steps: int, topk: int, num_draft_tokens: int
+                     ) -> tuple[int, int, int]:
+        """The rounds (num_steps, topk, num_draft_tokens) an export of the checkpoint whose DrafterConfig dict is `dc`
+        is launched with (its commands.txt, the vLLM config's speculative tokens), from export's: by default those."""
+        return num_steps, topk, num_draft_tokens
+
     def sglang_spec_args(self, draft_dir: Path, num_steps: int, topk: int, num_draft_tokens: int) -> list[str]:
         """SGLang's flags for rounds of (num_steps, topk, num_draft_tokens) with the drafter in `draft_dir`."""
         return ["--speculative-num-steps", str(num_steps), "--speculative-eagle-topk", str(topk),
@@ -207,6 +214,13 @@ class DrafterFamily(ABC):
                     final_norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """What the drafter's step is fed from the target's captured `target_layers` (`final_norm` applies the
         target's final norm)."""
+
+    def check_round(self, cfg: DrafterConfig, num_steps: int, topk: int, num_draft_tokens: int) -> None:
+        """Raise ValueError for rounds of (num_steps, topk, num_draft_tokens) the drafter `cfg` cannot draft: a
+        `parallel` round drafts a chain (topk 1)."""
+        if self.draft_round == "parallel" and topk != 1:
+            raise ValueError(f"a {cfg.algorithm} drafter drafts a chain of num_steps tokens from one forward: topk "
+                             f"must be 1, got s{num_steps}_k{topk}_n{num_draft_tokens}")
 
     def has_fast_step(self, cfg: DrafterConfig) -> bool:
         """Whether the drafter's step has the token path's Triton form (speculative/fast_drafter.py)."""

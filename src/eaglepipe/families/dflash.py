@@ -12,7 +12,6 @@ captures before layer l + 1); vLLM takes the top-level `eagle_aux_hidden_state_l
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -20,7 +19,7 @@ import torch
 
 from ..config import ConfigError
 from ..export.configs import llama_fields
-from ..export.layout import CONFIG_FILE, Shapes, decoder_layer_shapes
+from ..export.layout import Shapes, decoder_layer_shapes
 from ..export.served import AUX_IDS_KEY, default_aux_layers, served_llama_fields
 from ..export.values import int_list, is_int
 from ..models.config import DrafterConfig
@@ -152,12 +151,19 @@ class DFlashFamily(DrafterFamily):
         })
         return cfg
 
+    def launch_point(self, dc: dict[str, Any], num_steps: int, topk: int, num_draft_tokens: int
+                     ) -> tuple[int, int, int]:
+        """Blocks of the trained size: B - 1 drafts a round."""
+        block = int(dc["block_size"])
+        return block - 1, 1, block
+
     def sglang_spec_args(self, draft_dir: Path, num_steps: int, topk: int, num_draft_tokens: int) -> list[str]:
-        """SGLang's DFLASH takes the block size as the tokens verified per round (it forces 1 step, topk 1)."""
-        return ["--speculative-num-draft-tokens", str(_block_size(draft_dir))]
+        """SGLang's DFLASH takes the block (root and drafts) as the tokens verified per round; it forces 1 step and
+        topk 1."""
+        return ["--speculative-num-draft-tokens", str(num_draft_tokens)]
 
     def vllm_speculative_config(self, draft_dir: Path, num_steps: int) -> dict[str, Any]:
-        return {"method": "dflash", "model": str(draft_dir), "num_speculative_tokens": _block_size(draft_dir) - 1,
+        return {"method": "dflash", "model": str(draft_dir), "num_speculative_tokens": num_steps,
                 "draft_tensor_parallel_size": 1}
 
     # ------------------------------------------------------------------ validation and loading
@@ -180,6 +186,13 @@ class DFlashFamily(DrafterFamily):
                    block_size=nested_or_top(cfg, "block_size") or 16,
                    mask_token_id=dfc.get("mask_token_id", cfg.get("mask_token_id")))
         return out
+
+    def check_round(self, cfg: DrafterConfig, num_steps: int, topk: int, num_draft_tokens: int) -> None:
+        """A chain of at most block_size - 1 drafts: the block positions the drafter was trained on."""
+        super().check_round(cfg, num_steps, topk, num_draft_tokens)
+        if num_steps + 1 > cfg.block_size:
+            raise ValueError(f"the DFlash drafter was trained on blocks of {cfg.block_size}: a round drafts at most "
+                             f"{cfg.block_size - 1} tokens, got num_steps {num_steps}")
 
     def check_loadable(self, cfg: dict[str, Any]) -> None:
         """eaglepipe's drafter has bidirectional full-attention layers only, in z-lab's plain layout."""
@@ -238,11 +251,6 @@ def served_aux_layers(cfg: dict[str, Any], fmt: str, target_layers: int) -> list
         layers = int(cfg.get("num_hidden_layers") or 1)
         ids = build_target_layer_ids(int(nested_or_top(cfg, "num_target_layers") or layers), layers)
     return [int(i) + 1 for i in ids]
-
-
-def _block_size(draft_dir: Path) -> int:
-    cfg = json.loads((Path(draft_dir) / CONFIG_FILE).read_text())
-    return int(nested_or_top(cfg, "block_size") or 16)
 
 
 # ---------------------------------------------------------------------- the validator's DFlash checks

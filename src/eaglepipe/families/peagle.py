@@ -106,6 +106,11 @@ class PEagleFamily(Eagle3Family):
         cfg["mask_token_id"] = int(dc["mask_token_id"])
         return cfg
 
+    def launch_point(self, dc: dict[str, Any], num_steps: int, topk: int, num_draft_tokens: int
+                     ) -> tuple[int, int, int]:
+        """A chain of export.num_steps drafts (K) from one forward."""
+        return num_steps, 1, num_steps + 1
+
     def vllm_speculative_config(self, draft_dir: Path, num_steps: int) -> dict[str, Any]:
         return {"method": "eagle3", "model": str(draft_dir), "num_speculative_tokens": num_steps,
                 "parallel_drafting": True, "draft_tensor_parallel_size": 1}

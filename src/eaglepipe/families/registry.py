@@ -25,7 +25,7 @@ def register(family: DrafterFamily) -> DrafterFamily:
         raise ValueError(f"{type(family).__name__} needs a name, its algorithms and its export formats")
     if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
         raise ValueError(f"a drafter family named {family.name!r} is registered already")
-    add_algorithms(family.name, family.algorithms)
+    add_algorithms(family.name, family.algorithms, family.draft_round)
     _FAMILIES[family.name] = family
     return family
 

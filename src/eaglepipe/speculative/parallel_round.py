@@ -64,12 +64,10 @@ class ParallelRoundSteps:
     `loaded`'s family; `fast` lets the block drafter use the token path's kernels."""
 
     def __init__(self, runner: LlamaRunner, loaded: LoadedDrafter, spec: SpecConfig, fast: bool):
-        if spec.topk != 1:
-            raise ValueError(f"a {loaded.config.algorithm} drafter drafts a chain of num_steps tokens from one "
-                             f"forward: topk must be 1, got {spec.name}")
         self.runner, self.loaded, self.spec = runner, loaded, spec
         self.drafter = loaded.model
         self.family = family_of(loaded.config)
+        self.family.check_round(loaded.config, spec.num_steps, spec.topk, spec.num_draft_tokens)
         self.capture = runner.check_capture_layers(list(loaded.config.aux_layers))
         if self.family.block_drafting not in BLOCK_DRAFTERS:
             raise ValueError(f"no block drafter {self.family.block_drafting!r} (a {loaded.config.algorithm} drafter); "

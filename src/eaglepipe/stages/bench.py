@@ -2,8 +2,8 @@
 
     python -m eaglepipe.stages.bench --params params.yaml --target T --export EXPORT --out BENCH
 
-The drafter is the export stage's (--export), or any SGLang-format EAGLE drafter dir named by `bench.drafter`;
-either is validated before any work starts.
+The drafter is the export stage's (--export), or any exported drafter dir named by `bench.drafter`; either is
+validated, and the sweep's points checked against what its family drafts, before any work starts.
 """
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ import shlex
 from dataclasses import asdict
 from pathlib import Path
 
-from ..bench.drafter import MeasuredDrafter, checked_drafter
+from ..bench.drafter import MeasuredDrafter, check_sweep, checked_drafter
 from ..bench.engines import BenchEngine, NativeEngine, ServerEngine
-from ..bench.metrics import PointSummary, overall_metrics
+from ..bench.metrics import overall_metrics
 from ..bench.plots import write_plots
 from ..bench.prompts import load_prompts
 from ..bench.report import summary_table, write_outputs
-from ..bench.sglang import SglangLauncher, drafter_family, serve_command, sweep_commands
+from ..bench.sglang import SglangLauncher, serve_command, sweep_commands
 from ..bench.sweep import run_sweep
 from ..config import Config, EngineOptions
+from ..export.commands import vllm_command
 from ..target.info import load_tokenizer, resolve_model_dir
 from ..utils.atomic import atomic_dir
 from ..utils.cli import StageError, run_stage, stage_parser
@@ -48,13 +49,17 @@ def fast_paths(options: EngineOptions) -> str:
     return ", ".join(on) if on else "none (the PyTorch path)"
 
 
-def best_command(rows: list[PointSummary], metrics: dict, cfg: Config, target_name: str, draft_dir: Path) -> str | None:
-    """The SGLang launch line of the best config (by speedup, else by τ), None when nothing was measured."""
+def best_command(metrics: dict, cfg: Config, target_name: str, drafter: MeasuredDrafter) -> str | None:
+    """The SGLang launch line of the best config (by speedup, else by τ); for a family SGLang does not serve, the
+    vLLM one after a line that says so. None when nothing was measured."""
     best = metrics.get("best_speedup_config") or metrics.get("best_tau_config")
     point = next((p for p in cfg.bench.sweep if p.name == best), None)
     if point is None:
         return None
-    return shlex.join(serve_command(target_name, draft_dir, point, cfg.export.dtype))
+    if "sglang" in drafter.family.formats:
+        return shlex.join(serve_command(target_name, drafter.path, point, cfg.export.dtype))
+    return (f"# SGLang does not serve {drafter.config.algorithm} drafters; vLLM:\n" +
+            vllm_command(target_name, drafter.path, drafter.family, point.num_steps, cfg.export.dtype))
 
 
 def describe_run(cfg: Config, target_name: str, drafter: MeasuredDrafter, algorithm: str,
@@ -93,7 +98,11 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
         raise StageError(str(e)) from e
     drafter = measured_drafter(cfg, args.export, target_dir)
     draft_dir = drafter.path
-    algorithm = drafter_family(draft_dir).name
+    algorithm = drafter.family.name
+    check_sweep(drafter, cfg.bench.sweep)
+    if cfg.bench.engine == "sglang" and "sglang" not in drafter.family.formats:
+        raise StageError(f"bench.engine=sglang: SGLang does not serve {drafter.config.algorithm} drafters (served by "
+                         f"{', '.join(drafter.family.formats)}); use bench.engine=native or a url")
     target_name, _ = verifier_identity(target_dir, cfg.export.verifier_name)
     if cfg.bench.engine == "sglang" and cfg.bench.sglang.dry_run:
         print("\n".join(sweep_commands(target_name, draft_dir, cfg.export.dtype, cfg.bench)))
@@ -110,7 +119,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     metrics["engine"] = cfg.bench.engine
     metrics["engine_options"] = asdict(options) if options is not None else None  # the fast paths that ran
     metrics["drafter"] = drafter.to_json()
-    command = best_command(rows, metrics, cfg, target_name, draft_dir)
+    command = best_command(metrics, cfg, target_name, drafter)
     with atomic_dir(out) as tmp:
         write_outputs(tmp, rows, metrics, command, describe_run(cfg, target_name, drafter, algorithm, prompts,
                                                                 options))
