@@ -2,7 +2,7 @@
 `DraftRunner`: the same (hidden, logits) and the same K/V written to the cache for `extend`, `chain_step` and a
 tree step (`tree_step_rows` on the token rows the draft-tree kernels build, against `tree_step`), for EAGLE-3 and
 EAGLE-3.1; and speculative greedy decoding with the fast drafter, its top-k and tree kernels equals plain greedy
-decoding, reaching the PyTorch drafter's tau."""
+decoding, reaching the PyTorch drafter's tau; P-EAGLE's parallel round on the fast drafter too."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
@@ -145,3 +145,36 @@ def test_fast_trees_decode_up_to_the_end_of_the_cache(target_dir, drafters):
     out, _ = decode(gen, PROMPTS, [10 ** 6] * len(PROMPTS), [1, 0])
     assert out == [greedy_reference(runner, p, len(o)) for p, o in zip(PROMPTS, out)]
     assert max(len(p) + len(o) for p, o in zip(PROMPTS, out)) == runner.max_len + 1
+
+
+@pytest.fixture(scope="module")
+def peagle_drafter(target_dir: Path, runner, refs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A P-EAGLE drafter fitted to the target's greedy continuations at every depth, exported (for vLLM)."""
+    from test_export import export_to, make_checkpoint
+    from test_peagle import fit_peagle
+
+    root = tmp_path_factory.mktemp("fast_peagle")
+    seqs = [p + r for p, r in zip(PROMPTS, refs)]
+    ckpt = make_checkpoint(target_dir, root / "ckpt", "peagle", draft_vocab=128,
+                           include_ids=sorted({t for s in seqs for t in s}))
+    fit_peagle(ckpt, runner, seqs, [len(p) for p in PROMPTS])
+    assert export_to(target_dir, ckpt, root / "export")["validation"]["ok"]
+    return root / "export"
+
+
+def test_p_eagle_blocks_on_the_fast_drafter(runner, refs, peagle_drafter):
+    """P-EAGLE's parallel round extends the drafter cache with the emitted tokens and its mask positions in one
+    call: through the fast drafter it decodes the plain greedy output with the PyTorch drafter's tau."""
+    from eaglepipe.speculative import SpeculativeGenerator
+
+    spec = dict(num_steps=3, topk=1, num_draft_tokens=4)
+    slow = SpeculativeGenerator(runner, peagle_drafter, spec, options=EngineOptions(graph_rounds=True))
+    fast = SpeculativeGenerator(runner, peagle_drafter, spec, drafter=slow.loaded,
+                                options=EngineOptions(token_path=True, graph_rounds=True))
+    assert not slow.steps.fast and fast.steps.fast
+    for gen in (slow, fast):
+        gen.reset_stats()
+        out, _ = decode(gen, PROMPTS, [NEW_TOKENS] * len(PROMPTS), [0, 1])
+        assert out == refs
+    assert fast.stats.tau > 1.2, fast.stats
+    assert fast.stats.tau == pytest.approx(slow.stats.tau)
