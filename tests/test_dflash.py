@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from eaglepipe.config import to_dict
 from eaglepipe.models.config import DrafterConfig
 
 from test_export import export_to
-from test_hidden_states import _run
+from test_hidden_states import build_hidden
 from test_round_graph import (  # noqa: F401  (module fixtures)
     EAGER,
     NEW_TOKENS,
@@ -32,7 +36,7 @@ from test_round_graph import (  # noqa: F401  (module fixtures)
     target_dir,
 )
 from test_spec_decode import greedy_reference
-from test_train import conversations, make_cfg, make_chain_cfg, paths, sharp_target  # noqa: F401  (module fixtures)
+from test_train import DDP_RUNNER, conversations, make_cfg, make_chain_cfg, paths, sharp_target  # noqa: F401  (module fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -259,7 +263,7 @@ def test_it_trains_online_and_offline_alike(conversations, sharp_target, tmp_pat
 
     cfg = dflash_cfg(mode="offline", max_steps=3, num_anchors=8)
     hidden = tmp_path / "exp" / "hidden"
-    _run(cfg, conversations, sharp_target, hidden, tmp_path)
+    build_hidden(cfg, conversations, sharp_target, hidden, tmp_path)
     assert json.loads((hidden / "manifest.json").read_text())["algorithm_family"] == "dflash"
     online = tmp_path / "online"
     online.mkdir()
@@ -302,6 +306,28 @@ def test_resume_after_a_kill_gives_bit_identical_weights(conversations, sharp_ta
     assert (b / "LATEST").read_text().strip() == name
     wa, wb = (load_file(str(d / "checkpoints" / name / "model.safetensors")) for d in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(conversations, sharp_target, tmp_path,  # noqa: F811
+                                                                    parallel: str) -> None:
+    """The anchors follow the samples, not the rank or micro-batch that holds them, and the weights follow."""
+    from eaglepipe.train.loop import Trainer
+
+    single = dflash_cfg(max_steps=3, micro_batch_size=4, pack=True, num_anchors=6)
+    Trainer(single, paths(conversations, sharp_target, tmp_path / "one" / "train")).train()
+    two = dflash_cfg(max_steps=3, micro_batch_size=2, pack=True, num_anchors=6, parallel=parallel, nproc_per_node=2)
+    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(two)))
+    runner = tmp_path / "runner.py"
+    runner.write_text(DDP_RUNNER.format(cfg=str(tmp_path / "cfg.json")))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    str(runner), str(conversations), str(sharp_target), str(tmp_path / "two" / "train")],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    name = (tmp_path / "one" / "train" / "LATEST").read_text().strip()
+    w1, w2 = (load_file(str(tmp_path / x / "train" / "checkpoints" / name / "model.safetensors"))
+              for x in ("one", "two"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
 
 
 def test_a_one_layer_family_refuses_more_layers(conversations, sharp_target, tmp_path) -> None:  # noqa: F811

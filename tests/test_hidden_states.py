@@ -17,7 +17,7 @@ from eaglepipe.train.loop import Paths, Trainer
 from test_train import conversations, make_cfg, sharp_target  # noqa: F401  (module fixtures)
 
 
-def _run(cfg, conv, target, out, tmp_path):
+def build_hidden(cfg, conv, target, out, tmp_path):
     params = tmp_path / f"params-{out.name}.yaml"
     params.write_text(yaml.safe_dump(to_dict(cfg)))
     main(["--params", str(params), "--target", str(target), "--tokens", str(conv / "tokens"),
@@ -26,7 +26,7 @@ def _run(cfg, conv, target, out, tmp_path):
 
 def test_online_mode_writes_only_the_manifest(conversations, sharp_target, tmp_path):
     out = tmp_path / "exp" / "hidden"
-    _run(make_cfg(), conversations, sharp_target, out, tmp_path)
+    build_hidden(make_cfg(), conversations, sharp_target, out, tmp_path)
     assert [p.name for p in out.iterdir()] == ["manifest.json"]
     assert json.loads((out / "manifest.json").read_text()) == {"mode": "online"}
 
@@ -34,7 +34,7 @@ def test_online_mode_writes_only_the_manifest(conversations, sharp_target, tmp_p
 def test_offline_training_equals_online_and_the_cache_resumes(conversations, sharp_target, tmp_path, capsys):
     cfg = make_cfg(mode="offline", max_steps=3)
     out = tmp_path / "exp" / "hidden"
-    _run(cfg, conversations, sharp_target, out, tmp_path)
+    build_hidden(cfg, conversations, sharp_target, out, tmp_path)
     assert "disk estimate" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["mode"] == "offline" and manifest["splits"] == {"train": 8, "val": 2}
@@ -48,7 +48,7 @@ def test_offline_training_equals_online_and_the_cache_resumes(conversations, sha
     before = load_file(str(work / "train-00000.safetensors"))
     kept = (work / "val-00000.safetensors").stat().st_mtime_ns
     (work / "train-00000.safetensors").unlink()
-    _run(cfg, conversations, sharp_target, out, tmp_path)
+    build_hidden(cfg, conversations, sharp_target, out, tmp_path)
     after = load_file(str(out / "train-00000.safetensors"))
     assert (work / "val-00000.safetensors").stat().st_mtime_ns == kept
     for k in before:
@@ -75,7 +75,7 @@ def test_offline_training_equals_online_and_the_cache_resumes(conversations, sha
 def test_offline_topk_cache_trains(conversations, sharp_target, tmp_path):
     cfg = make_cfg(mode="offline", offline_topk=8, max_steps=2)
     out = tmp_path / "exp" / "hidden"
-    _run(cfg, conversations, sharp_target, out, tmp_path)
+    build_hidden(cfg, conversations, sharp_target, out, tmp_path)
     with safe_open(str(out / "train-00000.safetensors"), framework="pt") as f:
         assert f.get_tensor("topv.0").shape[-1] == 8 and "logits.0" not in set(f.keys())
     p = Paths(sharp_target, conversations / "tokens", conversations / "vocab", out, tmp_path / "t" / "train")

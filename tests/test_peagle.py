@@ -369,8 +369,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(conversation
     """The COD draws follow the samples, not the rank or micro-batch that holds them."""
     single = make_chain_cfg(algorithm="peagle", max_steps=3, micro_batch_size=4, pack=True, ttt_steps=4)
     Trainer(single, paths(conversations, sharp_target, tmp_path / "one" / "train")).train()
-    two = make_chain_cfg(algorithm="peagle", max_steps=3, micro_batch_size=2, pack=True, ttt_steps=4, parallel=parallel,
-                   nproc_per_node=2)
+    two = make_chain_cfg(algorithm="peagle", max_steps=3, micro_batch_size=2, pack=True, ttt_steps=4,
+                         parallel=parallel, nproc_per_node=2)
     (tmp_path / "cfg.json").write_text(json.dumps(to_dict(two)))
     runner = tmp_path / "runner.py"
     runner.write_text(DDP_RUNNER.format(cfg=str(tmp_path / "cfg.json")))
