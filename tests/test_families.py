@@ -37,7 +37,8 @@ def test_the_config_accepts_exactly_the_registered_algorithms():
 
     for name in ALGORITHMS:
         TrainCfg(algorithm=name).check()
-    with pytest.raises(ConfigError, match=re.escape("train.algorithm must be dflash|eagle1|eagle2|eagle3|eagle3.1")):
+    names = "dflash|eagle1|eagle2|eagle3|eagle3.1|peagle"
+    with pytest.raises(ConfigError, match=re.escape(f"train.algorithm must be {names}, got")):
         TrainCfg(algorithm="medusa").check()
 
 
