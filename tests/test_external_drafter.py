@@ -141,8 +141,9 @@ def test_nemo_raw_depth_and_architecture_are_problems(our_export: Path, tiny_lla
         load_exported_drafter(deep, tiny_llama_dir, "cpu", torch.float32)
     raw = nemo_style(our_export, tiny_llama_dir, tmp_path / "raw", num_hidden_layers=30,
                      architecture="LlamaEagle3DraftModel")
-    assert [p for p in validate_export(raw, tiny_llama_dir, strict=False).problems
-            if "architectures ['LlamaEagle3DraftModel'] is none of" in p]
+    problems = validate_export(raw, tiny_llama_dir, strict=False).problems
+    assert [p for p in problems if "architectures ['LlamaEagle3DraftModel'] is none of" in p], problems
+    assert [p for p in problems if p.startswith(DEPTH_PROBLEM)], problems
 
 
 def test_bench_stage_and_spec_decode_refuse_a_drafter_with_30_layers(our_export: Path, tiny_llama_dir: Path,

@@ -138,10 +138,16 @@ class DirCheck:
         trained_as = None if self.reference is None else self.reference["algorithm"]
         family = export_family(cfg, trained_as)
         if family is None:
-            return self.bad(f"architectures {cfg.get('architectures')} is none of {architectures()} "
-                            "(SGLang picks the drafter's model class from it)")
+            self.bad(f"architectures {cfg.get('architectures')} is none of {architectures()} "
+                     "(SGLang picks the drafter's model class from it)")
+            if "draft_vocab_size" not in cfg:
+                return
+            # an EAGLE-3 config under another class name (NeMo's raw save): its other problems are listed too
+            family = family_named("eagle3")
+            self.fmt = "sglang"
+        else:
+            self.fmt = family.served_format(cfg, self.path.name)
         self.family = family
-        self.fmt = family.served_format(cfg, self.path.name)
         layer = family.layer_config(cfg, self.fmt)
         if not isinstance(layer, dict):
             return self.bad("transformer_layer_config is missing or not a mapping")
