@@ -70,16 +70,28 @@ def append_result_row(path: Path, benchmark: str, hardware: str, command: str, r
     cells = [date.strftime("%Y-%m-%d %H:%M"), benchmark, hardware, commit, f"`{command}`", result, baselines]
     row = "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text(RESULTS_HEADER)
-    with path.open("a") as f:
-        f.write(row)
+    text = path.read_text() if path.exists() else RESULTS_HEADER
+    path.write_text(with_table_row(text, row))
     record = {"name": name or benchmark, "benchmark": benchmark, "date": date.isoformat(timespec="seconds"),
               "hardware": hardware, "commit": commit, "command": command, "config": config or {},
               "figures": figures if figures is not None else {"result": result},
               "baselines": baseline_figures if baseline_figures is not None else {"result": baselines}}
     with path.with_name("results.jsonl").open("a") as f:
         f.write(json.dumps(record, sort_keys=False) + "\n")
+
+
+def with_table_row(text: str, row: str) -> str:
+    """`text` with `row` added at the end of its first table (the results log, which the write-ups follow)."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if start is None:
+        return text + ("" if text.endswith("\n") or not text else "\n") + row
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    if not lines[end - 1].endswith("\n"):
+        lines[end - 1] += "\n"
+    return "".join(lines[:end] + [row] + lines[end:])
 
 
 def hardware_name(device: torch.device) -> str:

@@ -2,6 +2,7 @@
 so a broken script is caught here and not on a GPU lease."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -35,3 +36,19 @@ def test_benchmark_script_smoke(tiny_llama_dir, tmp_path, name):
     assert lines, done.stdout[-2000:]
     rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
     assert len(rows) == 1 and f"benchmarks/{script.name}" in rows[0]
+
+
+def test_a_results_row_joins_the_log_table_not_the_write_ups_after_it(tmp_path):
+    spec = importlib.util.spec_from_file_location("benchmarks_decode", REPO / "benchmarks" / "decode.py")
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    append_result_row = decode.append_result_row
+    results = tmp_path / "RESULTS.md"
+    append_result_row(results, "first", "cpu", "cmd", "r1", "b1")
+    results.write_text(results.read_text() + "\n## A write-up\n\n| its | own table |\n|---|---|\n")
+    append_result_row(results, "second", "cpu", "cmd", "r2", "b2")
+    lines = results.read_text().splitlines()
+    log = [i for i, line in enumerate(lines) if line.startswith("| 20")]
+    assert [lines[i].split(" | ")[1] for i in log] == ["first", "second"] and log[1] == log[0] + 1
+    assert lines[-2:] == ["| its | own table |", "|---|---|"]
+    assert len(results.with_name("results.jsonl").read_text().splitlines()) == 2
