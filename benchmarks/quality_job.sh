@@ -5,6 +5,8 @@
 #             ShareGPT rows with their original answers
 #   lk        soft CE against the two LK losses on the head-to-head setup (benchmarks/ablation_h2h.yaml)
 #   ablation  the fixed ablation setup, every arm (benchmarks/ablation_smollm2.yaml)
+#   profile   training throughput on the head-to-head's own rows (after h2h): micro-batches 4, 8 and 16, then
+#             one profiled run of micro-batch 8 (the op tables in $STORE/logs/train_profile.txt)
 # Usage (repo root, the box prepared by benchmarks/device_setup.sh):
 #   KIT=<NeMo kit dir> NEMO_WHEELS=<its wheels> ROWS_XZ=<rows .jsonl.xz> VAL_XZ=<val .jsonl.xz> N=6000 \
 #     STORE=/root/store PHASES="h2h lk" setsid nohup bash benchmarks/quality_job.sh &
@@ -32,6 +34,13 @@ for phase in $PHASES; do
     lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only soft_ce,lk_alpha,lk_lambda \
           --work "$STORE/arms_h2h" --jobs 3 --hardware "$GPU" \
           --base "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" > "$STORE/logs/lk.log" 2>&1 ;;
+    profile) for mb in 4 8 16; do
+               python3 benchmarks/train.py --model results/h2h_nemo/target --shapes smollm2 --micro-batch $mb \
+                 --samples results/h2h_nemo/data/tokens --steps 40 >> "$STORE/logs/profile.log" 2>&1
+             done
+             python3 benchmarks/train.py --model results/h2h_nemo/target --shapes smollm2 --micro-batch 8 \
+               --samples results/h2h_nemo/data/tokens --steps 10 --profile "$STORE/logs/train_profile.txt" \
+               >> "$STORE/logs/profile.log" 2>&1 ;;
     ablation) python3 benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --work "$STORE/arms" --jobs 4 \
                 --hardware "$GPU" > "$STORE/logs/ablation.log" 2>&1 ;;
     *) log "unknown phase $phase" ;;

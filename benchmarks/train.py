@@ -2,17 +2,22 @@
 
     python benchmarks/train.py --model results/<exp>/target/model        # H100: SmolLM2 + 1B/8B-shaped targets
     python benchmarks/train.py --model <tiny HF dir> --smoke              # CPU check with tiny settings
+    python benchmarks/train.py --model results/h2h_nemo/target --shapes smollm2 --micro-batch 8 \
+        --samples results/h2h_nemo/data/tokens --profile logs/train_profile.txt   # a run's own rows, profiled
 
-Setup per target: EAGLE-3, ttt_steps 7, seq 2048, packed rows of synthetic chat-like samples, bf16, the target
+Setup per target: EAGLE-3, ttt_steps 7, seq 2048, packed rows of synthetic chat-like samples (or, for the smollm2
+shape, the tokenize stage's train rows with --samples, in file order), bf16, the target
 in the loop (online), TTT step-0 attention with FlexAttention. It runs the same pieces as the train stage
 (collate/packing, TargetWithAux, online_features, TTTModule, AdamW) without the checkpoint/eval plumbing.
 MFU = (target forward + drafter forward/backward over all TTT steps) FLOPs / time / measured bf16 matmul peak.
 The Llama-3.2-1B- and Llama-3.1-8B-shaped targets are built on the GPU from configs with random weights.
 Prints one JSON line per target; appends rows to benchmarks/RESULTS.md unless --smoke (or with --results PATH).
+--profile PATH writes the timed steps' torch.profiler table (the ops by GPU time, then by CPU time) to PATH.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -22,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eaglepipe.data.tokens_io import read_tokens
 from eaglepipe.families.registry import family_of
 from eaglepipe.models.build import new_drafter
 from eaglepipe.models.config import DrafterConfig
@@ -82,6 +88,25 @@ def synthetic_samples(n: int, vocab: int, seq: int, seed: int) -> list[dict]:
     return out
 
 
+def step_profiler(device: torch.device) -> torch.profiler.profile:
+    """A profiler of the CPU and (on CUDA) the GPU side of the timed steps."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                    if device.type == "cuda" else [])
+    return torch.profiler.profile(activities=acts, record_shapes=False)
+
+
+def write_profile(profiler: torch.profiler.profile, device: torch.device, path: Path, title: str) -> None:
+    """The profiled ops, by GPU time (on CUDA) and by CPU time, appended to `path`."""
+    table = profiler.key_averages()
+    parts = [f"## {title}"]
+    if device.type == "cuda":
+        parts += ["### by GPU time", table.table(sort_by="cuda_time_total", row_limit=40)]
+    parts += ["### by CPU time", table.table(sort_by="cpu_time_total", row_limit=40)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write("\n\n".join(parts) + "\n\n")
+
+
 def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict:
     info = info_of(model)
     draft_vocab = min(args.draft_vocab, info["vocab_size"])
@@ -99,19 +124,24 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
     draft_ids = torch.arange(draft_vocab, device=device)
-    samples = synthetic_samples(args.micro_batch * (args.steps + args.warmup) * 8, info["vocab_size"], args.seq, 0)
+    samples = read_tokens(args.samples, "train") if args.samples is not None and name == "smollm2" else \
+        synthetic_samples(args.micro_batch * (args.steps + args.warmup) * 8, info["vocab_size"], args.seq, 0)
     rows = pack_rows([len(s["input_ids"]) for s in samples], range(len(samples)), args.seq, True)
     groups = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
     batches = [collate([[samples[i] for i in r] for r in g], args.ttt_steps, pad_to=args.seq)
                for g in groups[:args.steps + args.warmup]]
     use_flex = device.type == "cuda" and args.ttt_attention == "flex"
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if len(batches) < args.steps + args.warmup:
+        raise SystemExit(f"{name}: the samples fill {len(batches)} micro-batches, fewer than --warmup + --steps")
     tokens = flops = 0.0
     t0 = 0.0
+    profiler = step_profiler(device) if args.profile is not None else contextlib.nullcontext()
     for i, cpu_batch in enumerate(batches):
         if i == args.warmup:
             sync(device)
             t0 = time.perf_counter()
+            profiler.__enter__()
         batch = cpu_batch.to(device)
         step0 = flex_step0(batch.doc_ids, cfg.num_attention_heads) if use_flex else \
             math_step0(document_causal_mask(batch.doc_ids))
@@ -129,9 +159,14 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
                 drafter_flops(cfg, cpu_batch.num_tokens, pairs, sum(cpu_batch.supervised_counts()), args.ttt_steps)
     sync(device)
     seconds = time.perf_counter() - t0
+    if args.profile is not None:
+        profiler.__exit__(None, None, None)
+        write_profile(profiler, device, args.profile, f"{name}: {args.steps} steps, mb {args.micro_batch}x{args.seq}, "
+                      f"{seconds:.2f} s (profiled)")
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return {"benchmark": "train", "target": name, "algorithm": "eagle3", "ttt_steps": args.ttt_steps, "seq": args.seq,
-            "compile": bool(args.compile and device.type == "cuda"),
+            "compile": bool(args.compile and device.type == "cuda"), "samples": str(args.samples or "synthetic"),
+            "profiled": args.profile is not None,
             "micro_batch": args.micro_batch, "draft_vocab": draft_vocab, "steps": args.steps,
             "real_tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / peak, 4),
             "peak_tflops": round(peak / 1e12, 1), "max_mem_gib": round(mem, 1), "loss": round(float(loss.detach()), 4)}
@@ -153,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU, seq 256, 2 steps, smollm2 shape only")
+    ap.add_argument("--samples", type=Path, default=None,
+                    help="the tokenize stage's output dir: its train rows feed the smollm2 shape (default: synthetic)")
+    ap.add_argument("--profile", type=Path, default=None, help="append the timed steps' profiler tables to this file")
     ap.add_argument("--results", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -184,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
                               f"{row['real_tokens_per_s']:.0f} real tok/s, MFU {row['mfu']:.1%} "
                               f"(peak {row['peak_tflops']} TFLOP/s), mb {row['micro_batch']}x{args.seq}, "
                               f"ttt {args.ttt_steps}, draft vocab {row['draft_vocab']}"
-                              f"{', compiled' if row['compile'] else ''}, {row['max_mem_gib']} GiB",
+                              f"{', compiled' if row['compile'] else ''}, {row['max_mem_gib']} GiB, "
+                              f"rows: {row['samples']}{' (profiled)' if row['profiled'] else ''}",
                               "NeMo AutoModel 0.7.0 (SmolLM2, issue 4): 11.3k tok/s mb1, 22.6k tok/s mb4")
         del model
         if device.type == "cuda":

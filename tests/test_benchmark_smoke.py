@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,3 +53,23 @@ def test_a_results_row_joins_the_log_table_not_the_write_ups_after_it(tmp_path):
     assert [lines[i].split(" | ")[1] for i in log] == ["first", "second"] and log[1] == log[0] + 1
     assert lines[-2:] == ["| its | own table |", "|---|---|"]
     assert len(results.with_name("results.jsonl").read_text().splitlines()) == 2
+
+
+def test_train_benchmark_on_a_runs_rows_with_the_profiler(tiny_llama_dir, tmp_path):
+    """--samples feeds the tokenize stage's rows in place of synthetic ones; --profile writes the op tables."""
+    from eaglepipe.data.tokens_io import write_token_shards
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(40, 200, 24)
+    write_token_shards(tmp_path / "tokens", "train", [
+        {"id": f"r{i}", "input_ids": rng.integers(0, 1000, n).astype(np.int32),
+         "loss_mask": (np.arange(n) >= n // 2).astype(np.int8)} for i, n in enumerate(lengths)])
+    profile = tmp_path / "profile.txt"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--model", str(tiny_llama_dir),
+                           "--smoke", "--samples", str(tmp_path / "tokens"), "--profile", str(profile)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    assert row["samples"] == str(tmp_path / "tokens") and row["profiled"] is True
+    text = profile.read_text()
+    assert "### by CPU time" in text and "aten::" in text
