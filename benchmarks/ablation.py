@@ -11,8 +11,11 @@ are measured on an otherwise idle GPU. Where the checkout is a git repository wi
 the equivalent `dvc exp run --queue` commands.
 
 The arms file (YAML): `base` (compose overrides shared by every arm), `arms` (name -> list of overrides) and
-optionally `points` (the sweep points the table reports; default all). Prints one Markdown table and appends one
-`ablation` row per arm to benchmarks/RESULTS.md and results.jsonl, with the base arm's figures as its baseline.
+optionally `points` (the sweep points the table reports; default all) and `name` (the rows' name; default
+`ablation`). Prints one Markdown table and appends one row per arm to benchmarks/RESULTS.md and results.jsonl, with
+the base arm's figures as its baseline. Each point's figures include its round cost in plain decode steps
+(τ ÷ speedup: what one verify round, drafting included, costs against one non-speculative step), and each arm's
+its training tokens/s and peak GPU memory (arms that train side by side share the GPU, which lowers the former).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ def load_arms(path: Path) -> dict:
         if not isinstance(overrides, list):
             raise SystemExit(f"{path}: arm {name} must list its overrides (an empty list for the base)")
     spec.setdefault("base", [])
+    spec.setdefault("name", "ablation")
     return spec
 
 
@@ -87,23 +91,32 @@ def arm_figures(arm: Path, points: list[str] | None) -> dict:
     summary = json.loads((arm / "results" / exp / "train" / "summary.json").read_text())
     val = summary.get("final", {}).get("val", {})
     bench = bench_points(arm / "results" / exp / "bench")
+    for point in bench.values():
+        point["round_cost_steps"] = point["tau"] / point["speedup"] if point["speedup"] else None
+    run = summary.get("this_run", {})
     metrics = json.loads((arm / "results" / exp / "bench" / "metrics.json").read_text())
     shown = {p: v for p, v in bench.items() if points is None or p in points}
     return {"val_replay_tau": val.get("replay_tau"), "val_replay_tau_first": val.get("replay_tau_first"),
             "val_acc_0": val.get("acc_0"), "bench": shown, "best_speedup": metrics.get("best_speedup"),
             "best_speedup_config": metrics.get("best_speedup_config"),
-            "all_outputs_match": metrics.get("all_outputs_match"), "train_steps": summary.get("steps")}
+            "all_outputs_match": metrics.get("all_outputs_match"), "train_steps": summary.get("steps"),
+            "train_tokens_per_s": run.get("tokens_per_s"), "train_peak_gpu_mem_gib": run.get("peak_gpu_mem_gib")}
 
 
 def table(figures: dict[str, dict], points: list[str]) -> str:
-    """One Markdown row per arm: val replay τ, MT-bench τ at each point, best speedup, match."""
-    head = ["arm", "val replay τ", *[f"τ {p}" for p in points], "best speedup", "all match"]
+    """One Markdown row per arm: val replay τ, MT-bench τ at each point, best speedup, match, training tokens/s and
+    memory."""
+    head = ["arm", "val replay τ", *[f"τ {p}" for p in points], "best speedup", "all match", "train tok/s",
+            "train GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, f in figures.items():
         val = f"{f['val_replay_tau']:.2f}" if f["val_replay_tau"] is not None else "–"
         taus = [f"{f['bench'][p]['tau']:.2f}" if p in f["bench"] else "–" for p in points]
         best = f"{f['best_speedup']:.2f}× ({f['best_speedup_config']})" if f["best_speedup"] else "–"
-        lines.append("| " + " | ".join([name, val, *taus, best, "yes" if f["all_outputs_match"] else "no"]) + " |")
+        speed = f"{f['train_tokens_per_s']:,.0f}" if f.get("train_tokens_per_s") else "–"
+        mem = f"{f['train_peak_gpu_mem_gib']:.1f}" if f.get("train_peak_gpu_mem_gib") else "–"
+        lines.append("| " + " | ".join([name, val, *taus, best, "yes" if f["all_outputs_match"] else "no", speed,
+                                        mem]) + " |")
     return "\n".join(lines)
 
 
@@ -154,12 +167,12 @@ def main(argv: list[str] | None = None) -> None:
                                    if (base_dir / "params.yaml").exists() and name != first else None)
         overrides = spec["arms"][name]
         taus = ", ".join(f"{p} {v['tau']:.2f}" for p, v in f["bench"].items())
-        append_result_row(args.results, f"ablation arm {name} ({' '.join(overrides) or 'base'})", args.hardware,
+        append_result_row(args.results, f"{spec['name']} arm {name} ({' '.join(overrides) or 'base'})", args.hardware,
                           f"python benchmarks/ablation.py {args.arms} --only {name}",
                           f"val replay τ {f['val_replay_tau']}; MT-bench τ {taus}; best speedup "
                           f"{f['best_speedup']} ({f['best_speedup_config']}); all match {f['all_outputs_match']}",
                           f"arm {first}, same setup and GPU", figures=f, baseline_figures=base,
-                          config={"base": spec["base"], "overrides": overrides}, name="ablation")
+                          config={"base": spec["base"], "overrides": overrides}, name=spec["name"])
         print(table({name: f}, spec.get("points") or list(f["bench"])), flush=True)
     points = spec.get("points") or sorted({p for f in done.values() for p in f["bench"]})
     print(table(done, points))

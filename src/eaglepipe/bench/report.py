@@ -98,7 +98,7 @@ def sweep_csv(rows: Sequence[PointSummary]) -> str:
 
 
 def readme(rows: Sequence[PointSummary], metrics: dict[str, Any], best_command: str | None, context: str) -> str:
-    """README.md: what was run, the summary table, the best SGLang command and what every metric means."""
+    """README.md: what was run, the summary table, the best config's server command and what every metric means."""
     parts = ["# Benchmark summary", "", context, "", summary_table(rows), ""]
     best = []
     if metrics.get("best_speedup") is not None:
@@ -110,7 +110,8 @@ def readme(rows: Sequence[PointSummary], metrics: dict[str, Any], best_command: 
     if best:
         parts.append(f"At T={metrics['temperature']:g}: " + "; ".join(best) + ".")
     if best_command:
-        parts += ["", "Best config as an SGLang server:", "", "```bash", best_command, "```"]
+        parts += ["", "Best config as a server (SGLang where it serves the drafter, else vLLM):", "", "```bash",
+                  best_command, "```"]
     parts += ["", "Plots: `plots/`. Per-point detail (every turn's text and counts): `points/<name>.json`.", "",
               METRIC_NOTES]
     return "\n".join(parts)
