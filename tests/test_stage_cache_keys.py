@@ -219,3 +219,17 @@ def test_dvc_repro_and_exp_run_use_the_generated_stages(tmp_path, tiny_llama_dir
     out = _tool(root, "dvc", "exp", "run", *overrides, "-S", "train.lr=2e-4", timeout=900, own_code=True)
     ran = {s.name for s in STAGES if f"Running stage '{s.name}'" in out}
     assert ran == downstream({"train"}), out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [
+    ["train=peagle", "train.ttt_steps=3", "bench=peagle", "bench.prompts.num_prompts=1", "bench.max_new_tokens=16"],
+    ["train=dflash", "train.draft_layers=2", "train.block_size=8", "bench=dflash", "bench.prompts.num_prompts=1",
+     "bench.max_new_tokens=16", "bench.sweep=[{num_steps: 7, topk: 1, num_draft_tokens: 8}]"],
+], ids=["peagle", "dflash"])
+def test_a_new_family_runs_every_stage_through_snakemake(tmp_path, tiny_llama_dir, family):
+    root = _checkout(tmp_path, tiny_llama_dir, *family)
+    _tool(root, "snakemake", "--workflow-profile", "none", "--cores", "2", timeout=1500)
+    metrics = json.loads((root / "results" / "tiny" / "bench" / "metrics.json").read_text())
+    assert metrics["all_outputs_match"] is True and metrics["num_points"] >= 1
+    assert _snakemake_pending(root) == set()
