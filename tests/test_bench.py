@@ -375,7 +375,8 @@ def test_url_engine_against_real_servers_with_and_without_a_drafter(tiny_llama_d
     from eaglepipe.target.info import load_tokenizer
 
     prompts = load_prompts(PromptsCfg(num_prompts=2))
-    cfg = BenchCfg(engine="url", sweep=[SweepPoint(3, 1, 4)], max_new_tokens=10, batch_size=2, warmup_prompts=1)
+    cfg = BenchCfg(engine="url", sweep=[SweepPoint(3, 1, 4)], max_new_tokens=10, batch_size=2, warmup_prompts=1,
+                   baseline_runs=1)
     with start_server(tiny_llama_dir, tmp_path / "plain.log") as plain, \
             start_server(tiny_llama_dir, tmp_path / "spec.log", draft=tiny_export / "sglang") as spec:
         plain.wait_healthy(120)
@@ -383,8 +384,9 @@ def test_url_engine_against_real_servers_with_and_without_a_drafter(tiny_llama_d
         cfg.url, cfg.baseline_url = spec.base_url, plain.base_url
         rows = run_sweep(ServerEngine(cfg.url, cfg, baseline_url=cfg.baseline_url), load_tokenizer(tiny_llama_dir),
                          prompts, cfg)
-    base, point = rows
+    base, point = rows  # one baseline run: nothing about a second one is recorded
     assert base.config == "baseline" and point.config == "s3_k1_n4" and point.num_samples == 4
+    assert "baseline_runs" not in base.extra
     # greedy speculative decoding is lossless: the same text for both turns of both prompts
     assert point.outputs_match is True and point.match_fraction == 1.0
     assert 0 < point.verify_rounds < point.completion_tokens and point.tau == pytest.approx(
@@ -447,7 +449,7 @@ def test_bench_stage_end_to_end_native_tiny(tiny_llama_dir: Path, tiny_export: P
     params = params_file(tmp_path, {"prompts": {"source": "mtbench", "num_prompts": 2, "multi_turn": True},
                                     "sweep": [{"num_steps": 3, "topk": 1, "num_draft_tokens": 4},
                                               {"num_steps": 2, "topk": 2, "num_draft_tokens": 4}],
-                                    "temperatures": [0.0, 1.0], "max_new_tokens": 10,
+                                    "temperatures": [0.0, 1.0], "max_new_tokens": 10, "baseline_runs": 2,
                                     "engine_options": {"prefill_graphs": True, "graph_rounds": True}})
     out = tmp_path / "results" / "bench"
     proc = run_bench_stage(params, tiny_llama_dir, tiny_export, out)

@@ -28,8 +28,8 @@ METRIC_NOTES = """\
 - **decode tok/s**: tokens after the first ÷ time from the first to the last token, summed over turns (prefill
   and queueing excluded). Warmup prompts are excluded from every metric.
 - **speedup**: decode tok/s ÷ the non-speculative baseline's decode tok/s at the same temperature, measured in
-  the same run on the same backend. The baseline runs before the points and again after them; the faster run
-  is the reference (both speeds are in metrics.json, `baseline_runs`).
+  the same run on the same backend. With bench.baseline_runs 2 the baseline runs before the points and again
+  after them, and the faster run is the reference (both speeds are in metrics.json, `baseline_runs`).
 - **match**: at temperature 0, whether every output equals the baseline's token for token (text for server
   backends); the fraction of identical outputs is `match_fraction`. At temperature > 0 outputs are samples,
   so match is n/a.

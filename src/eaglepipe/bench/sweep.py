@@ -1,5 +1,5 @@
-"""The sweep: for each temperature, the baseline, every point and the baseline again, each over all turns of all
-prompts.
+"""The sweep: for each temperature, the baseline, every point and (bench.baseline_runs 2) the baseline again, each
+over all turns of all prompts.
 
 Turn k of a prompt is rendered on top of the answers *the same config* gave to turns 1..k-1 in this run
 (at temperature 0 with lossless speculation these equal the baseline's answers).
@@ -54,10 +54,10 @@ def measure_point(engine: BenchEngine, tokenizer: Any, prompts: Sequence[list[st
 def run_sweep(engine: BenchEngine, tokenizer: Any, prompts: Sequence[list[str]], cfg: BenchCfg) -> list[PointSummary]:
     """Every temperature × (baseline + sweep points), summarised against the baseline of the same temperature.
 
-    The baseline is measured before and again after the points (`bracket_baseline`), so that one-time work on a
-    fresh process or GPU that slows one of its runs cannot inflate the speedups."""
+    With `cfg.baseline_runs` 2 the baseline is measured before and again after the points (`bracket_baseline`),
+    so that one-time work on a fresh process or GPU that slows one of its runs cannot inflate the speedups."""
     with_baseline = engine.has_baseline
-    runs = len(cfg.sweep) + (2 if with_baseline else 0)
+    runs = len(cfg.sweep) + (cfg.baseline_runs if with_baseline else 0)
     rows: list[PointSummary] = []
     with tqdm(total=runs * len(cfg.temperatures), desc="bench", unit="point", disable=None) as bar:
         def measure(point: SweepPoint | None, temperature: float) -> PointResult:
@@ -69,10 +69,12 @@ def run_sweep(engine: BenchEngine, tokenizer: Any, prompts: Sequence[list[str]],
         for temperature in cfg.temperatures:
             first = measure(None, temperature) if with_baseline else None
             results = [measure(point, temperature) for point in cfg.sweep]
-            baseline = bracket_baseline(first, measure(None, temperature)) if first is not None else None
+            baseline = None if first is None else (
+                bracket_baseline(first, measure(None, temperature)) if cfg.baseline_runs == 2 else
+                BracketedBaseline(first, None))
             for result in ([baseline.reference] if baseline is not None else []) + results:
                 row = summarize(result, baseline.reference if baseline is not None else None)
-                if result.point is None and baseline is not None:
+                if result.point is None and baseline is not None and baseline.record is not None:
                     row.extra["baseline_runs"] = baseline.record
                 row.extra["samples"] = [_sample_json(s) for s in result.samples]
                 log.info("%s: tau=%s decode=%s tok/s speedup=%s match=%s", row.name, _fmt(row.tau),
@@ -83,10 +85,11 @@ def run_sweep(engine: BenchEngine, tokenizer: Any, prompts: Sequence[list[str]],
 
 @dataclass
 class BracketedBaseline:
-    """The baseline's two runs (before and after the points): the faster is the reference the speedups use."""
+    """The baseline's reference run for the speedups, with what its two runs (before and after the points)
+    measured; `record` is None where it ran once."""
 
     reference: PointResult
-    record: dict[str, Any]
+    record: dict[str, Any] | None
 
 
 def bracket_baseline(before: PointResult, after: PointResult) -> BracketedBaseline:

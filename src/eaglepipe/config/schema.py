@@ -442,6 +442,9 @@ class BenchCfg:
     batch_size: int = 1
     # prompts run before each point's measurement and left out of every metric
     warmup_prompts: int = 1
+    # the baseline's runs: 2 = before and again after the points (the faster is the speedups' reference, so that
+    # one-time work slowing one run cannot inflate them); 1 = before only
+    baseline_runs: int = 2
     # native engine: KV-cache length per sequence
     max_model_len: int = 2048
     # url engine: a server without speculation to measure the baseline against (null = no speedup)
@@ -457,6 +460,7 @@ class BenchCfg:
         _require(len(self.sweep) > 0, "bench.sweep must list at least one point")
         _require(self.engine != "url" or len(self.sweep) == 1,
                  "bench.engine=url measures one running server: bench.sweep must hold exactly the point it serves")
+        _require(self.baseline_runs in (1, 2), f"bench.baseline_runs must be 1 or 2, got {self.baseline_runs}")
         _require(self.warmup_prompts >= 0 and self.max_model_len >= 16 and self.timeout_s > 0,
                  "bench.warmup_prompts must be >= 0, bench.max_model_len >= 16 and bench.timeout_s > 0")
         for p in self.sweep:
