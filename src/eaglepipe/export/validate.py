@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from ..families.base import DrafterFamily
-from ..families.registry import architectures, export_family, family_named
+from ..families.registry import architectures, export_family, family_named, foreign_family
 from ..models.config import DrafterConfig
 from ..target.info import describe_model, read_target_info, resolve_model_dir
 from .layout import CONFIG_FILE, DRAFTER_CONFIG_FILE, DTYPES, WEIGHTS_FILE, Shapes
@@ -140,11 +140,10 @@ class DirCheck:
         if family is None:
             self.bad(f"architectures {cfg.get('architectures')} is none of {architectures()} "
                      "(SGLang picks the drafter's model class from it)")
-            if "draft_vocab_size" not in cfg:
+            foreign = foreign_family(cfg)
+            if foreign is None:
                 return
-            # an EAGLE-3 config under another class name (NeMo's raw save): its other problems are listed too
-            family = family_named("eagle3")
-            self.fmt = "sglang"
+            family, self.fmt = foreign  # another trainer's name for a family's drafter: list its other problems
         else:
             self.fmt = family.served_format(cfg, self.path.name)
         self.family = family

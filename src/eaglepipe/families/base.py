@@ -59,6 +59,9 @@ class DrafterFamily(ABC):
     decoder_layers: int | None = 1
     # config.json `architectures[0]` of its exports -> the export format (engine) that reads it
     architectures: Mapping[str, str] = {}
+    # architectures other trainers save this family's drafters under, which no engine serves -> the format whose
+    # layout their config otherwise follows; the validator reports the name and checks the rest as that format
+    foreign_architectures: Mapping[str, str] = {}
     # the formats its exports are written in, in order; the native loader reads the first one present
     formats: tuple[str, ...] = ()
     # whether the drafter has its own reduced vocabulary (d2t/t2d, an lm_head over it) or the target's whole one

@@ -44,6 +44,8 @@ class Eagle3Family(DrafterFamily):
     name = "eagle3"
     algorithms = ("eagle3", "eagle3.1")
     architectures = {SGLANG_ARCH: "sglang", VLLM_ARCH: "vllm"}
+    # NeMo AutoModel's own save (its kit rewrites it for SGLang)
+    foreign_architectures = {"LlamaEagle3DraftModel": "sglang"}
     formats = ("sglang", "vllm")
     sglang_algorithm = "EAGLE3"
     uses_draft_vocab = True

@@ -53,6 +53,13 @@ def architectures() -> list[str]:
     return sorted({arch for f in families() for arch in f.architectures})
 
 
+def foreign_family(cfg: dict[str, Any]) -> Optional[tuple[DrafterFamily, str]]:
+    """(family, format) of a config saved under an architecture no engine serves but a family knows as another
+    trainer's name for its drafters (None otherwise)."""
+    arch = (cfg.get("architectures") or [None])[0]
+    return next(((f, f.foreign_architectures[arch]) for f in families() if arch in f.foreign_architectures), None)
+
+
 def export_family(cfg: dict[str, Any], trained_as: Optional[str] = None) -> Optional[DrafterFamily]:
     """The family whose exports carry `cfg`'s architecture (None when none does). Where several families share
     the architecture, the one of `trained_as` (the algorithm of the export's drafter_config.json) when it is among
