@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from eaglepipe.config import to_dict
 from eaglepipe.models.config import DrafterConfig
 
 from test_export import export_to
@@ -36,7 +32,7 @@ from test_round_graph import (  # noqa: F401  (module fixtures)
     target_dir,
 )
 from test_spec_decode import greedy_reference
-from test_train import DDP_RUNNER, conversations, make_cfg, make_chain_cfg, paths, sharp_target  # noqa: F401  (module fixtures)
+from test_train import assert_two_processes_equal_one, conversations, make_cfg, make_chain_cfg, paths, sharp_target  # noqa: F401  (module fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -312,22 +308,10 @@ def test_resume_after_a_kill_gives_bit_identical_weights(conversations, sharp_ta
 def test_two_processes_equal_one_process_with_the_same_global_batch(conversations, sharp_target, tmp_path,  # noqa: F811
                                                                     parallel: str) -> None:
     """The anchors follow the samples, not the rank or micro-batch that holds them, and the weights follow."""
-    from eaglepipe.train.loop import Trainer
 
     single = dflash_cfg(max_steps=3, micro_batch_size=4, pack=True, num_anchors=6)
-    Trainer(single, paths(conversations, sharp_target, tmp_path / "one" / "train")).train()
     two = dflash_cfg(max_steps=3, micro_batch_size=2, pack=True, num_anchors=6, parallel=parallel, nproc_per_node=2)
-    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(two)))
-    runner = tmp_path / "runner.py"
-    runner.write_text(DDP_RUNNER.format(cfg=str(tmp_path / "cfg.json")))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    str(runner), str(conversations), str(sharp_target), str(tmp_path / "two" / "train")],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    name = (tmp_path / "one" / "train" / "LATEST").read_text().strip()
-    w1, w2 = (load_file(str(tmp_path / x / "train" / "checkpoints" / name / "model.safetensors"))
-              for x in ("one", "two"))
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
+    assert_two_processes_equal_one(single, two, conversations, sharp_target, tmp_path)
 
 
 def test_a_one_layer_family_refuses_more_layers(conversations, sharp_target, tmp_path) -> None:  # noqa: F811

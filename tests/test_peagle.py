@@ -4,10 +4,7 @@ round body that CUDA captures), and training (resume, offline, two processes).""
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from eaglepipe.train.loop import Paths, Trainer
 from test_export import export_to, keys_of, make_checkpoint
 from test_round_graph import MIN_CTX, make_runner, target_dir  # noqa: F401  (module fixture)
 from test_spec_decode import greedy_reference, run_spec
-from test_train import DDP_RUNNER, conversations, make_chain_cfg, paths, sharp_target  # noqa: F401  (module fixtures)
+from test_train import assert_two_processes_equal_one, conversations, make_chain_cfg, paths, sharp_target  # noqa: F401  (module fixtures)
 
 PROMPTS = [[1, 2, 3, 4, 5, 6], [100, 200, 300, 400], [7, 7, 7, 9, 11, 13, 15, 17, 19, 21]]
 NEW_TOKENS = 40
@@ -368,17 +365,6 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(conversation
                                                                     parallel):
     """The COD draws follow the samples, not the rank or micro-batch that holds them."""
     single = make_chain_cfg(algorithm="peagle", max_steps=3, micro_batch_size=4, pack=True, ttt_steps=4)
-    Trainer(single, paths(conversations, sharp_target, tmp_path / "one" / "train")).train()
     two = make_chain_cfg(algorithm="peagle", max_steps=3, micro_batch_size=2, pack=True, ttt_steps=4,
                          parallel=parallel, nproc_per_node=2)
-    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(two)))
-    runner = tmp_path / "runner.py"
-    runner.write_text(DDP_RUNNER.format(cfg=str(tmp_path / "cfg.json")))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    str(runner), str(conversations), str(sharp_target), str(tmp_path / "two" / "train")],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    name = (tmp_path / "one" / "train" / "LATEST").read_text().strip()
-    w1, w2 = (load_file(str(tmp_path / x / "train" / "checkpoints" / name / "model.safetensors"))
-              for x in ("one", "two"))
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
+    assert_two_processes_equal_one(single, two, conversations, sharp_target, tmp_path)

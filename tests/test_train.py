@@ -221,14 +221,11 @@ Trainer(cfg, Paths(target, conv / "tokens", conv / "vocab", conv / "hidden", out
 """
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_equal_one_process_with_the_same_global_batch(conversations, sharp_target, tmp_path,
-                                                                    parallel):
-    """DDP (target replicated) and FSDP2 (target sharded) on 2 gloo processes reach the 1-process weights."""
-    single = make_cfg(max_steps=3, micro_batch_size=4, pack=True)
+def assert_two_processes_equal_one(single, two, conversations: Path, sharp_target: Path, tmp_path: Path) -> None:
+    """Train `single` in this process and `two` on 2 gloo processes (torchrun); both publish the same checkpoint
+    with the same weights."""
     Trainer(single, paths(conversations, sharp_target, tmp_path / "one" / "train")).train()
-    ddp = make_cfg(max_steps=3, micro_batch_size=2, pack=True, parallel=parallel, nproc_per_node=2)
-    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(ddp)))
+    (tmp_path / "cfg.json").write_text(json.dumps(to_dict(two)))
     runner = tmp_path / "runner.py"
     runner.write_text(DDP_RUNNER.format(cfg=str(tmp_path / "cfg.json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -241,6 +238,15 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(conversation
     w2 = load_file(str(tmp_path / "two" / "train" / "checkpoints" / name / "model.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(conversations, sharp_target, tmp_path,
+                                                                    parallel):
+    """DDP (target replicated) and FSDP2 (target sharded) on 2 gloo processes reach the 1-process weights."""
+    assert_two_processes_equal_one(make_cfg(max_steps=3, micro_batch_size=4, pack=True),
+                                   make_cfg(max_steps=3, micro_batch_size=2, pack=True, parallel=parallel,
+                                            nproc_per_node=2), conversations, sharp_target, tmp_path)
 
 
 def test_train_stage_cli_publishes_declared_outputs(conversations, sharp_target, tmp_path):
