@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import DrafterConfig
-from .drafter import DrafterModule
+from .drafter import DrafterModule, FullVocab
 from .layers import DraftDecoderLayer, RMSNorm, Rotary, SelfAttention, rotate
 
 # attention of layer i's block queries q [B, heads, Q, d] over the block's own k/v [B, kv_heads, Q, d] and the
@@ -64,7 +64,7 @@ class DFlashLayer(DraftDecoderLayer):
         return rotate(k, cos, sin), a.heads_of(a.v_proj, None, context, a.kv_heads)
 
 
-class DFlashDrafter(DrafterModule):
+class DFlashDrafter(FullVocab, DrafterModule):
     """fc + hidden_norm fuse the target's layers into the context; `num_hidden_layers` DFlashLayers over the block;
     the final norm, then the target's lm_head over its whole vocabulary."""
 
@@ -121,19 +121,6 @@ class DFlashDrafter(DrafterModule):
         """Full-vocab logits: the target's lm_head over norm(out)."""
         normed = self.norm(layer_out)
         return normed @ self.lm_head_weight.to(normed.dtype).t()
-
-    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """DFlash drafts over the target's whole vocabulary: the identity."""
-        return draft_ids
-
-    def in_draft_vocab(self, target_ids: torch.Tensor) -> torch.Tensor:
-        """Every target id."""
-        return torch.ones_like(target_ids, dtype=torch.bool)
-
-    def vocab_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The identity maps of the whole target vocab."""
-        return (torch.zeros(self.config.vocab_size, dtype=torch.long),
-                torch.ones(self.config.vocab_size, dtype=torch.bool))
 
     def draft_layers(self) -> list[DraftDecoderLayer]:
         return list(self.layers)

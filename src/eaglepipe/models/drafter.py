@@ -43,6 +43,25 @@ class DrafterModule(nn.Module):
         raise NotImplementedError
 
 
+class FullVocab:
+    """Mixed into a drafter that drafts over the target's whole vocabulary: its vocab maps are the identity."""
+
+    config: DrafterConfig
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft ids are target ids."""
+        return draft_ids
+
+    def in_draft_vocab(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Every target id."""
+        return torch.ones_like(target_ids, dtype=torch.bool)
+
+    def vocab_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The identity maps of the whole target vocab."""
+        return (torch.zeros(self.config.vocab_size, dtype=torch.long),
+                torch.ones(self.config.vocab_size, dtype=torch.bool))
+
+
 class DraftModule(DrafterModule):
     """A drafter that turns one token and one state into the next state and draft logits per position."""
 

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from .config import DrafterConfig
-from .drafter import DraftModule
+from .drafter import DraftModule, FullVocab
 from .layers import Attend, DraftDecoderLayer, Rotary
 
 
-class Eagle1Drafter(DraftModule):
+class Eagle1Drafter(FullVocab, DraftModule):
     """x = fc(cat(embed(tok), h)); one decoder layer without input norm; logits = target lm_head(out).
 
     `h` is the target's last hidden state *after* its final norm (what its lm_head consumes, and what
@@ -56,19 +56,6 @@ class Eagle1Drafter(DraftModule):
     def logits(self, layer_out: torch.Tensor) -> torch.Tensor:
         """Full-vocab logits through the target's lm_head (no final norm)."""
         return layer_out @ self.lm_head_weight.to(layer_out.dtype).t()
-
-    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """EAGLE-1 drafts over the full target vocab: the identity."""
-        return draft_ids
-
-    def in_draft_vocab(self, target_ids: torch.Tensor) -> torch.Tensor:
-        """Every target id."""
-        return torch.ones_like(target_ids, dtype=torch.bool)
-
-    def vocab_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The identity maps of the whole target vocab."""
-        return (torch.zeros(self.config.vocab_size, dtype=torch.long),
-                torch.ones(self.config.vocab_size, dtype=torch.bool))
 
     def draft_layers(self) -> list[DraftDecoderLayer]:
         return [self.layers[0]]
