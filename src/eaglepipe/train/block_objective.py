@@ -37,7 +37,6 @@ import torch
 from ..models.config import DrafterConfig
 from .batches import Batch, collate, row_generator
 from .block_attention import BlockAttention, flex_block_attention, math_block_attention
-from .draft_losses import draft_loss
 from .objective import Labels, Objective, TrainingObjective, replay_rounds
 
 
@@ -107,7 +106,7 @@ def block_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, l
     flat = torch.cat([s * positions + k for k, s in enumerate(batch.step_slots)])  # [N] into [blocks * K]
     rows = torch.cat(batch.step_rows)
     logits = drafter.logits(drafts.reshape(blocks * positions, -1).index_select(0, flat))
-    loss, alpha = draft_loss(logits, labels.logits.index_select(0, rows), objective.loss, objective.lk_eta)
+    loss, alpha = objective.draft_loss(logits, labels.logits.index_select(0, rows))
     with torch.no_grad():
         correct = logits.argmax(-1) == labels.argmax.index_select(0, rows)
         dense_ok = torch.zeros(blocks * positions, dtype=torch.bool, device=dev).index_fill_(0, flat[correct], True)

@@ -29,7 +29,6 @@ import torch
 from ..families.registry import family_of
 from ..models.config import DrafterConfig
 from .batches import Batch, collate, row_generator
-from .draft_losses import draft_loss
 from .flops import attention_pairs
 from .objective import Labels, Objective, TrainingObjective, UnrollMetrics, ttt_attention_of
 from .ttt_attention import Step0Fn, ttt_attention
@@ -118,7 +117,7 @@ def cod_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
                                            partial(_attend_sparse, keys, values, step0, slots, b, t))[0]
         logits = drafter.logits(picked)
         row_keep = keep.index_select(0, rows)
-        loss, alpha = draft_loss(logits, labels.logits.index_select(0, rows), objective.loss, objective.lk_eta)
+        loss, alpha = objective.draft_loss(logits, labels.logits.index_select(0, rows))
         step_loss = family.step_loss(objective, (loss * row_keep).sum(), picked, labels, rows)
         if denominators[d] > 0:
             total = total + step_loss / denominators[d]

@@ -65,7 +65,7 @@ def work_dir(cfg: Config, paths: Paths) -> Path:
     """results/<exp>/.work/train/<fingerprint>/ : resumable state that DVC/Snakemake do not delete."""
     key = {"train": {k: v for k, v in to_dict(cfg.train).items()
                      if k not in ("resume", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                                  "num_workers")},
+                                  "num_workers", "compile_loss")},
            "seed": cfg.seed, "seq_length": cfg.data.seq_length, "aux": cfg.target.aux_layers,
            "inputs": [str(p.resolve()) for p in (paths.target, paths.tokens, paths.vocab)],
            "stamps": [_stamp(p) for p in (paths.tokens, paths.vocab)]}
@@ -133,10 +133,7 @@ class Trainer:
             if tc.parallel == "fsdp" and self.world > 1:
                 from .distributed import shard_target
                 shard_target(self.target.model)
-        self.objective = Objective(tc.ttt_steps, tc.step_weight_decay, tc.out_of_vocab, tc.hidden_loss_weight,
-                                   tc.token_loss_weight, tc.hidden_loss, tc.loss, tc.lk_eta, tc.block_size,
-                                   tc.num_anchors, tc.position_weighting, tc.loss_decay_gamma, tc.dpace_alpha,
-                                   tc.cod_ratio, tc.cod_ratio_min)
+        self.objective = Objective.from_train(tc)
         self.kind = objective_of(self.drafter)
         self.steps = self.kind.steps(self.objective)  # per-step metric groups
         self.module: torch.nn.Module = TTTModule(self.drafter, self.objective)

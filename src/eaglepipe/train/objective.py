@@ -24,7 +24,7 @@ of first turns such as MT-bench's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
@@ -60,6 +60,17 @@ class Objective:
     # P-EAGLE's COD sampling (train/cod.py)
     cod_ratio: float = 0.7
     cod_ratio_min: float = 0.2
+    # the loss's per-row work through torch.compile on CUDA (CPU stays eager)
+    compile_loss: bool = True
+
+    @classmethod
+    def from_train(cls, train: Any) -> "Objective":
+        """The objective a TrainCfg sets: each field from its namesake."""
+        return cls(**{f.name: getattr(train, f.name) for f in fields(cls)})
+
+    def draft_loss(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row `loss` of draft logits against target logits, and the acceptance rate (draft_losses)."""
+        return draft_loss(logits, target, self.loss, self.lk_eta, compiled=self.compile_loss and logits.is_cuda)
 
 
 @dataclass
@@ -166,7 +177,7 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
         picked = out.reshape(b * t, -1).index_select(0, slots)
         logits = drafter.logits(picked)
         row_keep = keep.index_select(0, rows)
-        ce, alpha = draft_loss(logits, labels.logits.index_select(0, rows), objective.loss, objective.lk_eta)
+        ce, alpha = objective.draft_loss(logits, labels.logits.index_select(0, rows))
         step_loss = family.step_loss(objective, (ce * row_keep).sum(), picked, labels, rows)
         if denominators[k] > 0:
             total = total + (objective.step_weight_decay ** k) * step_loss / denominators[k]
