@@ -330,6 +330,35 @@ def test_resume_after_a_kill_gives_bit_identical_weights(conversations, sharp_ta
         assert torch.equal(wa[k], wb[k]), k
     rows = [r for r in resumed.history.rows if r["split"] == "train"]
     assert all(np.isfinite(r["loss"]) and "acc_3" in r for r in rows)
+    published = json.loads((tmp_path / "b" / "train" / "checkpoints" / name / "drafter_config.json").read_text())
+    assert published["trained_depth"] == 4  # train.ttt_steps: the depths COD supervised
+
+
+def test_rounds_past_the_trained_depth_are_refused_from_the_export_to_the_bench(tiny_llama_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    """The depths a P-EAGLE drafter was trained on (its drafter_config.json's trained_depth) travel with its export:
+    a round of more drafts is refused by the export's launch point, the loader and the bench's sweep check."""
+    from eaglepipe.bench.drafter import check_sweep, checked_drafter
+    from eaglepipe.config.schema import SweepPoint
+    from eaglepipe.speculative.drafter_loader import format_dir_config
+    from eaglepipe.utils.cli import StageError
+
+    ckpt = make_checkpoint(tiny_llama_dir, tmp_path / "ckpt", "peagle")
+    dc = json.loads((ckpt / "drafter_config.json").read_text())
+    (ckpt / "drafter_config.json").write_text(json.dumps({**dc, "trained_depth": 3}))
+    assert export_to(tiny_llama_dir, ckpt, tmp_path / "export")["validation"]["ok"]  # launch point: 3 drafts
+    family, cfg = format_dir_config(tmp_path / "export" / "vllm", 4)
+    assert cfg.trained_depth == 3
+    family.check_round(cfg, 3, 1, 4)
+    with pytest.raises(ValueError, match=r"trained on depths 1\.\.3"):
+        family.check_round(cfg, 4, 1, 5)
+    drafter = checked_drafter(tmp_path / "export", tiny_llama_dir, "bench.drafter")
+    with pytest.raises(StageError, match="s5_k1_n6"):
+        check_sweep(drafter, [SweepPoint(num_steps=3, topk=1, num_draft_tokens=4),
+                              SweepPoint(num_steps=5, topk=1, num_draft_tokens=6)])
+    (ckpt / "drafter_config.json").write_text(json.dumps({**dc, "trained_depth": 2}))
+    with pytest.raises(ValueError, match="export.num_steps drafts 3"):
+        export_to(tiny_llama_dir, ckpt, tmp_path / "export2")
 
 
 def test_offline_training_equals_online(conversations, sharp_target, tmp_path):  # noqa: F811

@@ -2,7 +2,6 @@
 AutoModel's, SpecForge's, a published one), validated as its engine would load it before any work starts."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from ..export.layout import CONFIG_FILE
 from ..export.validate import target_facts, validate_export
 from ..families.base import DrafterFamily
 from ..models.config import DrafterConfig
-from ..speculative.drafter_loader import drafter_dir, exported_config, trained_algorithm
+from ..speculative.drafter_loader import drafter_dir, format_dir_config
 from ..utils.cli import StageError
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ def checked_drafter(path: str | Path, target: str | Path, source: str) -> Measur
     for w in report.warnings:
         log.warning("drafter %s: %s", d, w)
     layers = int(target_facts(target)["num_layers"])
-    family, config = exported_config(json.loads((d / CONFIG_FILE).read_text()), layers, trained_algorithm(d), d.name)
+    family, config = format_dir_config(d, layers)
     return MeasuredDrafter(d, source, report.warnings, family, config)
 
 

@@ -74,13 +74,15 @@ class PEagleFamily(Eagle3Family):
                 "mask_token_id": int(info["vocab_size"]) - 1}
 
     def train_fields(self, train: "TrainCfg", target_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
-        """The configured mask token (`train.mask_token_id`), when there is one."""
+        """The depths the training supervises (`train.ttt_steps`: a round of more drafts is past them) and the
+        configured mask token (`train.mask_token_id`), when there is one."""
+        fields: dict[str, Any] = {"trained_depth": train.ttt_steps}
         if train.mask_token_id is None:
-            return {}
+            return fields
         if not 0 <= train.mask_token_id < int(info["vocab_size"]):
             raise ConfigError(f"train.mask_token_id={train.mask_token_id} is not a row of the target's embedding "
                               f"(0..{int(info['vocab_size']) - 1})")
-        return {"mask_token_id": train.mask_token_id}
+        return {**fields, "mask_token_id": train.mask_token_id}
 
     def new_module(self, cfg: DrafterConfig, target_lm_head: Optional[torch.Tensor]) -> torch.nn.Module:
         return PEagleDrafter(cfg)
@@ -108,7 +110,8 @@ class PEagleFamily(Eagle3Family):
 
     def launch_point(self, dc: dict[str, Any], num_steps: int, topk: int, num_draft_tokens: int
                      ) -> tuple[int, int, int]:
-        """A chain of export.num_steps drafts (K) from one forward."""
+        """A chain of export.num_steps drafts (K) from one forward, at most the depths the drafter was trained on."""
+        check_depth(dc.get("trained_depth"), num_steps, "export.num_steps")
         return num_steps, 1, num_steps + 1
 
     def vllm_speculative_config(self, draft_dir: Path, num_steps: int) -> dict[str, Any]:
@@ -125,6 +128,11 @@ class PEagleFamily(Eagle3Family):
     def served_algorithm(self, cfg: dict[str, Any]) -> str:
         return ALGORITHM
 
+    def check_round(self, cfg: DrafterConfig, num_steps: int, topk: int, num_draft_tokens: int) -> None:
+        """A chain (topk 1) of at most the depths the training supervised, where the drafter records them."""
+        super().check_round(cfg, num_steps, topk, num_draft_tokens)
+        check_depth(cfg.trained_depth, num_steps, f"the round s{num_steps}_k{topk}_n{num_draft_tokens}")
+
     def check_export(self, check: "DirCheck", cfg: dict[str, Any], layer: dict[str, Any]) -> None:
         """EAGLE-3's checks with P-EAGLE's speculators type (vLLM turns it into parallel_drafting) and its tensors
         (mask_hidden among them), then the mask token and the size of vLLM's mask_hidden buffer."""
@@ -139,6 +147,14 @@ class PEagleFamily(Eagle3Family):
                 len(aux) * target_hidden != VLLM_MASK_STATES * hidden:
             check.bad(f"mask_hidden holds {len(aux)} x {target_hidden} values but vLLM's buffer holds "
                       f"{VLLM_MASK_STATES} x hidden_size ({VLLM_MASK_STATES * hidden})")
+
+
+def check_depth(trained_depth: Optional[int], num_steps: int, what: str) -> None:
+    """Raise ValueError where `what` drafts more tokens a round (`num_steps`) than the `trained_depth` the training
+    supervised: the mask positions past it were never trained, so their drafts are noise that costs verify work."""
+    if trained_depth is not None and num_steps > trained_depth:
+        raise ValueError(f"{what} drafts {num_steps} tokens a round, but the P-EAGLE drafter was trained on depths "
+                         f"1..{trained_depth} (train.ttt_steps); train with train.ttt_steps >= {num_steps}")
 
 
 FAMILY = PEagleFamily()

@@ -37,6 +37,9 @@ class DrafterConfig:
     block_size: int = 0
     # the token a block-drafting family feeds at the positions it has not seen yet (None: the family has none)
     mask_token_id: Optional[int] = None
+    # the drafts per round the training supervised, where a family's rounds can ask for more than it was trained
+    # on (P-EAGLE: train.ttt_steps, its COD depths); None: not recorded or not limited
+    trained_depth: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:

@@ -2,6 +2,7 @@
 engine of its format builds it: SGLang's when the family is served by SGLang."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,10 @@ def drafter_dir(path: str | Path) -> Path:
     return next((path / f for f in FORMATS if (path / f / CONFIG_FILE).exists()), path / FORMATS[0])
 
 
-def trained_algorithm(fmt_dir: Path) -> str | None:
-    """The algorithm in the export stage's drafter_config.json beside the format dir `fmt_dir` (None for a drafter
-    from elsewhere)."""
+def trained_record(fmt_dir: Path) -> dict:
+    """The export stage's drafter_config.json beside the format dir `fmt_dir` ({} for a drafter from elsewhere)."""
     ref = fmt_dir.parent / DRAFTER_CONFIG_FILE
-    return json.loads(ref.read_text()).get("algorithm") if fmt_dir.name in FORMATS and ref.exists() else None
+    return json.loads(ref.read_text()) if fmt_dir.name in FORMATS and ref.exists() else {}
 
 
 def exported_config(cfg: dict, target_layers: int, trained_as: str | None = None, dir_name: str = ""
@@ -64,6 +64,15 @@ def exported_config(cfg: dict, target_layers: int, trained_as: str | None = None
     family.check_loadable(cfg)
     fmt = family.served_format(cfg, dir_name)
     return family, DrafterConfig(**family.served_config(cfg, fmt, target_layers))
+
+
+def format_dir_config(fmt_dir: Path, target_layers: int) -> tuple[DrafterFamily, DrafterConfig]:
+    """`exported_config` of the format dir `fmt_dir`'s config.json, with what the export's drafter_config.json
+    records of the training that no engine's config holds (the depths it supervised)."""
+    trained = trained_record(fmt_dir)
+    family, dc = exported_config(json.loads((fmt_dir / CONFIG_FILE).read_text()), target_layers,
+                                 trained.get("algorithm"), fmt_dir.name)
+    return family, dataclasses.replace(dc, trained_depth=trained.get("trained_depth"))
 
 
 def _target_tensor(model_dir: Path, names: tuple[str, ...]) -> torch.Tensor:
@@ -124,7 +133,7 @@ def load_exported_drafter(export_dir: str | Path, target_dir: str | Path, device
     model_dir = resolve_model_dir(target_dir)
     target_cfg = json.loads((model_dir / "config.json").read_text())
     layers = int(target_cfg.get("num_hidden_layers") or target_cfg["text_config"]["num_hidden_layers"])
-    family, dc = exported_config(cfg_json, layers, trained_algorithm(d), d.name)
+    family, dc = format_dir_config(d, layers)
     if target_embed is None:
         target_embed = _target_tensor(model_dir, ("model.embed_tokens.weight", "embed_tokens.weight"))
     if family.uses_target_head and target_lm_head is None:
