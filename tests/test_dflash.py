@@ -129,7 +129,7 @@ def test_block_forward_matches_a_direct_reference() -> None:
 
     cfg = tiny_config()
     model = random_drafter(cfg).eval()
-    objective = Objective(block_size=cfg.block_size)
+    objective = Objective.of(block_size=cfg.block_size)
     batch = BLOCK.collate([samples([9, 11]), samples([14], seed=1)], objective, None, None)
     features = torch.randn(*batch.input_ids.shape, 3 * 32, generator=torch.Generator().manual_seed(3))
     fused = model.fuse(features)
@@ -162,7 +162,7 @@ def test_the_engine_forward_equals_the_training_forward(runner) -> None:  # noqa
 
     cfg = tiny_config(block=5, vocab=runner.shapes.vocab_size)
     model = random_drafter(cfg).eval()
-    batch = BLOCK.collate([samples([20], vocab=cfg.vocab_size - 1)], Objective(block_size=5), None, None)
+    batch = BLOCK.collate([samples([20], vocab=cfg.vocab_size - 1)], Objective.of(block_size=5), None, None)
     features = torch.randn(*batch.input_ids.shape, 96, generator=torch.Generator().manual_seed(4))
     cache = ContextCacheDrafter(model, runner, SpecConfig(4, 1, 5))
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_blocks_are_anchored_at_supervised_positions_and_labelled_by_the_next_pr
     from eaglepipe.train.objective import Objective
 
     rows = [samples([9, 11]), samples([14], seed=1)]
-    objective = Objective(block_size=4, num_anchors=3)
+    objective = Objective.of(block_size=4, num_anchors=3)
     full = BLOCK.collate(rows, objective, None, None)
     t = full.input_ids.shape[1]
     label_pos = full.label_pos.tolist()
@@ -214,7 +214,7 @@ def test_position_weights(weighting: str) -> None:
 
     cfg = tiny_config()
     model = random_drafter(cfg)
-    objective = Objective(block_size=4, position_weighting=weighting, loss_decay_gamma=3.0, dpace_alpha=0.3)
+    objective = Objective.of(block_size=4, position_weighting=weighting, loss_decay_gamma=3.0, dpace_alpha=0.3)
     batch = BLOCK.collate([samples([9, 11]), samples([14], seed=1)], objective, None, None)
     n = batch.label_pos.numel()
     g = torch.Generator().manual_seed(5)
@@ -441,7 +441,7 @@ def fit_dflash(ckpt: Path, runner, seqs: list[list[int]], steps: int = 60) -> No
         mask = np.ones(len(seq), np.int8)
         mask[-1] = 0  # no next token to label
         batch = BLOCK.collate([[{"id": "s", "input_ids": np.array(seq), "loss_mask": mask}]],
-                              Objective(block_size=cfg.block_size), None, None)
+                              Objective.of(block_size=cfg.block_size), None, None)
         padded = F.pad(aux.clone(), (0, 0, 0, batch.input_ids.shape[1] - len(seq)))[None]
         data.append((batch, padded, torch.tensor(seq)[batch.label_pos + 1]))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -119,7 +119,7 @@ def test_cod_loss_equals_a_slot_by_slot_reference():
     labels = Labels(logits=target, argmax=target.argmax(-1))
     counts = [float(c) for c in batch.supervised_counts()]
     fused = model.fuse(features)
-    loss, sums = cod_loss(model, batch, fused, labels, Objective(ttt_steps=DEPTHS), math_step0(
+    loss, sums = cod_loss(model, batch, fused, labels, Objective.of(ttt_steps=DEPTHS), math_step0(
         document_causal_mask(batch.doc_ids)), counts)
 
     ref, correct = torch.zeros((), dtype=torch.float64), [0] * DEPTHS
@@ -247,7 +247,7 @@ def fit_peagle(ckpt: Path, runner, seqs: list[list[int]], prompt_lens: list[int]
     counts = [float(c) for c in batch.supervised_counts()]
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
-        loss, _ = cod_loss(model, batch, model.fuse(features), labels, Objective(ttt_steps=DEPTHS), step0, counts)
+        loss, _ = cod_loss(model, batch, model.fuse(features), labels, Objective.of(ttt_steps=DEPTHS), step0, counts)
         opt.zero_grad()
         loss.backward()
         opt.step()

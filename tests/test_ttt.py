@@ -147,7 +147,7 @@ def test_ttt_loss_and_metrics_equal_hand_computation(algorithm, oov, loss_kind):
     assert (draft_ids[ref[0].argmax(-1)] == pred0).all()
     denominators = [float(c) for c in batch.supervised_counts()]
     loss, sums = ttt_loss(drafter, batch, drafter.fuse(aux), labels,
-                          Objective(ttt_steps=steps, out_of_vocab=oov, loss=loss_kind),
+                          Objective.of(ttt_steps=steps, out_of_vocab=oov, loss=loss_kind),
                           math_step0(document_causal_mask(batch.doc_ids)), denominators)
     got = summarize(sums, steps, 0.8)
 
@@ -225,7 +225,7 @@ def test_packed_rows_give_the_same_loss_as_unpacked(tiny_llama_dir):
     for rows, pad in (([samples[:3], samples[3:]], 128), ([[s] for s in samples], None)):
         batch = collate(rows, steps, pad_to=pad)
         feats, labels = online_features(target, batch, family_of(cfg), family_of(cfg).label_ids(d2t))
-        loss, sums = ttt_loss(drafter, batch, drafter.fuse(feats), labels, Objective(ttt_steps=steps),
+        loss, sums = ttt_loss(drafter, batch, drafter.fuse(feats), labels, Objective.of(ttt_steps=steps),
                               math_step0(document_causal_mask(batch.doc_ids)),
                               [float(c) for c in batch.supervised_counts()])
         results.append((loss, summarize(sums, steps, 0.8)))

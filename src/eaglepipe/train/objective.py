@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..config.schema import TrainCfg
 from ..families.registry import family_of
 from ..models.config import DrafterConfig
 from .batches import Batch, collate
@@ -40,33 +41,39 @@ from .ttt_attention import Step0Fn, document_causal_mask, flex_step0, math_step0
 
 @dataclass
 class Objective:
-    """Loss settings (from TrainCfg)."""
+    """The loss settings of a TrainCfg (the fields of the same names; their meanings and defaults are TrainCfg's)."""
 
-    ttt_steps: int = 7
-    step_weight_decay: float = 0.8
-    out_of_vocab: str = "drop"
-    hidden_loss_weight: float = 1.0
-    token_loss_weight: float = 0.1
-    hidden_loss: str = "smooth_l1"
+    ttt_steps: int
+    step_weight_decay: float
+    out_of_vocab: str
+    # EAGLE-1's hidden-state regression
+    hidden_loss_weight: float
+    token_loss_weight: float
+    hidden_loss: str
     # draft_losses.DRAFT_LOSSES: soft_ce | lk_alpha | lk_lambda
-    loss: str = "soft_ce"
-    lk_eta: float = 3.0
+    loss: str
+    lk_eta: float
     # the block objective (train/block_objective.py)
-    block_size: int = 8
-    num_anchors: int = 512
-    position_weighting: str = "decay"
-    loss_decay_gamma: float = 4.0
-    dpace_alpha: float = 0.5
+    block_size: int
+    num_anchors: int
+    position_weighting: str
+    loss_decay_gamma: float
+    dpace_alpha: float
     # P-EAGLE's COD sampling (train/cod.py)
-    cod_ratio: float = 0.7
-    cod_ratio_min: float = 0.2
+    cod_ratio: float
+    cod_ratio_min: float
     # the loss's per-row work through torch.compile on CUDA (CPU stays eager)
-    compile_loss: bool = True
+    compile_loss: bool
 
     @classmethod
-    def from_train(cls, train: Any) -> "Objective":
+    def from_train(cls, train: TrainCfg) -> "Objective":
         """The objective a TrainCfg sets: each field from its namesake."""
         return cls(**{f.name: getattr(train, f.name) for f in fields(cls)})
+
+    @classmethod
+    def of(cls, **changes: Any) -> "Objective":
+        """The objective of the default TrainCfg with `changes` (e.g. `Objective.of(ttt_steps=5)`)."""
+        return cls.from_train(TrainCfg(**changes))
 
     def draft_loss(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row `loss` of draft logits against target logits, and the acceptance rate (draft_losses)."""
