@@ -175,3 +175,23 @@ def test_compiled_target_layers_give_the_eager_aux_states_and_final_hidden(tiny_
     torch.testing.assert_close(aux_c, aux, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(final_c, final, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_packed_rows_give_each_document_its_own_states(tiny_llama_dir):
+    """Two documents packed in a row (positions restarting at 0; the mask built from them) give the aux states
+    and final hidden each document gets alone, and the mask is causal and block-diagonal."""
+    from eaglepipe.models.target import packed_causal_mask
+
+    model = load_hf_model(tiny_llama_dir)
+    target = TargetWithAux(model, [1, 2, model.config.num_hidden_layers])
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randint(0, 2000, (1, 13), generator=g), torch.randint(0, 2000, (1, 7), generator=g)
+    aux, final = target(torch.cat([a, b], 1), torch.cat([torch.arange(13), torch.arange(7)])[None])
+    for doc, span in ((a, slice(0, 13)), (b, slice(13, 20))):
+        aux_alone, final_alone = target(doc, torch.arange(doc.shape[1])[None])
+        torch.testing.assert_close(aux[:, span], aux_alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(final[:, span], final_alone, rtol=1e-5, atol=1e-5)
+    mask = packed_causal_mask(torch.tensor([[0, 1, 2, 0, 1]]))[0, 0]
+    assert mask.tolist() == [[True, False, False, False, False], [True, True, False, False, False],
+                             [True, True, True, False, False], [False, False, False, True, False],
+                             [False, False, False, True, True]]

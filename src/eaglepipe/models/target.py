@@ -18,6 +18,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool, True = attend: causal within each document of a packed row, a document starting where
+    the positions restart at 0. A few tensor ops, where HF's own detection of packed rows builds the same mask
+    through vmapped index functions on every forward."""
+    doc = torch.cumsum(position_ids == 0, dim=1)
+    t = position_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 class TargetWithAux(nn.Module):
     """Frozen target; `forward` returns (aux [B,T,n*H] low->high, final post-norm hidden [B,T,H]).
 
@@ -67,9 +77,13 @@ class TargetWithAux(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed rows are supported: positions restart per document and HF builds the block-diagonal mask."""
+        """Packed rows are supported: positions restart per document. Without an `attention_mask`, the sdpa and
+        eager attentions get the block-diagonal causal one built from them (`packed_causal_mask`; HF takes a 4D
+        mask as it is); flash_attention_2 reads the documents from the positions itself."""
         store: dict[int, torch.Tensor] = {}
         base = getattr(self.model, "model", self.model)
+        if attention_mask is None and getattr(self.model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"):
+            attention_mask = packed_causal_mask(position_ids)
         with self._capture(store):
             out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        use_cache=False)
