@@ -10,8 +10,9 @@
 #             side by side
 #   ablation  the fixed ablation setup, every arm (benchmarks/ablation_smollm2.yaml)
 #   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
-#             PROFILE_MBS (default "4 8"): the compiled loss alone, with the drafter layer compiled, with the
-#             target's layers compiled and with both; then one profiled run of the first micro-batch (the op tables
+#             PROFILE_MBS (default "4 8"): the compiled loss alone with the batches copied from pageable memory
+#             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,
+#             with the target's layers compiled and with both; then one profiled run of the first micro-batch (the op tables
 #             in $STORE/logs/train_profile.txt). A later h2h phase trains with the compile switches whose warm-up
 #             plus the run's steps at micro-batch H2H_MB (default 4) took least, and so do the lk phase's arms
 #             (its first arm then reuses the head-to-head's run).
@@ -50,7 +51,8 @@ import json, sys
 from pathlib import Path
 log, mb = Path(sys.argv[1]), int(sys.argv[2])
 runs = [json.loads(l) for l in log.read_text().splitlines() if l.startswith("{")] if log.exists() else []
-runs = [r for r in runs if r["micro_batch"] == mb and r["compile_loss"] and not r["profiled"]]
+runs = [r for r in runs if r["micro_batch"] == mb and r["compile_loss"] and r.get("pinned_copies", True)
+        and not r["profiled"]]
 if runs:
     best = min(runs, key=lambda r: r["warmup_seconds"] + 1200 * 4 / mb * r["seconds_per_step"])
     print(f"train.compile={str(best['compile']).lower()} train.compile_target={str(best['compile_target']).lower()}")
@@ -74,7 +76,7 @@ for phase in $PHASES; do
                          "$@" >> "$STORE/logs/profile.log" 2>&1; }
              MBS=${PROFILE_MBS:-4 8}
              for mb in $MBS; do
-               for flags in "" "--compile" "--compile-target" "--compile --compile-target"; do
+               for flags in "--pageable-copies" "" "--compile" "--compile-target" "--compile --compile-target"; do
                  train --micro-batch $mb --steps 40 $flags
                done
              done

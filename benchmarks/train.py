@@ -144,7 +144,7 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
             t0 = time.perf_counter()
             warmup_seconds = t0 - warm_start
             profiler.__enter__()
-        batch = cpu_batch.to(device)
+        batch = cpu_batch.to(device, pinned=not args.pageable_copies)
         step0 = flex_step0(batch.doc_ids, cfg.num_attention_heads) if use_flex else \
             math_step0(document_causal_mask(batch.doc_ids))
         feats, labels = online_features(target, batch, family_of(cfg), draft_ids)
@@ -170,6 +170,7 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
             "compile": bool(args.compile and device.type == "cuda"),
             "compile_loss": not args.eager_loss and device.type == "cuda",
             "compile_target": bool(args.compile_target and device.type == "cuda"),
+            "pinned_copies": not args.pageable_copies,
             "samples": str(args.samples or "synthetic"),
             "profiled": args.profile is not None,
             "micro_batch": args.micro_batch, "draft_vocab": draft_vocab, "steps": args.steps,
@@ -195,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch.compile the target's decoder layers (train.compile_target)")
     ap.add_argument("--eager-loss", action="store_true",
                     help="the draft loss without torch.compile (train.compile_loss=false)")
+    ap.add_argument("--pageable-copies", action="store_true",
+                    help="copy each batch to the GPU from pageable memory (the host then waits for the GPU at every "
+                         "step), the baseline of the training loop's pinned copies")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU, seq 256, 2 steps, smollm2 shape only")

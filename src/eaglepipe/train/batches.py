@@ -33,21 +33,30 @@ class Batch:
     # the block objective's anchor positions [B, A] (-1: padding); its step k lists blocks, not slots
     anchors: Optional[torch.Tensor] = None
 
-    def to(self, device: torch.device) -> "Batch":
-        """Copy every tensor to `device` (non-blocking from pinned memory where possible)."""
+    def to(self, device: torch.device | str, pinned: bool = True) -> "Batch":
+        """Every tensor on `device` (`to_device`: to a GPU through pinned memory unless `pinned` is false, so the
+        host can launch the next step while the GPU still runs the previous one)."""
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
-                v = v.to(device, non_blocking=True)
+                v = to_device(v, device, pinned)
             elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
-                v = [x.to(device, non_blocking=True) for x in v]
+                v = [to_device(x, device, pinned) for x in v]
             moved[f.name] = v
         return Batch(**moved)
 
     def supervised_counts(self) -> list[int]:
         """Supervised slots per TTT step."""
         return [int(s.numel()) for s in self.step_slots]
+
+
+def to_device(x: torch.Tensor, device: torch.device | str, pinned: bool = True) -> torch.Tensor:
+    """`x` on `device`, copied without blocking the host: a CPU tensor bound for a GPU is staged in pinned
+    memory first (`pinned`), since a copy from pageable memory waits for all the GPU work already queued."""
+    if pinned and x.device.type == "cpu" and torch.device(device).type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def pack_rows(lengths: Sequence[int], order: Sequence[int], seq_length: int, pack: bool) -> list[list[int]]:

@@ -194,10 +194,11 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def features(self, batch: Batch, split: str = "train"):
-        """Drafter inputs and labels for one micro-batch (online: the target runs here; offline: the cache)."""
+    def features(self, batch: Batch, split: str = "train", host: Optional[Batch] = None):
+        """Drafter inputs and labels for one micro-batch (online: the target runs here; offline: the cache, which
+        reads the layout of `host`, the micro-batch's CPU copy, so that it needs no device sync)."""
         if self.cache is not None:
-            return self.cache.features(batch, split, self.device)
+            return self.cache.features(batch if host is None else host, split, self.device)
         return online_features(self.target, batch, self.family, self.label_ids)
 
     def _micro(self, rows: list[list[int]], samples: list[dict], step: Optional[int] = None) -> Batch:
@@ -209,8 +210,8 @@ class Trainer:
         return self.kind.collate([[samples[i] for i in row] for row in rows], self.objective,
                                  self.cfg.data.seq_length if self.cfg.train.pack else None, seed)
 
-    def _forward(self, batch: Batch, denominators: list[float]):
-        feats, labels = self.features(batch)
+    def _forward(self, batch: Batch, host: Batch, denominators: list[float]):
+        feats, labels = self.features(batch, host=host)
         with self._autocast():
             return self.module(batch, feats, labels, self._attention(batch), denominators)
 
@@ -234,7 +235,7 @@ class Trainer:
                 batch = cpu_batch.to(self.device)
                 sync = contextlib.nullcontext() if (self.world == 1 or i == len(mine) - 1) else self.module.no_sync()
                 with sync:
-                    loss, s = self._forward(batch, denominators)
+                    loss, s = self._forward(batch, cpu_batch, denominators)
                     (loss * self.world).backward()
                 self.window.add(s, cpu_batch.num_tokens, self._flops(cpu_batch))
                 run_tokens += cpu_batch.num_tokens
@@ -304,10 +305,12 @@ class Trainer:
         if tc.parallel == "fsdp" and self.world > 1 and groups:
             # a sharded target's forward is collective: every rank runs as many as the busiest one
             for g in groups[:1] * (-(-len(groups) // self.world) - len(mine)):
-                self.features(self._micro(g, self.val_samples).to(self.device), "val")
+                host = self._micro(g, self.val_samples)
+                self.features(host.to(self.device), "val", host)
         for g in mine:
-            batch = self._micro(g, self.val_samples).to(self.device)
-            feats, labels = self.features(batch, "val")
+            host = self._micro(g, self.val_samples)
+            batch = host.to(self.device)
+            feats, labels = self.features(batch, "val", host)
             with self._autocast():
                 _, s = TTTModule.forward(self._plain_module(), batch, feats, labels, self._attention(batch),
                                          [1.0] * self.steps)

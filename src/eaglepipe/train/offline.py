@@ -27,7 +27,7 @@ from ..families.registry import family_named
 from ..models.target import TargetWithAux
 from ..utils.atomic import atomic_dir, atomic_write_json
 from ..utils.device import compute_dtype, pick_device
-from .batches import Batch, collate
+from .batches import Batch, collate, to_device
 from .objective import Labels
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,8 @@ class OfflineCache:
         return self._open[path].get_tensor(key)
 
     def features(self, batch: Batch, split: str, device: torch.device) -> tuple[torch.Tensor, Labels]:
-        """Cached features laid out like `batch` (packed rows) and labels in `batch.label_pos` order."""
+        """Cached features laid out like `batch` (packed rows; its CPU copy, so that reading its layout needs no
+        device sync) and labels in `batch.label_pos` order, on `device`."""
         b, t = batch.input_ids.shape
         feats, logits, argmax = None, [], []
         ids = iter(batch.sample_ids)
@@ -180,14 +181,14 @@ class OfflineCache:
                 path, j = self.where[(split, next(ids))]
                 f = self._get(path, f"feat.{j}")
                 if feats is None:
-                    feats = torch.zeros(b, t, f.shape[-1], dtype=f.dtype)
+                    feats = torch.zeros(b, t, f.shape[-1], dtype=f.dtype, pin_memory=device.type == "cuda")
                 feats[r, start:start + f.shape[0]] = f
                 start += f.shape[0]
                 argmax.append(self._get(path, f"argmax.{j}"))
                 logits.append(self._labels(path, j))
-        feats = feats.to(device)
-        return feats, Labels(logits=torch.cat(logits).to(device), argmax=torch.cat(argmax).to(device),
-                             features=self.family.regression_targets(feats, batch.label_pos.to(device)))
+        feats = to_device(feats, device)
+        return feats, Labels(logits=to_device(torch.cat(logits), device), argmax=to_device(torch.cat(argmax), device),
+                             features=self.family.regression_targets(feats, to_device(batch.label_pos, device)))
 
     def _labels(self, path: Path, j: int) -> torch.Tensor:
         if not self.manifest["topk"]:
