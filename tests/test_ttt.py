@@ -46,7 +46,7 @@ def test_lse_attention_equals_dense_mask_forward_and_backward(steps):
         x.requires_grad_(True)
     fast = ttt_attention(q, keys, values, math_step0(document_causal_mask(doc)))
     ref = naive_attention(q, keys, values, doc)
-    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-9)
     g = torch.randn_like(ref)
     grads_fast = torch.autograd.grad((fast * g).sum(), [q, *keys, *values])
     grads_ref = torch.autograd.grad((ref * g).sum(), [q, *keys, *values])
