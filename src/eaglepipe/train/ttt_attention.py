@@ -80,16 +80,25 @@ def flex_step0(doc_ids: torch.Tensor, heads: int) -> Step0Fn:
 
 def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
                   step0: Step0Fn) -> torch.Tensor:
-    """Attention of step-k queries q [B, h, T, d] given keys/values of steps 0..k ([B, kv_h, T, d] each)."""
+    """Attention of step-k queries q [B, h, T, d] given keys/values of steps 0..k ([B, kv_h, T, d] each).
+
+    The diagonal merge runs in at least fp32 (autocast off) with the query heads grouped by their kv head, so
+    the keys and values of steps 1..k are never repeated to every query head."""
     o0, lse0 = step0(q, keys[0], values[0])
     if len(keys) == 1:
         return o0
-    heads, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
-    diag_k = torch.stack([_expand_kv(k, heads) for k in keys[1:]], dim=0)  # [k, B, h, T, d]
-    diag_v = torch.stack([_expand_kv(v, heads) for v in values[1:]], dim=0)
-    diag_scores = (_wide(q)[None] * diag_k).sum(-1) * scale                # [k, B, h, T], >= fp32
-    total = torch.logsumexp(torch.cat([lse0[None], diag_scores], dim=0), dim=0)  # [B, h, T]
-    w0 = torch.exp(lse0 - total)[..., None]
-    wd = torch.exp(diag_scores - total[None])[..., None]
-    out = w0 * _wide(o0) + (wd * _wide(diag_v)).sum(0)
-    return out.to(q.dtype)
+    b, heads, t, d = q.shape
+    groups = keys[0].shape[1]
+    wide = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        grouped = (b, groups, heads // groups, t)
+        qg = q.to(wide).reshape(*grouped, d)                                  # [B, g, r, T, d]
+        diag_k = torch.stack(keys[1:]).to(wide)                               # [k, B, g, T, d]
+        diag_v = torch.stack(values[1:]).to(wide)
+        diag_scores = torch.einsum("bgrtd,kbgtd->kbgrt", qg, diag_k) * (1.0 / math.sqrt(d))
+        lse = lse0.reshape(grouped)
+        total = torch.logsumexp(torch.cat([lse[None], diag_scores], dim=0), dim=0)  # [B, g, r, T]
+        w0 = torch.exp(lse - total)[..., None]
+        wd = torch.exp(diag_scores - total[None])
+        out = w0 * o0.to(wide).reshape(*grouped, d) + torch.einsum("kbgrt,kbgtd->bgrtd", wd, diag_v)
+    return out.reshape(b, heads, t, d).to(q.dtype)
