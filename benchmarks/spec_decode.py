@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check: 2 prompts, 8 tokens, 2 points")
     ap.add_argument("--results", type=Path, default=None,
                     help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
+    ap.add_argument("--row-name", default="spec_decode",
+                    help="the results.jsonl row's name (e.g. mtbench_quality for a full run's final figures)")
     args = ap.parse_args(argv)
     if args.both_turns and not args.no_hf:
         ap.error("--both-turns times HF generate only at fixed lengths: add --no-hf")
@@ -232,8 +234,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         hf = f", HF generate {hf_tok_s:.1f} tok/s ({len(hf_prompts)} of the prompts)" if hf_tok_s else ""
         name = "MT-bench" if args.prompts_path is None else args.prompts_path.name
         name += ", both turns, EOS stops" if args.both_turns else ", first turns, EOS ignored"
+        figures = {"points": {r["point"]: {k: r[k] for k in ("tau", "tok_s", "speedup", "output_match",
+                                                                "acceptance_per_position")} for r in rows},
+                   "best_point": best["point"], "best_speedup": best["speedup"],
+                   "all_outputs_match": all(r["output_match"] == 1.0 for r in rows),
+                   "prompts": len(prompts), "turns": 2 if args.both_turns else 1, "drafter": best["drafter"]}
         append_result_row(results, f"spec_decode ({name}, batch 1, greedy)", hardware_name(device), command, result,
-                          f"engine non-spec {base_tok_s:.1f} tok/s{hf}", config=config)
+                          f"engine non-spec {base_tok_s:.1f} tok/s{hf}", figures=figures,
+                          config={**config, "sweep": args.sweep, "max_new_tokens": args.max_new_tokens},
+                          baseline_figures={"engine_tok_s": base_tok_s, "hf_tok_s": hf_tok_s,
+                                            "hf_prompts": len(hf_prompts) if hf_tok_s else 0},
+                          name=args.row_name)
     return rows
 
 

@@ -20,7 +20,7 @@ SCRIPTS = {
     "regen": ["--model"],
     "train": ["--model"],
     "spec_decode": ["--target", "--hf-prompts", "1"],
-    "spec_decode_both_turns": ["--target", "--both-turns", "--no-hf"],
+    "spec_decode_both_turns": ["--target", "--both-turns", "--no-hf", "--row-name", "mtbench_quality"],
     "round_profile": ["--target"],
 }
 
@@ -37,6 +37,13 @@ def test_benchmark_script_smoke(tiny_llama_dir, tmp_path, name):
     assert lines, done.stdout[-2000:]
     rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
     assert len(rows) == 1 and f"benchmarks/{script.name}" in rows[0]
+    records = [json.loads(line) for line in results.with_name("results.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and f"benchmarks/{script.name}" in records[0]["command"]
+    if "--row-name" in extra:  # the structured figures a final-quality row is read from
+        assert records[0]["name"] == extra[extra.index("--row-name") + 1]
+        points = records[0]["figures"]["points"]
+        assert points and all(p["tau"] >= 1.0 and 0.0 <= p["output_match"] <= 1.0 for p in points.values())
+        assert records[0]["baselines"]["engine_tok_s"] > 0
 
 
 def test_a_results_row_joins_the_log_table_not_the_write_ups_after_it(tmp_path):
