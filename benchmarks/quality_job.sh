@@ -12,8 +12,9 @@
 #   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
 #             PROFILE_MBS (default "4 8"): the compiled loss alone with the batches copied from pageable memory
 #             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,
-#             with the target's layers compiled and with both; then one profiled run of the first micro-batch (the op tables
-#             in $STORE/logs/train_profile.txt). A later h2h phase trains with the compile switches whose warm-up
+#             with the target's layers compiled, with both, with the target replayed from CUDA graphs and with the
+#             drafter layer compiled beside those graphs; then one profiled run of the first micro-batch (the op tables
+#             in $STORE/logs/train_profile.txt). A later h2h phase trains with the switches whose warm-up
 #             plus the run's steps at micro-batch H2H_MB (default 4) took least, and so do the lk phase's arms
 #             (its first arm then reuses the head-to-head's run).
 # Usage (repo root, the box prepared by benchmarks/device_setup.sh):
@@ -42,8 +43,8 @@ python3 -c "import torch; from eaglepipe.train.draft_losses import draft_loss
 x = torch.randn(1000, 32000, device='cuda', dtype=torch.bfloat16, requires_grad=True)
 loss, _ = draft_loss(x, torch.randn_like(x), 'soft_ce', compiled=True); loss.sum().backward()" \
   >> "$STORE/logs/compile_check.log" 2>&1 || { log "compiled loss failed: eager"; ARM_BASE=(train.compile_loss=false); }
-# the compile switches of the profile's fastest run at micro-batch H2H_MB, counting its warm-up (where compiling
-# happens) and the ~1,200 steps of the head-to-head at micro-batch 4 (scaled for another micro-batch); none
+# the compile and graph switches of the profile's fastest run at micro-batch H2H_MB, counting its warm-up (where
+# compiling happens) and the ~1,200 steps of the head-to-head at micro-batch 4 (scaled for another micro-batch); none
 # without a profile
 picked_compile() {
   python3 - "$STORE/logs/profile.log" "${H2H_MB:-4}" <<'PICK'
@@ -55,7 +56,8 @@ runs = [r for r in runs if r["micro_batch"] == mb and r["compile_loss"] and r.ge
         and not r["profiled"]]
 if runs:
     best = min(runs, key=lambda r: r["warmup_seconds"] + 1200 * 4 / mb * r["seconds_per_step"])
-    print(f"train.compile={str(best['compile']).lower()} train.compile_target={str(best['compile_target']).lower()}")
+    switches = ("compile", "compile_target", "target_graphs")
+    print(" ".join(f"train.{k}={str(best.get(k, False)).lower()}" for k in switches))
 PICK
 }
 for phase in $PHASES; do
@@ -76,7 +78,8 @@ for phase in $PHASES; do
                          "$@" >> "$STORE/logs/profile.log" 2>&1; }
              MBS=${PROFILE_MBS:-4 8}
              for mb in $MBS; do
-               for flags in "--pageable-copies" "" "--compile" "--compile-target" "--compile --compile-target"; do
+               for flags in "--pageable-copies" "" "--compile" "--compile-target" "--compile --compile-target" \
+                            "--target-graphs" "--compile --target-graphs"; do
                  train --micro-batch $mb --steps 40 $flags
                done
              done

@@ -121,6 +121,9 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
         target.compile_layers()
     if args.compile and device.type == "cuda":  # what train.compile does in the Trainer
         drafter.compile_layers()
+    graphs_diff = None
+    if args.target_graphs and device.type == "cuda":  # what train.target_graphs does in the Trainer
+        target.use_cuda_graphs()
     module = TTTModule(drafter, Objective.of(ttt_steps=args.ttt_steps, compile_loss=not args.eager_loss))
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
@@ -131,6 +134,15 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     groups = [rows[i:i + args.micro_batch] for i in range(0, len(rows), args.micro_batch)]
     batches = [collate([[samples[i] for i in r] for r in g], args.ttt_steps, pad_to=args.seq)
                for g in groups[:args.steps + args.warmup]]
+    if target.graphs is not None:  # the replayed forward gives the eager one's outputs (the same kernels)
+        first = batches[0].to(device)
+        eager = target.packed_forward(first.input_ids, first.position_ids)
+        replayed = target(first.input_ids, first.position_ids)
+        graphs_diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(eager, replayed))
+        scale = max(float(a.float().abs().max()) for a in eager)
+        if graphs_diff > 1e-2 * scale:
+            raise SystemExit(f"{name}: the target's CUDA graph differs from its eager forward by {graphs_diff} "
+                             f"(outputs up to {scale})")
     use_flex = device.type == "cuda" and args.ttt_attention == "flex"
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if len(batches) < args.steps + args.warmup:
@@ -171,6 +183,7 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
             "compile_loss": not args.eager_loss and device.type == "cuda",
             "compile_target": bool(args.compile_target and device.type == "cuda"),
             "pinned_copies": not args.pageable_copies,
+            "target_graphs": graphs_diff is not None, "target_graphs_max_diff": graphs_diff,
             "samples": str(args.samples or "synthetic"),
             "profiled": args.profile is not None,
             "micro_batch": args.micro_batch, "draft_vocab": draft_vocab, "steps": args.steps,
@@ -196,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch.compile the target's decoder layers (train.compile_target)")
     ap.add_argument("--eager-loss", action="store_true",
                     help="the draft loss without torch.compile (train.compile_loss=false)")
+    ap.add_argument("--target-graphs", action="store_true",
+                    help="replay the target's forward from CUDA graphs (train.target_graphs), checked against eager")
     ap.add_argument("--pageable-copies", action="store_true",
                     help="copy each batch to the GPU from pageable memory (the host then waits for the GPU at every "
                          "step), the baseline of the training loop's pinned copies")

@@ -177,6 +177,24 @@ def test_compiled_target_layers_give_the_eager_aux_states_and_final_hidden(tiny_
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_target_graphs_refuse_what_they_cannot_replay(tiny_llama_dir):
+    """train.target_graphs replays the target from CUDA graphs (checked against the eager forward by
+    benchmarks/train.py --target-graphs on a GPU). Here: a target whose attention finds the documents on the host
+    is refused, and so are inputs off the GPU, with the reason."""
+    model = load_hf_model(tiny_llama_dir)
+    target = TargetWithAux(model, [1, model.config.num_hidden_layers])
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="sdpa or eager attention, not flash_attention_2"):
+        target.use_cuda_graphs()
+    model.config._attn_implementation = "sdpa"
+    target.use_cuda_graphs()
+    ids = torch.randint(0, 2000, (1, 8))
+    with pytest.raises(ValueError, match="replay on a GPU; the inputs are on cpu"):
+        target(ids, torch.arange(8)[None])
+    aux, final = target.packed_forward(ids, torch.arange(8)[None])  # the eager forward stays available
+    assert aux.shape == (1, 8, 2 * model.config.hidden_size) and final.shape == (1, 8, model.config.hidden_size)
+
+
 def test_packed_rows_give_each_document_its_own_states(tiny_llama_dir):
     """Two documents packed in a row (positions restarting at 0; the mask built from them) give the aux states
     and final hidden each document gets alone, and the mask is causal and block-diagonal."""

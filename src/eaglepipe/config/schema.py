@@ -315,6 +315,9 @@ class TrainCfg:
     # the frozen target's decoder layers (online training without FSDP); both cut the host's per-step launches
     compile: bool = False
     compile_target: bool = False
+    # the frozen target's forward replayed from a CUDA graph per micro-batch shape (online training without FSDP,
+    # sdpa or eager attention; CPU runs it eagerly): one launch a step for the whole target
+    target_graphs: bool = False
     # TTT step-0 attention kernel: auto (flex on CUDA, explicit scores on CPU) | flex | math
     ttt_attention: str = "auto"
 

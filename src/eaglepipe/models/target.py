@@ -8,6 +8,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .target_graphs import TargetGraphs
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layer list of an HF causal LM (model.model.layers)."""
@@ -45,6 +47,16 @@ class TargetWithAux(nn.Module):
         self.model.requires_grad_(False)
         self.aux_layers = list(aux_layers)
         self.num_layers = n
+        self.graphs: Optional[TargetGraphs] = None
+
+    def use_cuda_graphs(self) -> None:
+        """Replay the forward (on packed rows, the mask built from the positions) from a CUDA graph per input
+        shape (`TargetGraphs`): one launch a step instead of a dozen per layer. sdpa and eager attention only:
+        flash_attention_2 finds the documents' lengths on the host."""
+        impl = getattr(self.model.config, "_attn_implementation", "sdpa")
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"CUDA graphs of the target need sdpa or eager attention, not {impl}")
+        self.graphs = TargetGraphs(self.packed_forward)
 
     def compile_layers(self) -> None:
         """torch.compile each decoder layer's forward: its norms, RoPE, activations and residual adds fuse into a
@@ -79,7 +91,16 @@ class TargetWithAux(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed rows are supported: positions restart per document. Without an `attention_mask`, the sdpa and
         eager attentions get the block-diagonal causal one built from them (`packed_causal_mask`; HF takes a 4D
-        mask as it is); flash_attention_2 reads the documents from the positions itself."""
+        mask as it is); flash_attention_2 reads the documents from the positions itself. After
+        `use_cuda_graphs`, a forward without a mask is replayed from a graph."""
+        if attention_mask is None and self.graphs is not None:
+            return self.graphs(input_ids, position_ids)
+        return self.packed_forward(input_ids, position_ids, attention_mask)
+
+    @torch.no_grad()
+    def packed_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, always run eagerly."""
         store: dict[int, torch.Tensor] = {}
         base = getattr(self.model, "model", self.model)
         if attention_mask is None and getattr(self.model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"):

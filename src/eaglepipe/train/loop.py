@@ -65,7 +65,7 @@ def work_dir(cfg: Config, paths: Paths) -> Path:
     """results/<exp>/.work/train/<fingerprint>/ : resumable state that DVC/Snakemake do not delete."""
     key = {"train": {k: v for k, v in to_dict(cfg.train).items()
                      if k not in ("resume", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                                  "num_workers", "compile_loss", "compile_target")},
+                                  "num_workers", "compile_loss", "compile_target", "target_graphs")},
            "seed": cfg.seed, "seq_length": cfg.data.seq_length, "aux": cfg.target.aux_layers,
            "inputs": [str(p.resolve()) for p in (paths.target, paths.tokens, paths.vocab)],
            "stamps": [_stamp(p) for p in (paths.tokens, paths.vocab)]}
@@ -131,8 +131,11 @@ class Trainer:
             if tc.parallel == "fsdp" and self.world > 1:
                 from .distributed import shard_target
                 shard_target(self.target.model)
-            elif tc.compile_target and self.device.type == "cuda":
-                self.target.compile_layers()
+            else:
+                if tc.compile_target and self.device.type == "cuda":
+                    self.target.compile_layers()
+                if tc.target_graphs and self.device.type == "cuda":
+                    self.target.use_cuda_graphs()
         self.objective = Objective.from_train(tc)
         self.kind = objective_of(self.drafter)
         self.steps = self.kind.steps(self.objective)  # per-step metric groups
