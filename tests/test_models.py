@@ -195,6 +195,35 @@ def test_target_graphs_refuse_what_they_cannot_replay(tiny_llama_dir):
     assert aux.shape == (1, 8, 2 * model.config.hidden_size) and final.shape == (1, 8, model.config.hidden_size)
 
 
+def test_the_target_forward_that_graphs_capture_never_waits_for_the_device(tiny_llama_dir):
+    """A CUDA graph capture fails on any host sync. The packed forward (HF's model with the mask built from the
+    positions) dispatches none of the ops that read a device value on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads_on_host = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "_unique2"}
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in reads_on_host:
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = load_hf_model(tiny_llama_dir)
+    target = TargetWithAux(model, [1, 2, model.config.num_hidden_layers])
+    ids = torch.randint(0, 2000, (2, 24), generator=torch.Generator().manual_seed(3))
+    pos = torch.cat([torch.arange(15), torch.arange(9)]).expand(2, 24)
+    with HostReads() as spy:
+        target.packed_forward(ids, pos)
+    assert spy.seen == []
+    with HostReads() as spy:  # the spy sees them where they happen
+        torch.arange(3).sum().item()
+    assert spy.seen == ["_local_scalar_dense"]
+
+
 def test_packed_rows_give_each_document_its_own_states(tiny_llama_dir):
     """Two documents packed in a row (positions restarting at 0; the mask built from them) give the aux states
     and final hidden each document gets alone, and the mask is causal and block-diagonal."""
