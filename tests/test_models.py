@@ -198,19 +198,7 @@ def test_target_graphs_refuse_what_they_cannot_replay(tiny_llama_dir):
 def test_the_target_forward_that_graphs_capture_never_waits_for_the_device(tiny_llama_dir):
     """A CUDA graph capture fails on any host sync. The packed forward (HF's model with the mask built from the
     positions) dispatches none of the ops that read a device value on the host."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    reads_on_host = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "_unique2"}
-
-    class HostReads(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seen: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ in reads_on_host:
-                self.seen.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+    from host_reads import HostReads
 
     model = load_hf_model(tiny_llama_dir)
     target = TargetWithAux(model, [1, 2, model.config.num_hidden_layers])

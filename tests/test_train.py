@@ -267,3 +267,24 @@ def test_train_stage_cli_publishes_declared_outputs(conversations, sharp_target,
         main(["--params", str(params), "--target", str(sharp_target), "--tokens", str(conversations / "tokens"),
               "--vocab", str(conversations / "vocab"), "--hidden", str(bad), "--out", str(out)])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("algorithm", ["eagle3", "eagle1", "peagle", "dflash"])
+def test_a_training_step_never_reads_a_device_value_on_the_host(conversations, sharp_target, tmp_path, algorithm):
+    """The target's features, the family's unroll, its metrics and the backward dispatch none of the ops that
+    read a device value on the host, so on a GPU the host queues step after step without waiting for it (the
+    batch's index tensors are built on the CPU beforehand)."""
+    from host_reads import HostReads
+
+    cfg = make_chain_cfg(algorithm=algorithm, ttt_steps=4) if algorithm in ("peagle", "dflash") else \
+        make_cfg(algorithm=algorithm)
+    trainer = Trainer(cfg, paths(conversations, sharp_target, tmp_path / "out"))
+    rows = trainer.data.step_batches(0)[0]
+    batch = trainer.kind.collate([[trainer.train_samples[i] for i in row] for row in rows], trainer.objective,
+                                 cfg.data.seq_length, 1)
+    attention = trainer.kind.attention(batch, trainer.objective, trainer.drafter.config.num_attention_heads, False)
+    with HostReads() as spy:
+        feats, labels = trainer.features(batch)
+        loss, _ = trainer.module(batch, feats, labels, attention, [float(c) for c in batch.supervised_counts()])
+        loss.backward()
+    assert spy.seen == []
