@@ -66,12 +66,14 @@ def exported_config(cfg: dict, target_layers: int, trained_as: str | None = None
     return family, DrafterConfig(**family.served_config(cfg, fmt, target_layers))
 
 
-def format_dir_config(fmt_dir: Path, target_layers: int) -> tuple[DrafterFamily, DrafterConfig]:
-    """`exported_config` of the format dir `fmt_dir`'s config.json, with what the export's drafter_config.json
-    records of the training that no engine's config holds (the depths it supervised)."""
+def format_dir_config(fmt_dir: Path, target_layers: int, cfg: dict | None = None
+                      ) -> tuple[DrafterFamily, DrafterConfig]:
+    """`exported_config` of the format dir `fmt_dir`'s config.json (`cfg`, when already read), with what the
+    export's drafter_config.json records of the training that no engine's config holds (the depths it
+    supervised)."""
     trained = trained_record(fmt_dir)
-    family, dc = exported_config(json.loads((fmt_dir / CONFIG_FILE).read_text()), target_layers,
-                                 trained.get("algorithm"), fmt_dir.name)
+    cfg = json.loads((fmt_dir / CONFIG_FILE).read_text()) if cfg is None else cfg
+    family, dc = exported_config(cfg, target_layers, trained.get("algorithm"), fmt_dir.name)
     return family, dataclasses.replace(dc, trained_depth=trained.get("trained_depth"))
 
 
@@ -133,7 +135,7 @@ def load_exported_drafter(export_dir: str | Path, target_dir: str | Path, device
     model_dir = resolve_model_dir(target_dir)
     target_cfg = json.loads((model_dir / "config.json").read_text())
     layers = int(target_cfg.get("num_hidden_layers") or target_cfg["text_config"]["num_hidden_layers"])
-    family, dc = format_dir_config(d, layers)
+    family, dc = format_dir_config(d, layers, cfg_json)
     if target_embed is None:
         target_embed = _target_tensor(model_dir, ("model.embed_tokens.weight", "embed_tokens.weight"))
     if family.uses_target_head and target_lm_head is None:
