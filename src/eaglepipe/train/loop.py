@@ -131,10 +131,10 @@ class Trainer:
             if tc.parallel == "fsdp" and self.world > 1:
                 from .distributed import shard_target
                 shard_target(self.target.model)
-            else:
-                if tc.compile_target and self.device.type == "cuda":
+            elif self.device.type == "cuda":
+                if tc.compile_target:
                     self.target.compile_layers()
-                if tc.target_graphs and self.device.type == "cuda":
+                if tc.target_graphs:
                     self.target.use_cuda_graphs()
         self.objective = Objective.from_train(tc)
         self.kind = objective_of(self.drafter)

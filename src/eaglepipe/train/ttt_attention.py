@@ -89,16 +89,15 @@ def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.
         return o0
     b, heads, t, d = q.shape
     groups = keys[0].shape[1]
-    wide = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
         grouped = (b, groups, heads // groups, t)
-        qg = q.to(wide).reshape(*grouped, d)                                  # [B, g, r, T, d]
-        diag_k = torch.stack(keys[1:]).to(wide)                               # [k, B, g, T, d]
-        diag_v = torch.stack(values[1:]).to(wide)
+        qg = _wide(q).reshape(*grouped, d)                                    # [B, g, r, T, d]
+        diag_k = _wide(torch.stack(keys[1:]))                                 # [k, B, g, T, d]
+        diag_v = _wide(torch.stack(values[1:]))
         diag_scores = torch.einsum("bgrtd,kbgtd->kbgrt", qg, diag_k) * (1.0 / math.sqrt(d))
         lse = lse0.reshape(grouped)
         total = torch.logsumexp(torch.cat([lse[None], diag_scores], dim=0), dim=0)  # [B, g, r, T]
         w0 = torch.exp(lse - total)[..., None]
         wd = torch.exp(diag_scores - total[None])
-        out = w0 * o0.to(wide).reshape(*grouped, d) + torch.einsum("kbgrt,kbgtd->bgrtd", wd, diag_v)
+        out = w0 * _wide(o0).reshape(*grouped, d) + torch.einsum("kbgrt,kbgtd->bgrtd", wd, diag_v)
     return out.reshape(b, heads, t, d).to(q.dtype)
