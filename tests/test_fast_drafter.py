@@ -95,6 +95,23 @@ def test_fast_steps_match_the_torch_path(runner, drafters, algo):
     tree_both(slow, fast, slots, lengths, 8, rand_ids(2, 3), rand_hidden(2, 3), 2, 2, visible2)
 
 
+@pytest.mark.parametrize("algo", ALGOS)
+def test_fast_fusion_is_the_drafters(runner, drafters, algo):
+    """The fast drafter's fusion of the captured layers (EAGLE-3.1: fc_norm over all chunks at once) is the drafter
+    module's, and a round's draft input takes it."""
+    from eaglepipe.speculative import SpeculativeGenerator
+
+    gen = SpeculativeGenerator(runner, drafters[algo], dict(num_steps=3, topk=1, num_draft_tokens=4),
+                               options=EngineOptions(token_path=True))
+    drafter, fast = gen.steps.drafter, gen.steps.draft.fast
+    assert (fast.fc_norm is not None) == (algo == "eagle3.1")
+    aux = torch.randn(2, 5, len(drafter.config.aux_layers) * drafter.config.target_hidden_size,
+                      generator=torch.Generator().manual_seed(6)) * 3
+    want = drafter.fuse(aux)
+    torch.testing.assert_close(fast.fuse(aux), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gen.steps.draft_input(aux), want, atol=1e-6, rtol=1e-6)
+
+
 def tree_both(slow, fast, slots, lengths, max_length, ids, hidden, depth, node_start, visible) -> None:
     """A tree step on the PyTorch path (`tree_step`) and through the fast drafter on the kernels' token rows
     (`tree_step_rows`): the same outputs and the same K/V written."""

@@ -45,13 +45,14 @@ class PrefillOutput:
     aux_hidden: list[torch.Tensor] | None  # per prompt [len, len(capture_layers) * hidden]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32; a fused kernel on GPU, HF's exact op order on CPU."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32; a fused kernel on GPU, HF's exact op order on CPU. Without a weight, the
+    normalised x in x's dtype (for a caller that applies its gains itself)."""
     if x.is_cuda:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if weight is None else weight * normed
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

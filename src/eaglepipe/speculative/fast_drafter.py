@@ -6,11 +6,17 @@ hidden_norm over the hidden state, summed as one GEMM over their concatenation, 
 RoPE + the K/V write straight into the `DraftRunner`'s cache, virtual attention (chunks + merge), o_proj +
 residual h, post-norm + gate/up + SiLU, down + residual, and the final norm fused into an fp32 draft lm_head (plus
 the final norm alone for EAGLE-3.1's norm_output). Static shapes, no host syncs: capturable in a CUDA graph.
+
+EAGLE-3.1's extra norms (fc_norm over each captured layer, the final norm of norm_output) run as one fused norm
+and one gain multiply each, in HF's op order (normalise in fp32, round, then scale), where the drafter module's
+RMSNorms cost ~7 kernels apiece.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from ..engine.model import rms_norm
 from ..families.registry import family_of
 from ..models.eagle3 import Eagle3Drafter
 
@@ -45,6 +51,9 @@ class FastDrafter:
             self.gate_up = w(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
             self.down = w(layer.mlp.down_proj.weight)
             self.norm = w(drafter.norm.weight)
+            self.fc = w(drafter.fc.weight)
+            # EAGLE-3.1's fc_norm gains as one [n_aux, H_t] tensor, applied to all captured layers at once
+            self.fc_norm = w(torch.stack([n.weight for n in drafter.fc_norm])) if cfg.fc_norm else None
             self.lm_head = w(drafter.lm_head.weight)
             # RoPE tables from the drafter's own rotary module (every HF rope type and its attention scaling)
             like = torch.empty(0, dtype=dtype, device=device)
@@ -73,5 +82,14 @@ class FastDrafter:
         act = kn.norm_gate_up(x, self.gate_up, norm_weight=self.post_norm, eps=eps)
         x = kn.norm_linear(act, self.down, residual=x)
         logits = kn.norm_linear(x, self.lm_head, norm_weight=self.norm, eps=eps, out_dtype=torch.float32)
-        nxt = self.drafter.norm(x) if self.norm_output else x  # EAGLE-3.1 feeds the post-norm state forward
+        nxt = self.norm * rms_norm(x, None, eps) if self.norm_output else x  # EAGLE-3.1: the post-norm state
         return nxt, logits
+
+    def fuse(self, aux: torch.Tensor) -> torch.Tensor:
+        """`Eagle3Drafter.fuse`: fc over the captured layers [..., n_aux * H_t] -> [..., H], EAGLE-3.1's fc_norm
+        as one norm over the [..., n_aux, H_t] view and one multiply by the stacked gains."""
+        aux = aux.to(self.fc.dtype)
+        if self.fc_norm is not None:
+            chunks = aux.unflatten(-1, tuple(self.fc_norm.shape))
+            aux = (self.fc_norm * rms_norm(chunks, None, self.eps)).flatten(-2)
+        return F.linear(aux, self.fc)

@@ -70,6 +70,8 @@ class RoundSteps:
         """What the drafter is fed from the target's captured layers, as its family says: their fusion (EAGLE-3) or
         the final post-norm hidden state (EAGLE-1/2, as the target's lm_head consumes it and as SGLang hands it
         over)."""
+        if self.draft.fast is not None:  # EAGLE-3/3.1 on the token path: the same fusion in fewer kernels
+            return self.draft.fast.fuse(aux)
         return self.family.draft_input(self.drafter, aux, self._final_norm)
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
