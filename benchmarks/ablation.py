@@ -35,7 +35,18 @@ import yaml
 from decode import REPO, append_result_row
 from peer_h2h import bench_points
 
-COPY_IGNORE = shutil.ignore_patterns(".git", "results", "logs", ".venv", "__pycache__", ".whl", ".gguf_*", ".peer")
+# what an arm's copy of the checkout leaves out: outputs, environments, lease carry folders and caches
+SKIPPED = shutil.ignore_patterns(".git", "results", "logs", ".venv", "__pycache__", ".pytest_cache", ".whl",
+                                 ".gguf_*", ".peer", ".gpu", ".device", ".dvc_remote", ".arms")
+
+
+def skip_in_copy(work: Path):
+    """copytree's ignore for an arm's copy: SKIPPED, and the arms' work folder where it lies inside the checkout."""
+    work = work.resolve()
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return set(SKIPPED(folder, names)) | {n for n in names if (Path(folder) / n).resolve() == work}
+    return ignore
 
 
 def load_arms(path: Path) -> dict:
@@ -58,7 +69,7 @@ def prepare_arm(work: Path, name: str, overrides: list[str], source: Path) -> Pa
     checkout that already ran) hard-linked, with Snakemake's records, so that unchanged stages do not rerun."""
     arm = work / name
     if not arm.exists():
-        shutil.copytree(REPO, arm, ignore=COPY_IGNORE, symlinks=True)
+        shutil.copytree(REPO, arm, ignore=skip_in_copy(work), symlinks=True)
         for shared in ("results", "logs"):
             if (source / shared).exists():
                 subprocess.run(["cp", "-al", str(source / shared), str(arm / shared)], check=True)

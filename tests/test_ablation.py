@@ -1,0 +1,47 @@
+"""The ablation sweep (`benchmarks/ablation.py`) on the tiny pipeline: each arm runs the pipeline's own stages in
+its own copy of the checkout, an arm reruns only the stages its overrides change, and each arm's row lands in
+RESULTS.md and results.jsonl with the base arm's figures as its baseline."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_STAGES = {"download", "normalize", "regenerate", "tokenize", "vocab"}
+
+
+def test_an_arm_reruns_only_what_its_overrides_change(tiny_llama_dir, tmp_path):
+    arms = tmp_path / "arms.yaml"
+    arms.write_text(yaml.safe_dump({
+        "name": "ablation_test",
+        "base": ["experiment=tiny", "target.source=local", f"target.name_or_path={tiny_llama_dir}",
+                 "data.max_samples=12", "train.max_steps=2", "bench.prompts.num_prompts=1"],
+        "arms": {"base": [], "ttt2": ["train.ttt_steps=2"]}}))
+    work, results = tmp_path / "work", tmp_path / "RESULTS.md"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    done = subprocess.run([sys.executable, "benchmarks/ablation.py", str(arms), "--work", str(work), "--results",
+                           str(results), "--hardware", "cpu"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    logs = "".join(f"\n--- {p}\n{p.read_text()[-2000:]}" for p in sorted(work.glob("*/ablation.log")))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
+
+    base, arm = [json.loads(line) for line in results.with_name("results.jsonl").read_text().splitlines()]
+    assert base["name"] == arm["name"] == "ablation_test"
+    assert base["config"]["overrides"] == [] and arm["config"]["overrides"] == ["train.ttt_steps=2"]
+    assert arm["baselines"] == base["figures"]
+    for record in (base, arm):
+        assert record["figures"]["bench"] and record["figures"]["all_outputs_match"] is True
+        assert record["figures"]["train_steps"] == 2
+    assert yaml.safe_load((work / "ttt2" / "params.yaml").read_text())["train"]["ttt_steps"] == 2
+
+    def rules_run(name: str) -> set[str]:
+        return set(re.findall(r"^localrule (\w+):", (work / name / "ablation.log").read_text(), re.M))
+    assert {"train", "export", "bench"} <= rules_run("ttt2") and not rules_run("ttt2") & DATA_STAGES
+    assert "| ttt2 |" in done.stdout
+    assert sum(line.startswith("| 20") for line in results.read_text().splitlines()) == 2
