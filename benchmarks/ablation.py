@@ -11,9 +11,10 @@ are measured on an otherwise idle GPU. Where the checkout is a git repository wi
 the equivalent `dvc exp run --queue` commands.
 
 The arms file (YAML): `base` (compose overrides shared by every arm), `arms` (name -> list of overrides) and
-optionally `points` (the sweep points the table reports; default all) and `name` (the rows' name; default
-`ablation`). Prints one Markdown table and appends one row per arm to benchmarks/RESULTS.md and results.jsonl, with
-the base arm's figures as its baseline. Each point's figures include its round cost in plain decode steps
+optionally `points` (the sweep points the table reports; default all), `name` (the rows' name; default
+`ablation`) and `extends` (another arms file whose base and points this one builds on). Prints one Markdown
+table and appends one row per arm to benchmarks/RESULTS.md and results.jsonl, with the base arm's figures as its
+baseline. Each point's figures include its round cost in plain decode steps
 (τ ÷ speedup: what one verify round, drafting included, costs against one non-speculative step), and each arm's
 its training tokens/s and peak GPU memory (arms that train side by side share the GPU, which lowers the former).
 """
@@ -50,10 +51,16 @@ def skip_in_copy(work: Path):
 
 
 def load_arms(path: Path) -> dict:
-    """The arms file, checked: base and arms present, arm names plain."""
+    """The arms file, checked: base and arms present, arm names plain. With `extends: <arms file>` (a path beside
+    it), that file's base and points come first (the same fixed setup, other arms)."""
     spec = yaml.safe_load(path.read_text())
     if not isinstance(spec, dict) or not isinstance(spec.get("arms"), dict) or not spec["arms"]:
         raise SystemExit(f"{path}: needs `arms:` mapping arm names to lists of overrides")
+    if "extends" in spec:
+        parent = load_arms(path.parent / spec.pop("extends"))
+        spec["base"] = [*parent["base"], *spec.get("base", [])]
+        if "points" in parent:
+            spec.setdefault("points", parent["points"])
     for name, overrides in spec["arms"].items():
         if not str(name).replace("_", "").replace("-", "").isalnum():
             raise SystemExit(f"{path}: arm name {name!r} must be letters, digits, '_' or '-'")

@@ -8,8 +8,9 @@
 #   lk        arms of benchmarks/ablation_h2h.yaml on the head-to-head setup, LK_ARMS of them (default the
 #             head-to-head's recipe, soft CE at its micro-batch and lk_lambda); the first trains alone, the others
 #             side by side
-#   ablation  the fixed ablation setup (benchmarks/ablation_smollm2.yaml), the arms ABLATION_ARMS names
-#             (comma-separated, the base arm first; default every arm)
+#   ablation  the fixed ablation setup: the arms file ARMS_FILE (default benchmarks/ablation_smollm2.yaml; the levers:
+#             benchmarks/levers_smollm2.yaml), the arms ABLATION_ARMS names (comma-separated, the base arm first;
+#             default every arm)
 #   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
 #             PROFILE_MBS (default "4 8"): the compiled loss alone with the batches copied from pageable memory
 #             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,
@@ -85,7 +86,7 @@ for phase in $PHASES; do
                done
              done
              train --micro-batch ${MBS%% *} --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
-    ablation) python3 benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --work "$STORE/arms" --jobs 4 \
+    ablation) python3 benchmarks/ablation.py "${ARMS_FILE:-benchmarks/ablation_smollm2.yaml}" --work "$STORE/arms" --jobs 4 \
                 ${ABLATION_ARMS:+--only "$ABLATION_ARMS"} --hardware "$GPU" "${ARM_BASE[@]/#/--base=}" \
                 > "$STORE/logs/ablation.log" 2>&1 ;;
     *) log "unknown phase $phase" ;;

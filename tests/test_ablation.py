@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,3 +46,32 @@ def test_an_arm_reruns_only_what_its_overrides_change(tiny_llama_dir, tmp_path):
     assert {"train", "export", "bench"} <= rules_run("ttt2") and not rules_run("ttt2") & DATA_STAGES
     assert "| ttt2 |" in done.stdout
     assert sum(line.startswith("| 20") for line in results.read_text().splitlines()) == 2
+
+
+def arms_files() -> list[Path]:
+    return sorted(p for p in (REPO / "benchmarks").glob("*.yaml") if "arms" in yaml.safe_load(p.read_text()))
+
+
+@pytest.mark.parametrize("path", arms_files(), ids=lambda p: p.name)
+def test_every_arm_of_the_shipped_arms_files_composes(path, tmp_path):
+    """Each arm's composition (the file's base, an `extends` file's base first, plus the arm's overrides) passes
+    the schema and its checks, so that no arm fails on a GPU box for a typo; the head-to-head's rows come as a
+    local source on the command line, here an empty file."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from ablation import load_arms
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from eaglepipe.compose import compose_dict
+
+    spec = load_arms(path)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("")
+    extra = [f"data.sources=[{{name: rows, kind: local, path: {rows}}}]"] if "h2h" in path.name else []
+    for name, overrides in spec["arms"].items():
+        data = compose_dict([*spec["base"], *extra, *overrides])
+        for override in overrides:
+            key, value = override.split("=", 1)
+            if not key.startswith(("+", "~")) and "." in key:
+                section, field = key.split(".", 1)
+                assert str(data[section][field]) == str(yaml.safe_load(value)), (name, override)
