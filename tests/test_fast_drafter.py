@@ -1,8 +1,8 @@
-"""The drafter's token path (`FastDrafter`, Triton kernels under the CPU interpreter) against the PyTorch
+"""The drafter's token path (`fast_drafter.py`, Triton kernels under the CPU interpreter) against the PyTorch
 `DraftRunner`: the same (hidden, logits) and the same K/V written to the cache for `extend`, `chain_step` and a
-tree step (`tree_step_rows` on the token rows the draft-tree kernels build, against `tree_step`), for EAGLE-3 and
-EAGLE-3.1; and speculative greedy decoding with the fast drafter, its top-k and tree kernels equals plain greedy
-decoding, reaching the PyTorch drafter's tau; P-EAGLE's parallel round on the fast drafter too."""
+tree step (`tree_step_rows` on the token rows the draft-tree kernels build, against `tree_step`), for EAGLE-3,
+EAGLE-3.1 and EAGLE-1; and speculative greedy decoding with the fast drafter, its top-k and tree kernels equals
+plain greedy decoding, reaching the PyTorch drafter's tau; P-EAGLE's parallel round on the fast drafter too."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
@@ -19,7 +19,7 @@ from test_draft_tree_kernels import tree_rows  # noqa: E402
 from test_round_graph import decode, fit_and_export, make_runner, runner, target_dir  # noqa: E402,F401
 from test_spec_decode import greedy_reference  # noqa: E402
 
-ALGOS = ["eagle3", "eagle3.1"]
+ALGOS = ["eagle3", "eagle3.1", "eagle1"]
 PROMPTS = [[1, 2, 3, 4, 5, 6], [100, 200, 300, 400]]
 NEW_TOKENS = 12
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,7 +32,7 @@ def refs(runner) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def drafters(target_dir: Path, runner, refs, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """EAGLE-3 and EAGLE-3.1 drafters fitted to the target's greedy continuations, exported for SGLang."""
+    """EAGLE-3, EAGLE-3.1 and EAGLE-1 drafters fitted to the target's greedy continuations, exported for SGLang."""
     seqs = [p + r for p, r in zip(PROMPTS, refs)]
     return fit_and_export(target_dir, runner, seqs, ALGOS, tmp_path_factory.mktemp("fast_drafters"))
 
@@ -96,20 +96,27 @@ def test_fast_steps_match_the_torch_path(runner, drafters, algo):
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_fast_fusion_is_the_drafters(runner, drafters, algo):
-    """The fast drafter's fusion of the captured layers (EAGLE-3.1: fc_norm over all chunks at once) is the drafter
-    module's, and a round's draft input takes it."""
+def test_fast_draft_input_is_the_familys(runner, drafters, algo):
+    """A round's draft input on the token path is its family's: the fusion of the captured layers (EAGLE-3.1: its
+    fc_norm over all chunks at once), or EAGLE-1's target-normed last hidden state."""
+    from eaglepipe.engine.model import rms_norm
+    from eaglepipe.families.registry import family_of
     from eaglepipe.speculative import SpeculativeGenerator
 
     gen = SpeculativeGenerator(runner, drafters[algo], dict(num_steps=3, topk=1, num_draft_tokens=4),
                                options=EngineOptions(token_path=True))
-    drafter, fast = gen.steps.drafter, gen.steps.draft.fast
-    assert (fast.fc_norm is not None) == (algo == "eagle3.1")
-    aux = torch.randn(2, 5, len(drafter.config.aux_layers) * drafter.config.target_hidden_size,
+    steps = gen.steps
+    assert steps.draft.fast is not None
+    cfg = steps.drafter.config
+    aux = torch.randn(2, 5, len(cfg.aux_layers) * cfg.target_hidden_size,
                       generator=torch.Generator().manual_seed(6)) * 3
-    want = drafter.fuse(aux)
-    torch.testing.assert_close(fast.fuse(aux), want, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(gen.steps.draft_input(aux), want, atol=1e-6, rtol=1e-6)
+    def final_norm(h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, runner.weights.norm, runner.shapes.rms_norm_eps)
+
+    want = family_of(cfg).draft_input(steps.drafter, aux, final_norm)
+    torch.testing.assert_close(steps.draft_input(aux), want, atol=1e-6, rtol=1e-6)
+    if algo == "eagle3.1":
+        assert steps.draft.fast.fc_norm is not None
 
 
 def tree_both(slow, fast, slots, lengths, max_length, ids, hidden, depth, node_start, visible) -> None:
@@ -126,8 +133,9 @@ def tree_both(slow, fast, slots, lengths, max_length, ids, hidden, depth, node_s
 
 
 @pytest.mark.parametrize("algo,spec", [("eagle3.1", dict(num_steps=3, topk=1, num_draft_tokens=4)),
-                                       ("eagle3", dict(num_steps=2, topk=2, num_draft_tokens=4))],
-                         ids=["chain-eagle3.1", "tree-eagle3"])
+                                       ("eagle3", dict(num_steps=2, topk=2, num_draft_tokens=4)),
+                                       ("eagle1", dict(num_steps=2, topk=2, num_draft_tokens=4))],
+                         ids=["chain-eagle3.1", "tree-eagle3", "tree-eagle1"])
 def test_speculative_greedy_with_the_fast_drafter(runner, refs, drafters, algo, spec):
     from eaglepipe.speculative import SpeculativeGenerator
 

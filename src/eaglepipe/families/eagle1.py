@@ -68,6 +68,9 @@ class Eagle1Family(DrafterFamily):
             if objective.hidden_loss == "smooth_l1" else diff.pow(2)
         return objective.token_loss_weight * token_loss + objective.hidden_loss_weight * reg.mean(-1).sum()
 
+    def has_fast_step(self, cfg: DrafterConfig) -> bool:
+        return True
+
     # ------------------------------------------------------------------ export
     def export_tensors(self, shapes: Shapes, fmt: str) -> dict[str, tuple[tuple[int, ...], str]]:
         """SGLang's LlamaForCausalLMEagle: fc with a bias and `layers.0.` without an input norm."""

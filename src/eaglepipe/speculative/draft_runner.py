@@ -5,11 +5,11 @@ Slot t of a sequence holds token x_{t+1} with the target's hidden state h_t at R
 committed length always equals the target's. Tree nodes are appended after the committed entries and are
 forgotten at the next `extend`, which overwrites them with the accepted tokens.
 
-With `fast=True` (a drafter whose family's step has the Triton form, EAGLE-3/3.1, on the engine's token path)
-`extend` and `chain_step` run through the token path's Triton kernels (`FastDrafter`): K/V are written straight
-into this cache and each row attends to its committed prefix plus a list of visible scratch/new positions,
-computed directly by each method. A tree's steps then come as flat token rows from the draft-tree kernels
-(`tree_step_rows`); `tree_step` is the PyTorch path.
+With `fast=True` (a drafter whose family's step has the Triton form, EAGLE-3/3.1 and EAGLE-1/2, on the
+engine's token path) `extend` and `chain_step` run through the token path's Triton kernels (`fast_drafter.py`):
+K/V are written straight into this cache and each row attends to its committed prefix plus a list of visible
+scratch/new positions, computed directly by each method. A tree's steps then come as flat token rows from the
+draft-tree kernels (`tree_step_rows`); `tree_step` is the PyTorch path.
 """
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ class DraftRunner:
         self._cols = torch.arange(capacity + 1, device=device)  # sliced, never rebuilt per step
         self.fast = None
         if fast:
-            from .fast_drafter import FastDrafter
+            from .fast_drafter import fast_drafter_for
 
-            self.fast = FastDrafter(drafter, capacity, device, dtype)
+            self.fast = fast_drafter_for(drafter, capacity, device, dtype)
 
     def _run_fast(self, slots: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                   write_pos: torch.Tensor, prefix_lens: torch.Tensor, pending: torch.Tensor,

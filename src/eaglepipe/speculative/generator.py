@@ -95,9 +95,9 @@ class SpeculativeGenerator:
     """Speculative decoding with an exported SGLang-format drafter over the engine's LlamaRunner.
 
     `spec`: SpecConfig or dict(num_steps, topk, num_draft_tokens) in SGLang semantics (default 3, 1, 4).
-    `options`: the fast paths (default: the runner's). With `token_path`, an EAGLE-3/3.1 drafter's steps, top-k
-    and tree bookkeeping run as Triton kernels; with `graph_rounds`, all-greedy rows decode through `RoundGraph`
-    (captured CUDA graphs on CUDA, the same static body run eagerly elsewhere).
+    `options`: the fast paths (default: the runner's). With `token_path`, an EAGLE-3/3.1 or EAGLE-1/2 drafter's
+    steps, top-k and tree bookkeeping run as Triton kernels; with `graph_rounds`, all-greedy rows decode through
+    `RoundGraph` (captured CUDA graphs on CUDA, the same static body run eagerly elsewhere).
     """
 
     def __init__(self, runner: LlamaRunner, draft_dir: str | Path, spec: SpecConfig | dict | None = None,

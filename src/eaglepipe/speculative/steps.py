@@ -3,9 +3,9 @@ of `SpeculativeGenerator` and the captured round of `RoundGraph`.
 
 Every step takes and returns device tensors only, with shapes fixed by the number of rows and the bounds passed
 in, and never waits on the device, so a CUDA graph can capture it. Chains (topk = 1) use a fixed tree layout and the
-drafter's argmax; trees use EAGLE-2 expansion and selection. Two paths: with `fast` (EAGLE-3/3.1 drafters on the
-engine's token path) the drafter's steps, its top-k and a tree's bookkeeping run as Triton kernels; otherwise
-everything is plain PyTorch, the reference the tests compare the kernels with.
+drafter's argmax; trees use EAGLE-2 expansion and selection. Two paths: with `fast` (EAGLE-3/3.1 and EAGLE-1/2
+drafters on the engine's token path) the drafter's steps, its top-k and a tree's bookkeeping run as Triton
+kernels; otherwise everything is plain PyTorch, the reference the tests compare the kernels with.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from .tree import Candidates, VerifyTree, draft_logprobs, expand, grow, select_t
 
 
 def kernels_fit(loaded: LoadedDrafter, spec: SpecConfig) -> bool:
-    """Whether the drafter can take the fast path: its family's step has the Triton form (EAGLE-3/3.1), and its
-    draft vocabulary and top-k fit the top-k kernel (a chain needs no top-k)."""
+    """Whether the drafter can take the fast path: its family's step has the Triton form (EAGLE-3/3.1,
+    EAGLE-1/2), and its draft vocabulary and top-k fit the top-k kernel (a chain needs no top-k)."""
     if not family_of(loaded.config).has_fast_step(loaded.config):
         return False
     if spec.topk == 1:
@@ -70,8 +70,8 @@ class RoundSteps:
         """What the drafter is fed from the target's captured layers, as its family says: their fusion (EAGLE-3) or
         the final post-norm hidden state (EAGLE-1/2, as the target's lm_head consumes it and as SGLang hands it
         over)."""
-        if self.draft.fast is not None:  # EAGLE-3/3.1 on the token path: the same fusion in fewer kernels
-            return self.draft.fast.fuse(aux)
+        if self.draft.fast is not None:  # the token path's form of the same input, in fewer kernels
+            return self.draft.fast.draft_input(aux, self._final_norm)
         return self.family.draft_input(self.drafter, aux, self._final_norm)
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
