@@ -10,7 +10,7 @@
 #             side by side
 #   ablation  the fixed ablation setup: the arms file ARMS_FILE (default benchmarks/ablation_smollm2.yaml; the levers:
 #             benchmarks/levers_smollm2.yaml), the arms ABLATION_ARMS names (comma-separated, the base arm first;
-#             default every arm)
+#             default every arm), ABLATION_JOBS of them training at once (default 4)
 #   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
 #             PROFILE_MBS (default "4 8"): the compiled loss alone with the batches copied from pageable memory
 #             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,
@@ -86,9 +86,9 @@ for phase in $PHASES; do
                done
              done
              train --micro-batch ${MBS%% *} --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
-    ablation) python3 benchmarks/ablation.py "${ARMS_FILE:-benchmarks/ablation_smollm2.yaml}" --work "$STORE/arms" --jobs 4 \
-                ${ABLATION_ARMS:+--only "$ABLATION_ARMS"} --hardware "$GPU" "${ARM_BASE[@]/#/--base=}" \
-                > "$STORE/logs/ablation.log" 2>&1 ;;
+    ablation) python3 benchmarks/ablation.py "${ARMS_FILE:-benchmarks/ablation_smollm2.yaml}" --work "$STORE/arms" \
+                --jobs "${ABLATION_JOBS:-4}" ${ABLATION_ARMS:+--only "$ABLATION_ARMS"} --hardware "$GPU" \
+                "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/ablation.log" 2>&1 ;;
     *) log "unknown phase $phase" ;;
   esac
   log "phase $phase rc=$?"
