@@ -106,6 +106,7 @@ def test_tiny_drafter_overfits_to_near_perfect_step0_accuracy(conversations, sha
     summary = trainer.train()
     first = next(r for r in trainer.history.rows if r["split"] == "train")
     final = summary["final"]["train"]
+    assert all(r["step_seconds"] > 0 for r in trainer.history.rows if r["split"] == "train")  # each window timed
     assert final["acc_0"] >= min_acc
     assert final["alpha_0"] >= min_acc - 0.05 and final["alpha_0"] > 2 * first["alpha_0"]
 

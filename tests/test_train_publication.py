@@ -1,7 +1,7 @@
 """Training killed with SIGKILL at named points of writing and publishing a checkpoint, then resumed, writes what an
 uninterrupted run writes: checkpoints (weights, optimizer, RNG, BEST decision), LATEST, BEST, history.jsonl,
-dvclive metrics and summary.json. Timings are the one exception (tokens_per_s, mfu, dvclive timestamps and the
-summary's `this_run`)."""
+dvclive metrics and summary.json. Timings are the one exception (tokens_per_s, step_seconds, mfu, dvclive
+timestamps and the summary's `this_run`)."""
 from __future__ import annotations
 
 import csv
@@ -25,7 +25,7 @@ from test_train import conversations, make_cfg, sharp_target  # noqa: F401  (fix
 
 # log_every does not divide save_every: a run resumed from step 3 continues a half-filled log window
 SETTINGS = dict(max_steps=7, log_every=2, save_every=3, eval_every=3, keep_checkpoints=2, lr=5e-3)
-TIMINGS = {"tokens_per_s", "mfu"}
+TIMINGS = {"tokens_per_s", "step_seconds", "mfu"}
 
 # Every run is a fresh process, as a stage run is (a library imported for the first time may draw from Python's
 # RNG), with one intra-op thread: two-thread CPU matmuls here differ in the last bits from one process to the

@@ -227,6 +227,7 @@ class Trainer:
         grad_norm = torch.zeros(())
         t0 = start = time.perf_counter()
         start_step, run_tokens = self.step, 0
+        timed_from = self.step  # the step the current history window's seconds count from
         if self.device.type == "cuda":  # the peak of training itself, not of the matmul-peak measurement
             torch.cuda.reset_peak_memory_stats(self.device)
         while self.step < end:
@@ -250,10 +251,10 @@ class Trainer:
             self.step += 1
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == end:
-                row = self._log_train(grad_norm, time.perf_counter() - t0)
+                row = self._log_train(grad_norm, time.perf_counter() - t0, self.step - timed_from)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc0=f"{row['acc_0']:.3f}",
                                 tok_s=f"{row['tokens_per_s']:.0f}")
-                self.window, t0 = LogWindow(), time.perf_counter()
+                self.window, t0, timed_from = LogWindow(), time.perf_counter(), self.step
             val = self._evaluate() if self.val_samples and (
                 self.step % tc.eval_every == 0 or self.step == self.total_steps) else None
             if self.step % tc.save_every == 0 or self.step == end or val is not None:
@@ -283,13 +284,15 @@ class Trainer:
             dist.all_reduce(vec)
         return dict(zip(keys, vec.cpu()))
 
-    def _log_train(self, grad_norm: torch.Tensor, seconds: float) -> dict:
+    def _log_train(self, grad_norm: torch.Tensor, seconds: float, steps: int) -> dict:
+        """The history row of the window: its metrics, throughput, and seconds per optimizer step over the `steps`
+        this process ran in `seconds` (the checkpoint saves and evaluations between them included)."""
         w = self.window
         totals = self._reduce({**w.sums, "_tokens": torch.tensor(float(w.tokens)), "_flops": torch.tensor(w.flops)})
         row = summarize(totals, self.steps, self.kind.decay(self.objective))
         tok = float(totals["_tokens"])
         row.update(step=self.step, split="train", grad_norm=float(grad_norm), lr=self.scheduler.get_last_lr()[0],
-                   tokens_per_s=tok / max(seconds, 1e-9),
+                   tokens_per_s=tok / max(seconds, 1e-9), step_seconds=seconds / max(steps, 1),
                    mfu=float(totals["_flops"]) / max(seconds, 1e-9) / (self.peak * self.world))
         if self.is_main:
             self.history.add(row)
