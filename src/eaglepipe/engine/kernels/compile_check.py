@@ -33,8 +33,11 @@ def _sig(pointers: dict[str, str], ints: list[str], floats: list[str], constexpr
 def variants(dtype: str) -> list[tuple[Any, dict, dict]]:
     """(kernel, signature, constexprs) for every launch the engine makes, with activations in `dtype`."""
     out = []
+    # the target's layers (with biases), then the drafters' bias-free o/down, gate/up and EAGLE-3 lm_head, and
+    # EAGLE-1's fc (with its bias), qkv and target lm_head over fp32 logits
     for norm, bias, res, gate_up, y in [(1, 1, 0, 0, dtype), (0, 1, 1, 0, dtype), (1, 1, 0, 1, dtype),
-                                        (1, 0, 0, 0, "fp32")]:
+                                        (0, 0, 1, 0, dtype), (1, 0, 0, 1, dtype), (1, 0, 0, 0, "fp32"),
+                                        (0, 1, 0, 0, dtype), (0, 0, 0, 0, dtype), (0, 0, 0, 0, "fp32")]:
         pointers = {n: f"*{dtype}" for n in ("x_ptr", "g_ptr", "w_ptr", "b_ptr", "r_ptr")} | {"y_ptr": f"*{y}"}
         out.append((linear.norm_linear_kernel, *_sig(
             pointers, ["M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym"], ["eps"],
