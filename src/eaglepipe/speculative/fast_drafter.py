@@ -81,6 +81,7 @@ def weight(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.T
 
 
 def require_fast_step(cfg: DrafterConfig) -> None:
+    """Refuse a drafter whose family's step has no token-path form."""
     if not family_of(cfg).has_fast_step(cfg):
         raise ValueError(f"the fast drafter path has no form of a {cfg.algorithm} drafter's step")
 
@@ -91,9 +92,7 @@ class FastDrafter:
     def __init__(self, drafter: Eagle3Drafter, max_positions: int, device: torch.device, dtype: torch.dtype):
         cfg = drafter.config
         require_fast_step(cfg)
-        self.drafter = drafter
         self.layer = FastLayer(drafter.midlayer, drafter.rotary, cfg, max_positions, device, dtype)
-        self.eps = cfg.rms_norm_eps
         self.norm_output = bool(cfg.norm_output)
         layer = drafter.midlayer
         with torch.no_grad():
@@ -116,7 +115,7 @@ class FastDrafter:
         position among them). `max_keys` >= prefix + count over all rows (a static launch bound).
         Returns (next hidden state [M, H], fp32 draft logits [M, V_d])."""
         check_rows(slots, ids, positions, write_pos, prefix_lens, pending, pending_count)
-        kn, eps = self.layer.kernels, self.eps
+        kn, eps = self.layer.kernels, self.layer.eps
         qkv = kn.embed_hidden_linear(ids, self.embed, self.input_norm, hidden, self.hidden_norm, self.layer.qkv, eps)
         x = self.layer.finish(qkv, hidden, k_cache, v_cache, slots, positions, write_pos, prefix_lens, pending,
                               pending_count, max_keys)  # the residual is the incoming hidden state h
@@ -130,7 +129,7 @@ class FastDrafter:
         aux = aux.to(self.fc.dtype)
         if self.fc_norm is not None:
             chunks = aux.unflatten(-1, tuple(self.fc_norm.shape))
-            aux = (self.fc_norm * rms_norm(chunks, None, self.eps)).flatten(-2)
+            aux = (self.fc_norm * rms_norm(chunks, None, self.layer.eps)).flatten(-2)
         return F.linear(aux, self.fc)
 
     def draft_input(self, captured: torch.Tensor, final_norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -145,7 +144,6 @@ class FastEagle1Drafter:
     def __init__(self, drafter: Eagle1Drafter, max_positions: int, device: torch.device, dtype: torch.dtype):
         cfg = drafter.config
         require_fast_step(cfg)
-        self.drafter = drafter
         self.layer = FastLayer(drafter.layers[0], drafter.rotary, cfg, max_positions, device, dtype)
         with torch.no_grad():
             self.embed = weight(drafter.embed_tokens.weight, device, dtype)
