@@ -71,6 +71,20 @@ def load_arms(path: Path) -> dict:
     return spec
 
 
+def arm_order(spec: dict, only: str | None) -> list[str]:
+    """The arms to run: every arm in file order, or those `only` names (comma-separated) in its order, which is
+    the order they are benchmarked and their rows land in (the ones that matter most first, where the GPU
+    sitting may end early). The base arm (the file's first), where named, comes first: it is every row's baseline."""
+    if only is None:
+        return list(spec["arms"])
+    names = list(dict.fromkeys(n for n in only.split(",") if n))
+    unknown = [n for n in names if n not in spec["arms"]]
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown}; the arms file has {list(spec['arms'])}")
+    first = next(iter(spec["arms"]))
+    return [first, *(n for n in names if n != first)] if first in names else names
+
+
 def prepare_arm(work: Path, name: str, overrides: list[str], source: Path) -> Path:
     """A copy of this checkout for the arm, with its params.yaml composed and the results of `source` (a
     checkout that already ran) hard-linked, with Snakemake's records, so that unchanged stages do not rerun."""
@@ -142,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("arms", type=Path, help="the arms file (YAML)")
     ap.add_argument("--work", type=Path, default=REPO / ".arms", help="where the arms' checkouts go")
-    ap.add_argument("--only", default=None, help="comma-separated arm names (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated arm names, benchmarked in this order (default: all)")
     ap.add_argument("--base", nargs="*", default=[], help="overrides added to the file's base (e.g. a local path)")
     ap.add_argument("--jobs", type=int, default=2, help="arms trained at once")
     ap.add_argument("--hardware", default="unknown", help="the GPU, for the results rows")
@@ -151,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     spec = load_arms(args.arms)
     spec["base"] = [*spec["base"], *args.base]
-    names = [n for n in spec["arms"] if args.only is None or n in args.only.split(",")]
+    names = arm_order(spec, args.only)
     if args.print_dvc:
         for name in names:
             sets = " ".join(f"-S {shlex.quote(o)}" for o in [*spec["base"], *spec["arms"][name]])

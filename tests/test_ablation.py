@@ -75,3 +75,19 @@ def test_every_arm_of_the_shipped_arms_files_composes(path, tmp_path):
             if not key.startswith(("+", "~")) and "." in key:
                 section, field = key.split(".", 1)
                 assert str(data[section][field]) == str(yaml.safe_load(value)), (name, override)
+
+
+def test_named_arms_run_in_the_order_given_with_the_base_first():
+    """`--only` sets the benchmarking order (what matters most lands first), the base arm always leading, and an
+    unknown arm is refused before anything runs."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from ablation import arm_order
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    spec = {"arms": {"base": [], "a": ["x=1"], "b": ["x=2"], "c": ["x=3"]}}
+    assert arm_order(spec, None) == ["base", "a", "b", "c"]
+    assert arm_order(spec, "c,a,base") == ["base", "c", "a"]
+    assert arm_order(spec, "b,c,b") == ["b", "c"]
+    with pytest.raises(SystemExit, match="unknown arms"):
+        arm_order(spec, "base,d")
