@@ -39,6 +39,10 @@ VAL=$(realpath "$STORE/data")/val.jsonl
 [ -f "$VAL" ] || xz -dc "$VAL_XZ" > "$VAL"
 SOURCE="data.sources=[{name: peer_rows, kind: local, path: $ROWS}]"  # the head-to-head rows, for compose
 log "start on $GPU: phases $PHASES, $(wc -l < "$ROWS") rows"
+# the GPU's clocks, temperature and power every 5 s, to tell a throttling GPU from a slowing program
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu \
+  --format=csv -l 5 > "$STORE/logs/gpu_clocks.csv" 2>&1 &
+CLOCKS=$!
 # the compiled draft loss (train.compile_loss, on by default) checked once; where it fails, the arms run eager
 ARM_BASE=()
 python3 -c "import torch; from eaglepipe.train.draft_losses import draft_loss
@@ -93,4 +97,5 @@ for phase in $PHASES; do
   esac
   log "phase $phase rc=$?"
 done
+kill $CLOCKS 2>/dev/null
 touch "$STORE/DONE"
