@@ -48,6 +48,7 @@ def test_production_presets_carry_the_seed_setups():
     ("train.lr=abc", "lr"),
     ("data.seq_length=long", "seq_length"),
     ("train.ttt_steps=0", "ttt_steps"),
+    ("train.seed=-1", "train.seed"),
     ("regen.mode=sometimes", "regen.mode"),
     ("bench.sweep=[{num_steps:3,topk:1,num_draft_tokens:9}]", "num_draft_tokens"),
 ])
@@ -138,3 +139,20 @@ def test_dvc_hydra_composition_validates_with_the_schema(tmp_path):
     for bad in (["train.typo=1"], ["train.lr=abc"]):
         with pytest.raises(Exception):
             compose_and_dump(tmp_path / "bad.yaml", str(REPO / "conf"), None, "config", str(REPO), bad)
+
+
+def test_train_seed_defaults_to_the_experiment_seed_and_keys_the_training_work_dir(tmp_path):
+    """`train.seed` reseeds training alone (the held-out split and regeneration keep `seed`); null takes `seed`,
+    so a run that names the seed it already had keeps its resumable work dir, and another seed gets its own."""
+    from eaglepipe.train.loop import Paths, work_dir
+
+    def cfg(*overrides: str):
+        return params_from_dict(compose_dict(list(overrides)))
+
+    assert cfg().training_seed() == 0 and cfg("seed=3").training_seed() == 3
+    assert cfg("seed=3", "train.seed=1").training_seed() == 1 and cfg("seed=3", "train.seed=1").seed == 3
+    paths = Paths(*(tmp_path / name for name in ("target", "tokens", "vocab", "hidden", "out")))
+    for folder in (paths.tokens, paths.vocab):
+        folder.mkdir()
+    assert work_dir(cfg(), paths) == work_dir(cfg("train.seed=0"), paths)
+    assert work_dir(cfg(), paths) != work_dir(cfg("train.seed=1"), paths)

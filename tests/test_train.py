@@ -165,6 +165,21 @@ def test_bad_configs_are_rejected_before_work(conversations, sharp_target, tmp_p
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("*.safetensors"))
 
 
+def test_train_seed_alone_sets_the_drafters_start(conversations, sharp_target, tmp_path):
+    """The initial weights follow `train.seed`, else `seed`: naming the experiment's seed as the training seed
+    changes nothing, another training seed starts elsewhere, and with `train.seed` set `seed` no longer matters."""
+    def start(name: str, seed: int, train_seed) -> torch.Tensor:
+        d = cfg_dict(seed=train_seed)
+        d["seed"] = seed
+        t = Trainer(params_from_dict(d), paths(conversations, sharp_target, tmp_path / name / "train"))
+        return t.drafter.fc.weight.detach().clone()
+
+    default = start("default", 0, None)
+    torch.testing.assert_close(start("named", 0, 0), default)
+    torch.testing.assert_close(start("overridden", 5, 0), default)
+    assert not torch.equal(start("other", 0, 1), default)
+
+
 def test_init_from_our_checkpoint_continues_from_its_weights(conversations, sharp_target, tmp_path):
     Trainer(make_cfg(max_steps=2), paths(conversations, sharp_target, tmp_path / "a" / "train")).train()
     ckpt = tmp_path / "a" / "train" / "checkpoints" / (tmp_path / "a" / "train" / "LATEST").read_text().strip()

@@ -251,6 +251,10 @@ class TrainCfg:
     epochs: int = 1
     # stop after this many optimizer steps (null = epochs decide)
     max_steps: Optional[int] = None
+    # the training seed (the drafter's initial weights, the batch order, the objective's random draws); null = the
+    # experiment's `seed`. Another value retrains on the same data, held-out rows and vocab: the seed-to-seed
+    # spread a recipe's differences must exceed
+    seed: Optional[int] = None
     micro_batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-4
@@ -328,6 +332,7 @@ class TrainCfg:
         _require(self.mode in ("online", "offline"), f"train.mode must be online|offline, got {self.mode!r}")
         _require(self.epochs >= 1, "train.epochs must be >= 1")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1 or null")
+        _require(self.seed is None or self.seed >= 0, f"train.seed must be >= 0 or null, got {self.seed}")
         _require(self.micro_batch_size >= 1 and self.grad_accum >= 1,
                  "train.micro_batch_size and train.grad_accum must be >= 1")
         _require(self.lr > 0, "train.lr must be > 0")
@@ -496,6 +501,10 @@ class Config:
     train: TrainCfg = field(default_factory=TrainCfg)
     export: ExportCfg = field(default_factory=ExportCfg)
     bench: BenchCfg = field(default_factory=BenchCfg)
+
+    def training_seed(self) -> int:
+        """The seed of drafter training: `train.seed`, else the experiment's `seed`."""
+        return self.seed if self.train.seed is None else self.train.seed
 
     def check(self) -> None:
         """Run every group's semantic checks; raises ConfigError on the first problem."""

@@ -65,8 +65,8 @@ def work_dir(cfg: Config, paths: Paths) -> Path:
     """results/<exp>/.work/train/<fingerprint>/ : resumable state that DVC/Snakemake do not delete."""
     key = {"train": {k: v for k, v in to_dict(cfg.train).items()
                      if k not in ("resume", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                                  "num_workers", "compile_loss", "compile_target", "target_graphs")},
-           "seed": cfg.seed, "seq_length": cfg.data.seq_length, "aux": cfg.target.aux_layers,
+                                  "num_workers", "compile_loss", "compile_target", "target_graphs", "seed")},
+           "seed": cfg.training_seed(), "seq_length": cfg.data.seq_length, "aux": cfg.target.aux_layers,
            "inputs": [str(p.resolve()) for p in (paths.target, paths.tokens, paths.vocab)],
            "stamps": [_stamp(p) for p in (paths.tokens, paths.vocab)]}
     return paths.out.resolve().parent / ".work" / "train" / fingerprint(key)
@@ -99,7 +99,7 @@ class Trainer:
         self.is_main = self.rank == 0
         bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
-        seed_everything(cfg.seed)
+        seed_everything(cfg.training_seed())
         self.info = target_info(paths.target)
         d2t, t2d = load_vocab(paths.vocab)
         check_config_against_target(cfg, self.info, len(d2t), len(t2d))
@@ -148,7 +148,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95),
                                            fused=self.device.type == "cuda")
         self.data = DataSchedule([len(s["input_ids"]) for s in self.train_samples], cfg.data.seq_length,
-                                 tc.pack, tc.micro_batch_size, tc.grad_accum, self.world, cfg.seed)
+                                 tc.pack, tc.micro_batch_size, tc.grad_accum, self.world, cfg.training_seed())
         self.total_steps = self.data.total_steps(tc.epochs, tc.max_steps)
         self.scheduler = warmup_cosine(self.optimizer, self.total_steps, tc.warmup_ratio, tc.min_lr_ratio)
         self.work = work or work_dir(cfg, paths)
@@ -209,7 +209,8 @@ class Trainer:
         training (None: validation draws nothing). The seed is the step's alone, so that an objective
         that draws per row from it and the row's samples draws alike however ranks and micro-batches split the
         global batch."""
-        seed = None if step is None else int(np.random.SeedSequence([self.cfg.seed, step]).generate_state(1)[0])
+        seed = None if step is None else \
+            int(np.random.SeedSequence([self.cfg.training_seed(), step]).generate_state(1)[0])
         return self.kind.collate([[samples[i] for i in row] for row in rows], self.objective,
                                  self.cfg.data.seq_length if self.cfg.train.pack else None, seed)
 

@@ -74,7 +74,7 @@ def initial_drafter(cfg: Config, info: dict[str, Any], model, d2t: torch.Tensor,
         dcfg.draft_vocab_size = len(d2t)  # the vocab stage's draft vocab; a different one is carried over below
     emb = model.get_input_embeddings().weight.detach().float().cpu()
     head = model.get_output_embeddings().weight.detach().float().cpu()
-    drafter = new_drafter(dcfg, emb, head, d2t, t2d, cfg.train.lm_head_init, seed=cfg.seed)
+    drafter = new_drafter(dcfg, emb, head, d2t, t2d, cfg.train.lm_head_init, seed=cfg.training_seed())
     if init_from:
         weights = Path(init_from) / WEIGHTS_FILE
         state = family.canonical_state(load_file(str(weights)))
