@@ -80,3 +80,17 @@ def test_train_benchmark_on_a_runs_rows_with_the_profiler(tiny_llama_dir, tmp_pa
     assert row["samples"] == str(tmp_path / "tokens") and row["profiled"] is True
     text = profile.read_text()
     assert "### by CPU time" in text and "aten::" in text
+
+
+def test_train_ops_counts_a_steps_ops_eager_and_compiled(tmp_path):
+    """benchmarks/train_ops.py counts the host's ops of a drafter training step both ways and writes its row;
+    train.compile (the step's pre-attention work and the layer's o_proj + MLP compiled) issues fewer."""
+    results = tmp_path / "RESULTS.md"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_ops.py"), "--ttt-steps", "2",
+                           "--draft-vocab", "512", "--results", str(results)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    assert 0 < figures["compiled_ops"] < figures["eager_ops"]
+    record = json.loads(results.with_name("results.jsonl").read_text())
+    assert record["name"] == "train_ops" and record["figures"]["eager_ops"] == figures["eager_ops"]

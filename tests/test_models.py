@@ -232,9 +232,10 @@ def test_packed_rows_give_each_document_its_own_states(tiny_llama_dir):
                              [False, False, False, True, True]]
 
 
-def test_compiled_drafter_layers_give_the_eager_outputs_and_gradients():
-    """train.compile: the drafter layer's `project` and `finish` through torch.compile (Inductor on CPU here) give
-    the eager layer output and parameter gradients."""
+@pytest.mark.parametrize("algorithm, layer", [("eagle3", "midlayer"), ("eagle1", "layers.0")])
+def test_compiled_drafter_layers_give_the_eager_outputs_and_gradients(algorithm, layer):
+    """train.compile: a drafting step's `attention_inputs` (embedding, input norms, RoPE, q/k/v) and its layer's
+    `finish` through torch.compile (Inductor on CPU here) give the eager layer output and parameter gradients."""
     import torch.nn.functional as F
 
     def attend(q, k, v):
@@ -247,7 +248,7 @@ def test_compiled_drafter_layers_give_the_eager_outputs_and_gradients():
     pos = torch.arange(10).expand(2, 10)
     runs = []
     for compiled in (False, True):
-        drafter = _build()
+        drafter = _build(algorithm)
         if compiled:
             drafter.compile_layers()
         out = drafter.layer_forward(ids, hidden, pos, attend)
@@ -255,6 +256,6 @@ def test_compiled_drafter_layers_give_the_eager_outputs_and_gradients():
         runs.append((out.detach(), {n: p.grad for n, p in drafter.named_parameters() if p.grad is not None}))
     (eager_out, eager_grads), (out, grads) = runs
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
-    assert grads.keys() == eager_grads.keys() and "midlayer.mlp.down_proj.weight" in grads
+    assert grads.keys() == eager_grads.keys() and f"{layer}.mlp.down_proj.weight" in grads
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5)

@@ -315,8 +315,9 @@ class TrainCfg:
     parallel: str = "single"
     nproc_per_node: int = 1
     num_workers: int = 0
-    # torch.compile on CUDA (CPU stays eager): `compile` the drafter layer's projections and MLP, `compile_target`
-    # the frozen target's decoder layers (online training without FSDP); both cut the host's per-step launches
+    # torch.compile on CUDA (CPU stays eager): `compile` a drafting step's work on either side of its attention
+    # (embedding, input norms, RoPE, q/k/v; o_proj, MLP), `compile_target` the frozen target's decoder layers
+    # (online training without FSDP); both cut the host's per-step launches
     compile: bool = False
     compile_target: bool = False
     # the frozen target's forward replayed from a CUDA graph per micro-batch shape (online training without FSDP,

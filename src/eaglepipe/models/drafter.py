@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import DrafterConfig
-from .layers import Attend, DraftDecoderLayer, cached_attention
+from .layers import Attend, DraftDecoderLayer, Rotary, cached_attention
 
 
 class DrafterModule(nn.Module):
@@ -72,11 +72,38 @@ class FullVocab:
 class DraftModule(DrafterModule):
     """A drafter that turns one token and one state into the next state and draft logits per position."""
 
+    rotary: Rotary
+
+    def layer_input(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder layer's input [B, S, in_dim] for tokens `input_ids` fed the states `hidden`."""
+        raise NotImplementedError
+
+    def residual(self, layer_input: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """What the decoder layer's attention output is added to: its input or the fed states."""
+        raise NotImplementedError
+
+    def attention_inputs(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer input x and its RoPE-rotated q [B, heads, S, d], k and v [B, kv_heads, S, d]."""
+        x = self.layer_input(input_ids, hidden)
+        cos, sin = self.rotary(x, position_ids)
+        q, k, v = self.draft_layers()[0].project(x, cos, sin)
+        return x, q, k, v
+
     def layer_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
                       attend: Attend) -> torch.Tensor:
         """The decoder layer's output [B, S, H] for tokens `input_ids` fed the states `hidden`, its attention
         computed by `attend` (the TTT mask in training, the KV cache in inference)."""
-        raise NotImplementedError
+        x, q, k, v = self.attention_inputs(input_ids, hidden, position_ids)
+        return self.draft_layers()[0].finish(attend(q, k, v), self.residual(x, hidden))
+
+    def compile_layers(self) -> None:
+        """torch.compile a step's work on either side of its attention: `attention_inputs` (the embedding, the
+        input norms, RoPE and q/k/v) and the layer's o_proj + MLP (`finish`). Their elementwise work fuses and
+        the host issues far fewer launches a step; the attention between them stays as it is."""
+        self.attention_inputs = torch.compile(self.attention_inputs, dynamic=False)
+        layer = self.draft_layers()[0]
+        layer.finish = torch.compile(layer.finish, dynamic=False)
 
     def next_state(self, layer_out: torch.Tensor) -> torch.Tensor:
         """What the next drafting step consumes."""

@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import DrafterConfig
 from .drafter import DraftModule, FullVocab
-from .layers import Attend, DraftDecoderLayer, Rotary
+from .layers import DraftDecoderLayer, Rotary
 
 
 class Eagle1Drafter(FullVocab, DraftModule):
@@ -40,14 +40,9 @@ class Eagle1Drafter(FullVocab, DraftModule):
         emb = self.embed_tokens(input_ids).to(hidden.dtype)
         return self.fc(torch.cat([emb, hidden], dim=-1))
 
-    def layer_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
-                      attend: Attend) -> torch.Tensor:
-        """layers.0 over `layer_input`, which is also its residual."""
-        x = self.layer_input(input_ids, hidden)
-        layer = self.layers[0]
-        cos, sin = self.rotary(x, position_ids)
-        q, k, v = layer.project(x, cos, sin)
-        return layer.finish(attend(q, k, v), x)
+    def residual(self, layer_input: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's own input fc(cat(embed, h))."""
+        return layer_input
 
     def next_state(self, layer_out: torch.Tensor) -> torch.Tensor:
         """The predicted next feature is fed on as it is."""

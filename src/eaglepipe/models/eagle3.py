@@ -6,7 +6,7 @@ from torch import nn
 
 from .config import DrafterConfig
 from .drafter import DraftModule
-from .layers import Attend, DraftDecoderLayer, RMSNorm, Rotary
+from .layers import DraftDecoderLayer, RMSNorm, Rotary
 
 
 class Eagle3Drafter(DraftModule):
@@ -42,13 +42,9 @@ class Eagle3Drafter(DraftModule):
         emb = self.embed_tokens(input_ids).to(hidden.dtype)
         return torch.cat([self.midlayer.input_layernorm(emb), self.midlayer.hidden_norm(hidden)], dim=-1)
 
-    def layer_forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
-                      attend: Attend) -> torch.Tensor:
-        """midlayer over `layer_input`, with the residual h."""
-        x = self.layer_input(input_ids, hidden)
-        cos, sin = self.rotary(x, position_ids)
-        q, k, v = self.midlayer.project(x, cos, sin)
-        return self.midlayer.finish(attend(q, k, v), hidden)
+    def residual(self, layer_input: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The fed states h."""
+        return hidden
 
     def next_state(self, layer_out: torch.Tensor) -> torch.Tensor:
         """What the next drafting step consumes: pre-norm (EAGLE-3) or post-norm (norm_output)."""
