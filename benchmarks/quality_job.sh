@@ -9,8 +9,8 @@
 #             head-to-head's recipe, soft CE at its micro-batch and lk_lambda); the first trains alone, the others
 #             side by side
 #   ablation  the fixed ablation setup: the arms file ARMS_FILE (default benchmarks/ablation_smollm2.yaml; the levers:
-#             benchmarks/levers_smollm2.yaml), the arms ABLATION_ARMS names (comma-separated, benchmarked in that order after the base arm;
-#             default every arm), ABLATION_JOBS of them training at once (default 4)
+#             benchmarks/levers_smollm2.yaml), the arms ABLATION_ARMS names (comma-separated, benchmarked in that
+#             order after the base arm; default every arm), ABLATION_JOBS of them training at once (default 4)
 #   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
 #             PROFILE_MBS (default "4 8"): the compiled loss alone with the batches copied from pageable memory
 #             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,

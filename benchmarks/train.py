@@ -76,6 +76,20 @@ def info_of(model) -> dict:
             "rope_scaling": None, "rms_norm_eps": c.rms_norm_eps, "aux_layers": default_aux_layers(c.num_hidden_layers)}
 
 
+def first_ids_drafter(model, algorithm: str, draft_vocab: int):
+    """A new `algorithm` drafter for `model` whose draft vocab is the target's first `draft_vocab` ids (a benchmark
+    needs its shapes, not a real vocab; a family that drafts over the whole vocab takes all of it). Returns the
+    drafter (on the CPU) and the draft vocab's size."""
+    info = info_of(model)
+    cfg = DrafterConfig.from_target(info, algorithm, min(draft_vocab, info["vocab_size"]))
+    vocab = cfg.draft_vocab_size if family_of(cfg).uses_draft_vocab else info["vocab_size"]
+    d2t = torch.zeros(vocab, dtype=torch.long)
+    t2d = torch.zeros(info["vocab_size"], dtype=torch.bool)
+    t2d[:vocab] = True
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return new_drafter(cfg, emb, head, d2t, t2d), vocab
+
+
 def synthetic_samples(n: int, vocab: int, seq: int, seed: int) -> list[dict]:
     """Chat-like samples: lengths 64..seq/2 (ShareGPT-ish), the last 60% of each supervised."""
     rng = np.random.default_rng(seed)
@@ -109,13 +123,8 @@ def write_profile(profiler: torch.profiler.profile, device: torch.device, path: 
 
 def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict:
     info = info_of(model)
-    draft_vocab = min(args.draft_vocab, info["vocab_size"])
-    cfg = DrafterConfig.from_target(info, "eagle3", draft_vocab)
-    d2t = torch.zeros(draft_vocab, dtype=torch.long)  # draft vocab = the first ids (shape is what matters here)
-    t2d = torch.zeros(info["vocab_size"], dtype=torch.bool)
-    t2d[:draft_vocab] = True
-    emb = model.get_input_embeddings().weight
-    drafter = new_drafter(cfg, emb, model.get_output_embeddings().weight, d2t, t2d).to(device)
+    drafter, draft_vocab = first_ids_drafter(model, "eagle3", args.draft_vocab)
+    drafter, cfg = drafter.to(device), drafter.config
     target = TargetWithAux(model, cfg.aux_layers)
     if args.compile_target and device.type == "cuda":  # what train.compile_target does in the Trainer
         target.compile_layers()

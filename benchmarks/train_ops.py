@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from train import info_of, synthetic_samples
+from train import first_ids_drafter, info_of, synthetic_samples
 
 from eaglepipe.families.registry import family_of
-from eaglepipe.models.build import new_drafter
-from eaglepipe.models.config import DrafterConfig
 from eaglepipe.models.target import TargetWithAux
 from eaglepipe.train.batches import collate, pack_rows
 from eaglepipe.train.features import online_features
@@ -62,12 +60,8 @@ def count_step_ops(args: argparse.Namespace, compiled: bool) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2, num_hidden_layers=8)).eval()
     info = info_of(model)
-    cfg = DrafterConfig.from_target(info, args.algorithm, args.draft_vocab)
-    vocab = cfg.draft_vocab_size if family_of(cfg).uses_draft_vocab else info["vocab_size"]
-    d2t = torch.zeros(vocab, dtype=torch.long)
-    t2d = torch.zeros(info["vocab_size"], dtype=torch.bool)
-    t2d[:vocab] = True
-    drafter = new_drafter(cfg, model.get_input_embeddings().weight, model.get_output_embeddings().weight, d2t, t2d)
+    drafter, vocab = first_ids_drafter(model, args.algorithm, args.draft_vocab)
+    cfg = drafter.config
     if compiled:
         drafter.compile_layers()
     module = TTTModule(drafter, Objective.of(ttt_steps=args.ttt_steps, compile_loss=False))
