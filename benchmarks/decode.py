@@ -46,17 +46,21 @@ RESULTS_HEADER = ("# Benchmark results\n\nRows are appended by the scripts in be
                   "|---|---|---|---|---|---|---|\n")
 
 
-def git_commit() -> str:
-    """The short commit of this checkout (+dirty with uncommitted tracked changes), or EAGLEPIPE_COMMIT where the
-    tree travels without .git."""
+# the results log itself: rows a benchmark has just appended leave the measured code as it was
+RESULT_LOGS = ("benchmarks/RESULTS.md", "benchmarks/results.jsonl")
+
+
+def git_commit(repo: Path = REPO) -> str:
+    """The short commit of this checkout (+dirty with uncommitted changes to tracked files other than the results
+    log), or EAGLEPIPE_COMMIT where the tree travels without .git."""
     commit = os.environ.get("EAGLEPIPE_COMMIT", "")
     if commit:
         return commit
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
                             text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    return commit + ("+dirty" if dirty else "")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            *(f":!{log}" for log in RESULT_LOGS)], cwd=repo, capture_output=True, text=True).stdout
+    return commit + ("+dirty" if dirty.strip() else "")
 
 
 def append_result_row(path: Path, benchmark: str, hardware: str, command: str, result: str, baselines: str,

@@ -62,6 +62,29 @@ def test_a_results_row_joins_the_log_table_not_the_write_ups_after_it(tmp_path):
     assert len(results.with_name("results.jsonl").read_text().splitlines()) == 2
 
 
+def test_rows_appended_to_the_results_log_leave_the_commit_clean(tmp_path, monkeypatch):
+    """A row records the measured code's commit: the results log it was just appended to does not make it
+    `+dirty`, a change to any other tracked file does."""
+    spec = importlib.util.spec_from_file_location("benchmarks_decode", REPO / "benchmarks" / "decode.py")
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    monkeypatch.delenv("EAGLEPIPE_COMMIT", raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "benchmarks").mkdir()
+    for name in (*decode.RESULT_LOGS, "code.py"):
+        (tmp_path / name).write_text("x\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    for name in decode.RESULT_LOGS:
+        (tmp_path / name).write_text("x\nrow\n")
+    assert decode.git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("y\n")
+    assert decode.git_commit(tmp_path) == head + "+dirty"
+
+
 def test_train_benchmark_on_a_runs_rows_with_the_profiler(tiny_llama_dir, tmp_path):
     """--samples feeds the tokenize stage's rows in place of synthetic ones; --profile writes the op tables."""
     from eaglepipe.data.tokens_io import write_token_shards
