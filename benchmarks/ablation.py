@@ -2,6 +2,7 @@
 
     python benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --work /tmp/arms --jobs 2
     python benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --print-dvc   # the same sweep as DVC commands
+    python benchmarks/ablation.py benchmarks/levers_smollm2.yaml --only sampled_x2 --alone   # without the base arm
 
 Each arm runs in its own copy of this checkout (code copied, results/ hard-linked: stages publish by rename, so
 no file is changed in place), with params.yaml composed from `base` + the arm's overrides. Snakemake then reruns
@@ -14,9 +15,11 @@ The arms file (YAML): `base` (compose overrides shared by every arm), `arms` (na
 optionally `points` (the sweep points the table reports; default all), `name` (the rows' name; default
 `ablation`) and `extends` (another arms file whose base and points this one builds on). Prints one Markdown
 table and appends one row per arm to benchmarks/RESULTS.md and results.jsonl, with the base arm's figures as its
-baseline. Each point's figures include its round cost in plain decode steps
-(τ ÷ speedup: what one verify round, drafting included, costs against one non-speculative step), and each arm's
-its training tokens/s and peak GPU memory (arms that train side by side share the GPU, which lowers the former).
+baseline (with `--alone`, for a GPU sitting too short for the base arm beside the others: the base arm's latest row
+in results.jsonl on the same setup, named as another run's). Each point's figures include its round cost in plain
+decode steps (τ ÷ speedup: what one verify round, drafting included, costs against one non-speculative step), and
+each arm's training tokens/s and peak GPU memory (arms that train side by side share the GPU, which lowers the
+former).
 """
 from __future__ import annotations
 
@@ -71,18 +74,35 @@ def load_arms(path: Path) -> dict:
     return spec
 
 
-def arm_order(spec: dict, only: str | None) -> list[str]:
+def arm_order(spec: dict, only: str | None, alone: bool = False) -> list[str]:
     """The arms to run: every arm in file order, or those `only` names (comma-separated) in its order, which is
     the order they are benchmarked and their rows land in (the ones that matter most first, where the GPU
-    sitting may end early). The base arm (the file's first), where named, comes first: it is every row's baseline."""
+    sitting may end early). The base arm (the file's first), where named, comes first: it is every row's baseline.
+    `alone` runs the named arms without the base arm, in the order given."""
     if only is None:
+        if alone:
+            raise SystemExit("--alone needs --only: the arms to run without the base arm")
         return list(spec["arms"])
     names = list(dict.fromkeys(n for n in only.split(",") if n))
     unknown = [n for n in names if n not in spec["arms"]]
     if unknown:
         raise SystemExit(f"unknown arms {unknown}; the arms file has {list(spec['arms'])}")
     first = next(iter(spec["arms"]))
-    return [first, *(n for n in names if n != first)] if first in names else names
+    return [first, *(n for n in names if n != first)] if first in names and not alone else names
+
+
+def recorded_base(results_log: Path, spec: dict) -> tuple[dict | None, str]:
+    """The figures of the base arm's latest row in `results_log` (results.jsonl) with this setup (the same base
+    overrides, the base arm's own), and the baseline's description; (None, why) where there is none."""
+    base_arm = next(iter(spec["arms"]))
+    rows = [json.loads(line) for line in results_log.read_text().splitlines()] if results_log.exists() else []
+    same = [r for r in rows if r.get("config", {}).get("base") == spec["base"]
+            and r.get("config", {}).get("overrides") == spec["arms"][base_arm]]
+    if not same:
+        return None, f"none: {results_log.name} has no row of the base arm on this setup"
+    row = same[-1]
+    return row["figures"], (f"the base arm's latest recorded row ({row['benchmark']}, {row['date'][:16]}, "
+                            f"{row['hardware']}, {row['commit']}): the same setup in another run")
 
 
 def prepare_arm(work: Path, name: str, overrides: list[str], source: Path) -> Path:
@@ -158,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=REPO / ".arms", help="where the arms' checkouts go")
     ap.add_argument("--only", default=None, help="comma-separated arm names, benchmarked in this order (default: all)")
     ap.add_argument("--base", nargs="*", default=[], help="overrides added to the file's base (e.g. a local path)")
+    ap.add_argument("--alone", action="store_true",
+                    help="run the --only arms without the base arm (a GPU sitting too short for both); their rows' "
+                         "baseline is the base arm's latest row in results.jsonl with the same setup")
     ap.add_argument("--jobs", type=int, default=2, help="arms trained at once")
     ap.add_argument("--hardware", default="unknown", help="the GPU, for the results rows")
     ap.add_argument("--print-dvc", action="store_true", help="print the equivalent DVC queue commands and stop")
@@ -165,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     spec = load_arms(args.arms)
     spec["base"] = [*spec["base"], *args.base]
-    names = arm_order(spec, args.only)
+    names = arm_order(spec, args.only, args.alone)
     if args.print_dvc:
         for name in names:
             sets = " ".join(f"-S {shlex.quote(o)}" for o in [*spec["base"], *spec["arms"][name]])
@@ -173,16 +196,18 @@ def main(argv: list[str] | None = None) -> None:
         print("dvc queue start -j 1")
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    first = next(iter(spec["arms"]))
-    base_dir = args.work / first
+    base_arm = next(iter(spec["arms"]))
+    first = names[0] if args.alone else base_arm  # the arm that runs first; the others reuse its data stages
+    base_dir, first_dir = args.work / base_arm, args.work / first
+    recorded = recorded_base(args.results.with_name("results.jsonl"), spec) if args.alone else None
 
     def train(name: str) -> None:
         arm = prepare_arm(args.work, name, [*spec["base"], *spec["arms"][name]],
-                                       REPO if name == first else base_dir)
+                                       REPO if name == first else first_dir)
         run(["snakemake", "--cores", "all", f"results/{experiment_of(arm)}/export"], arm, arm / "ablation.log")
 
     # the first arm alone, then the others from its results (its data stages, regeneration included, are shared)
-    failures = {first: _capture(train)(first)} if (first in names or not (base_dir / "results").exists()) else {}
+    failures = {first: _capture(train)(first)} if (first in names or not (first_dir / "results").exists()) else {}
     rest = [n for n in names if n != first]
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
         failures.update(zip(rest, pool.map(_capture(train), rest)))
@@ -195,15 +220,19 @@ def main(argv: list[str] | None = None) -> None:
             print(f"arm {name} failed: {failures[name]} (log: {arm / 'ablation.log'})", file=sys.stderr)
             continue
         done[name] = f = arm_figures(arm, spec.get("points"))
-        base = done.get(first) or (arm_figures(base_dir, spec.get("points"))
-                                   if (base_dir / "params.yaml").exists() and name != first else None)
+        if recorded is not None:
+            base, base_text = recorded
+        else:
+            base = done.get(base_arm) or (arm_figures(base_dir, spec.get("points"))
+                                          if (base_dir / "params.yaml").exists() and name != base_arm else None)
+            base_text = f"arm {base_arm}, same setup and GPU"
         overrides = spec["arms"][name]
         taus = ", ".join(f"{p} {v['tau']:.2f}" for p, v in f["bench"].items())
         append_result_row(args.results, f"{spec['name']} arm {name} ({' '.join(overrides) or 'base'})", args.hardware,
-                          f"python benchmarks/ablation.py {args.arms} --only {name}",
+                          f"python benchmarks/ablation.py {args.arms} --only {name}{' --alone' * args.alone}",
                           f"val replay τ {f['val_replay_tau']}; MT-bench τ {taus}; best speedup "
                           f"{f['best_speedup']} ({f['best_speedup_config']}); all match {f['all_outputs_match']}",
-                          f"arm {first}, same setup and GPU", figures=f, baseline_figures=base,
+                          base_text, figures=f, baseline_figures=base,
                           config={"base": spec["base"], "overrides": overrides}, name=spec["name"])
         print(table({name: f}, spec.get("points") or list(f["bench"])), flush=True)
     points = spec.get("points") or sorted({p for f in done.values() for p in f["bench"]})

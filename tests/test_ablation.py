@@ -47,6 +47,16 @@ def test_an_arm_reruns_only_what_its_overrides_change(tiny_llama_dir, tmp_path):
     assert "| ttt2 |" in done.stdout
     assert sum(line.startswith("| 20") for line in results.read_text().splitlines()) == 2
 
+    # the arm again without the base arm: nothing reruns, and its row's baseline is the base arm's row above
+    alone = subprocess.run([sys.executable, "benchmarks/ablation.py", str(arms), "--work", str(work), "--results",
+                            str(results), "--hardware", "cpu", "--only", "ttt2", "--alone"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stdout[-2000:] + alone.stderr[-2000:]
+    again = json.loads(results.with_name("results.jsonl").read_text().splitlines()[-1])
+    assert again["baselines"] == base["figures"] and again["figures"] == arm["figures"]
+    assert again["command"].endswith("--only ttt2 --alone")
+    assert f"base arm's latest recorded row ({base['benchmark']}, {base['date'][:16]}" in results.read_text()
+
 
 def arms_files() -> list[Path]:
     return sorted(p for p in (REPO / "benchmarks").glob("*.yaml") if "arms" in yaml.safe_load(p.read_text()))
@@ -91,3 +101,6 @@ def test_named_arms_run_in_the_order_given_with_the_base_first():
     assert arm_order(spec, "b,c,b") == ["b", "c"]
     with pytest.raises(SystemExit, match="unknown arms"):
         arm_order(spec, "base,d")
+    assert arm_order(spec, "c,a", alone=True) == ["c", "a"]
+    with pytest.raises(SystemExit, match="--alone needs --only"):
+        arm_order(spec, None, alone=True)
