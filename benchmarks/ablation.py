@@ -7,9 +7,11 @@
 Each arm runs in its own copy of this checkout (code copied, results/ hard-linked: stages publish by rename, so
 no file is changed in place), with params.yaml composed from `base` + the arm's overrides. Snakemake then reruns
 only the stages whose params, code or inputs the overrides change. Arms train and export `--jobs` at a time (the
-GPU is shared, which changes no figure the table reports), then benchmark one at a time, so that their speedups
-are measured on an otherwise idle GPU. Where the checkout is a git repository with DVC, `--print-dvc` gives
-the equivalent `dvc exp run --queue` commands.
+GPU is shared, which changes no figure the table reports): the first arm and the arms that make their own data
+(their overrides change regeneration or what comes before it) at once, the others from the first arm's data once
+it is done. They then benchmark one at a time, so that their speedups are measured on an otherwise idle GPU.
+Where the checkout is a git repository with DVC, `--print-dvc` gives the equivalent `dvc exp run --queue`
+commands.
 
 The arms file (YAML): `base` (compose overrides shared by every arm), `arms` (name -> list of overrides) and
 optionally `points` (the sweep points the table reports; default all), `name` (the rows' name; default
@@ -37,6 +39,8 @@ from pathlib import Path
 import yaml
 
 from decode import REPO, append_result_row
+from eaglepipe.compose import compose_dict
+from eaglepipe.workflow.pipeline import STAGES, params_values
 from peer_h2h import bench_points
 
 # what an arm's copy of the checkout leaves out: outputs, environments, lease carry folders and caches
@@ -89,6 +93,15 @@ def arm_order(spec: dict, only: str | None, alone: bool = False) -> list[str]:
         raise SystemExit(f"unknown arms {unknown}; the arms file has {list(spec['arms'])}")
     first = next(iter(spec["arms"]))
     return [first, *(n for n in names if n != first)] if first in names and not alone else names
+
+
+def shares_regeneration(spec: dict, first: str, name: str) -> bool:
+    """Whether arm `name`'s stages up to regeneration (the target, the conversations and their regenerated answers)
+    read the same params as arm `first`'s, so that it reuses that arm's data instead of making its own."""
+    upstream = STAGES[:[s.name for s in STAGES].index("regenerate") + 1]
+    composed = [compose_dict([*spec["base"], *spec["arms"][arm]]) for arm in (first, name)]
+    return composed[0]["experiment"] == composed[1]["experiment"] and all(
+        params_values(s, composed[0]) == params_values(s, composed[1]) for s in upstream)
 
 
 def recorded_base(results_log: Path, spec: dict) -> tuple[dict | None, str]:
@@ -201,16 +214,24 @@ def main(argv: list[str] | None = None) -> None:
     base_dir, first_dir = args.work / base_arm, args.work / first
     recorded = recorded_base(args.results.with_name("results.jsonl"), spec) if args.alone else None
 
+    rest = [n for n in names if n != first]
+    own_data = {n for n in rest if not shares_regeneration(spec, first, n)}
+
     def train(name: str) -> None:
         arm = prepare_arm(args.work, name, [*spec["base"], *spec["arms"][name]],
-                                       REPO if name == first else first_dir)
+                          REPO if name == first or name in own_data else first_dir)
         run(["snakemake", "--cores", "all", f"results/{experiment_of(arm)}/export"], arm, arm / "ablation.log")
 
-    # the first arm alone, then the others from its results (its data stages, regeneration included, are shared)
-    failures = {first: _capture(train)(first)} if (first in names or not (first_dir / "results").exists()) else {}
-    rest = [n for n in names if n != first]
+    # The first arm, and beside it the arms that make their own data; then the others from the first arm's
+    # results (its data stages, regeneration included, are shared).
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        failures.update(zip(rest, pool.map(_capture(train), rest)))
+        runs_first = first in names or not (first_dir / "results").exists()
+        started = {first: pool.submit(_capture(train), first)} if runs_first else {}
+        started |= {n: pool.submit(_capture(train), n) for n in rest if n in own_data}
+        if runs_first:
+            started[first].result()
+        started |= {n: pool.submit(_capture(train), n) for n in rest if n not in own_data}
+        failures = {n: future.result() for n, future in started.items()}
     done: dict[str, dict] = {}
     for name in names:  # one at a time on the GPU; each arm's row is written as soon as it is measured
         arm = args.work / name
