@@ -7,9 +7,10 @@
 Each arm runs in its own copy of this checkout (code copied, results/ hard-linked: stages publish by rename, so
 no file is changed in place), with params.yaml composed from `base` + the arm's overrides. Snakemake then reruns
 only the stages whose params, code or inputs the overrides change. Arms train and export `--jobs` at a time (the
-GPU is shared, which changes no figure the table reports): the first arm and the arms that make their own data
-(their overrides change regeneration or what comes before it) at once, the others from the first arm's data once
-it is done. They then benchmark one at a time, so that their speedups are measured on an otherwise idle GPU.
+GPU is shared, which changes no figure the table reports): first the arms that make their own data (the first
+arm, and those whose overrides change regeneration or what comes before it), then each of the others from the
+data of the earliest arm that regenerates the same, once that arm is done. They then benchmark one at a time, so
+that their speedups are measured on an otherwise idle GPU.
 Where the checkout is a git repository with DVC, `--print-dvc` gives the equivalent `dvc exp run --queue`
 commands.
 
@@ -33,7 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
@@ -95,13 +96,16 @@ def arm_order(spec: dict, only: str | None, alone: bool = False) -> list[str]:
     return [first, *(n for n in names if n != first)] if first in names and not alone else names
 
 
-def shares_regeneration(spec: dict, first: str, name: str) -> bool:
-    """Whether arm `name`'s stages up to regeneration (the target, the conversations and their regenerated answers)
-    read the same params as arm `first`'s, so that it reuses that arm's data instead of making its own."""
+def data_leaders(spec: dict, names: list[str]) -> dict[str, str]:
+    """Each arm -> the arm whose data it reuses: the earliest of `names` whose stages up to regeneration (the
+    target, the conversations and their regenerated answers) read the same params; itself where none does, so that
+    it makes its own data."""
     upstream = STAGES[:[s.name for s in STAGES].index("regenerate") + 1]
-    composed = [compose_dict([*spec["base"], *spec["arms"][arm]]) for arm in (first, name)]
-    return composed[0]["experiment"] == composed[1]["experiment"] and all(
-        params_values(s, composed[0]) == params_values(s, composed[1]) for s in upstream)
+    reads = {}
+    for name in names:
+        composed = compose_dict([*spec["base"], *spec["arms"][name]])
+        reads[name] = (composed["experiment"], [params_values(s, composed) for s in upstream])
+    return {name: next(n for n in names if reads[n] == reads[name]) for name in names}
 
 
 def recorded_base(results_log: Path, spec: dict) -> tuple[dict | None, str]:
@@ -210,27 +214,23 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.work.mkdir(parents=True, exist_ok=True)
     base_arm = next(iter(spec["arms"]))
-    first = names[0] if args.alone else base_arm  # the arm that runs first; the others reuse its data stages
-    base_dir, first_dir = args.work / base_arm, args.work / first
+    base_dir = args.work / base_arm
     recorded = recorded_base(args.results.with_name("results.jsonl"), spec) if args.alone else None
-
-    rest = [n for n in names if n != first]
-    own_data = {n for n in rest if not shares_regeneration(spec, first, n)}
+    leaders = data_leaders(spec, names)
 
     def train(name: str) -> None:
         arm = prepare_arm(args.work, name, [*spec["base"], *spec["arms"][name]],
-                          REPO if name == first or name in own_data else first_dir)
+                          REPO if leaders[name] == name else args.work / leaders[name])
         run(["snakemake", "--cores", "all", f"results/{experiment_of(arm)}/export"], arm, arm / "ablation.log")
 
-    # The first arm, and beside it the arms that make their own data; then the others from the first arm's
-    # results (its data stages, regeneration included, are shared).
+    # The arms that make their own data first, all at once; each of the others once the arm whose data
+    # (regeneration included) it reuses is done.
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        runs_first = first in names or not (first_dir / "results").exists()
-        started = {first: pool.submit(_capture(train), first)} if runs_first else {}
-        started |= {n: pool.submit(_capture(train), n) for n in rest if n in own_data}
-        if runs_first:
-            started[first].result()
-        started |= {n: pool.submit(_capture(train), n) for n in rest if n not in own_data}
+        leading = {pool.submit(_capture(train), n): n for n in names if leaders[n] == n}
+        started = {n: future for future, n in leading.items()}
+        for future in as_completed(leading):
+            leader = leading[future]
+            started |= {n: pool.submit(_capture(train), n) for n in names if n != leader and leaders[n] == leader}
         failures = {n: future.result() for n, future in started.items()}
     done: dict[str, dict] = {}
     for name in names:  # one at a time on the GPU; each arm's row is written as soon as it is measured
@@ -244,8 +244,9 @@ def main(argv: list[str] | None = None) -> None:
         if recorded is not None:
             base, base_text = recorded
         else:
-            base = done.get(base_arm) or (arm_figures(base_dir, spec.get("points"))
-                                          if (base_dir / "params.yaml").exists() and name != base_arm else None)
+            measured = (base_dir / "results" / experiment_of(base_dir) / "bench" / "metrics.json").exists() \
+                if (base_dir / "params.yaml").exists() else False
+            base = done.get(base_arm) or (arm_figures(base_dir, spec.get("points")) if measured else None)
             base_text = f"arm {base_arm}, same setup and GPU"
         overrides = spec["arms"][name]
         taus = ", ".join(f"{p} {v['tau']:.2f}" for p, v in f["bench"].items())

@@ -90,17 +90,22 @@ def test_every_arm_of_the_shipped_arms_files_composes(path, tmp_path):
                 assert str(data[section][field]) == str(yaml.safe_load(value)), (name, override)
 
 
-def test_an_arm_shares_the_first_arms_data_unless_it_changes_what_regeneration_reads():
+def test_arms_share_the_data_of_the_earliest_arm_that_regenerates_the_same():
     """The lever arms that change the conversations or their answers make their own data; the others (training,
-    vocab and bench overrides) reuse the base arm's regenerated conversations."""
+    vocab and bench overrides) reuse the base arm's regenerated conversations, and without the base arm, the
+    earliest named arm's that regenerates the same."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        from ablation import load_arms, shares_regeneration
+        from ablation import data_leaders, load_arms
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     spec = load_arms(REPO / "benchmarks" / "levers_smollm2.yaml")
-    shared = {name for name in spec["arms"] if shares_regeneration(spec, "base", name)}
-    assert shared == {"base", "vocab32k", "steps2000", "eagle31_lk_alpha"}
+    leaders = data_leaders(spec, list(spec["arms"]))
+    assert {n for n, leader in leaders.items() if leader == "base"} == {"base", "vocab32k", "steps2000",
+                                                                       "eagle31_lk_alpha"}
+    assert all(leaders[n] == n for n in ("sampled", "sampled_x2", "more_prompts", "sharegpt_6k", "mix_6k"))
+    assert data_leaders(spec, ["sampled_x2", "steps2000", "vocab32k"]) == {
+        "sampled_x2": "sampled_x2", "steps2000": "steps2000", "vocab32k": "steps2000"}
 
 
 def test_named_arms_run_in_the_order_given_with_the_base_first():
