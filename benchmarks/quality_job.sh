@@ -10,7 +10,8 @@
 #             side by side
 #   ablation  the fixed ablation setup: the arms file ARMS_FILE (default benchmarks/ablation_smollm2.yaml; the levers:
 #             benchmarks/levers_smollm2.yaml), the arms ABLATION_ARMS names (comma-separated, benchmarked in that
-#             order after the base arm; default every arm), ABLATION_JOBS of them training at once (default 4)
+#             order after the base arm; default every arm), ABLATION_JOBS of them training at once (default 4);
+#             ABLATION_ALONE=1 runs the named arms without the base arm (ablation.py --alone)
 #   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
 #             PROFILE_MBS (default "4 8"): the compiled loss alone with the batches copied from pageable memory
 #             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,
@@ -91,7 +92,8 @@ for phase in $PHASES; do
              done
              train --micro-batch ${MBS%% *} --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
     ablation) python3 benchmarks/ablation.py "${ARMS_FILE:-benchmarks/ablation_smollm2.yaml}" --work "$STORE/arms" \
-                --jobs "${ABLATION_JOBS:-4}" ${ABLATION_ARMS:+--only "$ABLATION_ARMS"} --hardware "$GPU" \
+                --jobs "${ABLATION_JOBS:-4}" ${ABLATION_ARMS:+--only "$ABLATION_ARMS"} ${ABLATION_ALONE:+--alone} \
+                --hardware "$GPU" \
                 "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/ablation.log" 2>&1 ;;
     *) log "unknown phase $phase" ;;
   esac
