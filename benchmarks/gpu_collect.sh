@@ -5,11 +5,17 @@
 #   regenerated conversations (regen.part-aa, ...; `cat regen.part-* | tar xJ` gives regen/), so that a later lease
 #   can train on them (or warm-start from the drafter with train.init_from) without regenerating
 #   (`bash benchmarks/gpu_restore.sh DIR` puts the conversations back where Snakemake leaves them alone).
-#   COLLECT_REGEN=0 skips the conversations (a lease that restored them already has them here).
-# Usage: bash benchmarks/gpu_collect.sh DEST   (run from the job's repo copy)
+#   --no-regen skips the conversations (a lease that restored them already has them here); --store is the job's
+#   (default logs/gpu_run).
+# Usage: bash benchmarks/gpu_collect.sh DEST [--store DIR] [--no-regen]   (run from the job's repo copy)
 set -u
-DEST=$1
-STORE=${STORE:-logs/gpu_run}
+STORE=logs/gpu_run NO_REGEN=
+OPTIONS=(store)
+SWITCHES=(no-regen)
+source "$(dirname "$0")/flags.sh"
+parse_flags "$@"
+[ ${#ARGS[@]} -eq 1 ] || { echo "usage: bash benchmarks/gpu_collect.sh DEST [--store DIR] [--no-regen]" >&2; exit 2; }
+DEST=${ARGS[0]}
 EXP=$(awk '/^experiment:/ {print $2; exit}' params.yaml)
 R=results/$EXP
 mkdir -p "$DEST"
@@ -26,7 +32,7 @@ weights=$R/export/sglang/model.safetensors
 if [ -f "$weights" ]; then
   split -b 15M "$weights" "$DEST/drafter.part-"
 fi
-if [ -d "$R/data/regen" ] && [ "${COLLECT_REGEN:-1}" = 1 ]; then
+if [ -d "$R/data/regen" ] && [ -z "$NO_REGEN" ]; then
   tar cf - -C "$R/data" regen | xz -T0 -6 | split -b 15M - "$DEST/regen.part-"
 fi
 ls -la "$DEST"

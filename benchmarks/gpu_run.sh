@@ -7,21 +7,25 @@
 # Usage on your own GPU box (repo root, venv active, params.yaml composed, e.g. with
 #   `python -m eaglepipe.compose experiment=smollm2_h100 device=cuda`):  bash benchmarks/gpu_run.sh
 # On the lent offline box this repo's figures came from: `source benchmarks/device_setup.sh`, then
-#   STORE=/root/store PIPELINE_SECONDS=720 setsid nohup bash benchmarks/gpu_run.sh &
+#   setsid nohup bash benchmarks/gpu_run.sh --store /root/store --pipeline-seconds 720 &
 # Each step runs under a time limit and a failure does not stop the next one. A step that fails on a fast path
 # is retried once without it: a crash in the Triton token path turns it off for every later step, a failed prefill
 # benchmark turns the CUDA-graph prefill off, and a failed speculative step (or sweep point) is retried on the
 # PyTorch path (eager rounds, no token path). A fast path is turned off by the scripts' flags (--token-path off ...,
 # ENGINE_FLAGS) and, for the pipeline's stages, in params.yaml (regen/bench.engine_options), so every result row and
 # the bench's metrics.json record what ran.
-# STEPS (default: all) picks steps by name, e.g. STEPS="fetch_target prefill pipeline spec_decode"; SPEC_PROMPTS,
-# SPEC_TOKENS and SPEC_SWEEP ("steps,topk,draft_tokens ...") set the speculative-decoding benchmark's prompts and points;
-# ROUND_SWEEP sets round_profile's points (where each speculative round's time goes);
-# TRAIN_BENCH_ARGS adds arguments to the training benchmark (e.g. "--shapes smollm2 --ttt-steps 4 --compile").
-# Progress: $STORE/logs/steps.txt; done: $STORE/DONE.
+# --steps (default: all) picks steps by name, e.g. --steps "fetch_target prefill pipeline spec_decode";
+# --spec-prompts, --spec-tokens and --spec-sweep ("steps,topk,draft_tokens ...") set the speculative-decoding
+# benchmark's prompts and points; --round-sweep sets round_profile's points (where each speculative round's time
+# goes); --train-bench-args adds arguments to the training benchmark (e.g. "--shapes smollm2 --ttt-steps 4
+# --compile"); --pipeline-seconds limits the pipeline step (default 48 h); --store (default logs/gpu_run) holds the
+# logs. Progress: <store>/logs/steps.txt; done: <store>/DONE.
 set -u
-STEPS=${STEPS:-all}
-STORE=${STORE:-logs/gpu_run}
+STEPS=all STORE=logs/gpu_run PIPELINE_SECONDS=172800 SPEC_PROMPTS=8 SPEC_TOKENS=128 SPEC_SWEEP= ROUND_SWEEP=
+TRAIN_BENCH_ARGS=
+OPTIONS=(steps store pipeline-seconds spec-prompts spec-tokens spec-sweep round-sweep train-bench-args)
+source "$(dirname "$0")/flags.sh"
+parse_flags "$@"
 LOGS=$STORE/logs
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -63,18 +67,18 @@ step prefix_reuse 180 python3 benchmarks/prefix_reuse_check.py --model "$T" "${E
 step decode 240 python3 benchmarks/decode.py --model "$T" --hf-prompts 2 --no-hf-compile "${ENGINE_FLAGS[@]}"
 step regen_bench 420 python3 benchmarks/regen.py --model "$T" --max-batch-size 768 --concurrency 4096 --hf-prompts 512 \
   --multi-turn 1000 --max-model-len 4096 "${ENGINE_FLAGS[@]}"
-step pipeline "${PIPELINE_SECONDS:-172800}" snakemake --cores all --rerun-incomplete "$R/export"
+step pipeline "$PIPELINE_SECONDS" snakemake --cores all --rerun-incomplete "$R/export"
 step pipeline_bench 420 snakemake --cores all --rerun-incomplete \
   || { set_options bench graph_rounds false && set_options bench token_path false \
        && step pipeline_bench_eager 420 snakemake --cores all --rerun-incomplete; }
-spec=(python3 benchmarks/spec_decode.py --target "$T" --export "$R/export" --prompts "${SPEC_PROMPTS:-8}"
-      --max-new-tokens "${SPEC_TOKENS:-128}" ${SPEC_SWEEP:+--sweep "$SPEC_SWEEP"} "${ENGINE_FLAGS[@]}")
+spec=(python3 benchmarks/spec_decode.py --target "$T" --export "$R/export" --prompts "$SPEC_PROMPTS"
+      --max-new-tokens "$SPEC_TOKENS" ${SPEC_SWEEP:+--sweep "$SPEC_SWEEP"} "${ENGINE_FLAGS[@]}")
 { step spec_decode 300 "${spec[@]}" && ! grep -q '"error"' "$LOGS/spec_decode.log"; } \
   || step spec_decode_eager 300 "${spec[@]}" --graph-rounds off --token-path off
 step round_profile 300 python3 benchmarks/round_profile.py --target "$T" --export "$R/export" \
   --out "$LOGS/round_profile.jsonl" ${ROUND_SWEEP:+--sweep "$ROUND_SWEEP"} "${ENGINE_FLAGS[@]}"
 step replay_check 300 python3 benchmarks/replay_check.py --target "$T" --export "$R/export" --tokens "$R/data/tokens" \
-  --prompts "${SPEC_PROMPTS:-8}" --max-new-tokens "${SPEC_TOKENS:-128}" "${ENGINE_FLAGS[@]}"
-step train_bench 240 python3 benchmarks/train.py --model "$T" ${TRAIN_BENCH_ARGS:-}
+  --prompts "$SPEC_PROMPTS" --max-new-tokens "$SPEC_TOKENS" "${ENGINE_FLAGS[@]}"
+step train_bench 240 python3 benchmarks/train.py --model "$T" $TRAIN_BENCH_ARGS
 step decode_hf_compile 300 python3 benchmarks/decode.py --model "$T" --prompts 2 "${ENGINE_FLAGS[@]}"
 touch "$STORE/DONE"

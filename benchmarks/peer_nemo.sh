@@ -5,18 +5,24 @@
 # (bench.drafter points it at the peer's), and benchmarks/peer_h2h.py writes the `peer_nemo_h2h` row.
 #
 # The peer runs through the kit in shared/peers/nemo-automodel (its gpu_run.sh, run_eagle3.py, pack and unpack
-# scripts), used as a tool: KIT names a copy of that folder, NEMO_WHEELS the wheels its README lists.
+# scripts), used as a tool: --kit names a copy of that folder, --nemo-wheels the wheels its README lists.
 # Usage (repo root, venv or the box's python active, params composable):
-#   KIT=.peer/kit NEMO_WHEELS=.peer/gpu_wheels ROWS=.peer/data/sharegpt_6000.jsonl VAL=.peer/data/sharegpt_val200.jsonl \
-#     GGUF=<packaged SmolLM2 GGUF> STORE=/root/store bash benchmarks/peer_nemo.sh
-# STEPS (default: all) picks steps: compose target ours nemo bench_ours bench_nemo report. OURS_OVERRIDES (space
-# separated) adds compose overrides on eaglepipe's side, e.g. the compile switches a throughput profile picked.
-# Progress: $STORE/logs/steps.txt; each step's output: $STORE/logs/<step>.log.
+#   bash benchmarks/peer_nemo.sh --kit .peer/kit --nemo-wheels .peer/gpu_wheels \
+#     --rows .peer/data/sharegpt_6000.jsonl --val .peer/data/sharegpt_val200.jsonl \
+#     --gguf <packaged SmolLM2 GGUF> --store /root/store
+# --steps (default: all) picks steps: compose target ours nemo bench_ours bench_nemo report. --ours-overrides (space
+# separated) adds compose overrides on eaglepipe's side, e.g. the compile switches a throughput profile picked;
+# --nemo-mbs sets the peer's micro-batch (default 4), --np the folder the peer's kit runs in (default
+# /tmp/nemo_peer). Progress: <store>/logs/steps.txt; each step's output: <store>/logs/<step>.log.
 set -u
-STEPS=${STEPS:-all}
-STORE=${STORE:-logs/peer_nemo}
+STEPS=all STORE=logs/peer_nemo NP=/tmp/nemo_peer OURS_OVERRIDES= NEMO_MBS=4 KIT= NEMO_WHEELS= ROWS= VAL= GGUF=
+OPTIONS=(kit nemo-wheels rows val gguf store steps ours-overrides nemo-mbs np)
+source "$(dirname "$0")/flags.sh"
+parse_flags "$@"
+for required in KIT NEMO_WHEELS ROWS VAL GGUF; do
+  [ -n "${!required}" ] || { echo "peer_nemo.sh: --$(tr 'A-Z_' 'a-z-' <<< "$required") is required" >&2; exit 2; }
+done
 LOGS=$STORE/logs
-NP=${NP:-/tmp/nemo_peer}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 EXP=h2h_nemo
@@ -25,7 +31,7 @@ ROWS_ABS=$(realpath "$ROWS")
 
 source "$(dirname "$0")/step.sh"
 
-read -ra EXTRA <<< "${OURS_OVERRIDES:-}"
+read -ra EXTRA <<< "$OURS_OVERRIDES"
 COMPOSE=(python3 -m eaglepipe.compose "experiment=$EXP" "data.sources=[{name: peer_rows, kind: local, path: $ROWS_ABS}]"
          "${EXTRA[@]}")
 
@@ -50,7 +56,7 @@ case " $STEPS " in *" all "*|*" nemo "*) nemo_layout >> "$LOGS/nemo.log" 2>&1 ;;
 # The kit's config file says seq 512 and micro-batch 1; the comparison runs the peer at seq 2048 with the
 # micro-batch its README measured (4).
 step nemo 3600 env DATA=peer NP="$NP" OUT="$STORE/nemo_ret" \
-  EXTRA="--recipe_args.seq_length=2048 --recipe_args.micro_batch_size=${NEMO_MBS:-4}" bash "$NP/scripts/gpu_run.sh"
+  EXTRA="--recipe_args.seq_length=2048 --recipe_args.micro_batch_size=$NEMO_MBS" bash "$NP/scripts/gpu_run.sh"
 wait $prep
 step ours 3600 snakemake --cores all "$R/export"
 step bench_ours 1800 snakemake --cores all

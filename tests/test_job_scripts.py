@@ -1,0 +1,47 @@
+"""The GPU job scripts' options (benchmarks/flags.sh): values, switches and positional arguments, and a clear stop
+on an unknown option, so that a lease's job fails at once instead of running with a default it was not given."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = ["gpu_run.sh", "gpu_collect.sh", "peer_nemo.sh", "quality_job.sh"]
+
+
+def parse(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    script = ('set -u; ARMS=default PHASES="h2h lk" ALONE=; OPTIONS=(arms phases arms-file); SWITCHES=(alone); '
+              'source benchmarks/flags.sh; parse_flags "$@"; '
+              'printf "%s|" "$ARMS" "$PHASES" "$ALONE" "${ARMS_FILE-unset}" "${ARGS[@]}"')
+    return subprocess.run(["bash", "-c", script, "job.sh", *args], cwd=REPO, capture_output=True, text=True,
+                          env=env)
+
+
+def test_options_switches_and_arguments_become_variables():
+    done = parse("out", "--phases", "ablation profile", "--alone", "--arms-file", "a b.yaml", "more")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "default|ablation profile|1|a b.yaml|out|more|"
+
+
+def test_an_unknown_option_or_a_missing_value_stops_the_job():
+    unknown = parse("--arm", "x")
+    assert unknown.returncode == 2
+    assert "unknown option --arm (options: --arms --phases --arms-file --alone)" in unknown.stderr
+    missing = parse("--arms")
+    assert missing.returncode == 2 and "--arms needs a value" in missing.stderr
+
+
+def test_an_environment_variable_of_the_same_name_is_no_switch():
+    done = parse(env={"PATH": "/usr/bin:/bin", "ARMS": "from_env", "ALONE": "1"})
+    assert done.stdout.startswith("default|h2h lk||")
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_each_job_prints_its_usage_and_refuses_unknown_options(job):
+    usage = subprocess.run(["bash", f"benchmarks/{job}", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert usage.returncode == 0 and "--" in usage.stdout and not usage.stdout.startswith("!")
+    refused = subprocess.run(["bash", f"benchmarks/{job}", "--no-such-option", "1"], cwd=REPO, capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and "unknown option --no-such-option" in refused.stderr
