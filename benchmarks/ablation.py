@@ -7,10 +7,10 @@
 Each arm runs in its own copy of this checkout (code copied, results/ hard-linked: stages publish by rename, so
 no file is changed in place), with params.yaml composed from `base` + the arm's overrides. Snakemake then reruns
 only the stages whose params, code or inputs the overrides change. Arms train and export `--jobs` at a time (the
-GPU is shared, which changes no figure the table reports): first the arms that make their own data (the first
-arm, and those whose overrides change regeneration or what comes before it), then each of the others from the
-data of the earliest arm that regenerates the same, once that arm is done. They then benchmark one at a time, so
-that their speedups are measured on an otherwise idle GPU.
+GPU is shared, which changes no figure the table reports): first the data stages of the arms that make their own
+data (the first arm, and those whose overrides change regeneration or what comes before it), then training, with
+each of the other arms starting from the data of the earliest arm that regenerates the same. They then benchmark
+one at a time, so that their speedups are measured on an otherwise idle GPU.
 Where the checkout is a git repository with DVC, `--print-dvc` gives the equivalent `dvc exp run --queue`
 commands.
 
@@ -218,19 +218,19 @@ def main(argv: list[str] | None = None) -> None:
     recorded = recorded_base(args.results.with_name("results.jsonl"), spec) if args.alone else None
     leaders = data_leaders(spec, names)
 
-    def train(name: str) -> None:
+    def build(name: str, upto: str) -> None:
+        """The arm's stages up to `upto` (a results/<experiment> folder), in its checkout (made on first use)."""
         arm = prepare_arm(args.work, name, [*spec["base"], *spec["arms"][name]],
                           REPO if leaders[name] == name else args.work / leaders[name])
-        run(["snakemake", "--cores", "all", f"results/{experiment_of(arm)}/export"], arm, arm / "ablation.log")
+        run(["snakemake", "--cores", "all", f"results/{experiment_of(arm)}/{upto}"], arm, arm / "ablation.log")
 
-    # The arms that make their own data first, all at once; each of the others once the arm whose data
-    # (regeneration included) it reuses is done.
+    # The arms that make their own data first, all at once, up to their vocab; then each of them goes on to
+    # train and export, and the arms that reuse its data (regeneration included) start beside it.
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        leading = {pool.submit(_capture(train), n): n for n in names if leaders[n] == n}
-        started = {n: future for future, n in leading.items()}
-        for future in as_completed(leading):
-            leader = leading[future]
-            started |= {n: pool.submit(_capture(train), n) for n in names if n != leader and leaders[n] == leader}
+        data = {pool.submit(_capture(build), n, "vocab"): n for n in names if leaders[n] == n}
+        started = {}
+        for future in as_completed(data):
+            started |= {n: pool.submit(_capture(build), n, "export") for n in names if leaders[n] == data[future]}
         failures = {n: future.result() for n, future in started.items()}
     done: dict[str, dict] = {}
     for name in names:  # one at a time on the GPU; each arm's row is written as soon as it is measured
@@ -265,9 +265,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _capture(fn):
     """fn wrapped to return None on success and the exception on failure (arms fail independently)."""
-    def wrapped(name: str):
+    def wrapped(name: str, *args):
         try:
-            fn(name)
+            fn(name, *args)
         except (subprocess.CalledProcessError, OSError) as e:
             return e
         return None
