@@ -12,6 +12,8 @@
 #             levers: benchmarks/levers_smollm2.yaml), the arms --arms names (comma-separated, benchmarked in that
 #             order after the base arm; default every arm), --jobs of them training at once (default 4); --alone
 #             runs the named arms without the base arm (ablation.py --alone)
+#   family    issue 20's comparison of drafter families (benchmarks/family_compare.yaml: EAGLE-3, P-EAGLE, DFlash
+#             on the ablation setup), --jobs of them training at once
 #   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
 #             --profile-mbs (default "4 8"): the compiled loss alone with the batches copied from pageable memory
 #             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,
@@ -102,6 +104,8 @@ for phase in $PHASES; do
     ablation) python3 benchmarks/ablation.py "$ARMS_FILE" --work "$STORE/arms" \
                 --jobs "$JOBS" ${ARMS:+--only "$ARMS"} ${ALONE:+--alone} --hardware "$GPU" \
                 "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/ablation.log" 2>&1 ;;
+    family) python3 benchmarks/ablation.py benchmarks/family_compare.yaml --work "$STORE/family" --jobs "$JOBS" \
+              --hardware "$GPU" "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/family.log" 2>&1 ;;
     *) log "unknown phase $phase" ;;
   esac
   log "phase $phase rc=$?"
