@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import shlex
 import subprocess
@@ -48,16 +47,19 @@ RESULTS_HEADER = ("# Benchmark results\n\nRows are appended by the scripts in be
 
 # the results log itself: rows a benchmark has just appended leave the measured code as it was
 RESULT_LOGS = ("benchmarks/RESULTS.md", "benchmarks/results.jsonl")
+# `git archive` writes the archived commit into this file (.gitattributes: export-subst)
+ARCHIVE_COMMIT = "benchmarks/archive_commit.txt"
 
 
 def git_commit(repo: Path = REPO) -> str:
     """The short commit of this checkout (+dirty with uncommitted changes to tracked files other than the results
-    log), or EAGLEPIPE_COMMIT where the tree travels without .git."""
-    commit = os.environ.get("EAGLEPIPE_COMMIT", "")
-    if commit:
-        return commit
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    log), or, where the tree travels as a `git archive` without .git, the commit the archive wrote into
+    ARCHIVE_COMMIT."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
+    if head.returncode != 0:
+        named = (repo / ARCHIVE_COMMIT).read_text().strip() if (repo / ARCHIVE_COMMIT).exists() else ""
+        return named if named and not named.startswith("$Format") else "unknown"
+    commit = head.stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
                             *(f":!{log}" for log in RESULT_LOGS)], cwd=repo, capture_output=True, text=True).stdout
     return commit + ("+dirty" if dirty.strip() else "")

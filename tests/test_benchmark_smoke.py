@@ -62,13 +62,12 @@ def test_a_results_row_joins_the_log_table_not_the_write_ups_after_it(tmp_path):
     assert len(results.with_name("results.jsonl").read_text().splitlines()) == 2
 
 
-def test_rows_appended_to_the_results_log_leave_the_commit_clean(tmp_path, monkeypatch):
+def test_rows_appended_to_the_results_log_leave_the_commit_clean(tmp_path):
     """A row records the measured code's commit: the results log it was just appended to does not make it
     `+dirty`, a change to any other tracked file does."""
     spec = importlib.util.spec_from_file_location("benchmarks_decode", REPO / "benchmarks" / "decode.py")
     decode = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(decode)
-    monkeypatch.delenv("EAGLEPIPE_COMMIT", raising=False)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     (tmp_path / "benchmarks").mkdir()
     for name in (*decode.RESULT_LOGS, "code.py"):
@@ -83,6 +82,31 @@ def test_rows_appended_to_the_results_log_leave_the_commit_clean(tmp_path, monke
     assert decode.git_commit(tmp_path) == head
     (tmp_path / "code.py").write_text("y\n")
     assert decode.git_commit(tmp_path) == head + "+dirty"
+
+
+def test_a_git_archive_of_the_checkout_names_its_commit(tmp_path):
+    """The GPU boxes get the tree as `git archive` output, without .git: its rows name the archived commit (the
+    checkout's own .gitattributes and commit file, in a repository of their own)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_decode", REPO / "benchmarks" / "decode.py")
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    repo, tree = tmp_path / "repo", tmp_path / "tree"
+    (repo / "benchmarks").mkdir(parents=True)
+    tree.mkdir()
+    for name in (".gitattributes", decode.ARCHIVE_COMMIT):
+        (repo / name).write_text((REPO / name).read_text())
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                          text=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=repo, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "x", "-C", str(tree)], input=archive, check=True)
+    assert decode.git_commit(tree) == head
+    assert decode.git_commit(repo / "benchmarks") == head  # the checkout itself answers through git
+    (tree / decode.ARCHIVE_COMMIT).write_text((REPO / decode.ARCHIVE_COMMIT).read_text())  # as checked out
+    assert decode.git_commit(tree) == "unknown"
 
 
 def test_train_benchmark_on_a_runs_rows_with_the_profiler(tiny_llama_dir, tmp_path):
