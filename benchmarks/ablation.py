@@ -39,9 +39,10 @@ from pathlib import Path
 
 import yaml
 
-from decode import REPO, append_result_row
 from eaglepipe.compose import compose_dict
 from eaglepipe.workflow.pipeline import STAGES, params_values
+
+from decode import REPO, append_result_row
 from peer_h2h import bench_points
 
 # what an arm's copy of the checkout leaves out: outputs, environments, lease carry folders and caches

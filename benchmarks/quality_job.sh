@@ -18,8 +18,9 @@
 #             --profile-mbs (default "4 8"): the compiled loss alone with the batches copied from pageable memory
 #             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,
 #             with the target's layers compiled, with both, with the target replayed from CUDA graphs and with the
-#             drafter layer compiled beside those graphs; then one profiled run of the first micro-batch (the op
-#             tables in <store>/logs/train_profile.txt). A later h2h phase trains with the switches whose warm-up
+#             drafter layer compiled beside those graphs, and that with the training metrics on every tenth step
+#             only (train.metrics_every); then one profiled run of the first micro-batch (the op tables in
+#             <store>/logs/train_profile.txt). A later h2h phase trains with the switches whose warm-up
 #             plus the run's steps at micro-batch --h2h-mb (default 4) took least, and so do the lk phase's arms
 #             (its first arm then reuses the head-to-head's run).
 # Usage (repo root, the box prepared by benchmarks/device_setup.sh):
@@ -74,7 +75,8 @@ runs = [r for r in runs if r["micro_batch"] == mb and r["compile_loss"] and r.ge
 if runs:
     best = min(runs, key=lambda r: r["warmup_seconds"] + 1200 * 4 / mb * r["seconds_per_step"])
     switches = ("compile", "compile_target", "target_graphs")
-    print(" ".join(f"train.{k}={str(best.get(k, False)).lower()}" for k in switches))
+    print(" ".join(f"train.{k}={str(best.get(k, False)).lower()}" for k in switches),
+          f"train.metrics_every={best.get('metrics_every', 1)}")
 PICK
 }
 for phase in $PHASES; do
@@ -96,7 +98,8 @@ for phase in $PHASES; do
                          "$@" >> "$STORE/logs/profile.log" 2>&1; }
              for mb in $PROFILE_MBS; do
                for flags in "--pageable-copies" "" "--compile" "--compile-target" "--compile --compile-target" \
-                            "--target-graphs" "--compile --target-graphs"; do
+                            "--target-graphs" "--compile --target-graphs" \
+                            "--compile --target-graphs --metrics-every 10"; do
                  train --micro-batch $mb --steps 40 $flags
                done
              done

@@ -170,7 +170,8 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
             math_step0(document_causal_mask(batch.doc_ids))
         feats, labels = online_features(target, batch, family_of(cfg), draft_ids)
         with amp:
-            loss, _ = module(batch, feats, labels, step0, [float(c) for c in cpu_batch.supervised_counts()])
+            loss, _ = module(batch, feats, labels, step0, [float(c) for c in cpu_batch.supervised_counts()],
+                             metrics=(i + 1) % args.metrics_every == 0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in drafter.parameters() if p.requires_grad], 0.5)
         opt.step()
@@ -191,7 +192,7 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
             "compile": bool(args.compile and device.type == "cuda"),
             "compile_loss": not args.eager_loss and device.type == "cuda",
             "compile_target": bool(args.compile_target and device.type == "cuda"),
-            "pinned_copies": not args.pageable_copies,
+            "pinned_copies": not args.pageable_copies, "metrics_every": args.metrics_every,
             "target_graphs": graphs_diff is not None, "target_graphs_max_diff": graphs_diff,
             "samples": str(args.samples or "synthetic"),
             "profiled": args.profile is not None,
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pageable-copies", action="store_true",
                     help="copy each batch to the GPU from pageable memory (the host then waits for the GPU at every "
                          "step), the baseline of the training loop's pinned copies")
+    ap.add_argument("--metrics-every", type=int, default=1,
+                    help="the training metrics on every Nth step only (train.metrics_every)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU, seq 256, 2 steps, smollm2 shape only")
@@ -262,7 +265,9 @@ def main(argv: list[str] | None = None) -> None:
                               f"ttt {args.ttt_steps}, draft vocab {row['draft_vocab']}"
                               f"{', drafter layer compiled' if row['compile'] else ''}"
                               f"{', target layers compiled' if row['compile_target'] else ''}"
-                              f"{', eager loss' if not row['compile_loss'] else ''}, {row['max_mem_gib']} GiB, "
+                              f"{', eager loss' if not row['compile_loss'] else ''}"
+                              f"{f', metrics every {args.metrics_every} steps' if args.metrics_every > 1 else ''}, "
+                              f"{row['max_mem_gib']} GiB, "
                               f"{row['warmup_seconds']} s for the {args.warmup} warm-up steps, "
                               f"rows: {row['samples']}{' (profiled)' if row['profiled'] else ''}",
                               "NeMo AutoModel 0.7.0 (SmolLM2, issue 4): 11.3k tok/s mb1, 22.6k tok/s mb4")

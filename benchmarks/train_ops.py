@@ -7,9 +7,11 @@ At a few packed rows a step the training loop on a GPU is bound by the host, whi
 microseconds on every op it dispatches, so the op count of a step is the figure that the compile and graph
 switches must bring down. This counts the top-level aten ops (those not issued by another aten op) that the
 profiler records for the drafter's part of a step: its forward (TTT unroll, loss, metrics), backward, gradient
-clipping and AdamW step. The target's forward runs outside the count. The counts do not depend on the weights or
-the device, so a random SmolLM2-shaped target (8 layers suffice: it only supplies features) and the CPU serve; the
-loss runs eager and step 0's attention as a dense mask, as on CPU (on CUDA both are single compiled calls).
+clipping and AdamW step; a third count is the compiled step without its training metrics (a step that
+`train.metrics_every` skips). The target's forward runs outside the count. The counts do not depend on the
+weights or the device, so a random SmolLM2-shaped target (8 layers suffice: it only supplies features) and the CPU
+serve; the loss runs eager and step 0's attention as a dense mask, as on CPU (on CUDA both are single compiled
+calls).
 Appends a `train_ops` row to benchmarks/RESULTS.md and results.jsonl unless --no-results.
 """
 from __future__ import annotations
@@ -53,8 +55,9 @@ def top_level_ops(prof: profile) -> collections.Counter:
     return top
 
 
-def count_step_ops(args: argparse.Namespace, compiled: bool) -> dict:
-    """Top-level ops of the drafter's part of one training step (the third: the first two warm up)."""
+def count_step_ops(args: argparse.Namespace, compiled: bool, metrics: bool = True) -> dict:
+    """Top-level ops of the drafter's part of one training step (the third: the first two warm up), with or
+    without its training metrics."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -77,7 +80,7 @@ def count_step_ops(args: argparse.Namespace, compiled: bool) -> dict:
     denominators = [float(c) for c in batch.supervised_counts()]
 
     def step() -> None:
-        loss, _ = module(batch, features, labels, step0, denominators)
+        loss, _ = module(batch, features, labels, step0, denominators, metrics=metrics)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.5)
         optimizer.step()
@@ -102,8 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-results", action="store_true", help="print only")
     args = ap.parse_args(argv)
     eager, compiled = count_step_ops(args, False), count_step_ops(args, True)
+    bare = count_step_ops(args, True, metrics=False)
     figures = {"eager_ops": eager["ops"], "compiled_ops": compiled["ops"],
                "compiled_over_eager": round(compiled["ops"] / eager["ops"], 3),
+               "compiled_ops_without_metrics": bare["ops"],
+               "metrics_share_of_compiled": round(1 - bare["ops"] / compiled["ops"], 3),
                "eager_most_common": eager["most_common"], "compiled_most_common": compiled["most_common"]}
     print(json.dumps(figures))
     if args.no_results:
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     append_result_row(args.results, f"train_ops ({setup})", hardware_name(torch.device("cpu")),
                       "python benchmarks/train_ops.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                       f"{compiled['ops']} top-level ops a drafter training step with train.compile, "
-                      f"{figures['compiled_over_eager']}× eager's", f"eager: {eager['ops']} ops (same run)",
+                      f"{figures['compiled_over_eager']}× eager's; {bare['ops']} without its training metrics "
+                      f"(a step train.metrics_every skips)", f"eager: {eager['ops']} ops (same run)",
                       figures=figures, config=vars(args) | {"results": str(args.results)},
                       baseline_figures={"eager_ops": eager["ops"]}, name="train_ops")
 

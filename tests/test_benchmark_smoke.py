@@ -139,5 +139,6 @@ def test_train_ops_counts_a_steps_ops_eager_and_compiled(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
     assert 0 < figures["compiled_ops"] < figures["eager_ops"]
+    assert 0 < figures["compiled_ops_without_metrics"] < figures["compiled_ops"]
     record = json.loads(results.with_name("results.jsonl").read_text())
     assert record["name"] == "train_ops" and record["figures"]["eager_ops"] == figures["eager_ops"]

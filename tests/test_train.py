@@ -143,6 +143,28 @@ def test_resume_after_a_kill_gives_bit_identical_weights(conversations, sharp_ta
     assert torch.equal(ra["torch"], rb["torch"])  # nothing drew from the RNG after the resume
 
 
+@pytest.mark.parametrize("family", [dict(algorithm="eagle3"), dict(algorithm="peagle", ttt_steps=4),
+                                    dict(algorithm="dflash", draft_layers=2, block_size=4)],
+                         ids=["ttt", "cod", "block"])
+def test_metrics_every_n_steps_change_no_weight(conversations, sharp_target, tmp_path, family):
+    """Training metrics sampled every third step (and at each history row's last) leave the training itself as it
+    was: the same weights bit for bit, the same history rows, each with its metrics."""
+    runs = {}
+    for every in (1, 3):
+        trainer = Trainer(make_chain_cfg(max_steps=7, log_every=4, eval_every=100, save_every=100,
+                                         metrics_every=every, **family),
+                          paths(conversations, sharp_target, tmp_path / str(every) / "train"))
+        trainer.train()
+        runs[every] = trainer
+    rows = {e: [r for r in t.history.rows if r["split"] == "train"] for e, t in runs.items()}
+    assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[3]] == [4, 7]
+    assert all(0 < r["loss_0"] and 0 <= r["acc_0"] <= 1 and r["replay_tau"] >= 1 for r in rows[3])
+    # the first window's metrics from its steps 3 and 4 alone, the second's from 6 and 7, against every step
+    assert all(a["loss_0"] != b["loss_0"] for a, b in zip(rows[1], rows[3]))
+    for name, weight in runs[1].drafter.state_dict().items():
+        assert torch.equal(weight, runs[3].drafter.state_dict()[name]), name
+
+
 def test_bad_configs_are_rejected_before_work(conversations, sharp_target, tmp_path):
     with pytest.raises(ConfigError, match="ttt_steps"):
         make_cfg(ttt_steps=0)

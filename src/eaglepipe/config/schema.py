@@ -305,6 +305,10 @@ class TrainCfg:
     # SpecForge; P-EAGLE the embedding's last row)
     mask_token_id: Optional[int] = None
     log_every: int = 10
+    # the training metrics of the history rows (accuracy, acceptance, replayed τ) from every Nth optimizer step and
+    # each row's last (the loss trains every step); each metric costs the host ops a step, ~16% of a compiled
+    # EAGLE-3 TTT 7 step's (benchmarks/train_ops.py), and changes no weight
+    metrics_every: int = 1
     eval_every: int = 100
     save_every: int = 200
     keep_checkpoints: int = 3
@@ -362,6 +366,8 @@ class TrainCfg:
                  f"{self.cod_ratio_min}")
         _require(self.parallel in ("single", "ddp", "fsdp"), "train.parallel must be single|ddp|fsdp")
         _require(self.nproc_per_node >= 1, "train.nproc_per_node must be >= 1")
+        _require(self.log_every >= 1 and self.metrics_every >= 1,
+                 f"train.log_every and train.metrics_every must be >= 1, got {self.log_every}, {self.metrics_every}")
         _require(self.ttt_attention in ("auto", "flex", "math"), "train.ttt_attention must be auto|flex|math")
 
 

@@ -96,9 +96,10 @@ def block_outputs(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor
 
 
 def block_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, labels: Labels,
-               objective: Objective, attend: BlockAttention, denominators: list[float]
+               objective: Objective, attend: BlockAttention, denominators: list[float], metrics: bool = True
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The block objective's loss and metric sums (objective.py's keys with K = block_size - 1 positions)."""
+    """The block objective's loss and metric sums (objective.py's keys with K = block_size - 1 positions; none
+    without `metrics`)."""
     positions = objective.block_size - 1
     drafts = block_outputs(drafter, batch, features, objective.block_size, attend)
     blocks, dev = drafts.shape[0], drafts.device
@@ -107,12 +108,14 @@ def block_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, l
     rows = torch.cat(batch.step_rows)
     logits = drafter.logits(drafts.reshape(blocks * positions, -1).index_select(0, flat))
     loss, alpha = objective.draft_loss(logits, labels.logits.index_select(0, rows))
+    weights = _position_weights(objective, counts, denominators, alpha, flat, blocks, dev)
+    total = (loss * weights).sum()
+    if not metrics:
+        return total, {}
     with torch.no_grad():
         correct = logits.argmax(-1) == labels.argmax.index_select(0, rows)
         dense_ok = torch.zeros(blocks * positions, dtype=torch.bool, device=dev).index_fill_(0, flat[correct], True)
         accepted = dense_ok.view(blocks, positions).long().cumprod(dim=1)  # [blocks, K]: positions 1..k all right
-    weights = _position_weights(objective, counts, denominators, alpha, flat, blocks, dev)
-    total = (loss * weights).sum()
     sums = _metric_sums(counts, loss, alpha, correct, accepted, dev)
     sums.update(_replayed(batch, accepted.sum(dim=1)))
     return total, sums

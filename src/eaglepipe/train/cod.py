@@ -90,15 +90,16 @@ def _attend_sparse(keys: list[torch.Tensor], values: list[torch.Tensor], step0: 
 
 
 def cod_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, labels: Labels,
-             objective: Objective, step0: Step0Fn, denominators: list[float]
+             objective: Objective, step0: Step0Fn, denominators: list[float], metrics: bool = True
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The depths 0..ttt_steps-1 of every kept slot (`batch.step_slots`, from `cod_slots`); returns (loss, metric
-    sums as `ttt_loss` names them: `UnrollMetrics`). `features`: the fused target features [B, T, H]."""
+    sums as `ttt_loss` names them: `UnrollMetrics`; none without `metrics`). `features`: the fused target features
+    [B, T, H]."""
     family = family_of(drafter.config)
     b, t = batch.input_ids.shape
     in_vocab = drafter.in_draft_vocab(labels.argmax)
     keep = in_vocab if objective.out_of_vocab == "drop" else torch.ones_like(in_vocab)
-    metrics = UnrollMetrics(drafter, labels, in_vocab, b * t, features.device)
+    sums = UnrollMetrics(drafter, labels, in_vocab, b * t, features.device, metrics)
     total = features.new_zeros((), dtype=torch.promote_types(features.dtype, torch.float32))
     mask = drafter.mask_state()
     keys: list[torch.Tensor] = []
@@ -121,8 +122,8 @@ def cod_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
         step_loss = family.step_loss(objective, (loss * row_keep).sum(), picked, labels, rows)
         if denominators[d] > 0:
             total = total + step_loss / denominators[d]
-        metrics.add(d, slots, rows, logits, step_loss, alpha, row_keep)
-    return total, metrics.finish(batch)
+        sums.add(d, slots, rows, logits, step_loss, alpha, row_keep)
+    return total, sums.finish(batch)
 
 
 def cod_collate(rows: Sequence[Sequence[dict]], objective: Objective, pad_to: Optional[int],

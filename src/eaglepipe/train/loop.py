@@ -64,8 +64,9 @@ class Paths:
 def work_dir(cfg: Config, paths: Paths) -> Path:
     """results/<exp>/.work/train/<fingerprint>/ : resumable state that DVC/Snakemake do not delete."""
     key = {"train": {k: v for k, v in to_dict(cfg.train).items()
-                     if k not in ("resume", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                                  "num_workers", "compile_loss", "compile_target", "target_graphs", "seed")},
+                     if k not in ("resume", "log_every", "metrics_every", "eval_every", "save_every",
+                                  "keep_checkpoints", "num_workers", "compile_loss", "compile_target",
+                                  "target_graphs", "seed")},
            "seed": cfg.training_seed(), "seq_length": cfg.data.seq_length, "aux": cfg.target.aux_layers,
            "inputs": [str(p.resolve()) for p in (paths.target, paths.tokens, paths.vocab)],
            "stamps": [_stamp(p) for p in (paths.tokens, paths.vocab)]}
@@ -214,10 +215,10 @@ class Trainer:
         return self.kind.collate([[samples[i] for i in row] for row in rows], self.objective,
                                  self.cfg.data.seq_length if self.cfg.train.pack else None, seed)
 
-    def _forward(self, batch: Batch, host: Batch, denominators: list[float]):
+    def _forward(self, batch: Batch, host: Batch, denominators: list[float], metrics: bool = True):
         feats, labels = self.features(batch, host=host)
         with self._autocast():
-            return self.module(batch, feats, labels, self._attention(batch), denominators)
+            return self.module(batch, feats, labels, self._attention(batch), denominators, metrics=metrics)
 
     # ---- the loop --------------------------------------------------------------------------------------
     def train(self, stop_after: Optional[int] = None) -> dict[str, Any]:
@@ -236,11 +237,13 @@ class Trainer:
             batches = [self._micro(rows, self.train_samples, self.step) for rows in micro]
             denominators = [float(sum(c)) for c in zip(*(b.supervised_counts() for b in batches))]
             mine = batches[self.rank * tc.grad_accum:(self.rank + 1) * tc.grad_accum]
+            done = self.step + 1
+            metrics = done % tc.metrics_every == 0 or done % tc.log_every == 0 or done == end
             for i, cpu_batch in enumerate(mine):
                 batch = cpu_batch.to(self.device)
                 sync = contextlib.nullcontext() if (self.world == 1 or i == len(mine) - 1) else self.module.no_sync()
                 with sync:
-                    loss, s = self._forward(batch, cpu_batch, denominators)
+                    loss, s = self._forward(batch, cpu_batch, denominators, metrics)
                     (loss * self.world).backward()
                 self.window.add(s, cpu_batch.num_tokens, self._flops(cpu_batch))
                 run_tokens += cpu_batch.num_tokens

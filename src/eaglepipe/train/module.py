@@ -26,7 +26,8 @@ def objective_of(drafter: nn.Module) -> TrainingObjective:
 
 
 class TTTModule(nn.Module):
-    """forward(batch, features, labels, attention, denominators) -> (loss, metric sums)."""
+    """forward(batch, features, labels, attention, denominators, metrics=True) -> (loss, metric sums: none without
+    `metrics`)."""
 
     def __init__(self, drafter: nn.Module, objective: Objective) -> None:
         super().__init__()
@@ -35,6 +36,6 @@ class TTTModule(nn.Module):
         self.loss = objective_of(drafter).loss
 
     def forward(self, batch: Batch, features: torch.Tensor, labels: Labels, attention: Any,
-                denominators: list[float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                denominators: list[float], metrics: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         fused = self.drafter.fuse(features)
-        return self.loss(self.drafter, batch, fused, labels, self.objective, attention, denominators)
+        return self.loss(self.drafter, batch, fused, labels, self.objective, attention, denominators, metrics=metrics)

@@ -122,11 +122,13 @@ class UnrollMetrics:
     """The metric sums of an unroll of draft steps, step by step, with no GPU sync: loss_k, count_k, correct_k,
     prefix_k (slots whose drafts of steps 0..k are all correct), alpha_k, `slots` (supervised slots at step 0),
     and `rounds`/`round_tokens` of the replayed verification rounds (see `replay_rounds`), over all answers and
-    (`_first`) first answers. A slot a step does not train counts as a wrong draft there."""
+    (`_first`) first answers. A slot a step does not train counts as a wrong draft there. Not `enabled`: no sums,
+    and no work."""
 
     def __init__(self, drafter: torch.nn.Module, labels: Labels, in_vocab: torch.Tensor, slots: int,
-                 device: torch.device) -> None:
+                 device: torch.device, enabled: bool = True) -> None:
         self.drafter, self.labels, self.in_vocab, self.device = drafter, labels, in_vocab, device
+        self.enabled = enabled
         self.prefix = torch.ones(slots, dtype=torch.bool, device=device)
         self.accepted = torch.zeros(slots, dtype=torch.long, device=device)  # drafts a round at slot t accepts
         self.sums: dict[str, torch.Tensor] = {}
@@ -135,6 +137,8 @@ class UnrollMetrics:
     def add(self, k: int, slots: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor, step_loss: torch.Tensor,
             alpha: torch.Tensor, row_keep: torch.Tensor) -> None:
         """Step k's drafts `logits` at the flat `slots` (label rows `rows`), its loss sum and acceptance rates."""
+        if not self.enabled:
+            return
         correct = (self.drafter.to_target_ids(logits.argmax(-1)) == self.labels.argmax.index_select(0, rows)) & \
             row_keep
         dense = torch.zeros(self.prefix.numel(), dtype=torch.bool, device=self.device)
@@ -152,6 +156,8 @@ class UnrollMetrics:
     @torch.no_grad()
     def finish(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The sums, with the replayed rounds of the answers (step 0's supervised slots)."""
+        if not self.enabled:
+            return self.sums
         supervised = torch.zeros(self.prefix.numel(), dtype=torch.bool, device=self.device)
         supervised[batch.step_slots[0]] = True
         t = batch.input_ids.shape[1]
@@ -163,9 +169,10 @@ class UnrollMetrics:
 
 
 def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, labels: Labels,
-             objective: Objective, step0: Step0Fn, denominators: list[float]
+             objective: Objective, step0: Step0Fn, denominators: list[float], metrics: bool = True
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Unroll the drafter over `objective.ttt_steps` steps; returns (loss, metric sums as tensors: `UnrollMetrics`).
+    """Unroll the drafter over `objective.ttt_steps` steps; returns (loss, metric sums as tensors: `UnrollMetrics`;
+    none without `metrics`).
 
     `features`: the step-0 state [B, T, H] (drafter.fuse of the family's target features).
     """
@@ -173,7 +180,7 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
     b, t = batch.input_ids.shape
     in_vocab = drafter.in_draft_vocab(labels.argmax)
     keep = in_vocab if objective.out_of_vocab == "drop" else torch.ones_like(in_vocab)
-    metrics = UnrollMetrics(drafter, labels, in_vocab, b * t, features.device)
+    sums = UnrollMetrics(drafter, labels, in_vocab, b * t, features.device, metrics)
     hidden = features
     keys, values = [], []
     total = features.new_zeros((), dtype=torch.promote_types(features.dtype, torch.float32))
@@ -188,10 +195,10 @@ def ttt_loss(drafter: torch.nn.Module, batch: Batch, features: torch.Tensor, lab
         step_loss = family.step_loss(objective, (ce * row_keep).sum(), picked, labels, rows)
         if denominators[k] > 0:
             total = total + (objective.step_weight_decay ** k) * step_loss / denominators[k]
-        metrics.add(k, slots, rows, logits, step_loss, alpha, row_keep)
+        sums.add(k, slots, rows, logits, step_loss, alpha, row_keep)
         if k + 1 < objective.ttt_steps:
             hidden = drafter.next_state(out)
-    return total, metrics.finish(batch)
+    return total, sums.finish(batch)
 
 
 def _ttt_attend(keys: list[torch.Tensor], values: list[torch.Tensor], step0: Step0Fn, q: torch.Tensor,
@@ -243,8 +250,8 @@ class TrainingObjective:
     OBJECTIVES): how many per-step metric groups it reports and the weight ratio of consecutive ones in the
     reported loss, the micro-batch of sample rows (`collate(rows, objective, pad_to, seed)`, seed None for
     validation: nothing drawn at random), the attention its loss takes (`attention(batch, objective, heads, flex)`),
-    the loss (`loss(drafter, batch, fused features, labels, objective, attention, denominators)`) and the drafter's
-    forward + backward FLOPs on a batch."""
+    the loss (`loss(drafter, batch, fused features, labels, objective, attention, denominators, metrics=True)`: the
+    loss and, with `metrics`, the metric sums) and the drafter's forward + backward FLOPs on a batch."""
 
     steps: Callable[[Objective], int]
     decay: Callable[[Objective], float]
