@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
                               f"{row['max_mem_gib']} GiB, "
                               f"{row['warmup_seconds']} s for the {args.warmup} warm-up steps, "
                               f"rows: {row['samples']}{' (profiled)' if row['profiled'] else ''}",
-                              "NeMo AutoModel 0.7.0 (SmolLM2, issue 4): 11.3k tok/s mb1, 22.6k tok/s mb4")
+                              "NeMo AutoModel 0.7.0 (SmolLM2, issue 4): 11.3k tok/s mb1, 22.6k tok/s mb4",
+                              figures=row, name="train",
+                              config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

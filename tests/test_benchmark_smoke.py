@@ -110,7 +110,8 @@ def test_a_git_archive_of_the_checkout_names_its_commit(tmp_path):
 
 
 def test_train_benchmark_on_a_runs_rows_with_the_profiler(tiny_llama_dir, tmp_path):
-    """--samples feeds the tokenize stage's rows in place of synthetic ones; --profile writes the op tables."""
+    """--samples feeds the tokenize stage's rows in place of synthetic ones; --profile writes the op tables; the
+    row's figures and config go to results.jsonl."""
     from eaglepipe.data.tokens_io import write_token_shards
 
     rng = np.random.default_rng(0)
@@ -120,11 +121,14 @@ def test_train_benchmark_on_a_runs_rows_with_the_profiler(tiny_llama_dir, tmp_pa
          "loss_mask": (np.arange(n) >= n // 2).astype(np.int8)} for i, n in enumerate(lengths)])
     profile = tmp_path / "profile.txt"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--model", str(tiny_llama_dir),
-                           "--smoke", "--samples", str(tmp_path / "tokens"), "--profile", str(profile)],
+                           "--smoke", "--samples", str(tmp_path / "tokens"), "--profile", str(profile),
+                           "--metrics-every", "2", "--results", str(tmp_path / "RESULTS.md")],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
-    assert row["samples"] == str(tmp_path / "tokens") and row["profiled"] is True
+    assert row["samples"] == str(tmp_path / "tokens") and row["profiled"] is True and row["metrics_every"] == 2
+    record = json.loads((tmp_path / "results.jsonl").read_text())
+    assert record["name"] == "train" and record["figures"] == row and record["config"]["metrics_every"] == 2
     text = profile.read_text()
     assert "### by CPU time" in text and "aten::" in text
 
