@@ -129,9 +129,10 @@ class UnrollMetrics:
                  device: torch.device, enabled: bool = True) -> None:
         self.drafter, self.labels, self.in_vocab, self.device = drafter, labels, in_vocab, device
         self.enabled = enabled
-        self.prefix = torch.ones(slots, dtype=torch.bool, device=device)
-        self.accepted = torch.zeros(slots, dtype=torch.long, device=device)  # drafts a round at slot t accepts
         self.sums: dict[str, torch.Tensor] = {}
+        if enabled:
+            self.prefix = torch.ones(slots, dtype=torch.bool, device=device)
+            self.accepted = torch.zeros(slots, dtype=torch.long, device=device)  # drafts a round at slot t accepts
 
     @torch.no_grad()
     def add(self, k: int, slots: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor, step_loss: torch.Tensor,
