@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> None:
         if recorded is not None:
             base, base_text = recorded
         else:
-            measured = (base_dir / "results" / experiment_of(base_dir) / "bench" / "metrics.json").exists() \
-                if (base_dir / "params.yaml").exists() else False
+            measured = (base_dir / "params.yaml").exists() and \
+                (base_dir / "results" / experiment_of(base_dir) / "bench" / "metrics.json").exists()
             base = done.get(base_arm) or (arm_figures(base_dir, spec.get("points")) if measured else None)
             base_text = f"arm {base_arm}, same setup and GPU"
         overrides = spec["arms"][name]
