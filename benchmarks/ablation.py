@@ -7,10 +7,10 @@
 Each arm runs in its own copy of this checkout (code copied, results/ hard-linked: stages publish by rename, so
 no file is changed in place), with params.yaml composed from `base` + the arm's overrides. Snakemake then reruns
 only the stages whose params, code or inputs the overrides change. Arms train and export `--jobs` at a time (the
-GPU is shared, which changes no figure the table reports): first the data stages of the arms that make their own
-data (the first arm, and those whose overrides change regeneration or what comes before it), then training, with
-each of the other arms starting from the data of the earliest arm that regenerates the same. They then benchmark
-one at a time, so that their speedups are measured on an otherwise idle GPU.
+GPU is shared, which changes no figure the table reports): the arms that make their own data (the first arm, and
+those whose overrides change regeneration or what comes before it) run their data stages one after another, and
+each then trains beside the arms that start from its data (those that regenerate the same) while the next one
+makes its own. They then benchmark one at a time, so that their speedups are measured on an otherwise idle GPU.
 Where the checkout is a git repository with DVC, `--print-dvc` gives the equivalent `dvc exp run --queue`
 commands.
 
@@ -34,8 +34,9 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -225,14 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                           REPO if leaders[name] == name else args.work / leaders[name])
         run(["snakemake", "--cores", "all", f"results/{experiment_of(arm)}/{upto}"], arm, arm / "ablation.log")
 
-    # The arms that make their own data first, all at once, up to their vocab; then each of them goes on to
-    # train and export, and the arms that reuse its data (regeneration included) start beside it.
-    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        data = {pool.submit(_capture(build), n, "vocab"): n for n in names if leaders[n] == n}
-        started = {}
-        for future in as_completed(data):
-            started |= {n: pool.submit(_capture(build), n, "export") for n in names if leaders[n] == data[future]}
-        failures = {n: future.result() for n, future in started.items()}
+    failures = build_arms(names, leaders, _capture(build), args.jobs)
     done: dict[str, dict] = {}
     for name in names:  # one at a time on the GPU; each arm's row is written as soon as it is measured
         arm = args.work / name
@@ -262,6 +256,27 @@ def main(argv: list[str] | None = None) -> None:
     print(table(done, points))
     if any(e is not None for e in failures.values()):
         raise SystemExit(1)
+
+
+def build_arms(names: list[str], leaders: dict[str, str], build: Callable[[str, str], Exception | None],
+               jobs: int) -> dict[str, Exception | None]:
+    """Each arm built up to its export by `build(name, upto)` (None, or the exception that stopped it): the arms
+    that make their own data (their own leaders) run their data stages, up to `vocab`, one after another, since
+    regeneration serves the target with a KV cache sized for the whole GPU and two at once run out of its memory.
+    As each one's data is ready, it trains and exports beside the arms that reuse its data, `jobs` at a time,
+    while the next one makes its own. An arm whose leader's data failed fails with the same error, unbuilt."""
+    failures: dict[str, Exception | None] = {}
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        started = {}
+        for leader in [n for n in names if leaders[n] == n]:
+            error = build(leader, "vocab")
+            for name in (n for n in names if leaders[n] == leader):
+                if error is None:
+                    started[name] = pool.submit(build, name, "export")
+                else:
+                    failures[name] = error
+        failures |= {n: future.result() for n, future in started.items()}
+    return {n: failures[n] for n in names}
 
 
 def _capture(fn):

@@ -122,3 +122,50 @@ def test_named_arms_run_in_the_order_given_with_the_base_first():
     assert arm_order(spec, "c,a", alone=True) == ["c", "a"]
     with pytest.raises(SystemExit, match="--alone needs --only"):
         arm_order(spec, None, alone=True)
+
+
+def test_data_stages_run_one_arm_at_a_time_and_each_arm_trains_after_its_leaders_data():
+    """Two regenerations at once exhaust the GPU (each server's KV cache is sized for all of it): the arms that
+    make their own data build it one after another, every arm trains once its leader's data is ready (beside the
+    next leader's data stages), and the arms of a leader whose data failed fail with its error, unbuilt."""
+    import threading
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from ablation import build_arms
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    names = ["base", "sampled", "steps2000", "broken", "vocab32k", "after_broken"]
+    leaders = {"base": "base", "sampled": "sampled", "steps2000": "base", "broken": "broken",
+               "vocab32k": "base", "after_broken": "broken"}
+    lock, events, running_data = threading.Lock(), [], []
+    error = RuntimeError("regenerate failed")
+    base_trains, trained_beside = threading.Event(), []
+
+    def build(name: str, upto: str) -> Exception | None:
+        with lock:
+            events.append(("start", name, upto))
+            if upto == "vocab":
+                running_data.append(name)
+                overlapping = len(running_data) > 1
+        if (name, upto) == ("base", "export"):
+            base_trains.set()
+        if (name, upto) == ("sampled", "vocab"):  # the base arm's group trains while this arm makes its data
+            trained_beside.append(base_trains.wait(timeout=60))
+        threading.Event().wait(0.05)  # long enough for any other build submitted meanwhile to start
+        with lock:
+            events.append(("end", name, upto))
+            if upto == "vocab":
+                running_data.remove(name)
+        assert not (upto == "vocab" and overlapping), f"{name}'s data built beside another arm's"
+        return error if (name, upto) == ("broken", "vocab") else None
+
+    failures = build_arms(names, leaders, build, jobs=3)
+    assert list(failures) == names
+    assert failures == {**dict.fromkeys(names), "broken": error, "after_broken": error}
+    built = [(n, u) for kind, n, u in events if kind == "start"]
+    assert [n for n, u in built if u == "vocab"] == ["base", "sampled", "broken"]
+    assert sorted(n for n, u in built if u == "export") == ["base", "sampled", "steps2000", "vocab32k"]
+    for name in ("base", "steps2000", "vocab32k", "sampled"):
+        assert events.index(("end", leaders[name], "vocab")) < events.index(("start", name, "export"))
+    assert trained_beside == [True]

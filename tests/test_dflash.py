@@ -201,6 +201,15 @@ def test_blocks_are_anchored_at_supervised_positions_and_labelled_by_the_next_pr
     drawn = [BLOCK.collate(rows, objective, None, seed).anchors for seed in (7, 7, 8)]
     assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
     assert drawn[0].shape[1] == 3 and set(drawn[0][drawn[0] >= 0].tolist()) <= {a for row in anchors for a in row}
+    # rows padded to a fixed length get a fixed number of blocks (one compiled attention shape): the row length
+    # when every position anchors one, num_anchors when they are drawn, whatever the rows hold
+    wide = Objective.of(block_size=4, num_anchors=24)
+    assert max(len(c) for c in anchors) < 24
+    padded = [BLOCK.collate(rows, wide, 32, seed) for seed in (None, 7)]
+    assert [b.anchors.shape for b in padded] == [(2, 32), (2, 24)]
+    assert t == 32 and padded[0].anchors[:, :full.anchors.shape[1]].tolist() == anchors
+    assert (padded[0].anchors[:, full.anchors.shape[1]:] == -1).all()
+    assert [s.tolist() for s in padded[0].step_rows] == [s.tolist() for s in full.step_rows]
 
 
 @pytest.mark.parametrize("weighting", ["decay", "dpace"])

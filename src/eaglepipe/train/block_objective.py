@@ -40,10 +40,15 @@ from .block_attention import BlockAttention, flex_block_attention, math_block_at
 from .objective import Labels, Objective, TrainingObjective, replay_rounds
 
 
-def block_layout(batch: Batch, block: int, num_anchors: int, rngs: Optional[list[np.random.Generator]]) -> Batch:
+def block_layout(batch: Batch, block: int, num_anchors: int, rngs: Optional[list[np.random.Generator]],
+                 fixed_width: bool = False) -> Batch:
     """`batch` (on the CPU) with its blocks: `anchors` [R, A] (-1 pads rows with fewer blocks) and, per block
     position k = 1..block-1, the supervised blocks and their label rows (`step_slots`/`step_rows`). `rngs` (one
-    per row) draw `num_anchors` anchors per row among its supervised positions; None anchors every one."""
+    per row) draw `num_anchors` anchors per row among its supervised positions; None anchors every one.
+    `fixed_width` pads A to its most, `num_anchors` when drawing and the row length when not, so that every
+    micro-batch of padded rows has one shape: the compiled FlexAttention kernel is specialised to its key length,
+    and a new length each batch would exhaust torch.compile's recompile limit and fall back to the unfused kernel,
+    which materialises the [A*B, T + A*B] scores."""
     r, t = batch.input_ids.shape
     supervised = np.zeros(r * t, dtype=bool)
     supervised[batch.label_pos.numpy()] = True
@@ -56,7 +61,8 @@ def block_layout(batch: Batch, block: int, num_anchors: int, rngs: Optional[list
         if rngs is not None and len(cands) > num_anchors:
             cands = np.sort(rngs[row].choice(cands, num_anchors, replace=False))
         chosen.append(cands)
-    width = max(1, max(len(c) for c in chosen))
+    most = (num_anchors if rngs is not None else t) if fixed_width else 0
+    width = max(1, most, max(len(c) for c in chosen))
     anchors = np.full((r, width), -1, dtype=np.int64)
     for row, cands in enumerate(chosen):
         anchors[row, :len(cands)] = cands
@@ -197,9 +203,10 @@ def block_flops(cfg: DrafterConfig, batch: Batch, objective: Objective) -> float
 
 def block_collate(rows: list[list[dict]], objective: Objective, pad_to: Optional[int], seed: Optional[int]) -> Batch:
     """The micro-batch of sample `rows` with its blocks, each row's anchors drawn from the step's `seed` and the
-    row's samples (None: every position)."""
+    row's samples (None: every position); rows padded to `pad_to` get a fixed number of blocks too."""
     rngs = None if seed is None else [row_generator(seed, [s.get("id") for s in row]) for row in rows]
-    return block_layout(collate(rows, 1, pad_to), objective.block_size, objective.num_anchors, rngs)
+    return block_layout(collate(rows, 1, pad_to), objective.block_size, objective.num_anchors, rngs,
+                        fixed_width=pad_to is not None)
 
 
 # blocks of block_size - 1 drafts, the decay of consecutive positions exp(-1/gamma)
