@@ -151,6 +151,7 @@ def test_speculative_greedy_with_the_fast_drafter(runner, refs, drafters, algo, 
     print(algo, spec, slow.stats.tau, fast.stats.tau)
     assert fast.stats.tau > 1.2, fast.stats
     assert fast.stats.tau == pytest.approx(slow.stats.tau)
+    assert fast.stats.acceptance_rates() == pytest.approx(slow.stats.acceptance_rates())
 
 
 def test_fast_trees_decode_up_to_the_end_of_the_cache(target_dir, drafters):
@@ -187,12 +188,14 @@ def peagle_drafter(target_dir: Path, runner, refs, tmp_path_factory: pytest.Temp
     return root / "export"
 
 
-def test_p_eagle_blocks_on_the_fast_drafter(runner, refs, peagle_drafter):
+@pytest.mark.parametrize("k", [3, 5])
+def test_p_eagle_blocks_on_the_fast_drafter(runner, refs, peagle_drafter, k):
     """P-EAGLE's parallel round extends the drafter cache with the emitted tokens and its mask positions in one
-    call: through the fast drafter it decodes the plain greedy output with the PyTorch drafter's tau."""
+    call: through the fast drafter it decodes the plain greedy output with the PyTorch drafter's tau and
+    acceptance at every depth."""
     from eaglepipe.speculative import SpeculativeGenerator
 
-    spec = dict(num_steps=3, topk=1, num_draft_tokens=4)
+    spec = dict(num_steps=k, topk=1, num_draft_tokens=k + 1)
     slow = SpeculativeGenerator(runner, peagle_drafter, spec, options=EngineOptions(graph_rounds=True))
     fast = SpeculativeGenerator(runner, peagle_drafter, spec, drafter=slow.loaded,
                                 options=EngineOptions(token_path=True, graph_rounds=True))
@@ -203,3 +206,4 @@ def test_p_eagle_blocks_on_the_fast_drafter(runner, refs, peagle_drafter):
         assert out == refs
     assert fast.stats.tau > 1.2, fast.stats
     assert fast.stats.tau == pytest.approx(slow.stats.tau)
+    assert fast.stats.acceptance_rates() == pytest.approx(slow.stats.acceptance_rates())
