@@ -307,6 +307,44 @@ def test_top_k_and_top_p_filtering():
     torch.testing.assert_close(probs, torch.tensor([1.0, 0, 0, 0, 0]))
 
 
+def test_rows_are_filtered_each_by_its_own_params_in_one_pass():
+    """A batch's sampled rows are filtered together, each by its own temperature, top-k and top-p, exactly as
+    one row alone would be."""
+    from eaglepipe.engine.sampling import filtered_probs_rows
+
+    logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)) * 3
+    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
+              SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=0.5, top_k=9, top_p=0.8),
+              SamplingParams(temperature=2.0, top_k=64)]
+    together = filtered_probs_rows(logits, params)
+    for row, p in enumerate(params):
+        torch.testing.assert_close(together[row], filtered_probs(logits[row], p))
+    assert [int((together[row] > 0).sum()) for row in (1, 4)] == [5, 64]
+
+
+def test_draws_follow_the_distribution_and_never_pick_a_zero():
+    """Inverse-CDF draws at uniform u: each row's tokens come at its probabilities (chi-square), never where it
+    is zero, even at the extremes of u."""
+    import random
+
+    from eaglepipe.engine.sampling import draw
+    from test_spec_decode import chi2_pvalue
+
+    probs = torch.tensor([[0.1, 0.0, 0.4, 0.2, 0.3, 0.0], [0.0, 0.5, 0.0, 0.0, 0.25, 0.25]])
+    rng = random.Random(0)
+    counts = torch.zeros_like(probs)
+    for _ in range(4000):
+        tokens = draw(probs, torch.tensor([rng.random(), rng.random()], dtype=torch.float64))
+        counts[0, tokens[0]] += 1
+        counts[1, tokens[1]] += 1
+    assert not counts[probs == 0].any()
+    for row in range(2):
+        keep = probs[row] > 0
+        assert chi2_pvalue(counts[row][keep], probs[row][keep]) > 1e-4
+    # the extremes of u: the last nonzero token, not the zero after it; the first nonzero, not the zero before it
+    assert draw(probs, torch.tensor([0.0, 1 - 2 ** -53], dtype=torch.float64)).tolist() == [4, 1]
+
+
 def test_bad_requests_get_clear_errors(tiny_engine):
     with pytest.raises(PromptTooLongError, match="max_model_len"):
         tiny_engine.submit(list(range(3, 300)))

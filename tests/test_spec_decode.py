@@ -192,9 +192,11 @@ def chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
 
 
 def test_sample_accept_row_matches_target_distribution() -> None:
+    import random
+
     from eaglepipe.speculative.accept import sample_accept_row
 
-    gen = torch.Generator().manual_seed(0)
+    gen = random.Random(0)
     probs = torch.tensor([[0.05, 0.30, 0.25, 0.10, 0.20, 0.10],   # root
                           [0.50, 0.10, 0.10, 0.10, 0.10, 0.10],   # node 1 (token 2)
                           [0.20, 0.20, 0.20, 0.20, 0.10, 0.10],   # node 2 (token 0)

@@ -6,6 +6,7 @@ import collections
 import itertools
 import json
 import logging
+import random
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..target.info import load_tokenizer
 from .model import LlamaRunner
 from .prefix_cache import SlotPrefixCache
 from .request import GenerationResult, Request, RequestTracker, StreamCallback
-from .sampling import SamplingParams, make_generator, sample_rows
+from .sampling import SamplingParams, make_rng, sample_rows
 from .stats import EngineStats, Stopwatch
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class Engine:
             if bounded and len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
             rid = request_id or f"req-{next(self._ids)}"
-            self._waiting.append(Request(rid, prompt, params, fut, on_delta, make_generator(params, self.device)))
+            self._waiting.append(Request(rid, prompt, params, fut, on_delta, make_rng(params)))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._worker, name="eaglepipe-engine", daemon=True)
                 self._thread.start()
@@ -327,7 +328,7 @@ class Engine:
             reqs = [admitted[i] for i in group]
             watch = Stopwatch()
             out = self.runner.prefill([r.prompt for r in reqs], [r.slot for r in reqs], reused=[r.reused for r in reqs])
-            first = sample_rows(out.last_logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+            first = sample_rows(out.last_logits, [r.params for r in reqs], [r.rng for r in reqs]).tolist()
             reused = sum(r.reused for r in reqs)
             self.stats.add(prefill_forwards=1, prefill_tokens=sum(len(r.prompt) for r in reqs) - reused,
                            prefill_reused_tokens=reused, prefill_seconds=watch.lap())
@@ -354,7 +355,7 @@ class Engine:
 
     def _decode_eager(self, reqs: list[Request]) -> list[list[int]]:
         logits = self.runner.decode([r.tokens[-1] for r in reqs], [r.slot for r in reqs])
-        new = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs]).tolist()
+        new = sample_rows(logits, [r.params for r in reqs], [r.rng for r in reqs]).tolist()
         return [[tok] for tok in new]
 
     def _decode_graphs(self, reqs: list[Request], steps: int) -> list[list[int]]:
@@ -367,12 +368,12 @@ class Engine:
         saved = self.runner.copy_positions(shielded, steps) if shielded else None
         tokens, lens = [0] * rows, [0] * rows
         params = [SamplingParams()] * rows
-        gens: list[torch.Generator | None] = [None] * rows
+        rngs: list[random.Random | None] = [None] * rows
         for r in reqs:
             tokens[r.slot], lens[r.slot] = r.tokens[-1], self.runner.lengths[r.slot]
-            params[r.slot], gens[r.slot] = r.params, r.generator
+            params[r.slot], rngs[r.slot] = r.params, r.rng
         def sample(logits: torch.Tensor, n: int) -> torch.Tensor:
-            return sample_rows(logits, params[:n], gens[:n])
+            return sample_rows(logits, params[:n], rngs[:n])
 
         ring = self.graphs.run(tokens, lens, steps, None if all(p.greedy for p in params) else sample)
         if saved is not None:

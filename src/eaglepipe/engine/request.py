@@ -1,11 +1,10 @@
 """Per-request bookkeeping: generated tokens, stop conditions, incremental text for stop strings and streaming."""
 from __future__ import annotations
 
+import random
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
-
-import torch
 
 from .sampling import SamplingParams
 
@@ -47,7 +46,7 @@ class Request:
     params: SamplingParams
     future: Future
     on_delta: StreamCallback | None = None
-    generator: torch.Generator | None = None
+    rng: random.Random | None = None  # the host RNG of a sampled request (sampling.make_rng)
     slot: int = -1
     reused: int = 0  # leading prompt tokens whose K/V the slot already held (prefix reuse)
     tokens: list[int] = field(default_factory=list)

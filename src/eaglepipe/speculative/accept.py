@@ -7,10 +7,12 @@ rejection, and the first token it emits is distributed exactly as p (the target'
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
+from ..engine.sampling import draw
 from ..engine.token_path import visible_order
 from .tree import VerifyTree
 
@@ -95,7 +97,7 @@ def children_lists(parents: list[int]) -> list[list[int]]:
 
 
 def sample_accept_row(tokens: list[int], parents: list[int], probs: torch.Tensor,
-                      generator: torch.Generator | None) -> tuple[list[int], int]:
+                      rng: random.Random) -> tuple[list[int], int]:
     """Tree speculative sampling for one row: (accepted path in verify order, the token emitted after it).
 
     probs [S, V]: the target's filtered next-token distribution at every node. At each node the children are
@@ -109,12 +111,11 @@ def sample_accept_row(tokens: list[int], parents: list[int], probs: torch.Tensor
         for child in kids[node]:
             x = tokens[child]
             mass = p.sum()
-            u = torch.rand((), generator=generator, device=p.device)
-            if bool(u * mass < p[x]):
+            if bool(mass * rng.random() < p[x]):
                 accepted = child
                 break
             p[x] = 0.0
         if accepted is None:
-            return path, int(torch.multinomial(p / p.sum(), 1, generator=generator))
+            return path, int(draw(p[None], torch.tensor([rng.random()], device=p.device))[0])
         path.append(accepted)
         node = accepted

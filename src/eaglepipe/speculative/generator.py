@@ -17,6 +17,7 @@ bucket).
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,7 +27,7 @@ import torch
 from ..config.schema import EngineOptions
 from ..engine.model import LlamaRunner
 from ..engine.options import resolve_options
-from ..engine.sampling import SamplingParams, filtered_probs, make_generator, sample_rows
+from ..engine.sampling import SamplingParams, filtered_probs, make_rng, sample_rows
 from ..families.registry import family_of
 from .accept import greedy_accept, sample_accept_row
 from .config import SpecConfig
@@ -70,7 +71,7 @@ class Rows:
 
     slots: list[int]
     params: list[SamplingParams]
-    generators: list[torch.Generator | None]
+    rngs: list[random.Random | None]
     on_tokens: list[OnTokens]
     verify_ct: dict[int, int]  # slot -> verification rounds so far (shared by all row subsets of one batch)
     draft_hidden: torch.Tensor  # [B, H] drafter state after the root
@@ -85,7 +86,7 @@ class Rows:
         """The rows at the indices `keep` (in that order)."""
         idx = torch.tensor(keep, device=self.draft_hidden.device)
         slots = [self.slots[i] for i in keep]
-        return Rows(slots, [self.params[i] for i in keep], [self.generators[i] for i in keep],
+        return Rows(slots, [self.params[i] for i in keep], [self.rngs[i] for i in keep],
                     [self.on_tokens[i] for i in keep], self.verify_ct, self.draft_hidden[idx], self.draft_logits[idx],
                     self.roots[idx], self.lengths[idx], self.slots_t[idx], slot_span(slots),
                     [self.left[i] for i in keep])
@@ -137,14 +138,14 @@ class SpeculativeGenerator:
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
                        slots: Sequence[int], on_tokens: Sequence[OnTokens],
-                       generators: Sequence[torch.Generator | None] | None = None) -> list[int]:
+                       rngs: Sequence[random.Random | None] | None = None) -> list[int]:
         """Decode several requests in lockstep (one verify forward per round for all). Returns spec_verify_ct
         per request: the number of verification rounds it took part in."""
         if not (len(prompts) == len(params) == len(slots) == len(on_tokens)) or not prompts:
             raise ValueError("generate_batch needs one params, slot and callback per prompt")
         verify_ct = {s: 0 for s in slots}
         with torch.inference_mode():
-            rows = self.start(prompts, params, slots, on_tokens, generators, verify_ct)
+            rows = self.start(prompts, params, slots, on_tokens, rngs, verify_ct)
             if rows is not None and self.round_graph is not None and all(p.greedy for p in rows.params):
                 rows = self.round_graph.decode(rows)  # hands back the rows that near the cache's end
             while rows is not None:
@@ -153,7 +154,7 @@ class SpeculativeGenerator:
 
     # ------------------------------------------------------------------ the request flow
     def start(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], slots: Sequence[int],
-              on_tokens: Sequence[OnTokens], generators: Sequence[torch.Generator | None] | None = None,
+              on_tokens: Sequence[OnTokens], rngs: Sequence[random.Random | None] | None = None,
               verify_ct: dict[int, int] | None = None) -> Rows | None:
         """Prefill the target (capturing the drafter's inputs) and the drafter, then emit each request's first token.
         Returns the rows still decoding (None when every request stopped at its first token); their verification
@@ -164,12 +165,12 @@ class SpeculativeGenerator:
         nothing."""
         dev = self.runner.device
         params, slots = list(params), list(slots)
-        gens = list(generators) if generators is not None else [make_generator(p, dev) for p in params]
+        rngs = list(rngs) if rngs is not None else [make_rng(p) for p in params]
         verify_ct = {s: 0 for s in slots} if verify_ct is None else verify_ct
         shifted = [torch.tensor(list(p[1:]), dtype=torch.long, device=dev) for p in prompts]
         slots_t = torch.tensor(slots, device=dev)
         out = self.runner.prefill(prompts, slots, capture_layers=self.steps.capture)
-        first_t = sample_rows(out.last_logits, params, gens)
+        first_t = sample_rows(out.last_logits, params, rngs)
         drafted = []
         for i, slot in enumerate(slots):
             ids = torch.cat([shifted[i], first_t[i:i + 1]])[None]  # the drafter's tokens: one ahead of the target's
@@ -181,7 +182,7 @@ class SpeculativeGenerator:
             return None
         kept = [slots[i] for i in keep]
         idx = torch.tensor(keep, device=dev)
-        return Rows(kept, [params[i] for i in keep], [gens[i] for i in keep], [on_tokens[i] for i in keep],
+        return Rows(kept, [params[i] for i in keep], [rngs[i] for i in keep], [on_tokens[i] for i in keep],
                     verify_ct, torch.stack([drafted[i][0] for i in keep]), torch.stack([drafted[i][1] for i in keep]),
                     first_t[idx], torch.tensor([self.runner.lengths[s] for s in kept], device=dev),
                     torch.tensor(kept, device=dev), slot_span(kept), [params[i].max_new_tokens - 1 for i in keep])
@@ -241,7 +242,7 @@ class SpeculativeGenerator:
                 bonus.append(one.bonus[0])
             else:
                 path, tok = sample_accept_row(tree_tokens[r], parents[r], filtered_probs(logits[r], p),
-                                              rows.generators[r])
+                                              rows.rngs[r])
                 paths.append(path)
                 bonus.append(tok)
         return paths, bonus, tree_tokens
