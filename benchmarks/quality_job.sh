@@ -13,7 +13,9 @@
 #             order after the base arm; default every arm), --jobs of them training at once (default 4); --alone
 #             runs the named arms without the base arm (ablation.py --alone)
 #   family    issue 20's comparison of drafter families (benchmarks/family_compare.yaml: EAGLE-3, P-EAGLE, DFlash
-#             on the ablation setup), --jobs of them training at once
+#             on the ablation setup), --jobs of them training at once; --family-arms names some of them
+#             (comma-separated; default all), and with --alone they run without the EAGLE-3 arm, whose latest
+#             recorded row is then their baseline
 #   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
 #             --profile-mbs (default "4 8"): the compiled loss alone with the batches copied from pageable memory
 #             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,
@@ -28,13 +30,14 @@
 #     --rows-xz <rows .jsonl.xz> --val-xz <val .jsonl.xz> --n 6000 --store /root/store --phases "h2h lk" &
 #   setsid nohup bash benchmarks/quality_job.sh --store /root/store --phases ablation \
 #     --arms-file benchmarks/levers_smollm2.yaml --arms sampled_x2,steps2000 --jobs 3 --alone &
+#   setsid nohup bash benchmarks/quality_job.sh --store /root/store --phases family --family-arms dflash --alone &
 # --rows-xz/--val-xz (the phases h2h, prep, lk and profile need them) are the kit's make_sharegpt_jsonl.py output
 # (the first usable rows in file order; the validation file is its last 200 usable rows), xz-compressed.
 # Progress: <store>/logs/job.txt; each phase logs beside it.
 set -u
 STORE=logs/quality_job PHASES="h2h lk" N=6000 ROWS_XZ= VAL_XZ= KIT= NEMO_WHEELS= LK_ARMS=lk_alpha_mb4,mb4,lk_lambda
-ARMS_FILE=benchmarks/ablation_smollm2.yaml ARMS= JOBS=4 ALONE= PROFILE_MBS="4 8" H2H_MB=4
-OPTIONS=(store phases n rows-xz val-xz kit nemo-wheels lk-arms arms-file arms jobs profile-mbs h2h-mb)
+ARMS_FILE=benchmarks/ablation_smollm2.yaml ARMS= FAMILY_ARMS= JOBS=4 ALONE= PROFILE_MBS="4 8" H2H_MB=4
+OPTIONS=(store phases n rows-xz val-xz kit nemo-wheels lk-arms arms-file arms family-arms jobs profile-mbs h2h-mb)
 SWITCHES=(alone)
 source "$(dirname "$0")/flags.sh"
 parse_flags "$@"
@@ -108,7 +111,8 @@ for phase in $PHASES; do
                 --jobs "$JOBS" ${ARMS:+--only "$ARMS"} ${ALONE:+--alone} --hardware "$GPU" \
                 "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/ablation.log" 2>&1 ;;
     family) python3 benchmarks/ablation.py benchmarks/family_compare.yaml --work "$STORE/family" --jobs "$JOBS" \
-              --hardware "$GPU" "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/family.log" 2>&1 ;;
+              ${FAMILY_ARMS:+--only "$FAMILY_ARMS"} ${ALONE:+--alone} --hardware "$GPU" \
+              "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/family.log" 2>&1 ;;
     *) log "unknown phase $phase" ;;
   esac
   log "phase $phase rc=$?"
