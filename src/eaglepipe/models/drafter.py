@@ -42,12 +42,15 @@ class DrafterModule(nn.Module):
         """The decoder layers (compiled together in training)."""
         raise NotImplementedError
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, dynamic: bool | None = False) -> None:
         """torch.compile each decoder layer's projections and its o_proj + MLP (`project`, `finish`): their
-        elementwise work fuses and the host issues fewer launches; the attention between them stays as it is."""
+        elementwise work fuses and the host issues fewer launches; the attention between them stays as it is.
+        `dynamic` as torch.compile takes it: False specialises to each shape (for inputs of a few fixed shapes),
+        None compiles for any shape once a second one comes (torch.compile otherwise recompiles for every new
+        shape up to its limit, then runs the rest eagerly)."""
         for layer in self.draft_layers():
-            layer.project = torch.compile(layer.project, dynamic=False)
-            layer.finish = torch.compile(layer.finish, dynamic=False)
+            layer.project = torch.compile(layer.project, dynamic=dynamic)
+            layer.finish = torch.compile(layer.finish, dynamic=dynamic)
 
 
 class FullVocab:
@@ -97,13 +100,14 @@ class DraftModule(DrafterModule):
         x, q, k, v = self.attention_inputs(input_ids, hidden, position_ids)
         return self.draft_layers()[0].finish(attend(q, k, v), self.residual(x, hidden))
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, dynamic: bool | None = False) -> None:
         """torch.compile a step's work on either side of its attention: `attention_inputs` (the embedding, the
         input norms, RoPE and q/k/v) and the layer's o_proj + MLP (`finish`). Their elementwise work fuses and
-        the host issues far fewer launches a step; the attention between them stays as it is."""
-        self.attention_inputs = torch.compile(self.attention_inputs, dynamic=False)
+        the host issues far fewer launches a step; the attention between them stays as it is. `dynamic` as in
+        `DrafterModule.compile_layers`."""
+        self.attention_inputs = torch.compile(self.attention_inputs, dynamic=dynamic)
         layer = self.draft_layers()[0]
-        layer.finish = torch.compile(layer.finish, dynamic=False)
+        layer.finish = torch.compile(layer.finish, dynamic=dynamic)
 
     def next_state(self, layer_out: torch.Tensor) -> torch.Tensor:
         """What the next drafting step consumes."""

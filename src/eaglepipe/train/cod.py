@@ -147,6 +147,7 @@ def cod_flops(cfg: DrafterConfig, batch: Batch, objective: Objective) -> float:
     return 3.0 * (fuse + layer + attn + head)
 
 
-# P-EAGLE's parallel drafting: every depth's mean weighs alike in the loss
+# P-EAGLE's parallel drafting: every depth's mean weighs alike in the loss; the depths' kept slots, and so the
+# layer's shapes, vary with each micro-batch's draws
 COD = TrainingObjective(steps=lambda o: o.ttt_steps, decay=lambda o: 1.0, collate=cod_collate,
-                        attention=ttt_attention_of, loss=cod_loss, flops=cod_flops)
+                        attention=ttt_attention_of, loss=cod_loss, flops=cod_flops, fixed_shapes=False)

@@ -121,7 +121,7 @@ class Trainer:
         label_ids = self.family.label_ids(d2t)
         self.label_ids = None if label_ids is None else label_ids.to(self.device)
         if tc.compile and self.device.type == "cuda":
-            self.drafter.compile_layers()
+            self.drafter.compile_layers(dynamic=False if objective_of(self.drafter).fixed_shapes else None)
         self.cache: Optional[OfflineCache] = None
         if offline:
             self.cache = OfflineCache(paths.hidden, {"train": self.train_samples, "val": self.val_samples},

@@ -252,7 +252,9 @@ class TrainingObjective:
     reported loss, the micro-batch of sample rows (`collate(rows, objective, pad_to, seed)`, seed None for
     validation: nothing drawn at random), the attention its loss takes (`attention(batch, objective, heads, flex)`),
     the loss (`loss(drafter, batch, fused features, labels, objective, attention, denominators, metrics=True)`: the
-    loss and, with `metrics`, the metric sums) and the drafter's forward + backward FLOPs on a batch."""
+    loss and, with `metrics`, the metric sums) and the drafter's forward + backward FLOPs on a batch;
+    `fixed_shapes`: whether the drafter layer sees the same shapes every micro-batch of padded rows (train.compile
+    then compiles it for those shapes alone) or shapes that vary with what is drawn (then for any shape)."""
 
     steps: Callable[[Objective], int]
     decay: Callable[[Objective], float]
@@ -260,6 +262,7 @@ class TrainingObjective:
     attention: Callable[[Batch, Objective, int, bool], Any]
     loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     flops: Callable[[DrafterConfig, Batch, Objective], float]
+    fixed_shapes: bool = True
 
 
 def ttt_attention_of(batch: Batch, objective: Objective, heads: int, flex: bool) -> Step0Fn:
