@@ -328,6 +328,7 @@ def test_draws_follow_the_distribution_and_never_pick_a_zero():
     import random
 
     from eaglepipe.engine.sampling import draw
+
     from test_spec_decode import chi2_pvalue
 
     probs = torch.tensor([[0.1, 0.0, 0.4, 0.2, 0.3, 0.0], [0.0, 0.5, 0.0, 0.0, 0.25, 0.25]])
