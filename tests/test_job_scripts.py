@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-JOBS = ["gpu_run.sh", "gpu_collect.sh", "peer_nemo.sh", "quality_job.sh"]
+JOBS = ["gpu_run.sh", "gpu_collect.sh", "peer_nemo.sh", "quality_job.sh", "lease_job.sh", "lease_poll.sh"]
 
 
 def parse(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -23,6 +23,12 @@ def test_options_switches_and_arguments_become_variables():
     done = parse("out", "--phases", "ablation profile", "--alone", "--arms-file", "a b.yaml", "more")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "default|ablation profile|1|a b.yaml|out|more|"
+
+
+def test_everything_after_a_double_dash_is_an_argument():
+    done = parse("--phases", "family", "--", "--arms", "x", "--alone")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "default|family||unset|--arms|x|--alone|"
 
 
 def test_an_unknown_option_or_a_missing_value_stops_the_job():
