@@ -33,9 +33,10 @@ from eaglepipe.data.tokens_io import read_tokens, write_token_shards
 from eaglepipe.data.vocab import save_vocab
 from eaglepipe.engine import EngineOptions
 from eaglepipe.engine.model import LlamaRunner
+from eaglepipe.export.layout import WEIGHTS_FILE
 from eaglepipe.speculative import SpeculativeGenerator
 from eaglepipe.speculative.agreement import compare, replay_by_turn
-from eaglepipe.speculative.drafter_loader import exported_config, sglang_dir
+from eaglepipe.speculative.drafter_loader import drafter_dir, format_dir_config
 from eaglepipe.target.info import load_tokenizer, resolve_model_dir
 from eaglepipe.train.loop import Paths, Trainer
 from eaglepipe.train.setup import target_info
@@ -67,10 +68,11 @@ def greedy_samples(target: Path, prompts: list[list[int]], max_new_tokens: int, 
 
 def replay_trainer(target: Path, export: Path, samples: list[dict], ttt_steps: int, device: torch.device,
                    work: Path) -> Trainer:
-    """A Trainer (fp32, online) whose drafter is the export, over `samples`, with the export's draft vocab."""
+    """A Trainer (fp32, online) whose drafter is the export (its family's training objective), over `samples`, with
+    the export's draft vocab."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(export / "model.safetensors"))
+    weights = load_file(str(export / WEIGHTS_FILE))
     save_vocab(work / "vocab", weights["d2t"], weights["t2d"], torch.zeros(weights["t2d"].numel(), dtype=torch.long))
     write_token_shards(work / "tokens", "train", samples)
     write_token_shards(work / "tokens", "val", samples)
@@ -80,36 +82,41 @@ def replay_trainer(target: Path, export: Path, samples: list[dict], ttt_steps: i
     d = to_dict(Config())
     d["device"] = device.type
     d["data"]["seq_length"] = max(len(s["input_ids"]) for s in samples)
-    _, exported = exported_config(json.loads((export / "config.json").read_text()), layers)
+    _, exported = format_dir_config(export, layers)
     d["target"]["aux_layers"] = exported.aux_layers
-    d["train"].update(algorithm="eagle3", ttt_steps=ttt_steps, max_steps=1, micro_batch_size=1, pack=False,
-                      precision="fp32", init_from=str(export))
+    d["train"].update(algorithm=exported.algorithm, ttt_steps=ttt_steps, max_steps=1, micro_batch_size=1,
+                      pack=False, precision="fp32", init_from=str(export))
+    d["bench"]["sweep"] = [dict(num_steps=ttt_steps, topk=1, num_draft_tokens=ttt_steps + 1)]  # the chain checked
     return Trainer(params_from_dict(d), Paths(target, work / "tokens", work / "vocab", work / "hidden", work / "train"))
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", required=True, type=Path, help="fetch_target output dir or HF model dir")
-    ap.add_argument("--export", required=True, type=Path, help="export dir (or its sglang/ dir) of an EAGLE-3 drafter")
+    ap.add_argument("--export", required=True, type=Path,
+                    help="export dir (or its sglang/ or vllm/ dir) of an EAGLE-family or P-EAGLE drafter")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--prompts", type=int, default=8, help="prompts for the agreement check (0: skip it)")
     ap.add_argument("--prompts-path", type=Path, default=None, help="JSONL/parquet prompts instead of MT-bench")
     ap.add_argument("--prompts-field", default="messages", help="with --prompts-path: the prompt field")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--ttt-steps", type=int, default=7, help="K: chain drafts per round (the TTT unroll)")
+    ap.add_argument("--ttt-steps", type=int, default=7,
+                    help="K: chain drafts per round (the TTT unroll's steps, P-EAGLE's depths)")
     ap.add_argument("--tokens", type=Path, default=None, help="tokenize-stage output: split its val answers by turn")
     ap.add_argument("--val-samples", type=int, default=40)
     ap.add_argument("--results", default=None, help="RESULTS.md to append to ('' to skip)")
     add_engine_flags(ap)
     args = ap.parse_args(argv)
     device = pick_device(args.device)
-    target, export = args.target, sglang_dir(args.export)
+    target, export = args.target, drafter_dir(args.export)
     tokenizer = load_tokenizer(resolve_model_dir(target))
     prompts = first_turn_prompts(tokenizer, max(args.prompts, 1), args.prompts_path, args.prompts_field)
     options = options_from_args(args)
     samples = greedy_samples(target, prompts, args.max_new_tokens, tokenizer.eos_token_id, device, options)
     k = args.ttt_steps
-    result: dict = {"target": str(args.target), "export": str(args.export), "ttt_steps": k, "device": str(device),
+    algorithm = format_dir_config(export, int(target_info(target)["num_layers"]))[1].algorithm
+    result: dict = {"target": str(args.target), "export": str(args.export), "algorithm": algorithm, "ttt_steps": k,
+                    "device": str(device),
                     "prompts": "MT-bench" if args.prompts_path is None else str(args.prompts_path),
                     "engine_options": engine_options_config(options, device)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,8 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
             parts.append(f"val replay τ{cap} {v['replay_tau']:.2f}: first turns {v['first']['replay_tau']:.2f}, "
                          f"later turns {v['later']['replay_tau']:.2f} ({v['samples']} samples)")
         command = "python benchmarks/replay_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        append_result_row(results, f"replay_check (chain {k}, fp32)", hardware_name(device), command,
-                          "; ".join(parts), "(none: training vs serving on the same answers)",
+        append_result_row(results, f"replay_check ({algorithm}, chain {k}, fp32)", hardware_name(device),
+                          command, "; ".join(parts), "(none: training vs serving on the same answers)",
                           config={"engine_options": result["engine_options"]})
     return result
 

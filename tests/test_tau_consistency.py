@@ -118,6 +118,7 @@ def train_and_serve(corpus: Corpus, out: Path, algorithm: str, ttt_steps: int, s
     d["device"] = "cpu"
     d["data"]["seq_length"] = 128
     d["target"]["aux_layers"] = AUX_LAYERS
+    d["bench"]["sweep"] = [dict(num_steps=ttt_steps, topk=1, num_draft_tokens=ttt_steps + 1)]  # the round served
     d["train"].update(dict(algorithm=algorithm, ttt_steps=ttt_steps, max_steps=steps, micro_batch_size=4, lr=5e-3,
                            warmup_ratio=0.0, min_lr_ratio=0.01, max_grad_norm=10.0, pack=False, log_every=steps,
                            eval_every=steps, save_every=steps))
@@ -129,7 +130,7 @@ def train_and_serve(corpus: Corpus, out: Path, algorithm: str, ttt_steps: int, s
     export_checkpoint(read_checkpoint(resolve_checkpoint(out / "train", "LATEST")), corpus.target, out / "export", req)
     runner = LlamaRunner(corpus.target, device="cpu", dtype=torch.float32, max_slots=1, max_len=256)
     spec = dict(num_steps=ttt_steps, topk=1, num_draft_tokens=ttt_steps + 1)
-    return Served(trainer, val_metrics, SpeculativeGenerator(runner, out / "export" / "sglang", spec), ttt_steps)
+    return Served(trainer, val_metrics, SpeculativeGenerator(runner, out / "export", spec), ttt_steps)
 
 
 def assert_consistent(served: Served, corpus: Corpus, seen: int = 4) -> None:
@@ -259,6 +260,13 @@ def test_exported_drafter_logits_equal_the_training_module(served: Served, corpu
             worst[1] = max(worst[1], float((step1[0, 0] - want[1][p]).abs().max()))
     scale = float(logits[0].abs().max())
     assert max(worst) <= 1e-5 * scale, (worst, scale)
+
+
+def test_p_eagle_serving_accepts_what_its_training_predicts(corpus: Corpus, tmp_path: Path) -> None:
+    """P-EAGLE: a round's K drafts come from one forward over the emitted tokens and K-1 mask positions; the
+    training module's depths at every slot (validation keeps them all) predict each round's acceptance, depth
+    by depth."""
+    assert_consistent(train_and_serve(corpus, tmp_path, "peagle", ttt_steps=5, steps=120), corpus)
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,20 @@
 """Training and serving, compared on the same answers.
 
-The training module's TTT unroll says, for every answer slot, how many leading draft steps it gets right; a
-greedy chain round of the serving engine that starts at that slot accepts exactly that many (on the target's
-own greedy answers, in fp32). These helpers measure both sides on the same samples, so that a mismatch between
-what training optimises and what serving does shows up as rounds that differ, and they split the training
-replay by assistant turn, since a drafter's τ depends on where in a conversation it drafts.
+The training module's unroll (the TTT steps, or P-EAGLE's depths) says, for every answer slot, how many leading
+drafts it gets right; a greedy chain round of the serving engine that starts at that slot accepts exactly that
+many (on the target's own greedy answers, in fp32). These helpers measure both sides on the same samples, so that
+a mismatch between what training optimises and what serving does shows up as rounds that differ, and they split
+the training replay by assistant turn, since a drafter's τ depends on where in a conversation it drafts.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..train.batches import Batch, collate
+from ..train.batches import Batch
 from ..train.objective import Labels, replay_rounds
 
 if TYPE_CHECKING:
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
 
 
 class Unroll(NamedTuple):
-    """The training module's TTT unroll over one sample: its batch and labels, the draft logits of each step at
-    that step's supervised slots (as `ttt_loss` computes them), and `ttt_loss`'s metric sums."""
+    """The training module's unroll over one sample: its batch and labels, the draft logits of each step (each
+    depth, for P-EAGLE's objective) at that step's supervised slots, as the loss computes them, and the loss's
+    metric sums."""
 
     batch: Batch
     labels: Labels
@@ -32,20 +34,27 @@ class Unroll(NamedTuple):
 
 
 def training_unroll(trainer: Trainer, sample: dict, ttt_steps: int) -> Unroll:
-    """Run the training module (no gradients) over one sample, recording `drafter.logits` as it is called."""
-    from ..train.module import TTTModule
-    from ..train.ttt_attention import document_causal_mask, math_step0
+    """Run the training module (no gradients) over one sample, recording `drafter.logits` as it is called: the
+    drafter family's own objective (the TTT unroll, or P-EAGLE's depths, every one kept as in validation), with
+    `ttt_steps` steps."""
+    from ..families.registry import family_of
+    from ..train.module import TTTModule, objective_of
 
     drafter = trainer.drafter
-    batch = collate([[sample]], ttt_steps)
+    if family_of(drafter.config).objective == "block":
+        raise ValueError(f"a {drafter.config.algorithm} drafter is trained on blocks at sampled anchors, not on a "
+                         f"round's drafts from every slot: no per-slot replay to compare")
+    kind = objective_of(drafter)
+    objective = dataclasses.replace(trainer.objective, ttt_steps=ttt_steps)
+    batch = kind.collate([[sample]], objective, None, None)
     recorded: list[torch.Tensor] = []
     plain = drafter.logits
     drafter.logits = lambda x: recorded.append(plain(x)) or recorded[-1]
     try:
         with torch.no_grad():
             feats, labels = trainer.features(batch, "val")
-            _, sums = TTTModule(drafter, trainer.objective)(
-                batch, feats, labels, math_step0(document_causal_mask(batch.doc_ids)), [1.0] * ttt_steps)
+            attention = kind.attention(batch, objective, drafter.config.num_attention_heads, False)
+            _, sums = TTTModule(drafter, objective)(batch, feats, labels, attention, [1.0] * ttt_steps)
     finally:
         del drafter.logits
     return Unroll(batch, labels, recorded, sums)
