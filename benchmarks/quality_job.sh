@@ -41,6 +41,12 @@ OPTIONS=(store phases n rows-xz val-xz kit nemo-wheels lk-arms arms-file arms fa
 SWITCHES=(alone)
 source "$(dirname "$0")/flags.sh"
 parse_flags "$@"
+for phase in $PHASES; do  # a misspelt phase stops the job before anything runs, not after the phases before it
+  case " prep h2h lk profile ablation family " in
+    *" $phase "*) ;;
+    *) echo "quality_job.sh: unknown phase $phase (phases: prep h2h lk profile ablation family)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$STORE/logs" "$STORE/data"
 export PYTHONUNBUFFERED=1 PYTHONPATH=src  # the box runs this checkout, eaglepipe not installed
 log() { echo "$(date +%T) $*" >> "$STORE/logs/job.txt"; }
@@ -113,7 +119,6 @@ for phase in $PHASES; do
     family) python3 benchmarks/ablation.py benchmarks/family_compare.yaml --work "$STORE/family" --jobs "$JOBS" \
               ${FAMILY_ARMS:+--only "$FAMILY_ARMS"} ${ALONE:+--alone} --hardware "$GPU" \
               "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/family.log" 2>&1 ;;
-    *) log "unknown phase $phase" ;;
   esac
   log "phase $phase rc=$?"
 done

@@ -51,3 +51,11 @@ def test_each_job_prints_its_usage_and_refuses_unknown_options(job):
     refused = subprocess.run(["bash", f"benchmarks/{job}", "--no-such-option", "1"], cwd=REPO, capture_output=True,
                              text=True)
     assert refused.returncode == 2 and "unknown option --no-such-option" in refused.stderr
+
+
+def test_a_misspelt_phase_stops_the_quality_job_before_anything_runs(tmp_path):
+    store = tmp_path / "store"
+    done = subprocess.run(["bash", "benchmarks/quality_job.sh", "--store", str(store), "--phases", "family abaltion"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown phase abaltion" in done.stderr
+    assert not store.exists()
