@@ -120,9 +120,11 @@ def reference_block(model, features: torch.Tensor, tokens: list[int], pos: list[
     return (_rms(x, w["norm.weight"], eps) @ model.lm_head_weight.double().t())[1:]
 
 
-def test_block_forward_matches_a_direct_reference() -> None:
+@pytest.mark.parametrize("pad_to", [None, 32], ids=["unpadded", "padded"])
+def test_block_forward_matches_a_direct_reference(pad_to: int | None) -> None:
     """Two packed documents and a second row: every block's logits through the training forward (explicit-score
-    attention and FlexAttention) equal the direct computation."""
+    attention and FlexAttention) equal the direct computation; rows padded to a fixed length add padding blocks,
+    whose outputs stay finite (a NaN there would reach the weights' gradients)."""
     from eaglepipe.train.block_attention import flex_block_attention, math_block_attention
     from eaglepipe.train.block_objective import BLOCK, block_outputs
     from eaglepipe.train.objective import Objective
@@ -130,7 +132,7 @@ def test_block_forward_matches_a_direct_reference() -> None:
     cfg = tiny_config()
     model = random_drafter(cfg).eval()
     objective = Objective.of(block_size=cfg.block_size)
-    batch = BLOCK.collate([samples([9, 11]), samples([14], seed=1)], objective, None, None)
+    batch = BLOCK.collate([samples([9, 11]), samples([14], seed=1)], objective, pad_to, None)
     features = torch.randn(*batch.input_ids.shape, 3 * 32, generator=torch.Generator().manual_seed(3))
     fused = model.fuse(features)
     with torch.no_grad():
@@ -138,6 +140,7 @@ def test_block_forward_matches_a_direct_reference() -> None:
                 for name, attend in (("math", math_block_attention(batch.anchors, batch.doc_ids, cfg.block_size)),
                                      ("flex", flex_block_attention(batch.anchors, batch.doc_ids, cfg.block_size, 4)))}
     a = batch.anchors.shape[1]
+    assert all(torch.isfinite(out).all() for out in outs.values())
     checked = 0
     for r in range(2):
         for j, anchor in enumerate(batch.anchors[r].tolist()):
