@@ -1,8 +1,8 @@
 # parse_flags "$@": the calling script's `--some-name VALUE` options into shell variables (SOME_NAME), for the names
 # in OPTIONS (each takes a value) and SWITCHES (no value: the variable becomes 1); other arguments are kept, in
-# order, in ARGS, and so is everything after `--`, options included (for a script that hands them on). `--help` prints the script's header comment; an unknown option or a missing value stops the
-# script (exit 2). Sourced by the GPU jobs, which set their defaults first, so that no environment variable acts
-# as one of their switches.
+# order, in ARGS, and so is everything after `--`, options included (for a script that hands them on). `--help`
+# prints the script's header comment; an unknown option or a missing value stops the script (exit 2). Sourced by
+# the GPU jobs, which set their defaults first, so that no environment variable acts as one of their switches.
 parse_flags() {
   ARGS=()
   local name var

@@ -114,13 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
     options = options_from_args(args)
     samples = greedy_samples(target, prompts, args.max_new_tokens, tokenizer.eos_token_id, device, options)
     k = args.ttt_steps
-    algorithm = format_dir_config(export, int(target_info(target)["num_layers"]))[1].algorithm
-    result: dict = {"target": str(args.target), "export": str(args.export), "algorithm": algorithm, "ttt_steps": k,
-                    "device": str(device),
+    result: dict = {"target": str(args.target), "export": str(args.export), "ttt_steps": k, "device": str(device),
                     "prompts": "MT-bench" if args.prompts_path is None else str(args.prompts_path),
                     "engine_options": engine_options_config(options, device)}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = replay_trainer(target, export, samples, k, device, Path(tmp))
+        algorithm = result["algorithm"] = trainer.drafter.config.algorithm
         if args.prompts > 0:
             runner = LlamaRunner(target, device=device, dtype=torch.float32, max_slots=1,
                                  max_len=max(len(s["input_ids"]) for s in samples) + k + 8, options=options)

@@ -118,10 +118,11 @@ class Trainer:
                                   torch.float32 if offline or not bf16 else torch.bfloat16, tc.attn_impl)
         self.drafter = initial_drafter(cfg, self.info, model, d2t, t2d, tc.init_from, paths.target).to(self.device)
         self.family = family_of(self.drafter.config)
+        self.kind = objective_of(self.drafter)
         label_ids = self.family.label_ids(d2t)
         self.label_ids = None if label_ids is None else label_ids.to(self.device)
         if tc.compile and self.device.type == "cuda":
-            self.drafter.compile_layers(dynamic=False if objective_of(self.drafter).fixed_shapes else None)
+            self.drafter.compile_layers(dynamic=False if self.kind.fixed_shapes else None)
         self.cache: Optional[OfflineCache] = None
         if offline:
             self.cache = OfflineCache(paths.hidden, {"train": self.train_samples, "val": self.val_samples},
@@ -138,7 +139,6 @@ class Trainer:
                 if tc.target_graphs:
                     self.target.use_cuda_graphs()
         self.objective = Objective.from_train(tc)
-        self.kind = objective_of(self.drafter)
         self.steps = self.kind.steps(self.objective)  # per-step metric groups
         self.module: torch.nn.Module = TTTModule(self.drafter, self.objective)
         if self.world > 1:
