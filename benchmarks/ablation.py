@@ -3,6 +3,8 @@
     python benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --work /tmp/arms --jobs 2
     python benchmarks/ablation.py benchmarks/ablation_smollm2.yaml --print-dvc   # the same sweep as DVC commands
     python benchmarks/ablation.py benchmarks/levers_smollm2.yaml --only sampled_x2 --alone   # without the base arm
+    python benchmarks/ablation.py benchmarks/levers_smollm2.yaml benchmarks/family_compare.yaml \
+        --only base,steps2000,dflash --alone   # two files' arms in one sitting, on one data build
 
 Each arm runs in its own copy of this checkout (code copied, results/ hard-linked: stages publish by rename, so
 no file is changed in place), with params.yaml composed from `base` + the arm's overrides. Snakemake then reruns
@@ -16,13 +18,15 @@ commands.
 
 The arms file (YAML): `base` (compose overrides shared by every arm), `arms` (name -> list of overrides) and
 optionally `points` (the sweep points the table reports; default all), `name` (the rows' name; default
-`ablation`) and `extends` (another arms file whose base and points this one builds on). Prints one Markdown
-table and appends one row per arm to benchmarks/RESULTS.md and results.jsonl, with the base arm's figures as its
-baseline (with `--alone`, for a GPU sitting too short for the base arm beside the others: the base arm's latest row
-in results.jsonl on the same setup, named as another run's). Each point's figures include its round cost in plain
-decode steps (τ ÷ speedup: what one verify round, drafting included, costs against one non-speculative step), and
-each arm's training tokens/s and peak GPU memory (arms that train side by side share the GPU, which lowers the
-former).
+`ablation`) and `extends` (another arms file whose base and points this one builds on). Several arms files run as
+one sitting: their arms (names unique across them) share data builds where they regenerate the same, train side
+by side and benchmark one at a time, and each keeps its own file's base, points, rows' name and baseline. Prints
+one Markdown table per file and appends one row per arm to benchmarks/RESULTS.md and results.jsonl, with its
+file's base arm's figures as its baseline (with `--alone`, for a GPU sitting too short for the base arm beside
+the others: the base arm's latest row in results.jsonl on the same setup, named as another run's). Each point's
+figures include its round cost in plain decode steps (τ ÷ speedup: what one verify round, drafting included,
+costs against one non-speculative step), and each arm's training tokens/s and peak GPU memory (arms that train
+side by side share the GPU, which lowers the former).
 """
 from __future__ import annotations
 
@@ -81,33 +85,40 @@ def load_arms(path: Path) -> dict:
     return spec
 
 
-def arm_order(spec: dict, only: str | None, alone: bool = False) -> list[str]:
-    """The arms to run: every arm in file order, or those `only` names (comma-separated) in its order, which is
-    the order they are benchmarked and their rows land in (the ones that matter most first, where the GPU
-    sitting may end early). The base arm (the file's first), where named, comes first: it is every row's baseline.
-    `alone` runs the named arms without the base arm, in the order given."""
+def arm_order(specs: list[dict], only: str | None, alone: bool = False) -> list[str]:
+    """The arms to run from one or more arms files (arm names unique across them): every arm, file by file, or
+    those `only` names (comma-separated) in its order, which is the order they are benchmarked and their rows land
+    in (the ones that matter most first, where the GPU sitting may end early). Each file's base arm (its first),
+    where named, comes before the others: it is its file's rows' baseline. `alone` runs the named arms in the order
+    given, without the base arms they leave out."""
+    arms = [name for spec in specs for name in spec["arms"]]
+    repeated = sorted({name for name in arms if arms.count(name) > 1})
+    if repeated:
+        raise SystemExit(f"arms {repeated} are in more than one arms file; an arm's name must say which it is")
     if only is None:
         if alone:
             raise SystemExit("--alone needs --only: the arms to run without the base arm")
-        return list(spec["arms"])
+        return arms
     names = list(dict.fromkeys(n for n in only.split(",") if n))
-    unknown = [n for n in names if n not in spec["arms"]]
+    unknown = [n for n in names if n not in arms]
     if unknown:
-        raise SystemExit(f"unknown arms {unknown}; the arms file has {list(spec['arms'])}")
-    first = next(iter(spec["arms"]))
-    return [first, *(n for n in names if n != first)] if first in names and not alone else names
+        raise SystemExit(f"unknown arms {unknown}; the arms files have {arms}")
+    if alone:
+        return names
+    bases = {next(iter(spec["arms"])) for spec in specs}
+    return [n for n in names if n in bases] + [n for n in names if n not in bases]
 
 
-def data_leaders(spec: dict, names: list[str]) -> dict[str, str]:
-    """Each arm -> the arm whose data it reuses: the earliest of `names` whose stages up to regeneration (the
-    target, the conversations and their regenerated answers) read the same params; itself where none does, so that
-    it makes its own data."""
+def data_leaders(overrides: dict[str, list[str]]) -> dict[str, str]:
+    """Each arm (name -> its whole list of compose overrides, in run order) -> the arm whose data it reuses: the
+    earliest whose stages up to regeneration (the target, the conversations and their regenerated answers) read
+    the same params; itself where none does, so that it makes its own data."""
     upstream = STAGES[:[s.name for s in STAGES].index("regenerate") + 1]
     reads = {}
-    for name in names:
-        composed = compose_dict([*spec["base"], *spec["arms"][name]])
+    for name, arm_overrides in overrides.items():
+        composed = compose_dict(arm_overrides)
         reads[name] = (composed["experiment"], [params_values(s, composed) for s in upstream])
-    return {name: next(n for n in names if reads[n] == reads[name]) for name in names}
+    return {name: next(n for n in overrides if reads[n] == reads[name]) for name in overrides}
 
 
 def recorded_base(results_log: Path, spec: dict) -> tuple[dict | None, str]:
@@ -191,69 +202,82 @@ def table(figures: dict[str, dict], points: list[str]) -> str:
     return "\n".join(lines)
 
 
+def arm_baseline(spec: dict, names: list[str], done: dict[str, dict], work: Path, results_log: Path,
+                 alone: bool) -> tuple[dict | None, str]:
+    """The baseline of the arms of `spec`'s file and its description: their base arm's figures from this sitting
+    (`done`, or measured earlier in `work`), or with `alone` where the base arm is not among `names`, its latest
+    row in `results_log`."""
+    base_arm = next(iter(spec["arms"]))
+    if alone and base_arm not in names:
+        return recorded_base(results_log, spec)
+    base_dir = work / base_arm
+    measured = (base_dir / "params.yaml").exists() and \
+        (base_dir / "results" / experiment_of(base_dir) / "bench" / "metrics.json").exists()
+    base = done.get(base_arm) or (arm_figures(base_dir, spec.get("points")) if measured else None)
+    return base, f"arm {base_arm}, same setup and GPU"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("arms", type=Path, help="the arms file (YAML)")
+    ap.add_argument("arms", type=Path, nargs="+",
+                    help="the arms file(s) (YAML); the arms of several files share the sitting's data and GPU")
     ap.add_argument("--work", type=Path, default=REPO / ".arms", help="where the arms' checkouts go")
     ap.add_argument("--only", default=None, help="comma-separated arm names, benchmarked in this order (default: all)")
-    ap.add_argument("--base", nargs="*", default=[], help="overrides added to the file's base (e.g. a local path)")
+    ap.add_argument("--base", nargs="*", default=[], help="overrides added to each file's base (e.g. a local path)")
     ap.add_argument("--alone", action="store_true",
-                    help="run the --only arms without the base arm (a GPU sitting too short for both); their rows' "
-                         "baseline is the base arm's latest row in results.jsonl with the same setup")
+                    help="run the --only arms without their file's base arm (a GPU sitting too short for both); "
+                         "their rows' baseline is the base arm's latest row in results.jsonl with the same setup")
     ap.add_argument("--jobs", type=int, default=2, help="arms trained at once")
     ap.add_argument("--hardware", default="unknown", help="the GPU, for the results rows")
     ap.add_argument("--print-dvc", action="store_true", help="print the equivalent DVC queue commands and stop")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = ap.parse_args(argv)
-    spec = load_arms(args.arms)
-    spec["base"] = [*spec["base"], *args.base]
-    names = arm_order(spec, args.only, args.alone)
+    specs = [load_arms(path) | {"path": path} for path in args.arms]
+    for spec in specs:
+        spec["base"] = [*spec["base"], *args.base]
+    names = arm_order(specs, args.only, args.alone)
+    spec_of = {name: spec for spec in specs for name in spec["arms"]}
+    overrides_of = {name: [*spec_of[name]["base"], *spec_of[name]["arms"][name]] for name in names}
     if args.print_dvc:
         for name in names:
-            sets = " ".join(f"-S {shlex.quote(o)}" for o in [*spec["base"], *spec["arms"][name]])
-            print(f"dvc exp run --queue -n {name} {sets}")
+            print(f"dvc exp run --queue -n {name} {' '.join(f'-S {shlex.quote(o)}' for o in overrides_of[name])}")
         print("dvc queue start -j 1")
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    base_arm = next(iter(spec["arms"]))
-    base_dir = args.work / base_arm
-    recorded = recorded_base(args.results.with_name("results.jsonl"), spec) if args.alone else None
-    leaders = data_leaders(spec, names)
+    leaders = data_leaders(overrides_of)
 
     def build(name: str, upto: str) -> None:
         """The arm's stages up to `upto` (a results/<experiment> folder), in its checkout (made on first use)."""
-        arm = prepare_arm(args.work, name, [*spec["base"], *spec["arms"][name]],
+        arm = prepare_arm(args.work, name, overrides_of[name],
                           REPO if leaders[name] == name else args.work / leaders[name])
         run(["snakemake", "--cores", "all", f"results/{experiment_of(arm)}/{upto}"], arm, arm / "ablation.log")
 
     failures = build_arms(names, leaders, _capture(build), args.jobs)
     done: dict[str, dict] = {}
     for name in names:  # one at a time on the GPU; each arm's row is written as soon as it is measured
-        arm = args.work / name
+        arm, spec = args.work / name, spec_of[name]
         if failures[name] is None:
             failures[name] = _capture(lambda n: run(["snakemake", "--cores", "all"], arm, arm / "ablation.log"))(name)
         if failures[name] is not None:
             print(f"arm {name} failed: {failures[name]} (log: {arm / 'ablation.log'})", file=sys.stderr)
             continue
         done[name] = f = arm_figures(arm, spec.get("points"))
-        if recorded is not None:
-            base, base_text = recorded
-        else:
-            measured = (base_dir / "params.yaml").exists() and \
-                (base_dir / "results" / experiment_of(base_dir) / "bench" / "metrics.json").exists()
-            base = done.get(base_arm) or (arm_figures(base_dir, spec.get("points")) if measured else None)
-            base_text = f"arm {base_arm}, same setup and GPU"
+        base, base_text = arm_baseline(spec, names, done, args.work, args.results.with_name("results.jsonl"),
+                                        args.alone)
         overrides = spec["arms"][name]
         taus = ", ".join(f"{p} {v['tau']:.2f}" for p, v in f["bench"].items())
         append_result_row(args.results, f"{spec['name']} arm {name} ({' '.join(overrides) or 'base'})", args.hardware,
-                          f"python benchmarks/ablation.py {args.arms} --only {name}{' --alone' * args.alone}",
+                          f"python benchmarks/ablation.py {spec['path']} --only {name}{' --alone' * args.alone}",
                           f"val replay τ {f['val_replay_tau']}; MT-bench τ {taus}; best speedup "
                           f"{f['best_speedup']} ({f['best_speedup_config']}); all match {f['all_outputs_match']}",
                           base_text, figures=f, baseline_figures=base,
                           config={"base": spec["base"], "overrides": overrides}, name=spec["name"])
         print(table({name: f}, spec.get("points") or list(f["bench"])), flush=True)
-    points = spec.get("points") or sorted({p for f in done.values() for p in f["bench"]})
-    print(table(done, points))
+    for spec in specs:
+        measured = {name: f for name, f in done.items() if spec_of[name] is spec}
+        if measured:
+            points = spec.get("points") or sorted({p for f in measured.values() for p in f["bench"]})
+            print(table(measured, points))
     if any(e is not None for e in failures.values()):
         raise SystemExit(1)
 

@@ -8,10 +8,12 @@
 #   lk        arms of benchmarks/ablation_h2h.yaml on the head-to-head setup, --lk-arms of them (default the
 #             head-to-head's recipe, soft CE at its micro-batch and lk_lambda); the first trains alone, the others
 #             side by side
-#   ablation  the fixed ablation setup: the arms file --arms-file (default benchmarks/ablation_smollm2.yaml; the
-#             levers: benchmarks/levers_smollm2.yaml), the arms --arms names (comma-separated, benchmarked in that
-#             order after the base arm; default every arm), --jobs of them training at once (default 4); --alone
-#             runs the named arms without the base arm (ablation.py --alone)
+#   ablation  the fixed ablation setup: the arms file(s) --arms-file (space-separated; default
+#             benchmarks/ablation_smollm2.yaml; the levers: benchmarks/levers_smollm2.yaml; with
+#             benchmarks/family_compare.yaml beside it, families and levers share one data build and one sitting),
+#             the arms --arms names (comma-separated, benchmarked in that order after the base arms named; default
+#             every arm), --jobs of them training at once (default 4); --alone runs the named arms without the
+#             base arms left out (ablation.py --alone)
 #   family    issue 20's comparison of drafter families (benchmarks/family_compare.yaml: EAGLE-3, P-EAGLE, DFlash
 #             on the ablation setup), --jobs of them training at once; --family-arms names some of them
 #             (comma-separated; default all), and with --alone they run without the EAGLE-3 arm, whose latest
@@ -113,7 +115,7 @@ for phase in $PHASES; do
                done
              done
              train --micro-batch ${PROFILE_MBS%% *} --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
-    ablation) python3 benchmarks/ablation.py "$ARMS_FILE" --work "$STORE/arms" \
+    ablation) python3 benchmarks/ablation.py $ARMS_FILE --work "$STORE/arms" \
                 --jobs "$JOBS" ${ARMS:+--only "$ARMS"} ${ALONE:+--alone} --hardware "$GPU" \
                 "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/ablation.log" 2>&1 ;;
     family) python3 benchmarks/ablation.py benchmarks/family_compare.yaml --work "$STORE/family" --jobs "$JOBS" \

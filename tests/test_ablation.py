@@ -47,15 +47,22 @@ def test_an_arm_reruns_only_what_its_overrides_change(tiny_llama_dir, tmp_path):
     assert "| ttt2 |" in done.stdout
     assert sum(line.startswith("| 20") for line in results.read_text().splitlines()) == 2
 
-    # the arm again without the base arm: nothing reruns, and its row's baseline is the base arm's row above
-    alone = subprocess.run([sys.executable, "benchmarks/ablation.py", str(arms), "--work", str(work), "--results",
-                            str(results), "--hardware", "cpu", "--only", "ttt2", "--alone"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
+    # the arm again without the base arm, beside an arm of another arms file on the same setup that starts from
+    # its data and trains the same: nothing reruns; each row's baseline is its own file's base arm's latest row
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"name": "other_test", "base": yaml.safe_load(arms.read_text())["base"],
+                                     "arms": {"reference": ["train.ttt_steps=3"], "same": ["train.ttt_steps=2"]}}))
+    alone = subprocess.run([sys.executable, "benchmarks/ablation.py", str(arms), str(other), "--work", str(work),
+                            "--results", str(results), "--hardware", "cpu", "--only", "ttt2,same", "--alone"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert alone.returncode == 0, alone.stdout[-2000:] + alone.stderr[-2000:]
-    again = json.loads(results.with_name("results.jsonl").read_text().splitlines()[-1])
+    again, same = [json.loads(line) for line in results.with_name("results.jsonl").read_text().splitlines()[-2:]]
     assert again["baselines"] == base["figures"] and again["figures"] == arm["figures"]
-    assert again["command"].endswith("--only ttt2 --alone")
+    assert again["command"].endswith(f"{arms} --only ttt2 --alone")
     assert f"base arm's latest recorded row ({base['benchmark']}, {base['date'][:16]}" in results.read_text()
+    assert same["name"] == "other_test" and same["command"].endswith(f"{other} --only same --alone")
+    assert same["baselines"]["result"].startswith("none:") and same["figures"]["bench"] == arm["figures"]["bench"]
+    assert not set(re.findall(r"^localrule (\w+):", (work / "same" / "ablation.log").read_text(), re.M)) - {"all"}
 
 
 def arms_files() -> list[Path]:
@@ -97,31 +104,45 @@ def test_arms_share_the_data_of_the_earliest_arm_that_regenerates_the_same():
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     spec = load_arms(REPO / "benchmarks" / "levers_smollm2.yaml")
-    leaders = data_leaders(spec, list(spec["arms"]))
+
+    def overrides(spec: dict, names: list[str]) -> dict[str, list[str]]:
+        return {n: [*spec["base"], *spec["arms"][n]] for n in names}
+    leaders = data_leaders(overrides(spec, list(spec["arms"])))
     assert {n for n, leader in leaders.items() if leader == "base"} == {"base", "vocab32k", "steps2000",
                                                                        "eagle31_lk_alpha"}
     assert all(leaders[n] == n for n in ("sampled", "sampled_x2", "more_prompts", "sharegpt_6k", "mix_6k"))
-    assert data_leaders(spec, ["sampled_x2", "steps2000", "vocab32k"]) == {
+    assert data_leaders(overrides(spec, ["sampled_x2", "steps2000", "vocab32k"])) == {
         "sampled_x2": "sampled_x2", "steps2000": "steps2000", "vocab32k": "steps2000"}
+    # another file's arms on the same setup (the family comparison's) reuse the same data; their bench does not
+    # change it
+    family = load_arms(REPO / "benchmarks" / "family_compare.yaml")
+    both = overrides(spec, ["base", "sampled_x2"]) | overrides(family, ["dflash", "peagle"])
+    assert data_leaders(both) == {"base": "base", "sampled_x2": "sampled_x2", "dflash": "base", "peagle": "base"}
 
 
 def test_named_arms_run_in_the_order_given_with_the_base_first():
-    """`--only` sets the benchmarking order (what matters most lands first), the base arm always leading, and an
-    unknown arm is refused before anything runs."""
+    """`--only` sets the benchmarking order (what matters most lands first), each file's base arm leading, and an
+    unknown arm, or a name two arms files share, is refused before anything runs."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         from ablation import arm_order
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     spec = {"arms": {"base": [], "a": ["x=1"], "b": ["x=2"], "c": ["x=3"]}}
-    assert arm_order(spec, None) == ["base", "a", "b", "c"]
-    assert arm_order(spec, "c,a,base") == ["base", "c", "a"]
-    assert arm_order(spec, "b,c,b") == ["b", "c"]
+    assert arm_order([spec], None) == ["base", "a", "b", "c"]
+    assert arm_order([spec], "c,a,base") == ["base", "c", "a"]
+    assert arm_order([spec], "b,c,b") == ["b", "c"]
     with pytest.raises(SystemExit, match="unknown arms"):
-        arm_order(spec, "base,d")
-    assert arm_order(spec, "c,a", alone=True) == ["c", "a"]
+        arm_order([spec], "base,d")
+    assert arm_order([spec], "c,a", alone=True) == ["c", "a"]
     with pytest.raises(SystemExit, match="--alone needs --only"):
-        arm_order(spec, None, alone=True)
+        arm_order([spec], None, alone=True)
+    other = {"arms": {"ref": [], "e": ["y=1"]}}
+    assert arm_order([spec, other], None) == ["base", "a", "b", "c", "ref", "e"]
+    assert arm_order([spec, other], "e,a,ref,base") == ["ref", "base", "e", "a"]
+    assert arm_order([spec, other], "e,base,a", alone=True) == ["e", "base", "a"]
+    with pytest.raises(SystemExit, match=r"\['a'\] are in more than one arms file"):
+        arm_order([spec, {"arms": {"ref": [], "a": []}}], None)
 
 
 def test_data_stages_run_one_arm_at_a_time_and_each_arm_trains_after_its_leaders_data():
