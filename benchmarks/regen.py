@@ -128,7 +128,7 @@ def bench_server(model_dir: Path, args: argparse.Namespace, messages: list[list[
                  log_dir: Path) -> dict[str, Any]:
     """Time the regen client over every prompt through a warm `eaglepipe.server.serve`."""
     with warm_server(model_dir, args, messages, log_dir) as (server, cmd):
-        sampling = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens, ignore_eos=True)
+        sampling = Sampling(temperature=args.temperature, max_new_tokens=args.max_new_tokens, ignore_eos=True)
         before = asyncio.run(server_stats(server.base_url))
         seconds, tokens = asyncio.run(client_run(server.base_url, messages, sampling, args.concurrency))
         after = asyncio.run(server_stats(server.base_url))
@@ -140,9 +140,9 @@ def bench_server(model_dir: Path, args: argparse.Namespace, messages: list[list[
 def bench_multiturn(model_dir: Path, args: argparse.Namespace, conversations: list[list[dict[str, str]]],
                     log_dir: Path) -> dict[str, Any]:
     """The regenerate stage's own workload: every assistant turn of each conversation, in order, on top of the
-    regenerated history (mode `all`, greedy, stopping at EOS), through the stage's client code."""
+    regenerated history (mode `all`, at --temperature, stopping at EOS), through the stage's client code."""
     policy = TurnPolicy("all")
-    sampling = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens)
+    sampling = Sampling(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
 
     async def run_all(url: str) -> tuple[float, int, int]:
         sem = asyncio.Semaphore(args.concurrency)
@@ -195,7 +195,7 @@ def time_split(before: dict[str, Any], after: dict[str, Any], prefix: str) -> di
 def bench_engine(model_dir: Path, device: torch.device, args: argparse.Namespace, prompts: list[list[int]]
                  ) -> dict[str, Any]:
     """Engine.generate over every prompt in-process (no HTTP)."""
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, ignore_eos=True)
     with Engine(model_dir, device=device, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                 options=options_from_args(args)) as engine:
         engine.generate(prompts[:args.max_batch_size], SamplingParams(max_new_tokens=8, ignore_eos=True))
@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sharegpt", type=Path, default=None, help="ShareGPT JSON (default: the packaged one)")
     ap.add_argument("--max-prompt-tokens", type=int, default=1024, help="skip longer prompts")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample the server's and engine's answers (regen.temperature); HF generate stays greedy, "
+                         "so --skip hf goes with it")
     ap.add_argument("--max-batch-size", type=int, default=256, help="engine KV slots")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--concurrency", type=int, default=1024, help="requests in flight from the client")
@@ -269,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.device, args.prompts, args.max_new_tokens = "cpu", 12, 8
         args.max_batch_size, args.concurrency, args.hf_batch_size, args.max_model_len = 4, 8, 4, 1024
         args.max_prompt_tokens = 256
+    if args.temperature and "hf" not in args.skip:
+        raise SystemExit("--temperature samples the server and engine paths only: add --skip hf")
     if args.max_prompt_tokens + args.max_new_tokens > args.max_model_len:
         raise SystemExit("--max-prompt-tokens + --max-new-tokens must fit in --max-model-len")
     device = pick_device(args.device)
@@ -280,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bench": "regen", "model": str(args.model), "device": hardware_name(device),
         "dtype": str(compute_dtype(device)), "prompts": len(prompts),
         "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1), "max_new_tokens": args.max_new_tokens,
-        "max_batch_size": args.max_batch_size, "concurrency": args.concurrency, "hf_batch_size": args.hf_batch_size,
+        "temperature": args.temperature, "max_batch_size": args.max_batch_size, "concurrency": args.concurrency,
+        "hf_batch_size": args.hf_batch_size,
         "engine_options": engine_options_config(options_from_args(args), device)}
     if "server" not in args.skip:
         with tempfile.TemporaryDirectory(prefix="regen-bench-") as log_dir:
@@ -305,8 +311,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = args.results if args.results is not None else (None if args.smoke else REPO / "benchmarks" / "RESULTS.md")
     if results is not None and "server_tok_s" in record:
         command = "python benchmarks/regen.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        decoding = f"at temperature {args.temperature}" if args.temperature else "greedy"
         result = (f"regen client -> server -> engine {record['server_tok_s']} output tok/s, {len(prompts)} ShareGPT "
-                  f"prompts x {args.max_new_tokens} tokens greedy, {record['dtype']}, batch {args.max_batch_size}, "
+                  f"prompts x {args.max_new_tokens} tokens {decoding}, {record['dtype']}, batch {args.max_batch_size}, "
                   f"concurrency {args.concurrency}; mean decode batch {record['server_mean_decode_batch']}")
         if "multiturn_tok_s" in record:
             result += (f"; stage workload (mode all, {record['multiturn_conversations']} conversations, "
