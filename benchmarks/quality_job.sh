@@ -18,6 +18,10 @@
 #             on the ablation setup), --jobs of them training at once; --family-arms names some of them
 #             (comma-separated; default all), and with --alone they run without the EAGLE-3 arm, whose latest
 #             recorded row is then their baseline
+#   regen     regeneration throughput (benchmarks/regen.py, server and engine paths, 1,024 ShareGPT prompts x 256
+#             tokens, and 256 whole conversations as the stage regenerates them), greedy and then sampled at
+#             temperature 0.7 (what the `sampled` levers regenerate with), on an earlier phase's SmolLM2 (else
+#             fetched in this checkout, whose params.yaml it then composes)
 #   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
 #             --profile-mbs (default "4 8"): the compiled loss alone with the batches copied from pageable memory
 #             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,
@@ -44,9 +48,9 @@ SWITCHES=(alone)
 source "$(dirname "$0")/flags.sh"
 parse_flags "$@"
 for phase in $PHASES; do  # a misspelt phase stops the job before anything runs, not after the phases before it
-  case " prep h2h lk profile ablation family " in
+  case " prep h2h lk profile ablation family regen " in
     *" $phase "*) ;;
-    *) echo "quality_job.sh: unknown phase $phase (phases: prep h2h lk profile ablation family)" >&2; exit 2 ;;
+    *) echo "quality_job.sh: unknown phase $phase (phases: prep h2h lk profile ablation family regen)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$STORE/logs" "$STORE/data"
@@ -118,6 +122,16 @@ for phase in $PHASES; do
     ablation) python3 benchmarks/ablation.py $ARMS_FILE --work "$STORE/arms" \
                 --jobs "$JOBS" ${ARMS:+--only "$ARMS"} ${ALONE:+--alone} --hardware "$GPU" \
                 "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/ablation.log" 2>&1 ;;
+    regen) TARGET=$(ls -d "$STORE"/{arms,family}/*/results/smollm2_h100/target 2>/dev/null | head -1)
+           if [ -z "$TARGET" ]; then  # no arm fetched SmolLM2 yet: fetch it here
+             TARGET=results/smollm2_h100/target
+             python3 -m eaglepipe.compose experiment=smollm2_h100 > "$STORE/logs/regen.log" 2>&1 \
+               && snakemake --cores all $TARGET >> "$STORE/logs/regen.log" 2>&1
+           fi
+           for temperature in 0 0.7; do
+             python3 benchmarks/regen.py --model "$TARGET" --skip hf --prompts 1024 --max-new-tokens 256 \
+               --multi-turn 256 --temperature $temperature >> "$STORE/logs/regen.log" 2>&1
+           done ;;
     family) python3 benchmarks/ablation.py benchmarks/family_compare.yaml --work "$STORE/family" --jobs "$JOBS" \
               ${FAMILY_ARMS:+--only "$FAMILY_ARMS"} ${ALONE:+--alone} --hardware "$GPU" \
               "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/family.log" 2>&1 ;;
