@@ -59,3 +59,28 @@ def test_a_misspelt_phase_stops_the_quality_job_before_anything_runs(tmp_path):
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "unknown phase abaltion" in done.stderr
     assert not store.exists()
+
+
+def test_the_poll_shows_each_arms_latest_training_row_and_packs_its_history(tmp_path):
+    """A poll between two of the box's calls: each arm's last log lines and latest training history row (is it
+    learning, how fast), and its history in the pack that comes back; no weights."""
+    import json
+    import tarfile
+
+    store, out = tmp_path / "store", tmp_path / "out"
+    train = store / "arms" / "dflash" / "results" / "smollm2_h100" / ".work" / "train" / "f00"
+    train.mkdir(parents=True)
+    out.mkdir()
+    (store / "arms" / "dflash" / "ablation.log").write_text("localrule train:\n")
+    rows = [{"step": 20, "acc_0": 0.0045, "loss_0": 9.55, "tokens_per_s": 5657.2},
+            {"step": 240, "acc_0": 0.09324, "acc_1": 0.0878, "loss_0": 6.1313, "tokens_per_s": 20187.57}]
+    (train / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (train / "step_240.pt").write_bytes(b"weights")
+    done = subprocess.run(["bash", "benchmarks/lease_poll.sh", "--store", str(store), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "step 240 acc_0 0.093 acc_1 0.088 loss_0 6.131 tokens_per_s 20187.57" in done.stdout
+    with tarfile.open(out / "store.tar.xz") as pack:
+        names = pack.getnames()
+    assert "arms/dflash/results/smollm2_h100/.work/train/f00/history.jsonl" in names
+    assert not any(name.endswith(".pt") for name in names)
