@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{record['hf_tok_s']} tok/s"
             if "hf_tok_s" in record else "") if part)
         append_result_row(results, "regen throughput", record["device"], command, result, baselines or "none",
-                          config={"engine_options": record["engine_options"]})
+                          config={"engine_options": record["engine_options"], "temperature": args.temperature})
     return record
 
 
