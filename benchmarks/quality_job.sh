@@ -47,10 +47,11 @@ OPTIONS=(store phases n rows-xz val-xz kit nemo-wheels lk-arms arms-file arms fa
 SWITCHES=(alone)
 source "$(dirname "$0")/flags.sh"
 parse_flags "$@"
+KNOWN_PHASES="prep h2h lk profile ablation family regen"
 for phase in $PHASES; do  # a misspelt phase stops the job before anything runs, not after the phases before it
-  case " prep h2h lk profile ablation family regen " in
+  case " $KNOWN_PHASES " in
     *" $phase "*) ;;
-    *) echo "quality_job.sh: unknown phase $phase (phases: prep h2h lk profile ablation family regen)" >&2; exit 2 ;;
+    *) echo "quality_job.sh: unknown phase $phase (phases: $KNOWN_PHASES)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$STORE/logs" "$STORE/data"

@@ -37,14 +37,12 @@ def training_unroll(trainer: Trainer, sample: dict, ttt_steps: int) -> Unroll:
     """Run the training module (no gradients) over one sample, recording `drafter.logits` as it is called: the
     drafter family's own objective (the TTT unroll, or P-EAGLE's depths, every one kept as in validation), with
     `ttt_steps` steps."""
-    from ..families.registry import family_of
-    from ..train.module import TTTModule, objective_of
+    from ..train.module import TTTModule
 
-    drafter = trainer.drafter
-    if family_of(drafter.config).objective == "block":
+    drafter, kind = trainer.drafter, trainer.kind
+    if trainer.family.objective == "block":
         raise ValueError(f"a {drafter.config.algorithm} drafter is trained on blocks at sampled anchors, not on a "
                          f"round's drafts from every slot: no per-slot replay to compare")
-    kind = objective_of(drafter)
     objective = dataclasses.replace(trainer.objective, ttt_steps=ttt_steps)
     batch = kind.collate([[sample]], objective, None, None)
     recorded: list[torch.Tensor] = []
