@@ -318,7 +318,6 @@ class TrainCfg:
     # single | ddp | fsdp ; launcher: python | torchrun
     parallel: str = "single"
     nproc_per_node: int = 1
-    num_workers: int = 0
     # torch.compile on CUDA (CPU stays eager): `compile` a drafting step's work on either side of its attention
     # (embedding, input norms, RoPE, q/k/v; o_proj, MLP), `compile_target` the frozen target's decoder layers
     # (online training without FSDP); both cut the host's per-step launches

@@ -65,7 +65,7 @@ def work_dir(cfg: Config, paths: Paths) -> Path:
     """results/<exp>/.work/train/<fingerprint>/ : resumable state that DVC/Snakemake do not delete."""
     key = {"train": {k: v for k, v in to_dict(cfg.train).items()
                      if k not in ("resume", "log_every", "metrics_every", "eval_every", "save_every",
-                                  "keep_checkpoints", "num_workers", "compile_loss", "compile_target",
+                                  "keep_checkpoints", "compile_loss", "compile_target",
                                   "target_graphs", "seed")},
            "seed": cfg.training_seed(), "seq_length": cfg.data.seq_length, "aux": cfg.target.aux_layers,
            "inputs": [str(p.resolve()) for p in (paths.target, paths.tokens, paths.vocab)],

@@ -12,7 +12,8 @@ class DataSchedule:
     """Maps a global optimizer step to its micro-batches (lists of rows of sample indices).
 
     Epoch e shuffles with seed + e, packs (first-fit in order) and drops the incomplete last step. With
-    `max_steps` beyond the epochs' steps, further epochs follow the same rule.
+    `max_steps` beyond the epochs' steps, further epochs follow the same rule. The rows of the epoch last asked
+    for are kept, and every packed epoch's step count, so that stepping through a run packs each epoch once.
     """
 
     def __init__(self, lengths: list[int], seq_length: int, pack: bool, micro_batch: int, accum: int,
@@ -20,21 +21,25 @@ class DataSchedule:
         self.lengths, self.seq_length, self.pack = lengths, seq_length, pack
         self.micro, self.accum, self.world, self.seed = micro_batch, accum, world, seed
         self.rows_per_step = micro_batch * accum * world
-        self._cache: dict[int, list[list[int]]] = {}
+        self._rows: tuple[int, list[list[int]]] = (-1, [])
+        self._steps: dict[int, int] = {}
         if self.steps_in_epoch(0) == 0:
             raise ValueError(f"{len(lengths)} samples make {len(self.rows(0))} rows, fewer than one optimizer "
                              f"step needs ({self.rows_per_step} = micro_batch x grad_accum x world size)")
 
     def rows(self, epoch: int) -> list[list[int]]:
         """Rows of epoch `epoch`."""
-        if epoch not in self._cache:
+        if self._rows[0] != epoch:
             order = np.random.default_rng(self.seed + epoch).permutation(len(self.lengths))
-            self._cache = {epoch: pack_rows(self.lengths, order.tolist(), self.seq_length, self.pack)}
-        return self._cache[epoch]
+            self._rows = (epoch, pack_rows(self.lengths, order.tolist(), self.seq_length, self.pack))
+            self._steps[epoch] = len(self._rows[1]) // self.rows_per_step
+        return self._rows[1]
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Complete optimizer steps in epoch `epoch`."""
-        return len(self.rows(epoch)) // self.rows_per_step
+        if epoch not in self._steps:
+            self.rows(epoch)
+        return self._steps[epoch]
 
     def total_steps(self, epochs: int, max_steps: Optional[int]) -> int:
         """max_steps when given, else the steps of `epochs` epochs."""
