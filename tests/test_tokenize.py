@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,11 @@ from transformers import AddedToken, AutoTokenizer
 from eaglepipe.config import Config, to_dict
 from eaglepipe.data.chat_io import write_conversations
 from eaglepipe.data.loss_mask import ChatMasker, mark_supervised
-from eaglepipe.data.tokenize import pick_workers, split_train_val, tokenize_conversations
+from eaglepipe.data.tokenize import pick_workers, split_train_val, tokenize_chunk, tokenize_conversations
 from eaglepipe.data.tokens_io import read_tokens
 from eaglepipe.stages import tokenize as tokenize_stage
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A Llama-3-style template written for this test: header tokens, trimmed contents, <|eot_id|> after every turn,
 # a default system block when none is given.
@@ -30,6 +34,15 @@ LLAMA3_TEMPLATE = (
     " + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+# ChatML that refuses tool turns (a TemplateError) and prepends a mark to any conversation whose third message is
+# "shift", so that the prompt before its first reply is no prefix of its rendering (a TemplateMismatch)
+PICKY_CHATML = (
+    "{%- for m in messages %}{%- if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if messages | length > 2 and messages[2]['content'] == 'shift' %}{{ '#' }}{%- endif %}"
+    "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
@@ -209,4 +222,46 @@ def test_worker_processes_give_the_same_result(tiny_llama_dir):
         assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["loss_mask"], b["loss_mask"])
     assert one.dropped == two.dropped == {"no_supervised_tokens": 1}
     assert one.truncated == two.truncated > 0 and one.conversations_in == two.conversations_in == 10
-    assert pick_workers(100, cpus=16) == 1 and pick_workers(10**6, cpus=16) == 16 and pick_workers(5000, 16) == 2
+    assert pick_workers(100, cpus=16) == 1 and pick_workers(10**6, cpus=16) == 8 and pick_workers(5000, 16) == 2
+    assert pick_workers(10**6, cpus=2) == 1
+
+
+def test_a_chunk_tokenized_as_one_batch_equals_each_conversation_encoded_alone(tiny_llama_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.chat_template = PICKY_CHATML
+    masker = ChatMasker(tok)
+    tool = [{"role": "user", "content": "run it"}, {"role": "tool", "content": "{}"},
+            {"role": "assistant", "content": "done"}]
+    shift = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+             {"role": "user", "content": "shift"}, {"role": "assistant", "content": "c"}]
+    long_prompt = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
+    messages = [CONVERSATIONS[0], tool, CONVERSATIONS[1], shift, long_prompt, CONVERSATIONS[2], tool]
+    res = tokenize_chunk(masker, [{"id": f"c:{i}", "messages": m} for i, m in enumerate(messages)], 64)
+    assert [s["id"] for s in res.samples] == ["c:0", "c:2", "c:5"]
+    for s in res.samples:
+        alone = masker.encode(messages[int(s["id"][2:])], 64)
+        assert np.array_equal(s["input_ids"], alone.input_ids) and np.array_equal(s["loss_mask"], alone.loss_mask)
+    assert res.dropped == {"template_error": 2, "template_not_prefix": 1, "no_supervised_tokens": 1}
+    assert res.first_errors["template_error"].startswith("c:1: ") and "no tool turns" in res.first_errors[
+        "template_error"]
+    assert res.first_errors["template_not_prefix"].startswith("c:3: ")
+    assert res.conversations_in == 7 and res.truncated == 1
+
+
+def test_tokenize_throughput_benchmark_checks_every_way_against_one_at_a_time(tiny_llama_dir, tmp_path):
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    write_conversations(chat / "chat.parquet", [{"id": f"b:{i}", "source": "b", "messages": CONVERSATIONS[i % 3]}
+                                                for i in range(12)])
+    results = tmp_path / "RESULTS.md"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tokenize_throughput.py"), "--target",
+                           str(tiny_llama_dir), "--chat", str(chat), "--seq-length", "64", "--repeats", "1",
+                           "--workers", "2", "--results", str(results)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(results.with_name("results.jsonl").read_text())
+    figures = record["figures"]
+    assert record["name"] == "tokenize_throughput" and figures["same_samples"] is True
+    assert figures["conversations"] == figures["samples"] == 12 and figures["workers"] == 2
+    assert figures["one_at_a_time_s"] > 0 and figures["batched_s"] > 0 and figures["batched_workers_s"] > 0
+    assert "tokenize_throughput" in results.read_text()

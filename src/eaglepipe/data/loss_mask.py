@@ -102,9 +102,20 @@ class ChatMasker:
     def encode(self, messages: list[dict[str, str]], max_length: int) -> MaskedSample:
         """Token ids and loss mask of a conversation, truncated to `max_length` tokens."""
         text = self.render(messages, False)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int32)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        return self.masked(messages, text, self.tokenize([text])[0], max_length)
+
+    def tokenize(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each text's token ids [n] and character offsets [n, 2], tokenized as one batch: the Rust tokenizer
+        spreads a batch over its threads."""
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [(np.asarray(ids, dtype=np.int32), np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
+                for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+
+    def masked(self, messages: list[dict[str, str]], text: str, tokens: tuple[np.ndarray, np.ndarray],
+               max_length: int) -> MaskedSample:
+        """The loss mask of a conversation rendered as `text` and tokenized as `tokens` (`tokenize`'s ids and
+        offsets), both truncated to `max_length` tokens."""
+        ids, offsets = tokens
         truncated = len(ids) > max_length
         ids, offsets = ids[:max_length], offsets[:max_length]
         char_limit = int(offsets[-1, 1]) if len(offsets) else 0

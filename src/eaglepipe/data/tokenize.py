@@ -45,12 +45,23 @@ class TokenizeResult:
 
 
 def tokenize_chunk(masker: ChatMasker, conversations: Iterable[dict[str, Any]], seq_length: int) -> TokenizeResult:
-    """Render and mask each conversation; drop (and count) those the template rejects or with nothing to learn."""
+    """Render and mask each conversation (the chunk's texts tokenized as one batch); drop (and count) those the
+    template rejects or with nothing to learn."""
     res = TokenizeResult()
+    rendered: list[tuple[dict[str, Any], str | Exception]] = []
     for conv in conversations:
         res.conversations_in += 1
         try:
-            s = masker.encode(conv["messages"], seq_length)
+            rendered.append((conv, masker.render(conv["messages"], False)))
+        except TemplateError as e:
+            rendered.append((conv, e))
+    texts = [text for _, text in rendered if isinstance(text, str)]
+    tokens = iter(masker.tokenize(texts) if texts else [])
+    for conv, text in rendered:
+        try:
+            if isinstance(text, Exception):
+                raise text
+            s = masker.masked(conv["messages"], text, next(tokens), seq_length)
         except (TemplateError, TemplateMismatch) as e:
             reason = "template_error" if isinstance(e, TemplateError) else "template_not_prefix"
             res.dropped[reason] += 1
@@ -107,10 +118,11 @@ def tokenize_conversations(masker: ChatMasker, conversations: Iterable[dict[str,
 
 
 def pick_workers(total: int, cpus: int | None = None) -> int:
-    """Worker processes worth starting: one per WORKER_MIN conversations, at most one per CPU."""
+    """Worker processes worth starting: one per WORKER_MIN conversations, at most one per two CPUs (each process's
+    tokenizer already spreads its batches over threads, so the processes only add the template rendering)."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, total // WORKER_MIN))
+    return max(1, min(cpus // 2, total // WORKER_MIN))
 
 
 def split_train_val(num_samples: int, val_fraction: float, seed: int) -> np.ndarray:
