@@ -22,6 +22,8 @@
 #             tokens, and 256 whole conversations as the stage regenerates them), greedy and then sampled at
 #             temperature 0.7 (what the `sampled` levers regenerate with), on an earlier phase's SmolLM2 (else
 #             fetched in this checkout, whose params.yaml it then composes)
+#   tokenize  the tokenize stage's work (benchmarks/tokenize_throughput.py: one conversation at a time, batched, and
+#             batched in the stage's worker processes) on the first --n packaged ShareGPT rows, normalised
 #   profile   training throughput on the head-to-head's own rows (after prep, h2h or lk), for each micro-batch of
 #             --profile-mbs (default "4 8"): the compiled loss alone with the batches copied from pageable memory
 #             (the baseline of the pinned copies), then with pinned copies alone, with the drafter layer compiled,
@@ -47,7 +49,7 @@ OPTIONS=(store phases n rows-xz val-xz kit nemo-wheels lk-arms arms-file arms fa
 SWITCHES=(alone)
 source "$(dirname "$0")/flags.sh"
 parse_flags "$@"
-KNOWN_PHASES="prep h2h lk profile ablation family regen"
+KNOWN_PHASES="prep h2h lk profile ablation family regen tokenize"
 for phase in $PHASES; do  # a misspelt phase stops the job before anything runs, not after the phases before it
   case " $KNOWN_PHASES " in
     *" $phase "*) ;;
@@ -133,6 +135,13 @@ for phase in $PHASES; do
              python3 benchmarks/regen.py --model "$TARGET" --skip hf --prompts 1024 --max-new-tokens 256 \
                --multi-turn 256 --temperature $temperature >> "$STORE/logs/regen.log" 2>&1
            done ;;
+    tokenize) T="$STORE/tokenize" && mkdir -p "$T"
+              stage() { python3 -m eaglepipe.stages."$@" --params "$T/params.yaml" >> "$STORE/logs/tokenize.log" 2>&1; }
+              python3 -m eaglepipe.compose --out "$T/params.yaml" "data.max_samples=$N" > "$STORE/logs/tokenize.log" 2>&1 \
+                && stage fetch_target --out "$T/target" && stage download --out "$T/raw" \
+                && stage normalize --raw "$T/raw" --out "$T/chat" \
+                && python3 benchmarks/tokenize_throughput.py --target "$T/target" --chat "$T/chat" \
+                     >> "$STORE/logs/tokenize.log" 2>&1 ;;
     family) python3 benchmarks/ablation.py benchmarks/family_compare.yaml --work "$STORE/family" --jobs "$JOBS" \
               ${FAMILY_ARMS:+--only "$FAMILY_ARMS"} ${ALONE:+--alone} --hardware "$GPU" \
               "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/family.log" 2>&1 ;;
