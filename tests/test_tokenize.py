@@ -222,7 +222,8 @@ def test_worker_processes_give_the_same_result(tiny_llama_dir):
         assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["loss_mask"], b["loss_mask"])
     assert one.dropped == two.dropped == {"no_supervised_tokens": 1}
     assert one.truncated == two.truncated > 0 and one.conversations_in == two.conversations_in == 10
-    assert pick_workers(100, cpus=16) == 1 and pick_workers(10**6, cpus=16) == 8 and pick_workers(5000, 16) == 2
+    assert pick_workers(100, cpus=16) == 1 and pick_workers(10**6, cpus=16) == 8 and pick_workers(6000, 16) == 1
+    assert pick_workers(45000, cpus=16) == 2
     assert pick_workers(10**6, cpus=2) == 1
 
 
