@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # how long and how hard a run trains, and how often it logs and saves: the experiment's choice, not the algorithm's
 SCHEDULE = {"epochs", "max_steps", "micro_batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
             "min_lr_ratio", "max_grad_norm", "log_every", "eval_every", "save_every", "keep_checkpoints", "mode",
-            "pack", "resume", "init_from", "parallel", "nproc_per_node", "num_workers", "compile"}
+            "pack", "resume", "init_from", "parallel", "nproc_per_node", "compile"}
 GROUP_FILES = sorted((REPO / "conf" / "train").glob("*.yaml"))
 
 
