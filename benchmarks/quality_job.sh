@@ -30,9 +30,10 @@
 #             with the target's layers compiled, with both, with the target replayed from CUDA graphs and with the
 #             drafter layer compiled beside those graphs, and that with the training metrics on every tenth step
 #             only (train.metrics_every); then one profiled run of the first micro-batch (the op tables in
-#             <store>/logs/train_profile.txt). A later h2h phase trains with the switches whose warm-up
-#             plus the run's steps at micro-batch --h2h-mb (default 4) took least, and so do the lk phase's arms
-#             (its first arm then reuses the head-to-head's run).
+#             <store>/logs/train_profile.txt), and the train stage itself for 300 steps of the head-to-head's recipe
+#             (its history rows and summary in <store>/logs/loop_history.jsonl and loop_summary.json). A later h2h
+#             phase trains with the switches whose warm-up plus the run's steps at micro-batch --h2h-mb (default 4)
+#             took least, and so do the lk phase's arms (its first arm then reuses the head-to-head's run).
 # Usage (repo root, the box prepared by benchmarks/device_setup.sh):
 #   setsid nohup bash benchmarks/quality_job.sh --kit <NeMo kit dir> --nemo-wheels <its wheels> \
 #     --rows-xz <rows .jsonl.xz> --val-xz <val .jsonl.xz> --n 6000 --store /root/store --phases "h2h lk" &
@@ -121,7 +122,14 @@ for phase in $PHASES; do
                  train --micro-batch $mb --steps 40 $flags
                done
              done
-             train --micro-batch ${PROFILE_MBS%% *} --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
+             train --micro-batch ${PROFILE_MBS%% *} --steps 10 --profile "$STORE/logs/train_profile.txt"
+             # the train stage's own loop on the same rows (the head-to-head's recipe, 300 steps): its history rows'
+             # seconds a step beside the benchmark's step above
+             python3 -m eaglepipe.compose experiment=h2h_nemo "$SOURCE" "${ARM_BASE[@]}" train.max_steps=300 \
+               >> "$STORE/logs/profile.log" 2>&1 \
+               && snakemake --cores all results/h2h_nemo/train >> "$STORE/logs/profile.log" 2>&1 \
+               && cp results/h2h_nemo/train/summary.json "$STORE/logs/loop_summary.json" \
+               && cp "$(ls -t results/h2h_nemo/.work/train/*/history.jsonl | head -1)" "$STORE/logs/loop_history.jsonl" ;;
     ablation) python3 benchmarks/ablation.py $ARMS_FILE --work "$STORE/arms" \
                 --jobs "$JOBS" ${ARMS:+--only "$ARMS"} ${ALONE:+--alone} --hardware "$GPU" \
                 "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/ablation.log" 2>&1 ;;
