@@ -4,7 +4,8 @@
 
 Times, on the stage's own inputs (a fetch_target directory and a chat directory), the same conversations three
 ways, each run `--repeats` times (the fastest counts):
-- one at a time (`ChatMasker.encode` per conversation: one tokenizer call each), the baseline;
+- one at a time (`tokenize_conversations` in chunks of one: one tokenizer call per conversation), the
+  baseline;
 - in chunks whose texts the Rust tokenizer takes as one batch, in this process (`tokenize_conversations`);
 - the same with worker processes, as many as --workers (default: as many as the stage starts on this machine,
   `pick_workers`), where that is more than one.
@@ -21,28 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from jinja2.exceptions import TemplateError
 
 from eaglepipe.data.chat_io import read_conversations
-from eaglepipe.data.loss_mask import ChatMasker, TemplateMismatch
+from eaglepipe.data.loss_mask import ChatMasker
 from eaglepipe.data.tokenize import TokenizeResult, pick_workers, tokenize_conversations
 from eaglepipe.target.info import load_tokenizer, resolve_model_dir
 
 from decode import REPO, append_result_row, hardware_name
-
-
-def one_at_a_time(masker: ChatMasker, conversations: list[dict], seq_length: int) -> list[tuple[str, np.ndarray,
-                                                                                                  np.ndarray]]:
-    """Each conversation encoded alone: (id, ids, mask) of those with a supervised token."""
-    out = []
-    for conv in conversations:
-        try:
-            s = masker.encode(conv["messages"], seq_length)
-        except (TemplateError, TemplateMismatch):
-            continue
-        if s.loss_mask.any():
-            out.append((conv["id"], s.input_ids, s.loss_mask))
-    return out
 
 
 def samples_of(res: TokenizeResult) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -80,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir = str(resolve_model_dir(args.target))
     n = len(conversations)
 
-    base_s, base = fastest(args.repeats, lambda: one_at_a_time(masker, conversations, args.seq_length))
+    base_s, base = fastest(args.repeats, lambda: samples_of(tokenize_conversations(
+        masker, conversations, args.seq_length, n, chunk_size=1)))
     ways = {"batched": 1}
     workers = pick_workers(n) if args.workers is None else args.workers
     if workers > 1:

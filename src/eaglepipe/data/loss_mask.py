@@ -107,6 +107,8 @@ class ChatMasker:
     def tokenize(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each text's token ids [n] and character offsets [n, 2], tokenized as one batch: the Rust tokenizer
         spreads a batch over its threads."""
+        if not texts:
+            return []
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return [(np.asarray(ids, dtype=np.int32), np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
                 for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]

@@ -50,24 +50,28 @@ def tokenize_chunk(masker: ChatMasker, conversations: Iterable[dict[str, Any]], 
     """Render and mask each conversation (the chunk's texts tokenized as one batch); drop (and count) those the
     template rejects or with nothing to learn."""
     res = TokenizeResult()
-    rendered: list[tuple[dict[str, Any], str | Exception]] = []
+
+    def drop(conv: dict[str, Any], e: Exception) -> None:
+        reason = "template_error" if isinstance(e, TemplateError) else "template_not_prefix"
+        res.dropped[reason] += 1
+        res.first_errors.setdefault(reason, f"{conv['id']}: {e}")
+
+    rendered: list[tuple[dict[str, Any], str | TemplateError]] = []
     for conv in conversations:
         res.conversations_in += 1
         try:
             rendered.append((conv, masker.render(conv["messages"], False)))
         except TemplateError as e:
             rendered.append((conv, e))
-    texts = [text for _, text in rendered if isinstance(text, str)]
-    tokens = iter(masker.tokenize(texts) if texts else [])
+    tokens = iter(masker.tokenize([text for _, text in rendered if isinstance(text, str)]))
     for conv, text in rendered:
+        if isinstance(text, TemplateError):
+            drop(conv, text)
+            continue
         try:
-            if isinstance(text, Exception):
-                raise text
             s = masker.masked(conv["messages"], text, next(tokens), seq_length)
         except (TemplateError, TemplateMismatch) as e:
-            reason = "template_error" if isinstance(e, TemplateError) else "template_not_prefix"
-            res.dropped[reason] += 1
-            res.first_errors.setdefault(reason, f"{conv['id']}: {e}")
+            drop(conv, e)
             continue
         if not s.loss_mask.any():
             res.dropped["no_supervised_tokens"] += 1
