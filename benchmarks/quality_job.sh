@@ -34,6 +34,12 @@
 #             (its history rows and summary in <store>/logs/loop_history.jsonl and loop_summary.json). A later h2h
 #             phase trains with the switches whose warm-up plus the run's steps at micro-batch --h2h-mb (default 4)
 #             took least, and so do the lk phase's arms (its first arm then reuses the head-to-head's run).
+#   loop      the train stage's own loop beside the benchmark's step on the head-to-head's rows (after prep, h2h or
+#             lk), with the head-to-head's recipe (LK loss, metrics every 10th step) as it is and with the drafter's
+#             and the target's layers compiled: benchmarks/train_loop.py (the Trainer: 30 warm-up steps, 200 timed,
+#             then a cProfile and profiler tables of 10 more) and benchmarks/train.py (60 timed steps, then 10
+#             profiled); the host profiles in <store>/logs/{loop,step}_cprofile.txt, the op tables in
+#             <store>/logs/{loop,step}_profile.txt
 # Usage (repo root, the box prepared by benchmarks/device_setup.sh):
 #   setsid nohup bash benchmarks/quality_job.sh --kit <NeMo kit dir> --nemo-wheels <its wheels> \
 #     --rows-xz <rows .jsonl.xz> --val-xz <val .jsonl.xz> --n 6000 --store /root/store --phases "h2h lk" &
@@ -50,7 +56,7 @@ OPTIONS=(store phases n rows-xz val-xz kit nemo-wheels lk-arms arms-file arms fa
 SWITCHES=(alone)
 source "$(dirname "$0")/flags.sh"
 parse_flags "$@"
-KNOWN_PHASES="prep h2h lk profile ablation family regen tokenize"
+KNOWN_PHASES="prep h2h lk profile loop ablation family regen tokenize"
 for phase in $PHASES; do  # a misspelt phase stops the job before anything runs, not after the phases before it
   case " $KNOWN_PHASES " in
     *" $phase "*) ;;
@@ -98,6 +104,10 @@ if runs:
           f"train.metrics_every={best.get('metrics_every', 1)}")
 PICK
 }
+h2h_run() {  # the head-to-head setup's results folder: prep's or h2h's, else the lk phase's first arm's
+  if [ -d results/h2h_nemo/target ]; then echo results/h2h_nemo
+  else ls -d "$STORE"/arms_h2h/*/results/h2h_nemo | head -1; fi
+}
 for phase in $PHASES; do
   log "phase $phase"
   case $phase in
@@ -111,8 +121,7 @@ for phase in $PHASES; do
           --work "$STORE/arms_h2h" --jobs 2 --hardware "$GPU" \
           --base "$SOURCE" "${ARM_BASE[@]}" $(picked_compile) \
           > "$STORE/logs/lk.log" 2>&1 ;;
-    profile) RUN=results/h2h_nemo  # prep's or h2h's, else the lk phase's first arm's
-             [ -d $RUN/target ] || RUN=$(ls -d "$STORE"/arms_h2h/*/results/h2h_nemo | head -1)
+    profile) RUN=$(h2h_run)
              train() { python3 benchmarks/train.py --model $RUN/target --shapes smollm2 --samples $RUN/data/tokens \
                          "$@" >> "$STORE/logs/profile.log" 2>&1; }
              for mb in $PROFILE_MBS; do
@@ -130,6 +139,22 @@ for phase in $PHASES; do
                && snakemake --cores all results/h2h_nemo/train >> "$STORE/logs/profile.log" 2>&1 \
                && cp results/h2h_nemo/train/summary.json "$STORE/logs/loop_summary.json" \
                && cp "$(ls -t results/h2h_nemo/.work/train/*/history.jsonl | head -1)" "$STORE/logs/loop_history.jsonl" ;;
+    loop) RUN=$(h2h_run)
+          for switches in "" "compile compile_target"; do
+            overrides=() flags=()
+            for s in $switches; do overrides+=("train.$s=true"); flags+=("--${s//_/-}"); done
+            python3 -m eaglepipe.compose experiment=h2h_nemo "$SOURCE" "${ARM_BASE[@]}" "${overrides[@]}" \
+              --out "$STORE/loop_params.yaml" >> "$STORE/logs/loop.log" 2>&1 \
+              && python3 benchmarks/train_loop.py --params "$STORE/loop_params.yaml" --run $RUN --warmup 30 \
+                   --steps 200 --cprofile "$STORE/logs/loop_cprofile.txt" --profile "$STORE/logs/loop_profile.txt" \
+                   >> "$STORE/logs/loop.log" 2>&1
+            for profiled in "" "--cprofile $STORE/logs/step_cprofile.txt --profile $STORE/logs/step_profile.txt"; do
+              python3 benchmarks/train.py --model $RUN/target --shapes smollm2 --samples $RUN/data/tokens \
+                --micro-batch 4 --loss lk_alpha --metrics-every 10 "${flags[@]}" \
+                $( [ -n "$profiled" ] && echo "--steps 10 $profiled" || echo "--steps 60" ) \
+                >> "$STORE/logs/loop.log" 2>&1
+            done
+          done ;;
     ablation) python3 benchmarks/ablation.py $ARMS_FILE --work "$STORE/arms" \
                 --jobs "$JOBS" ${ARMS:+--only "$ARMS"} ${ALONE:+--alone} --hardware "$GPU" \
                 "${ARM_BASE[@]/#/--base=}" > "$STORE/logs/ablation.log" 2>&1 ;;

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
 import json
+import pstats
 import shlex
 import sys
 import time
@@ -34,6 +37,7 @@ from eaglepipe.models.config import DrafterConfig
 from eaglepipe.models.target import TargetWithAux
 from eaglepipe.target.info import default_aux_layers, resolve_model_dir
 from eaglepipe.train.batches import collate, pack_rows
+from eaglepipe.train.draft_losses import DRAFT_LOSSES
 from eaglepipe.train.features import online_features
 from eaglepipe.train.flops import attention_pairs, drafter_flops, measure_matmul_peak, target_flops
 from eaglepipe.train.module import TTTModule
@@ -121,6 +125,18 @@ def write_profile(profiler: torch.profiler.profile, device: torch.device, path: 
         f.write("\n\n".join(parts) + "\n\n")
 
 
+def write_host_profile(profiler: cProfile.Profile, path: Path, title: str) -> None:
+    """A cProfile's functions by own time and by cumulative time (40 of each), appended to `path`."""
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    for order in ("tottime", "cumulative"):
+        text.write(f"### by {order}\n")
+        stats.sort_stats(order).print_stats(40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(f"## {title}\n\n{text.getvalue()}\n")
+
+
 def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict:
     info = info_of(model)
     drafter, draft_vocab = first_ids_drafter(model, "eagle3", args.draft_vocab)
@@ -133,7 +149,8 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     graphs_diff = None
     if args.target_graphs and device.type == "cuda":  # what train.target_graphs does in the Trainer
         target.use_cuda_graphs()
-    module = TTTModule(drafter, Objective.of(ttt_steps=args.ttt_steps, compile_loss=not args.eager_loss))
+    module = TTTModule(drafter, Objective.of(ttt_steps=args.ttt_steps, loss=args.loss,
+                                             compile_loss=not args.eager_loss))
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
     draft_ids = torch.arange(draft_vocab, device=device)
@@ -159,12 +176,15 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
     tokens = flops = 0.0
     t0 = warm_start = time.perf_counter()
     profiler = step_profiler(device) if args.profile is not None else contextlib.nullcontext()
+    host = cProfile.Profile() if args.cprofile is not None else None
     for i, cpu_batch in enumerate(batches):
         if i == args.warmup:
             sync(device)
             t0 = time.perf_counter()
             warmup_seconds = t0 - warm_start
             profiler.__enter__()
+            if host is not None:
+                host.enable()
         batch = cpu_batch.to(device, pinned=not args.pageable_copies)
         step0 = flex_step0(batch.doc_ids, cfg.num_attention_heads) if use_flex else \
             math_step0(document_causal_mask(batch.doc_ids))
@@ -183,10 +203,14 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
                 drafter_flops(cfg, cpu_batch.num_tokens, pairs, sum(cpu_batch.supervised_counts()), args.ttt_steps)
     sync(device)
     seconds = time.perf_counter() - t0
+    title = f"{name}: {args.steps} steps, mb {args.micro_batch}x{args.seq}, loss {args.loss}, {seconds:.2f} s " \
+        "(profiled)"
+    if host is not None:
+        host.disable()
+        write_host_profile(host, args.cprofile, title)
     if args.profile is not None:
         profiler.__exit__(None, None, None)
-        write_profile(profiler, device, args.profile, f"{name}: {args.steps} steps, mb {args.micro_batch}x{args.seq}, "
-                      f"{seconds:.2f} s (profiled)")
+        write_profile(profiler, device, args.profile, title)
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return {"benchmark": "train", "target": name, "algorithm": "eagle3", "ttt_steps": args.ttt_steps, "seq": args.seq,
             "compile": bool(args.compile and device.type == "cuda"),
@@ -195,7 +219,7 @@ def bench_one(name: str, model, args, device: torch.device, peak: float) -> dict
             "pinned_copies": not args.pageable_copies, "metrics_every": args.metrics_every,
             "target_graphs": graphs_diff is not None, "target_graphs_max_diff": graphs_diff,
             "samples": str(args.samples or "synthetic"),
-            "profiled": args.profile is not None,
+            "loss_kind": args.loss, "profiled": args.profile is not None or args.cprofile is not None,
             "micro_batch": args.micro_batch, "draft_vocab": draft_vocab, "steps": args.steps,
             "real_tokens_per_s": round(tokens / seconds, 1), "seconds_per_step": round(seconds / args.steps, 5),
             "warmup_seconds": round(warmup_seconds, 2), "mfu": round(flops / seconds / peak, 4),
@@ -232,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=Path, default=None,
                     help="the tokenize stage's output dir: its train rows feed the smollm2 shape (default: synthetic)")
     ap.add_argument("--profile", type=Path, default=None, help="append the timed steps' profiler tables to this file")
+    ap.add_argument("--cprofile", type=Path, default=None,
+                    help="append a cProfile of the timed steps' host side to this file")
+    ap.add_argument("--loss", choices=DRAFT_LOSSES, default="soft_ce", help="the draft loss (train.loss)")
     ap.add_argument("--results", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -266,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                               f"{', drafter layer compiled' if row['compile'] else ''}"
                               f"{', target layers compiled' if row['compile_target'] else ''}"
                               f"{', eager loss' if not row['compile_loss'] else ''}"
+                              f"{f', loss {args.loss}' if args.loss != 'soft_ce' else ''}"
                               f"{f', metrics every {args.metrics_every} steps' if args.metrics_every > 1 else ''}, "
                               f"{row['max_mem_gib']} GiB, "
                               f"{row['warmup_seconds']} s for the {args.warmup} warm-up steps, "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,3 +148,51 @@ def test_train_ops_counts_a_steps_ops_eager_and_compiled(tmp_path):
     assert 0 < figures["compiled_ops_without_metrics"] < figures["compiled_ops"]
     record = json.loads(results.with_name("results.jsonl").read_text())
     assert record["name"] == "train_ops" and record["figures"]["eager_ops"] == figures["eager_ops"]
+
+
+def test_train_loop_benchmark_times_the_stages_own_loop_with_host_and_op_profiles(tiny_llama_dir, tmp_path):
+    """benchmarks/train_loop.py runs the train stage's Trainer on a run's folders with the params' recipe: warm-up,
+    timed steps (their history rows and garbage-collector time), a cProfile and profiler tables of more steps; its
+    row goes to results.jsonl and the run's folders keep no checkpoint of it."""
+    import yaml
+
+    from eaglepipe.config import Config, to_dict
+    from eaglepipe.data.tokens_io import write_token_shards
+    from eaglepipe.data.vocab import build_vocab_maps, save_vocab
+
+    rng = np.random.default_rng(0)
+    run = tmp_path / "results" / "exp"
+    samples = []
+    for i, n in enumerate(rng.integers(40, 120, 40)):
+        samples.append({"id": f"r{i}", "input_ids": rng.integers(0, 1000, n).astype(np.int32),
+                        "loss_mask": (np.arange(n) >= n // 2).astype(np.int8)})
+    write_token_shards(run / "data" / "tokens", "train", samples)
+    freq = torch.zeros(49152, dtype=torch.long)
+    for s in samples:
+        freq.index_add_(0, torch.from_numpy(s["input_ids"].astype(np.int64)), torch.ones(len(s["input_ids"]),
+                                                                                          dtype=torch.long))
+    save_vocab(run / "vocab", *build_vocab_maps(freq, 256), freq)
+    shutil.copytree(tiny_llama_dir, run / "target")
+    params = to_dict(Config())
+    params["device"], params["data"]["seq_length"], params["vocab"]["draft_vocab_size"] = "cpu", 256, 256
+    params["train"].update(max_steps=12, micro_batch_size=2, ttt_steps=2, log_every=2, metrics_every=2,
+                           eval_every=100, save_every=100, loss="lk_alpha")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cprofile, profile, results = tmp_path / "host.txt", tmp_path / "ops.txt", tmp_path / "RESULTS.md"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_loop.py"), "--params",
+                           str(tmp_path / "params.yaml"), "--run", str(run), "--warmup", "2", "--steps", "4",
+                           "--profile-steps", "2", "--cprofile", str(cprofile), "--profile", str(profile),
+                           "--results", str(results)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "results.jsonl").read_text())
+    figures = record["figures"]
+    assert record["name"] == "train_loop" and figures["loss"] == "lk_alpha" and figures["metrics_every"] == 2
+    assert figures["seconds_per_step"] > 0 and len(figures["history_step_seconds"]) == 2
+    assert figures["gc_seconds_per_step"] >= 0 and figures["gpu_busy_seconds_per_step"] is None
+    assert "(train)" in cprofile.read_text() and "### by cumulative" in cprofile.read_text()
+    assert "### by CPU time" in profile.read_text()
+    assert not (run / ".work").exists() and not (run / "train").exists()
+    too_many = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_loop.py"), "--params",
+                               str(tmp_path / "params.yaml"), "--run", str(run), "--warmup", "10", "--steps", "4",
+                               "--results", str(results)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert too_many.returncode != 0 and "fewer than the 14 asked for" in too_many.stderr
