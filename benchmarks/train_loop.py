@@ -7,9 +7,10 @@ side and torch.profiler tables (with the GPU's busy time a step) of a few more s
         --cprofile logs/loop_cprofile.txt --profile logs/loop_profile.txt
 
 --run is an experiment's results folder (its target/, data/tokens/ and vocab/); the train.* switches come from
---params. The loop keeps its checkpoints in a temporary work folder, so the run's own training is left alone. The
-seconds a step are wall seconds of the timed steps (the device synchronised at both ends; no checkpoint saved in
-between unless train.save_every falls there). Appends a row to benchmarks/RESULTS.md (or --results).
+--params. The loop keeps its checkpoints in a temporary work folder, so the run's own training is left alone. One
+run of the loop holds the warm-up, the timed steps and the profiled ones, in that order, and saves its checkpoint
+after them (or where train.save_every falls). The seconds a step are wall seconds of the timed steps, the device
+synchronised at both ends. Appends a row to benchmarks/RESULTS.md (or --results).
 """
 from __future__ import annotations
 
@@ -57,19 +58,57 @@ class GcClock:
         gc.callbacks.remove(self)
 
 
-def host_profile(trainer: Trainer, stop_after: int, path: Path, title: str) -> None:
-    """cProfile of the loop up to step `stop_after`, appended to `path`."""
-    profiler = cProfile.Profile()
-    profiler.enable()
-    trainer.train(stop_after=stop_after)
-    sync(trainer.device)
-    profiler.disable()
-    write_host_profile(profiler, path, title)
+class StepWindows:
+    """Consecutive windows of optimizer steps, driven by `Trainer.train`'s on_step hook: the warm-up, the timed
+    steps (wall seconds with the device synchronised at both ends, and the garbage collector's time), then a cProfile
+    window and a torch.profiler window of `profile_steps` each where asked. The checkpoint a run saves at its last
+    step comes after the last window."""
+
+    def __init__(self, device: torch.device, warmup: int, steps: int, profile_steps: int, cprofile: bool,
+                 profile: bool) -> None:
+        self.device = device
+        windows = [("warmup", warmup), ("timed", steps)] + [(name, profile_steps) for name, on in
+                                                            (("cprofile", cprofile), ("profile", profile)) if on]
+        self.ends: dict[int, str] = {}
+        last = 0
+        for name, n in windows:
+            last += n
+            self.ends[last] = name
+        self.total = last
+        self.names = [name for name, _ in windows]
+        self.seconds: dict[str, float] = {}
+        self.gc_clock = GcClock()
+        self.host = cProfile.Profile()
+        self.profiler = step_profiler(device)
+        self._began = time.perf_counter()
+
+    def __call__(self, step: int) -> None:
+        name = self.ends.get(step)
+        if name is None:
+            return
+        sync(self.device)
+        self.seconds[name] = time.perf_counter() - self._began
+        self._switch(name, on=False)
+        following = self.names[self.names.index(name) + 1:]
+        if following:
+            self._switch(following[0], on=True)
+        self._began = time.perf_counter()
+
+    def _switch(self, name: str, on: bool) -> None:
+        """Start (`on`) or stop the tool of window `name` (the warm-up has none)."""
+        if name == "timed":
+            self.gc_clock.__enter__() if on else self.gc_clock.__exit__()
+        elif name == "cprofile":
+            self.host.enable() if on else self.host.disable()
+        elif name == "profile":
+            self.profiler.__enter__() if on else self.profiler.__exit__(None, None, None)
 
 
 def device_busy_seconds(profiler: torch.profiler.profile) -> float:
-    """The GPU's kernel time in a profile (the sum of the ops' own device time), in seconds."""
-    return sum(e.self_device_time_total for e in profiler.key_averages()) / 1e6
+    """The GPU's kernel and copy time in a profile, in seconds: the device-side events' own time (the ops that
+    launched them carry the same time again, and user annotations span others), as the profiler's table sums it."""
+    return sum(e.self_device_time_total for e in profiler.key_averages()
+               if e.device_type != torch.autograd.DeviceType.CPU and not e.is_user_annotation) / 1e6
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,35 +130,22 @@ def main(argv: list[str] | None = None) -> None:
         paths = Paths(target=args.run / "target", tokens=args.run / "data" / "tokens", vocab=args.run / "vocab",
                       hidden=args.run / "hidden", out=Path(tmp) / "out")
         trainer = Trainer(cfg, paths, work=Path(tmp) / "work")
-        needed = args.warmup + args.steps + args.profile_steps * ((args.cprofile is not None) +
-                                                                   (args.profile is not None))
-        if trainer.total_steps < needed:
-            raise SystemExit(f"the recipe trains {trainer.total_steps} steps, fewer than the {needed} asked for")
-        started = time.perf_counter()
-        trainer.train(stop_after=args.warmup)
-        sync(trainer.device)
-        warmup_seconds = time.perf_counter() - started
-        t0 = time.perf_counter()
-        with GcClock() as gc_clock:
-            trainer.train(stop_after=args.warmup + args.steps)
-            sync(trainer.device)
-        seconds = time.perf_counter() - t0
+        windows = StepWindows(trainer.device, args.warmup, args.steps, args.profile_steps, args.cprofile is not None,
+                              args.profile is not None)
+        if trainer.total_steps < windows.total:
+            raise SystemExit(f"the recipe trains {trainer.total_steps} steps, fewer than the {windows.total} asked for")
+        trainer.train(stop_after=windows.total, on_step=windows)
         rows = [r for r in trainer.history.rows if r["split"] == "train" and args.warmup < r["step"]
                 <= args.warmup + args.steps]
-        done = args.warmup + args.steps
-        title = f"train stage loop: {cfg.experiment}, loss {tc.loss}, mb {tc.micro_batch_size}"
-        if args.cprofile is not None:
-            host_profile(trainer, done + args.profile_steps, args.cprofile, f"{title}, {args.profile_steps} steps")
-            done += args.profile_steps
-        busy = None
-        if args.profile is not None:
-            profiler = step_profiler(trainer.device)
-            with profiler:
-                trainer.train(stop_after=done + args.profile_steps)
-                sync(trainer.device)
-            write_profile(profiler, trainer.device, args.profile, f"{title}, {args.profile_steps} steps (profiled)")
-            if trainer.device.type == "cuda":
-                busy = device_busy_seconds(profiler) / args.profile_steps
+    title = f"train stage loop: {cfg.experiment}, loss {tc.loss}, mb {tc.micro_batch_size}, {args.profile_steps} steps"
+    if args.cprofile is not None:
+        write_host_profile(windows.host, args.cprofile, title)
+    busy = None
+    if args.profile is not None:
+        write_profile(windows.profiler, trainer.device, args.profile, f"{title} (profiled)")
+        if trainer.device.type == "cuda":
+            busy = device_busy_seconds(windows.profiler) / args.profile_steps
+    seconds, gc_clock = windows.seconds["timed"], windows.gc_clock
     figures = {
         "benchmark": "train_loop", "experiment": cfg.experiment, "algorithm": tc.algorithm, "loss": tc.loss,
         "micro_batch": tc.micro_batch_size, "seq": cfg.data.seq_length, "ttt_steps": tc.ttt_steps,
@@ -129,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         "history_step_seconds": [round(r["step_seconds"], 5) for r in rows],
         "real_tokens_per_s": round(sum(r["tokens_per_s"] * r["step_seconds"] for r in rows) /
                                    max(sum(r["step_seconds"] for r in rows), 1e-9), 1) if rows else None,
-        "warmup_seconds": round(warmup_seconds, 2), "gc_seconds_per_step": round(gc_clock.seconds / args.steps, 5),
+        "warmup_seconds": round(windows.seconds["warmup"], 2),
+        "gc_seconds_per_step": round(gc_clock.seconds / args.steps, 5),
         "gc_collections": gc_clock.collections,
         "gpu_busy_seconds_per_step": None if busy is None else round(busy, 5),
     }

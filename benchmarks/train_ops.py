@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from train import first_ids_drafter, info_of, synthetic_samples
 
 from eaglepipe.families.registry import family_of
 from eaglepipe.models.target import TargetWithAux
@@ -36,6 +35,7 @@ from eaglepipe.train.objective import Objective
 from eaglepipe.train.ttt_attention import document_causal_mask, math_step0
 
 from decode import append_result_row, hardware_name
+from train import first_ids_drafter, info_of, synthetic_samples
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,

@@ -187,6 +187,24 @@ def test_bad_configs_are_rejected_before_work(conversations, sharp_target, tmp_p
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("*.safetensors"))
 
 
+def test_on_step_sees_every_optimizer_step_before_its_checkpoint(conversations, sharp_target, tmp_path):
+    """Trainer.train's on_step hook runs after each optimizer step and before that step's checkpoint is written, so
+    a benchmark's windows of steps end before the save."""
+    trainer = Trainer(make_cfg(max_steps=4, save_every=2, eval_every=100), paths(conversations, sharp_target,
+                                                                                tmp_path / "out"))
+    seen = []
+
+    def on_step(step: int) -> None:
+        saved = sorted(p.name for p in (trainer.work / "checkpoints").glob("*")) if \
+            (trainer.work / "checkpoints").is_dir() else []
+        seen.append((step, saved))
+
+    trainer.train(on_step=on_step)
+    assert [step for step, _ in seen] == [1, 2, 3, 4]
+    assert not any(name.endswith("step_2") for name in seen[1][1])
+    assert any(name.endswith("step_2") for name in seen[2][1])
+
+
 def test_train_seed_alone_sets_the_drafters_start(conversations, sharp_target, tmp_path):
     """The initial weights follow `train.seed`, else `seed`: naming the experiment's seed as the training seed
     changes nothing, another training seed starts elsewhere, and with `train.seed` set `seed` no longer matters."""

@@ -9,7 +9,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -221,8 +221,11 @@ class Trainer:
             return self.module(batch, feats, labels, self._attention(batch), denominators, metrics=metrics)
 
     # ---- the loop --------------------------------------------------------------------------------------
-    def train(self, stop_after: Optional[int] = None) -> dict[str, Any]:
-        """Run to the end (or to optimizer step `stop_after`, for tests of resume); returns the summary."""
+    def train(self, stop_after: Optional[int] = None,
+              on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+        """Run to the end (or to optimizer step `stop_after`, for tests of resume); returns the summary.
+        `on_step(step)` runs after each optimizer step, before that step's history row, validation and checkpoint
+        (benchmarks time and profile exact windows of steps with it)."""
         tc = self.cfg.train
         end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=None if self.is_main else True)
@@ -254,6 +257,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             bar.update(1)
+            if on_step is not None:
+                on_step(self.step)
             if self.step % tc.log_every == 0 or self.step == end:
                 row = self._log_train(grad_norm, time.perf_counter() - t0, self.step - timed_from)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc0=f"{row['acc_0']:.3f}",
