@@ -30,13 +30,12 @@
 #             with the target's layers compiled, with both, with the target replayed from CUDA graphs and with the
 #             drafter layer compiled beside those graphs, and that with the training metrics on every tenth step
 #             only (train.metrics_every); then one profiled run of the first micro-batch (the op tables in
-#             <store>/logs/train_profile.txt), and the train stage itself for 300 steps of the head-to-head's recipe
-#             (its history rows and summary in <store>/logs/loop_history.jsonl and loop_summary.json). A later h2h
-#             phase trains with the switches whose warm-up plus the run's steps at micro-batch --h2h-mb (default 4)
-#             took least, and so do the lk phase's arms (its first arm then reuses the head-to-head's run).
+#             <store>/logs/train_profile.txt). A later h2h phase trains with the switches whose warm-up plus the
+#             run's steps at micro-batch --h2h-mb (default 4) took least, and so do the lk phase's arms (its first
+#             arm then reuses the head-to-head's run).
 #   loop      the train stage's own loop beside the benchmark's step on the head-to-head's rows (after prep, h2h or
-#             lk), with the head-to-head's recipe (LK loss, metrics every 10th step) as it is and with the drafter's
-#             and the target's layers compiled: benchmarks/train_loop.py (the Trainer: 30 warm-up steps, 200 timed,
+#             lk), with the head-to-head's recipe (LK loss, metrics every 10th step) with neither and with both of
+#             the drafter's and the target's layers compiled: benchmarks/train_loop.py (the Trainer: 30 warm-up steps, 200 timed,
 #             then a cProfile and profiler tables of 10 more) and benchmarks/train.py (60 timed steps, then 10
 #             profiled); the host profiles in <store>/logs/{loop,step}_cprofile.txt, the op tables in
 #             <store>/logs/{loop,step}_profile.txt
@@ -131,18 +130,11 @@ for phase in $PHASES; do
                  train --micro-batch $mb --steps 40 $flags
                done
              done
-             train --micro-batch ${PROFILE_MBS%% *} --steps 10 --profile "$STORE/logs/train_profile.txt"
-             # the train stage's own loop on the same rows (the head-to-head's recipe, 300 steps): its history rows'
-             # seconds a step beside the benchmark's step above
-             python3 -m eaglepipe.compose experiment=h2h_nemo "$SOURCE" "${ARM_BASE[@]}" train.max_steps=300 \
-               >> "$STORE/logs/profile.log" 2>&1 \
-               && snakemake --cores all results/h2h_nemo/train >> "$STORE/logs/profile.log" 2>&1 \
-               && cp results/h2h_nemo/train/summary.json "$STORE/logs/loop_summary.json" \
-               && cp "$(ls -t results/h2h_nemo/.work/train/*/history.jsonl | head -1)" "$STORE/logs/loop_history.jsonl" ;;
+             train --micro-batch ${PROFILE_MBS%% *} --steps 10 --profile "$STORE/logs/train_profile.txt" ;;
     loop) RUN=$(h2h_run)
-          for switches in "" "compile compile_target"; do
-            overrides=() flags=()
-            for s in $switches; do overrides+=("train.$s=true"); flags+=("--${s//_/-}"); done
+          for compiled in false true; do
+            overrides=("train.compile=$compiled" "train.compile_target=$compiled") flags=()
+            [ $compiled = true ] && flags=(--compile --compile-target)
             python3 -m eaglepipe.compose experiment=h2h_nemo "$SOURCE" "${ARM_BASE[@]}" "${overrides[@]}" \
               --out "$STORE/loop_params.yaml" >> "$STORE/logs/loop.log" 2>&1 \
               && python3 benchmarks/train_loop.py --params "$STORE/loop_params.yaml" --run $RUN --warmup 30 \
