@@ -35,10 +35,10 @@
 #             arm then reuses the head-to-head's run).
 #   loop      the train stage's own loop beside the benchmark's step on the head-to-head's rows (after prep, h2h or
 #             lk), with the head-to-head's recipe (LK loss, metrics every 10th step) with neither and with both of
-#             the drafter's and the target's layers compiled: benchmarks/train_loop.py (the Trainer: 30 warm-up steps, 200 timed,
-#             then a cProfile and profiler tables of 10 more) and benchmarks/train.py (60 timed steps, then 10
-#             profiled); the host profiles in <store>/logs/{loop,step}_cprofile.txt, the op tables in
-#             <store>/logs/{loop,step}_profile.txt
+#             the drafter's and the target's layers compiled: benchmarks/train_loop.py (the Trainer: 30 warm-up
+#             steps, 200 timed, then a cProfile and profiler tables of 10 more) and benchmarks/train.py (60 timed
+#             steps, then 10 profiled); the host profiles in <store>/logs/{loop,step}_cprofile.txt, the op tables
+#             in <store>/logs/{loop,step}_profile.txt
 # Usage (repo root, the box prepared by benchmarks/device_setup.sh):
 #   setsid nohup bash benchmarks/quality_job.sh --kit <NeMo kit dir> --nemo-wheels <its wheels> \
 #     --rows-xz <rows .jsonl.xz> --val-xz <val .jsonl.xz> --n 6000 --store /root/store --phases "h2h lk" &
@@ -140,10 +140,10 @@ for phase in $PHASES; do
               && python3 benchmarks/train_loop.py --params "$STORE/loop_params.yaml" --run $RUN --warmup 30 \
                    --steps 200 --cprofile "$STORE/logs/loop_cprofile.txt" --profile "$STORE/logs/loop_profile.txt" \
                    >> "$STORE/logs/loop.log" 2>&1
-            for profiled in "" "--cprofile $STORE/logs/step_cprofile.txt --profile $STORE/logs/step_profile.txt"; do
+            profiled="--cprofile $STORE/logs/step_cprofile.txt --profile $STORE/logs/step_profile.txt"
+            for run_args in "--steps 60" "--steps 10 $profiled"; do
               python3 benchmarks/train.py --model $RUN/target --shapes smollm2 --samples $RUN/data/tokens \
-                --micro-batch 4 --loss lk_alpha --metrics-every 10 "${flags[@]}" \
-                $( [ -n "$profiled" ] && echo "--steps 10 $profiled" || echo "--steps 60" ) \
+                --micro-batch 4 --loss lk_alpha --metrics-every 10 "${flags[@]}" $run_args \
                 >> "$STORE/logs/loop.log" 2>&1
             done
           done ;;
@@ -161,8 +161,10 @@ for phase in $PHASES; do
                --multi-turn 256 --temperature $temperature >> "$STORE/logs/regen.log" 2>&1
            done ;;
     tokenize) T="$STORE/tokenize" && mkdir -p "$T"
-              stage() { python3 -m eaglepipe.stages."$@" --params "$T/params.yaml" >> "$STORE/logs/tokenize.log" 2>&1; }
-              python3 -m eaglepipe.compose --out "$T/params.yaml" "data.max_samples=$N" > "$STORE/logs/tokenize.log" 2>&1 \
+              stage() { python3 -m eaglepipe.stages."$@" --params "$T/params.yaml" \
+                          >> "$STORE/logs/tokenize.log" 2>&1; }
+              python3 -m eaglepipe.compose --out "$T/params.yaml" "data.max_samples=$N" \
+                > "$STORE/logs/tokenize.log" 2>&1 \
                 && stage fetch_target --out "$T/target" && stage download --out "$T/raw" \
                 && stage normalize --raw "$T/raw" --out "$T/chat" \
                 && python3 benchmarks/tokenize_throughput.py --target "$T/target" --chat "$T/chat" \

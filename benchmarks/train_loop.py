@@ -75,7 +75,7 @@ class StepWindows:
             last += n
             self.ends[last] = name
         self.total = last
-        self.names = [name for name, _ in windows]
+        self.following = dict(zip([name for name, _ in windows], [name for name, _ in windows[1:]]))
         self.seconds: dict[str, float] = {}
         self.gc_clock = GcClock()
         self.host = cProfile.Profile()
@@ -89,9 +89,8 @@ class StepWindows:
         sync(self.device)
         self.seconds[name] = time.perf_counter() - self._began
         self._switch(name, on=False)
-        following = self.names[self.names.index(name) + 1:]
-        if following:
-            self._switch(following[0], on=True)
+        if name in self.following:
+            self._switch(self.following[name], on=True)
         self._began = time.perf_counter()
 
     def _switch(self, name: str, on: bool) -> None:
